@@ -1,0 +1,19 @@
+//! The message store: what a conversation contains and what each user still has to receive.
+//!
+//! `storage` owns the message model (ids, conversations, messages, receipts, groups), the
+//! store contract ([`MessageStore`]) with its backends behind one enum ([`Store`]), and
+//! encryption of message bodies at rest ([`crypto`]). It knows nothing of WebSockets,
+//! of the inbound log or of presence: callers decide *when* to write, the store decides
+//! *how* so that every write is idempotent and durable once it returns.
+
+pub mod crypto;
+pub mod error;
+pub mod model;
+pub mod store;
+
+pub use error::{Error, Result};
+pub use model::{
+    is_valid_id, ts_of, AckedMessage, Appended, Conversation, Group, Message, NewMessage, Receipt,
+    ReceiptStatus, MAX_GROUP_MEMBERS,
+};
+pub use store::{EmbeddedConfig, EmbeddedStore, MessageStore, Store};

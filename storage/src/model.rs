@@ -1,0 +1,251 @@
+//! The message model: identifiers, conversations, messages, receipts and groups.
+//!
+//! These types cross process boundaries (the inbound log carries them), so they derive
+//! `Serialize`; changing them is a wire change.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use uuid::Uuid;
+
+/// Longest user id, device id or client message id, in characters (all ASCII).
+pub const MAX_ID_LEN: usize = 64;
+
+/// Largest group, creator included. Fan-out is on write (one pending entry per member),
+/// so the size is bounded.
+pub const MAX_GROUP_MEMBERS: usize = 1024;
+
+/// A user or device id: 1–64 characters of `A–Z a–z 0–9 _ . @ -`.
+pub fn is_valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_ID_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'@' | b'-'))
+}
+
+/// The server timestamp of a message: the millisecond time inside its UUIDv7 id, so that a
+/// retried send answers with the same `ts` as the first one.
+pub fn ts_of(id: Uuid) -> i64 {
+    match id.get_timestamp() {
+        Some(ts) => {
+            let (secs, nanos) = ts.to_unix();
+            (secs as i64) * 1000 + i64::from(nanos / 1_000_000)
+        }
+        None => 0,
+    }
+}
+
+/// A conversation: a direct one between two users, named by both ids sorted, or a group.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Conversation {
+    /// `dm:<a>:<b>` with `a <= b` (byte order).
+    Direct(String, String),
+    /// `g:<uuid>`.
+    Group(Uuid),
+}
+
+impl Conversation {
+    /// The direct conversation of two users, whichever side names it.
+    pub fn direct(a: &str, b: &str) -> Self {
+        if a <= b {
+            Conversation::Direct(a.to_owned(), b.to_owned())
+        } else {
+            Conversation::Direct(b.to_owned(), a.to_owned())
+        }
+    }
+
+    /// Whether `user` may read and write this direct conversation. Groups answer from their
+    /// membership, which lives in the store.
+    pub fn is_party(&self, user: &str) -> bool {
+        match self {
+            Conversation::Direct(a, b) => a == user || b == user,
+            Conversation::Group(_) => false,
+        }
+    }
+
+    /// The other party of a direct conversation (the user themself for a note to self).
+    pub fn peer_of(&self, user: &str) -> Option<&str> {
+        match self {
+            Conversation::Direct(a, b) if a == user => Some(b),
+            Conversation::Direct(a, b) if b == user => Some(a),
+            _ => None,
+        }
+    }
+
+    pub fn group_id(&self) -> Option<Uuid> {
+        match self {
+            Conversation::Group(id) => Some(*id),
+            Conversation::Direct(..) => None,
+        }
+    }
+}
+
+impl fmt::Display for Conversation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Conversation::Direct(a, b) => write!(f, "dm:{a}:{b}"),
+            Conversation::Group(id) => write!(f, "g:{}", id.hyphenated()),
+        }
+    }
+}
+
+/// Why a conversation name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid conversation {0:?}: expected dm:<user>:<user> or g:<uuid>")]
+pub struct BadConversation(pub String);
+
+impl FromStr for Conversation {
+    type Err = BadConversation;
+
+    /// Accepts `dm:a:b` in either order (it is normalised to sorted order) and `g:<uuid>`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || BadConversation(s.chars().take(80).collect());
+        if let Some(rest) = s.strip_prefix("dm:") {
+            let (a, b) = rest.split_once(':').ok_or_else(bad)?;
+            if !is_valid_id(a) || !is_valid_id(b) {
+                return Err(bad());
+            }
+            Ok(Conversation::direct(a, b))
+        } else if let Some(g) = s.strip_prefix("g:") {
+            Uuid::try_parse(g)
+                .map(Conversation::Group)
+                .map_err(|_| bad())
+        } else {
+            Err(bad())
+        }
+    }
+}
+
+impl Serialize for Conversation {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Conversation {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A stored message, decrypted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub id: Uuid,
+    pub conversation: Conversation,
+    pub from: String,
+    pub body: String,
+    /// Milliseconds since the Unix epoch; always `ts_of(id)`.
+    pub ts: i64,
+}
+
+/// A message to append, with the users whose pending queues receive it.
+#[derive(Clone, Debug)]
+pub struct NewMessage {
+    pub message: Message,
+    pub recipients: Vec<String>,
+}
+
+/// The outcome of appending one message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Appended {
+    /// False when the message id was already stored (a replay or a retried send): nothing
+    /// was written.
+    pub inserted: bool,
+    /// The recipients for whom the message is pending now. For a replay, only those who
+    /// have not acked it yet, so a replay never re-delivers an acked message.
+    pub pending_for: Vec<String>,
+}
+
+/// A message that was pending for a user and has just been acked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AckedMessage {
+    pub id: Uuid,
+    pub conversation: Conversation,
+    pub from: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReceiptStatus {
+    Delivered,
+    Read,
+}
+
+/// A delivery or read receipt, addressed to the sender of `message_id`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    pub message_id: Uuid,
+    pub conversation: Conversation,
+    pub by: String,
+    pub status: ReceiptStatus,
+    pub ts: i64,
+}
+
+/// A group conversation and its members.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Group {
+    pub id: Uuid,
+    pub name: String,
+    pub members: BTreeSet<String>,
+}
+
+impl Group {
+    pub fn conversation(&self) -> Conversation {
+        Conversation::Group(self.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn direct_conversations_are_named_the_same_by_both_sides() {
+        let a = Conversation::direct("bob", "alice");
+        let b = Conversation::direct("alice", "bob");
+        assert_eq!(a, b);
+        assert_eq!(a.to_string(), "dm:alice:bob");
+        assert_eq!("dm:bob:alice".parse::<Conversation>(), Ok(a));
+    }
+
+    #[test]
+    fn conversation_names_are_checked() {
+        for bad in [
+            "",
+            "dm:alice",
+            "dm::bob",
+            "dm:al ice:bob",
+            "g:nope",
+            "x:alice:bob",
+        ] {
+            assert!(bad.parse::<Conversation>().is_err(), "{bad} was accepted");
+        }
+        let id = Uuid::now_v7();
+        let g: Conversation = format!("g:{id}").parse().expect("group parses");
+        assert_eq!(g.group_id(), Some(id));
+    }
+
+    #[test]
+    fn ids_follow_the_protocol_alphabet() {
+        assert!(is_valid_id("a.b@c-d_9"));
+        assert!(is_valid_id(&"x".repeat(64)));
+        assert!(!is_valid_id(&"x".repeat(65)));
+        assert!(!is_valid_id(""));
+        assert!(!is_valid_id("a:b"));
+        assert!(!is_valid_id("é"));
+    }
+
+    #[test]
+    fn ts_comes_from_the_uuid_v7() {
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or_default();
+        let ts = ts_of(Uuid::now_v7());
+        assert!(ts >= before && ts < before + 5_000, "{ts} vs {before}");
+    }
+}

@@ -1,0 +1,200 @@
+//! The store contract and the enum of backends that is what actually runs.
+
+use std::future::Future;
+use std::time::Instant;
+
+use uuid::Uuid;
+
+use crate::error::Result;
+use crate::model::{AckedMessage, Appended, Conversation, Group, Message, NewMessage, Receipt};
+
+mod embedded;
+
+pub use embedded::{EmbeddedConfig, EmbeddedStore};
+
+/// What every message store does. Each operation is durable when it returns `Ok` and
+/// idempotent where the doc says so, because callers retry and the inbound log replays.
+///
+/// Exactly two implementations exist: [`EmbeddedStore`] (one process, on disk) and the
+/// distributed one on ScyllaDB. One conformance suite (`tests/conformance.rs`) holds both
+/// to this contract.
+pub trait MessageStore: Send + Sync + 'static {
+    /// Resolves the idempotency key of a send: the first claim of
+    /// `(sender, client_msg_id)` records `proposed` and returns it; every later claim, for
+    /// at least 24 hours, returns that first id.
+    fn claim_send(
+        &self,
+        sender: &str,
+        client_msg_id: &str,
+        proposed: Uuid,
+    ) -> impl Future<Output = Result<Uuid>> + Send;
+
+    /// Appends messages and their recipients' pending entries, in order. Idempotent by
+    /// message id: an id already stored is reported with `inserted: false` and changes
+    /// nothing.
+    fn append(&self, batch: Vec<NewMessage>) -> impl Future<Output = Result<Vec<Appended>>> + Send;
+
+    /// One message by id.
+    fn message(&self, id: Uuid) -> impl Future<Output = Result<Option<Message>>> + Send;
+
+    /// A page of a conversation, newest first, strictly older than `before` when given.
+    fn history(
+        &self,
+        conversation: &Conversation,
+        before: Option<Uuid>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Message>>> + Send;
+
+    /// A user's pending messages, oldest first, strictly newer than `after` when given.
+    fn pending(
+        &self,
+        user: &str,
+        after: Option<Uuid>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Message>>> + Send;
+
+    /// Removes messages from a user's pending queue and returns those that were pending
+    /// (ids that were not are ignored, so a repeated ack returns nothing).
+    fn ack(
+        &self,
+        user: &str,
+        ids: &[Uuid],
+    ) -> impl Future<Output = Result<Vec<AckedMessage>>> + Send;
+
+    /// Moves `reader`'s read marker in a conversation up to `upto` (a message of that
+    /// conversation, else `NotFound`) and returns the senders, other than the reader, of
+    /// the messages it newly covers. A marker never moves back.
+    fn mark_read(
+        &self,
+        reader: &str,
+        conversation: &Conversation,
+        upto: Uuid,
+    ) -> impl Future<Output = Result<Vec<String>>> + Send;
+
+    /// Keeps receipts for a user who was offline when they were produced.
+    fn push_receipts(
+        &self,
+        user: &str,
+        receipts: Vec<Receipt>,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// A user's kept receipts, oldest first, each with the key that `clear_receipts` takes.
+    fn receipts(
+        &self,
+        user: &str,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<(Uuid, Receipt)>>> + Send;
+
+    /// Forgets a user's kept receipts up to and including `upto`.
+    fn clear_receipts(&self, user: &str, upto: Uuid) -> impl Future<Output = Result<()>> + Send;
+
+    /// Creates a group; its id must be new.
+    fn create_group(&self, group: Group) -> impl Future<Output = Result<()>> + Send;
+
+    fn group(&self, id: Uuid) -> impl Future<Output = Result<Option<Group>>> + Send;
+
+    /// Adds then removes members; `NotFound` for an unknown group, `Invalid` past
+    /// [`crate::MAX_GROUP_MEMBERS`].
+    fn update_members(
+        &self,
+        id: Uuid,
+        add: Vec<String>,
+        remove: Vec<String>,
+    ) -> impl Future<Output = Result<Group>> + Send;
+
+    /// Answers when the backend can serve reads (for `/readyz`).
+    fn ping(&self) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// The store that runs: one variant per backend, chosen from configuration. Its single
+/// `match` is also where every operation is counted and timed.
+#[derive(Clone, Debug)]
+pub enum Store {
+    Embedded(EmbeddedStore),
+}
+
+macro_rules! observed {
+    ($self:ident, $op:literal, |$backend:ident| $call:expr) => {{
+        let started = Instant::now();
+        let result = match $self {
+            Store::Embedded($backend) => $call.await,
+        };
+        record($op, started, result.is_ok());
+        result
+    }};
+}
+
+fn record(op: &'static str, started: Instant, ok: bool) {
+    let outcome = if ok { "ok" } else { "error" };
+    metrics::counter!("storage_ops_total", "op" => op, "outcome" => outcome).increment(1);
+    metrics::histogram!("storage_op_seconds", "op" => op).record(started.elapsed().as_secs_f64());
+}
+
+impl Store {
+    /// The backend's name, for logs and `/readyz`.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Store::Embedded(_) => "embedded",
+        }
+    }
+}
+
+impl MessageStore for Store {
+    async fn claim_send(&self, sender: &str, client_msg_id: &str, proposed: Uuid) -> Result<Uuid> {
+        observed!(self, "claim_send", |s| s.claim_send(
+            sender,
+            client_msg_id,
+            proposed
+        ))
+    }
+    async fn append(&self, batch: Vec<NewMessage>) -> Result<Vec<Appended>> {
+        observed!(self, "append", |s| s.append(batch))
+    }
+    async fn message(&self, id: Uuid) -> Result<Option<Message>> {
+        observed!(self, "message", |s| s.message(id))
+    }
+    async fn history(
+        &self,
+        c: &Conversation,
+        before: Option<Uuid>,
+        limit: usize,
+    ) -> Result<Vec<Message>> {
+        observed!(self, "history", |s| s.history(c, before, limit))
+    }
+    async fn pending(&self, user: &str, after: Option<Uuid>, limit: usize) -> Result<Vec<Message>> {
+        observed!(self, "pending", |s| s.pending(user, after, limit))
+    }
+    async fn ack(&self, user: &str, ids: &[Uuid]) -> Result<Vec<AckedMessage>> {
+        observed!(self, "ack", |s| s.ack(user, ids))
+    }
+    async fn mark_read(&self, reader: &str, c: &Conversation, upto: Uuid) -> Result<Vec<String>> {
+        observed!(self, "mark_read", |s| s.mark_read(reader, c, upto))
+    }
+    async fn push_receipts(&self, user: &str, receipts: Vec<Receipt>) -> Result<()> {
+        observed!(self, "push_receipts", |s| s.push_receipts(user, receipts))
+    }
+    async fn receipts(&self, user: &str, limit: usize) -> Result<Vec<(Uuid, Receipt)>> {
+        observed!(self, "receipts", |s| s.receipts(user, limit))
+    }
+    async fn clear_receipts(&self, user: &str, upto: Uuid) -> Result<()> {
+        observed!(self, "clear_receipts", |s| s.clear_receipts(user, upto))
+    }
+    async fn create_group(&self, group: Group) -> Result<()> {
+        observed!(self, "create_group", |s| s.create_group(group))
+    }
+    async fn group(&self, id: Uuid) -> Result<Option<Group>> {
+        observed!(self, "group", |s| s.group(id))
+    }
+    async fn update_members(
+        &self,
+        id: Uuid,
+        add: Vec<String>,
+        remove: Vec<String>,
+    ) -> Result<Group> {
+        observed!(self, "update_members", |s| s
+            .update_members(id, add, remove))
+    }
+    async fn ping(&self) -> Result<()> {
+        observed!(self, "ping", |s| s.ping())
+    }
+}

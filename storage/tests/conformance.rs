@@ -1,0 +1,399 @@
+//! The store conformance suite: every scenario is written once, generic over
+//! [`MessageStore`], and instantiated for each backend by `conformance!`.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+
+use storage::{
+    ts_of, Conversation, EmbeddedConfig, EmbeddedStore, Error, Group, Message, MessageStore,
+    NewMessage, Receipt, ReceiptStatus, Store,
+};
+use uuid::Uuid;
+
+/// Makes a fresh, empty store; the returned guard keeps its resources alive.
+trait Backend {
+    type Guard;
+    fn make() -> impl Future<Output = (Store, Self::Guard)>;
+}
+
+struct Embedded;
+
+impl Backend for Embedded {
+    type Guard = tempfile::TempDir;
+    async fn make() -> (Store, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedStore::open(EmbeddedConfig::new(dir.path()))
+            .await
+            .expect("open embedded store");
+        (Store::Embedded(store), dir)
+    }
+}
+
+fn message(from: &str, conversation: &Conversation, body: &str) -> Message {
+    let id = Uuid::now_v7();
+    Message {
+        id,
+        conversation: conversation.clone(),
+        from: from.into(),
+        body: body.into(),
+        ts: ts_of(id),
+    }
+}
+
+fn dm(a: &str, b: &str) -> Conversation {
+    Conversation::direct(a, b)
+}
+
+async fn append_one<S: MessageStore>(
+    store: &S,
+    m: &Message,
+    recipients: &[&str],
+) -> storage::Appended {
+    let mut out = store
+        .append(vec![NewMessage {
+            message: m.clone(),
+            recipients: recipients.iter().map(|r| r.to_string()).collect(),
+        }])
+        .await
+        .expect("append");
+    out.pop().expect("one outcome")
+}
+
+async fn claim_is_idempotent<S: MessageStore>(store: S) {
+    let first = Uuid::now_v7();
+    let second = Uuid::now_v7();
+    assert_eq!(
+        store.claim_send("alice", "c1", first).await.expect("claim"),
+        first
+    );
+    assert_eq!(
+        store
+            .claim_send("alice", "c1", second)
+            .await
+            .expect("claim"),
+        first
+    );
+    // The key is per sender.
+    assert_eq!(
+        store.claim_send("bob", "c1", second).await.expect("claim"),
+        second
+    );
+}
+
+async fn append_is_idempotent_by_message_id<S: MessageStore>(store: S) {
+    let c = dm("alice", "bob");
+    let m = message("alice", &c, "hello");
+    let first = append_one(&store, &m, &["bob"]).await;
+    assert!(first.inserted);
+    assert_eq!(first.pending_for, vec!["bob".to_string()]);
+    let again = append_one(&store, &m, &["bob"]).await;
+    assert!(!again.inserted);
+    assert_eq!(
+        again.pending_for,
+        vec!["bob".to_string()],
+        "still pending: a replay may deliver"
+    );
+    assert_eq!(store.history(&c, None, 10).await.expect("history").len(), 1);
+    assert_eq!(
+        store.pending("bob", None, 10).await.expect("pending").len(),
+        1
+    );
+
+    store.ack("bob", &[m.id]).await.expect("ack");
+    let replay = append_one(&store, &m, &["bob"]).await;
+    assert!(
+        replay.pending_for.is_empty(),
+        "a replay must not re-queue an acked message"
+    );
+    assert!(store
+        .pending("bob", None, 10)
+        .await
+        .expect("pending")
+        .is_empty());
+}
+
+async fn messages_round_trip_decrypted<S: MessageStore>(store: S) {
+    let c = dm("alice", "bob");
+    let m = message("alice", &c, "héllo ✓ — 64 KiB would do too");
+    append_one(&store, &m, &["bob"]).await;
+    assert_eq!(store.message(m.id).await.expect("get"), Some(m.clone()));
+    assert_eq!(store.message(Uuid::now_v7()).await.expect("get"), None);
+}
+
+async fn history_pages_newest_first<S: MessageStore>(store: S) {
+    let c = dm("alice", "bob");
+    let other = dm("alice", "carol");
+    let mut sent = Vec::new();
+    for i in 0..25 {
+        let m = message(
+            if i % 2 == 0 { "alice" } else { "bob" },
+            &c,
+            &format!("m{i}"),
+        );
+        append_one(&store, &m, &["x"]).await;
+        sent.push(m);
+    }
+    append_one(&store, &message("alice", &other, "elsewhere"), &["carol"]).await;
+
+    let page = store.history(&c, None, 10).await.expect("history");
+    let expected: Vec<_> = sent.iter().rev().take(10).cloned().collect();
+    assert_eq!(page, expected);
+
+    let before = page.last().expect("non-empty").id;
+    let page2 = store.history(&c, Some(before), 10).await.expect("history");
+    assert_eq!(
+        page2,
+        sent.iter()
+            .rev()
+            .skip(10)
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+    );
+    let page3 = store
+        .history(&c, Some(page2[9].id), 10)
+        .await
+        .expect("history");
+    assert_eq!(page3.len(), 5);
+    assert_eq!(page3.last().map(|m| m.body.as_str()), Some("m0"));
+    assert!(store
+        .history(&dm("x", "y"), None, 10)
+        .await
+        .expect("history")
+        .is_empty());
+}
+
+async fn pending_is_oldest_first_until_acked<S: MessageStore>(store: S) {
+    let c = dm("alice", "bob");
+    let ms: Vec<_> = (0..5)
+        .map(|i| message("alice", &c, &format!("p{i}")))
+        .collect();
+    for m in &ms {
+        append_one(&store, m, &["bob"]).await;
+    }
+    let all = store.pending("bob", None, 100).await.expect("pending");
+    assert_eq!(all, ms);
+    let after = store
+        .pending("bob", Some(ms[1].id), 2)
+        .await
+        .expect("pending");
+    assert_eq!(after, ms[2..4].to_vec());
+    assert!(store
+        .pending("alice", None, 100)
+        .await
+        .expect("pending")
+        .is_empty());
+
+    let acked = store
+        .ack("bob", &[ms[0].id, ms[3].id, Uuid::now_v7()])
+        .await
+        .expect("ack");
+    let acked_ids: Vec<_> = acked.iter().map(|a| a.id).collect();
+    assert_eq!(acked_ids, vec![ms[0].id, ms[3].id]);
+    assert!(acked
+        .iter()
+        .all(|a| a.from == "alice" && a.conversation == c));
+    assert!(
+        store.ack("bob", &[ms[0].id]).await.expect("ack").is_empty(),
+        "acks are idempotent"
+    );
+    let left: Vec<_> = store
+        .pending("bob", None, 100)
+        .await
+        .expect("pending")
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(left, vec![ms[1].id, ms[2].id, ms[4].id]);
+}
+
+async fn read_markers_cover_earlier_messages<S: MessageStore>(store: S) {
+    let g = Conversation::Group(Uuid::now_v7());
+    let a1 = message("alice", &g, "a1");
+    let c1 = message("carol", &g, "c1");
+    let b1 = message("bob", &g, "b1");
+    let a2 = message("alice", &g, "a2");
+    for m in [&a1, &c1, &b1, &a2] {
+        append_one(&store, m, &[]).await;
+    }
+    let covered = store.mark_read("bob", &g, b1.id).await.expect("read");
+    assert_eq!(covered, vec!["alice".to_string(), "carol".to_string()]);
+    // Moving back or re-reading covers nothing new.
+    assert!(store
+        .mark_read("bob", &g, c1.id)
+        .await
+        .expect("read")
+        .is_empty());
+    assert!(store
+        .mark_read("bob", &g, b1.id)
+        .await
+        .expect("read")
+        .is_empty());
+    assert_eq!(
+        store.mark_read("bob", &g, a2.id).await.expect("read"),
+        vec!["alice".to_string()]
+    );
+    let missing = store.mark_read("bob", &g, Uuid::now_v7()).await;
+    assert!(matches!(missing, Err(Error::NotFound(_))), "{missing:?}");
+    let wrong_conversation = store.mark_read("bob", &dm("alice", "bob"), a1.id).await;
+    assert!(matches!(wrong_conversation, Err(Error::NotFound(_))));
+}
+
+async fn receipts_are_kept_until_cleared<S: MessageStore>(store: S) {
+    let c = dm("alice", "bob");
+    let receipt = |status| Receipt {
+        message_id: Uuid::now_v7(),
+        conversation: c.clone(),
+        by: "bob".into(),
+        status,
+        ts: 1,
+    };
+    let (r1, r2, r3) = (
+        receipt(ReceiptStatus::Delivered),
+        receipt(ReceiptStatus::Read),
+        receipt(ReceiptStatus::Delivered),
+    );
+    store
+        .push_receipts("alice", vec![r1.clone(), r2.clone()])
+        .await
+        .expect("push");
+    store
+        .push_receipts("alice", vec![r3.clone()])
+        .await
+        .expect("push");
+    let kept = store.receipts("alice", 100).await.expect("receipts");
+    assert_eq!(
+        kept.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(),
+        vec![r1, r2, r3.clone()]
+    );
+    assert!(store
+        .receipts("bob", 100)
+        .await
+        .expect("receipts")
+        .is_empty());
+    store
+        .clear_receipts("alice", kept[1].0)
+        .await
+        .expect("clear");
+    let left = store.receipts("alice", 100).await.expect("receipts");
+    assert_eq!(
+        left.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(),
+        vec![r3]
+    );
+}
+
+async fn groups_and_membership<S: MessageStore>(store: S) {
+    let id = Uuid::now_v7();
+    let members: BTreeSet<String> = ["alice", "bob"].into_iter().map(String::from).collect();
+    let group = Group {
+        id,
+        name: "friends".into(),
+        members,
+    };
+    store.create_group(group.clone()).await.expect("create");
+    assert!(matches!(
+        store.create_group(group.clone()).await,
+        Err(Error::Invalid(_))
+    ));
+    assert_eq!(store.group(id).await.expect("group"), Some(group));
+    let updated = store
+        .update_members(id, vec!["carol".into(), "dave".into()], vec!["bob".into()])
+        .await
+        .expect("update");
+    let names: Vec<_> = updated.members.iter().map(String::as_str).collect();
+    assert_eq!(names, ["alice", "carol", "dave"]);
+    assert_eq!(store.group(id).await.expect("group"), Some(updated));
+    assert!(matches!(
+        store.update_members(Uuid::now_v7(), vec![], vec![]).await,
+        Err(Error::NotFound(_))
+    ));
+    assert_eq!(store.group(Uuid::now_v7()).await.expect("group"), None);
+}
+
+async fn groups_are_bounded<S: MessageStore>(store: S) {
+    let id = Uuid::now_v7();
+    let members = (0..storage::MAX_GROUP_MEMBERS)
+        .map(|i| format!("u{i}"))
+        .collect();
+    store
+        .create_group(Group {
+            id,
+            name: "big".into(),
+            members,
+        })
+        .await
+        .expect("create");
+    let over = store
+        .update_members(id, vec!["one-more".into()], vec![])
+        .await;
+    assert!(matches!(over, Err(Error::Invalid(_))), "{over:?}");
+    let unchanged = store.group(id).await.expect("group").expect("exists");
+    assert_eq!(unchanged.members.len(), storage::MAX_GROUP_MEMBERS);
+}
+
+async fn concurrent_writes_all_land<S: MessageStore + Clone>(store: S) {
+    let c = dm("alice", "bob");
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let store = store.clone();
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let m = message("alice", &c, &format!("c{i}"));
+            let proposed = m.id;
+            let id = store
+                .claim_send("alice", &format!("k{i}"), proposed)
+                .await
+                .expect("claim");
+            assert_eq!(id, proposed);
+            append_one(&store, &m, &["bob"]).await;
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    assert_eq!(
+        store
+            .pending("bob", None, 1000)
+            .await
+            .expect("pending")
+            .len(),
+        200
+    );
+    assert_eq!(
+        store.history(&c, None, 100).await.expect("history").len(),
+        100
+    );
+}
+
+async fn ping_answers<S: MessageStore>(store: S) {
+    store.ping().await.expect("ping");
+}
+
+macro_rules! conformance {
+    ($module:ident => $backend:ident: $($scenario:ident),* $(,)?) => {
+        mod $module {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    let (store, _guard) = <super::$backend as Backend>::make().await;
+                    super::$scenario(store).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(embedded => Embedded:
+    claim_is_idempotent,
+    append_is_idempotent_by_message_id,
+    messages_round_trip_decrypted,
+    history_pages_newest_first,
+    pending_is_oldest_first_until_acked,
+    read_markers_cover_earlier_messages,
+    receipts_are_kept_until_cleared,
+    groups_and_membership,
+    groups_are_bounded,
+    concurrent_writes_all_land,
+    ping_answers,
+);
