@@ -1,0 +1,163 @@
+//! The presence contract and the enum of backends that is what actually runs.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use storage::{Conversation, Message, Receipt};
+use tokio::sync::{broadcast, mpsc};
+
+use crate::error::Result;
+
+mod memory;
+
+pub use memory::MemoryPresence;
+
+/// One connected device: the gateway node holding it and that node's connection number.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Location {
+    pub node: String,
+    pub device: String,
+    pub conn: u64,
+}
+
+/// A user's presence as subscribers see it. `last_seen` is the time the user's last device
+/// left, `None` while online or when unknown.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub user: String,
+    pub online: bool,
+    pub last_seen: Option<i64>,
+}
+
+/// One connection on one node, to leave out of a delivery (the sender's own device).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnRef {
+    pub node: String,
+    pub conn: u64,
+}
+
+/// What a node is asked to deliver to every local connection of some users.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeDelivery {
+    pub users: Vec<String>,
+    pub except: Option<ConnRef>,
+    pub payload: Payload,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Payload {
+    Message(Message),
+    Receipt(Receipt),
+    Typing {
+        conversation: Conversation,
+        user: String,
+    },
+}
+
+/// What every presence backend does. Exactly two implementations exist:
+/// [`MemoryPresence`] (one process) and the Redis one; one conformance suite
+/// (`tests/conformance.rs`) runs against both.
+pub trait PresenceService: Send + Sync + 'static {
+    /// Records a connected device. `true` when the user has just come online (their first
+    /// device), which is also announced on [`PresenceService::changes`].
+    fn connect(&self, user: &str, at: &Location) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Forgets a device. `true` when it was the user's last one: the user is offline now,
+    /// `last_seen` is set, and the change is announced.
+    fn disconnect(&self, user: &str, at: &Location) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Keeps a node's devices alive for another TTL. A node that stops calling this (it
+    /// died) has its users go offline when the TTL runs out.
+    fn heartbeat(&self, node: &str, users: &[String]) -> impl Future<Output = Result<()>> + Send;
+
+    fn status(&self, users: &[String]) -> impl Future<Output = Result<Vec<Status>>> + Send;
+
+    /// Where each of these users is connected; users with no live device are absent.
+    fn locate(
+        &self,
+        users: &[String],
+    ) -> impl Future<Output = Result<HashMap<String, Vec<Location>>>> + Send;
+
+    /// Sends a delivery to a node's channel. Best effort: a node that is gone loses it, and
+    /// the message it carried is still pending in the store.
+    fn publish(
+        &self,
+        node: &str,
+        delivery: NodeDelivery,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Opens a node's delivery channel (replacing an earlier one for the same node).
+    fn deliveries(
+        &self,
+        node: &str,
+    ) -> impl Future<Output = Result<mpsc::UnboundedReceiver<NodeDelivery>>> + Send;
+
+    /// Every online/offline transition of every user, from now on.
+    fn changes(&self) -> broadcast::Receiver<Status>;
+
+    /// Answers when the backend is reachable (for `/readyz`).
+    fn ping(&self) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// The presence backend that runs, chosen from configuration; its one `match` also counts
+/// and times every operation.
+#[derive(Clone, Debug)]
+pub enum Presence {
+    Memory(MemoryPresence),
+}
+
+macro_rules! observed {
+    ($self:ident, $op:literal, |$backend:ident| $call:expr) => {{
+        let started = Instant::now();
+        let result = match $self {
+            Presence::Memory($backend) => $call.await,
+        };
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        metrics::counter!("presence_ops_total", "op" => $op, "outcome" => outcome).increment(1);
+        metrics::histogram!("presence_op_seconds", "op" => $op)
+            .record(started.elapsed().as_secs_f64());
+        result
+    }};
+}
+
+impl Presence {
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Presence::Memory(_) => "memory",
+        }
+    }
+}
+
+impl PresenceService for Presence {
+    async fn connect(&self, user: &str, at: &Location) -> Result<bool> {
+        observed!(self, "connect", |p| p.connect(user, at))
+    }
+    async fn disconnect(&self, user: &str, at: &Location) -> Result<bool> {
+        observed!(self, "disconnect", |p| p.disconnect(user, at))
+    }
+    async fn heartbeat(&self, node: &str, users: &[String]) -> Result<()> {
+        observed!(self, "heartbeat", |p| p.heartbeat(node, users))
+    }
+    async fn status(&self, users: &[String]) -> Result<Vec<Status>> {
+        observed!(self, "status", |p| p.status(users))
+    }
+    async fn locate(&self, users: &[String]) -> Result<HashMap<String, Vec<Location>>> {
+        observed!(self, "locate", |p| p.locate(users))
+    }
+    async fn publish(&self, node: &str, delivery: NodeDelivery) -> Result<()> {
+        observed!(self, "publish", |p| p.publish(node, delivery))
+    }
+    async fn deliveries(&self, node: &str) -> Result<mpsc::UnboundedReceiver<NodeDelivery>> {
+        observed!(self, "deliveries", |p| p.deliveries(node))
+    }
+    fn changes(&self) -> broadcast::Receiver<Status> {
+        match self {
+            Presence::Memory(p) => p.changes(),
+        }
+    }
+    async fn ping(&self) -> Result<()> {
+        observed!(self, "ping", |p| p.ping())
+    }
+}

@@ -1,0 +1,246 @@
+//! In-memory presence for a single process (the embedded default).
+//!
+//! It serves one node: state lives in this process and is gone on restart (users simply
+//! reconnect). TTLs are enforced by a sweeper task so that the contract matches the Redis
+//! backend, where a node that stops heartbeating loses its users.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{broadcast, mpsc};
+
+use super::{Location, NodeDelivery, PresenceService, Status};
+use crate::error::Result;
+
+/// A cheap-clone handle to the in-memory presence state.
+#[derive(Clone)]
+pub struct MemoryPresence {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for MemoryPresence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryPresence")
+            .field("ttl", &self.shared.ttl)
+            .finish()
+    }
+}
+
+struct Shared {
+    ttl: Duration,
+    // A std mutex: every critical section is a few map operations and never awaits.
+    state: Mutex<State>,
+    changes: broadcast::Sender<Status>,
+}
+
+#[derive(Default)]
+struct State {
+    users: HashMap<String, UserEntry>,
+    nodes: HashMap<String, mpsc::UnboundedSender<NodeDelivery>>,
+}
+
+#[derive(Default)]
+struct UserEntry {
+    /// `(node, conn) → (device, expires)`.
+    devices: HashMap<(String, u64), (String, Instant)>,
+    last_seen: Option<i64>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+impl MemoryPresence {
+    /// Presence whose devices expire `ttl` after their last heartbeat. Must be called
+    /// within a tokio runtime: it starts the expiry sweeper, which stops when the last
+    /// handle is dropped.
+    pub fn new(ttl: Duration) -> Self {
+        let (changes, _) = broadcast::channel(4096);
+        let shared = Arc::new(Shared {
+            ttl,
+            state: Mutex::new(State::default()),
+            changes,
+        });
+        let weak = Arc::downgrade(&shared);
+        let every = (ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        tokio::spawn(sweep(weak, every));
+        MemoryPresence { shared }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves maps that are still consistent.
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn announce(&self, status: Status) {
+        let _ = self.shared.changes.send(status);
+    }
+}
+
+async fn sweep(shared: Weak<Shared>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        let mut offline = Vec::new();
+        {
+            let mut state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            for (user, entry) in state.users.iter_mut() {
+                let had = !entry.devices.is_empty();
+                entry.devices.retain(|_, (_, expires)| *expires > now);
+                if had && entry.devices.is_empty() {
+                    entry.last_seen = Some(now_ms());
+                    offline.push(Status {
+                        user: user.clone(),
+                        online: false,
+                        last_seen: entry.last_seen,
+                    });
+                }
+            }
+        }
+        for status in offline {
+            tracing::info!(user = %status.user, "presence expired");
+            let _ = shared.changes.send(status);
+        }
+    }
+}
+
+impl PresenceService for MemoryPresence {
+    async fn connect(&self, user: &str, at: &Location) -> Result<bool> {
+        let expires = Instant::now() + self.shared.ttl;
+        let came_online = {
+            let mut state = self.state();
+            let entry = state.users.entry(user.to_owned()).or_default();
+            let was_online = !entry.devices.is_empty();
+            entry
+                .devices
+                .insert((at.node.clone(), at.conn), (at.device.clone(), expires));
+            !was_online
+        };
+        if came_online {
+            self.announce(Status {
+                user: user.to_owned(),
+                online: true,
+                last_seen: None,
+            });
+        }
+        Ok(came_online)
+    }
+
+    async fn disconnect(&self, user: &str, at: &Location) -> Result<bool> {
+        let went_offline = {
+            let mut state = self.state();
+            let Some(entry) = state.users.get_mut(user) else {
+                return Ok(false);
+            };
+            let removed = entry.devices.remove(&(at.node.clone(), at.conn)).is_some();
+            if removed && entry.devices.is_empty() {
+                entry.last_seen = Some(now_ms());
+                Some(entry.last_seen)
+            } else {
+                None
+            }
+        };
+        if let Some(last_seen) = went_offline {
+            self.announce(Status {
+                user: user.to_owned(),
+                online: false,
+                last_seen,
+            });
+        }
+        Ok(went_offline.is_some())
+    }
+
+    async fn heartbeat(&self, node: &str, users: &[String]) -> Result<()> {
+        let expires = Instant::now() + self.shared.ttl;
+        let mut state = self.state();
+        for user in users {
+            if let Some(entry) = state.users.get_mut(user) {
+                for ((n, _), (_, e)) in entry.devices.iter_mut() {
+                    if n == node {
+                        *e = expires;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn status(&self, users: &[String]) -> Result<Vec<Status>> {
+        let now = Instant::now();
+        let state = self.state();
+        Ok(users
+            .iter()
+            .map(|user| match state.users.get(user) {
+                Some(entry) => {
+                    let online = entry.devices.values().any(|(_, e)| *e > now);
+                    Status {
+                        user: user.clone(),
+                        online,
+                        last_seen: if online { None } else { entry.last_seen },
+                    }
+                }
+                None => Status {
+                    user: user.clone(),
+                    online: false,
+                    last_seen: None,
+                },
+            })
+            .collect())
+    }
+
+    async fn locate(&self, users: &[String]) -> Result<HashMap<String, Vec<Location>>> {
+        let now = Instant::now();
+        let state = self.state();
+        let mut found = HashMap::new();
+        for user in users {
+            let Some(entry) = state.users.get(user) else {
+                continue;
+            };
+            let here: Vec<Location> = entry
+                .devices
+                .iter()
+                .filter(|(_, (_, e))| *e > now)
+                .map(|((node, conn), (device, _))| Location {
+                    node: node.clone(),
+                    device: device.clone(),
+                    conn: *conn,
+                })
+                .collect();
+            if !here.is_empty() {
+                found.insert(user.clone(), here);
+            }
+        }
+        Ok(found)
+    }
+
+    async fn publish(&self, node: &str, delivery: NodeDelivery) -> Result<()> {
+        let state = self.state();
+        if let Some(channel) = state.nodes.get(node) {
+            // A closed channel means the node is gone: the delivery is dropped on purpose.
+            let _ = channel.send(delivery);
+        }
+        Ok(())
+    }
+
+    async fn deliveries(&self, node: &str) -> Result<mpsc::UnboundedReceiver<NodeDelivery>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.state().nodes.insert(node.to_owned(), tx);
+        Ok(rx)
+    }
+
+    fn changes(&self) -> broadcast::Receiver<Status> {
+        self.shared.changes.subscribe()
+    }
+
+    async fn ping(&self) -> Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,195 @@
+//! The presence conformance suite, written once generic over [`PresenceService`] and
+//! instantiated for each backend by `conformance!`.
+
+use std::future::Future;
+use std::time::Duration;
+
+use presence::{
+    ConnRef, Location, MemoryPresence, NodeDelivery, Payload, Presence, PresenceService, Status,
+};
+use storage::Conversation;
+use tokio::sync::broadcast;
+use tokio::time::timeout;
+
+trait Backend {
+    /// A fresh backend whose devices expire `ttl` after their last heartbeat.
+    fn make(ttl: Duration) -> impl Future<Output = Presence>;
+}
+
+struct Memory;
+
+impl Backend for Memory {
+    async fn make(ttl: Duration) -> Presence {
+        Presence::Memory(MemoryPresence::new(ttl))
+    }
+}
+
+fn at(node: &str, device: &str, conn: u64) -> Location {
+    Location {
+        node: node.into(),
+        device: device.into(),
+        conn,
+    }
+}
+
+async fn next_change(rx: &mut broadcast::Receiver<Status>, user: &str) -> Status {
+    timeout(Duration::from_secs(10), async {
+        loop {
+            let status = rx.recv().await.expect("changes channel");
+            if status.user == user {
+                return status;
+            }
+        }
+    })
+    .await
+    .expect("a presence change within 10 s")
+}
+
+async fn online_while_any_device_is_connected<B: Backend>() {
+    let p = B::make(Duration::from_secs(60)).await;
+    let mut changes = p.changes();
+    let user = "alice";
+    assert_eq!(
+        p.status(&[user.into()]).await.expect("status"),
+        vec![Status {
+            user: user.into(),
+            online: false,
+            last_seen: None
+        }]
+    );
+    assert!(p
+        .connect(user, &at("n1", "phone", 1))
+        .await
+        .expect("connect"));
+    assert_eq!(
+        next_change(&mut changes, user).await,
+        Status {
+            user: user.into(),
+            online: true,
+            last_seen: None
+        }
+    );
+    assert!(
+        !p.connect(user, &at("n2", "laptop", 7))
+            .await
+            .expect("connect"),
+        "second device"
+    );
+
+    assert!(!p
+        .disconnect(user, &at("n1", "phone", 1))
+        .await
+        .expect("disconnect"));
+    assert!(p.status(&[user.into()]).await.expect("status")[0].online);
+    assert!(!p
+        .disconnect(user, &at("n1", "phone", 1))
+        .await
+        .expect("disconnect twice"));
+
+    assert!(p
+        .disconnect(user, &at("n2", "laptop", 7))
+        .await
+        .expect("disconnect"));
+    let offline = next_change(&mut changes, user).await;
+    assert!(!offline.online);
+    assert!(offline.last_seen.is_some());
+    let status = p.status(&[user.into()]).await.expect("status");
+    assert_eq!(status[0], offline);
+}
+
+async fn locate_finds_every_device<B: Backend>() {
+    let p = B::make(Duration::from_secs(60)).await;
+    p.connect("bob", &at("n1", "phone", 1))
+        .await
+        .expect("connect");
+    p.connect("bob", &at("n2", "web", 2))
+        .await
+        .expect("connect");
+    p.connect("carol", &at("n1", "phone", 3))
+        .await
+        .expect("connect");
+    let found = p
+        .locate(&["bob".into(), "carol".into(), "nobody".into()])
+        .await
+        .expect("locate");
+    let mut bob = found.get("bob").cloned().expect("bob located");
+    bob.sort_by_key(|l| l.conn);
+    assert_eq!(bob, vec![at("n1", "phone", 1), at("n2", "web", 2)]);
+    assert_eq!(found.get("carol"), Some(&vec![at("n1", "phone", 3)]));
+    assert!(!found.contains_key("nobody"));
+}
+
+async fn deliveries_reach_the_node_channel<B: Backend>() {
+    let p = B::make(Duration::from_secs(60)).await;
+    let mut n1 = p.deliveries("n1").await.expect("subscribe");
+    let mut n2 = p.deliveries("n2").await.expect("subscribe");
+    let delivery = NodeDelivery {
+        users: vec!["bob".into()],
+        except: Some(ConnRef {
+            node: "n1".into(),
+            conn: 4,
+        }),
+        payload: Payload::Typing {
+            conversation: Conversation::direct("alice", "bob"),
+            user: "alice".into(),
+        },
+    };
+    p.publish("n1", delivery.clone()).await.expect("publish");
+    let got = timeout(Duration::from_secs(10), n1.recv())
+        .await
+        .expect("in time");
+    assert_eq!(got, Some(delivery.clone()));
+    assert!(n2.try_recv().is_err(), "n2 must not see n1's deliveries");
+    // Publishing to a node nobody listens on is not an error.
+    p.publish("gone", delivery)
+        .await
+        .expect("publish to a dead node");
+}
+
+async fn devices_expire_without_heartbeats<B: Backend>() {
+    let p = B::make(Duration::from_millis(1500)).await;
+    let mut changes = p.changes();
+    p.connect("dave", &at("dead-node", "phone", 1))
+        .await
+        .expect("connect");
+    assert!(next_change(&mut changes, "dave").await.online);
+    let gone = next_change(&mut changes, "dave").await;
+    assert!(!gone.online, "the dead node's user went offline");
+    assert!(p.locate(&["dave".into()]).await.expect("locate").is_empty());
+}
+
+async fn heartbeats_keep_devices_alive<B: Backend>() {
+    let p = B::make(Duration::from_millis(1500)).await;
+    p.connect("erin", &at("n1", "phone", 1))
+        .await
+        .expect("connect");
+    // Five heartbeats 500 ms apart cover more than the TTL.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        p.heartbeat("n1", &["erin".into()])
+            .await
+            .expect("heartbeat");
+    }
+    assert!(p.status(&["erin".into()]).await.expect("status")[0].online);
+}
+
+macro_rules! conformance {
+    ($module:ident => $backend:ident: $($scenario:ident),* $(,)?) => {
+        mod $module {
+            $(
+                #[tokio::test]
+                async fn $scenario() {
+                    super::$scenario::<super::$backend>().await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(memory => Memory:
+    online_while_any_device_is_connected,
+    locate_finds_every_device,
+    deliveries_reach_the_node_channel,
+    devices_expire_without_heartbeats,
+    heartbeats_keep_devices_alive,
+);
