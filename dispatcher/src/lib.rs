@@ -1,1 +1,17 @@
+//! The inbound log and the dispatch loop.
+//!
+//! `dispatcher` owns the [`Envelope`]s that gateways publish, the inbound log they travel
+//! through ([`InboundLog`], with an in-process partitioned implementation and the Kafka
+//! one), and [`Dispatcher`]: consume a partition in order, persist, and only then commit,
+//! route to the nodes holding the recipients, or leave the message pending and emit a
+//! push-notification event. It knows nothing of WebSockets or of the client protocol.
 
+pub mod bus;
+pub mod dispatch;
+pub mod envelope;
+pub mod error;
+
+pub use bus::{Bus, InboundLog, MemoryLog, Partition, Record};
+pub use dispatch::Dispatcher;
+pub use envelope::{Envelope, PushEvent};
+pub use error::{Error, Result};

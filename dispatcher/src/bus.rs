@@ -1,0 +1,137 @@
+//! The inbound log contract and the enum of backends that is what actually runs.
+
+use std::future::Future;
+
+use tokio::sync::mpsc;
+
+use crate::envelope::{Envelope, PushEvent};
+use crate::error::{Error, Result};
+
+mod memory;
+
+pub use memory::MemoryLog;
+
+/// What the dispatcher is told once it has dealt with a record.
+type Commit = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+/// One consumed record and the means to commit it.
+pub struct Record {
+    pub envelope: Envelope,
+    commit: Commit,
+}
+
+impl std::fmt::Debug for Record {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Record")
+            .field("envelope", &self.envelope)
+            .finish()
+    }
+}
+
+impl Record {
+    pub fn new(
+        envelope: Envelope,
+        commit: impl FnOnce(Result<(), String>) + Send + 'static,
+    ) -> Self {
+        Record {
+            envelope,
+            commit: Box::new(commit),
+        }
+    }
+
+    /// Commits the record: `Ok` once it is persisted (the log may forget it), `Err` when
+    /// it failed. Dropping a record without committing it leaves it to be redelivered where
+    /// the log can, or failed back to its publisher where it cannot.
+    pub fn commit(self, outcome: Result<(), String>) {
+        (self.commit)(outcome);
+    }
+
+    pub fn into_parts(self) -> (Envelope, impl FnOnce(Result<(), String>)) {
+        (self.envelope, self.commit)
+    }
+}
+
+/// One partition assigned to this consumer: records in log order.
+#[derive(Debug)]
+pub struct Partition {
+    pub id: u32,
+    records: mpsc::Receiver<Record>,
+}
+
+impl Partition {
+    pub fn new(id: u32, records: mpsc::Receiver<Record>) -> Self {
+        Partition { id, records }
+    }
+
+    /// Waits for at least one record and takes up to `max` of those already waiting.
+    /// `None` when the partition was revoked or the log closed.
+    pub async fn next_batch(&mut self, max: usize) -> Option<Vec<Record>> {
+        let mut batch = Vec::new();
+        match self.records.recv_many(&mut batch, max).await {
+            0 => None,
+            _ => Some(batch),
+        }
+    }
+}
+
+/// What every inbound log does. Exactly two implementations exist: [`MemoryLog`] (one
+/// process) and Kafka; one conformance suite (`tests/conformance.rs`) runs against both.
+pub trait InboundLog: Send + Sync + 'static {
+    /// Appends an envelope to the partition of its key and resolves once the log has it
+    /// durably: the broker's acknowledgement (acks=all) for Kafka, the consumer's commit
+    /// after persisting for the in-process log, which has no storage of its own.
+    fn publish(&self, envelope: Envelope) -> impl Future<Output = Result<()>> + Send;
+
+    /// Emits a push-notification event for an offline recipient.
+    fn publish_push(&self, event: PushEvent) -> impl Future<Output = Result<()>> + Send;
+
+    /// Joins the consumer group: partitions arrive as they are assigned.
+    fn subscribe(&self) -> impl Future<Output = Result<mpsc::Receiver<Partition>>> + Send;
+
+    /// Answers when the log is reachable (for `/readyz`).
+    fn ping(&self) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// The inbound log that runs, chosen from configuration.
+#[derive(Clone, Debug)]
+pub enum Bus {
+    Memory(MemoryLog),
+}
+
+impl Bus {
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Bus::Memory(_) => "memory",
+        }
+    }
+}
+
+impl InboundLog for Bus {
+    async fn publish(&self, envelope: Envelope) -> Result<()> {
+        let result = match self {
+            Bus::Memory(log) => log.publish(envelope).await,
+        };
+        let outcome = match &result {
+            Ok(()) => "ok",
+            Err(Error::Unavailable(_)) => "unavailable",
+            Err(_) => "rejected",
+        };
+        metrics::counter!("bus_publish_total", "outcome" => outcome).increment(1);
+        result
+    }
+    async fn publish_push(&self, event: PushEvent) -> Result<()> {
+        match self {
+            Bus::Memory(log) => log.publish_push(event).await,
+        }
+    }
+    async fn subscribe(&self) -> Result<mpsc::Receiver<Partition>> {
+        match self {
+            Bus::Memory(log) => log.subscribe().await,
+        }
+    }
+    async fn ping(&self) -> Result<()> {
+        match self {
+            Bus::Memory(log) => log.ping().await,
+        }
+    }
+}
