@@ -1,0 +1,86 @@
+//! What every connection of this node shares.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use dispatcher::Bus;
+use metrics_exporter_prometheus::PrometheusHandle;
+use presence::Presence;
+use storage::Store;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Auth;
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::limits::SendLimiter;
+
+pub struct App {
+    pub config: Config,
+    pub node: String,
+    pub auth: Auth,
+    pub store: Store,
+    pub presence: Presence,
+    pub bus: Bus,
+    pub hub: Hub,
+    pub sends: SendLimiter,
+    pub metrics: PrometheusHandle,
+    /// Every connection task, so that a drain can wait for them.
+    pub tracker: TaskTracker,
+    draining: AtomicBool,
+    started: Instant,
+}
+
+impl App {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: Config,
+        node: String,
+        auth: Auth,
+        store: Store,
+        presence: Presence,
+        bus: Bus,
+        metrics: PrometheusHandle,
+    ) -> Self {
+        let sends = SendLimiter::new(config.rate_per_sec, config.rate_burst);
+        App {
+            config,
+            node,
+            auth,
+            store,
+            presence,
+            bus,
+            hub: Hub::default(),
+            sends,
+            metrics,
+            tracker: TaskTracker::new(),
+            draining: AtomicBool::new(false),
+            started: Instant::now(),
+        }
+    }
+
+    /// Milliseconds since this node started (monotonic).
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// tungstenite's settings for every connection: small read buffers (the 128 KiB
+    /// default is reserved per connection), a bounded write buffer, the protocol's limits.
+    pub fn ws_config(&self) -> WebSocketConfig {
+        let max = self.config.max_frame_bytes;
+        WebSocketConfig::default()
+            .read_buffer_size(self.config.ws_read_buffer.max(256))
+            .write_buffer_size(0)
+            .max_write_buffer_size(2 * max + 64 * 1024)
+            .max_message_size(Some(max))
+            .max_frame_size(Some(max))
+    }
+}

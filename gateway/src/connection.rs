@@ -1,0 +1,274 @@
+//! One WebSocket connection: its reader, its writer, and the replay of what it missed.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use presence::{Location, PresenceService};
+use storage::MessageStore;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio::time::{interval_at, timeout, Duration, Instant};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage, Utf8Bytes};
+use tokio_tungstenite::WebSocketStream;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::app::App;
+use crate::hub::{close, Class, ConnHandle};
+use crate::protocol::{Refusal, ServerFrame};
+use crate::session::Session;
+
+/// Pending messages read from the store per page during a replay.
+const REPLAY_PAGE: usize = 100;
+/// Frames written before one flush.
+const MAX_WRITE_BATCH: usize = 64;
+/// How long a closing connection may take to finish its last write and send the close frame.
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
+
+/// Serves an upgraded connection until it closes.
+pub async fn serve<S>(ws: WebSocketStream<S>, user: String, device: String, app: Arc<App>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let id = app.hub.next_conn_id();
+    let span = tracing::info_span!("conn", %user, %device, conn = id);
+    serve_inner(ws, user, device, id, app).instrument(span).await;
+}
+
+async fn serve_inner<S>(ws: WebSocketStream<S>, user: String, device: String, id: u64, app: Arc<App>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (conn, outbound) = ConnHandle::new(id, user.clone(), device.clone(), app.config.outbound_queue as usize);
+    conn.heard(app.now_ms());
+    // Queued before the connection is visible to anyone, so it is the first frame.
+    conn.deliver(
+        Utf8Bytes::from(
+            ServerFrame::Welcome {
+                user: user.clone(),
+                device: device.clone(),
+                node: app.node.clone(),
+                heartbeat_s: app.config.heartbeat_secs,
+            }
+            .to_json(),
+        ),
+        Class::Reliable,
+    );
+    app.hub.register(&conn);
+    metrics::gauge!("gateway_connections_active").increment(1);
+    metrics::counter!("gateway_connections_total").increment(1);
+    tracing::debug!("connected");
+
+    let location = Location {
+        node: app.node.clone(),
+        device,
+        conn: id,
+    };
+    match timeout(app.config.backend_timeout(), app.presence.connect(&user, &location)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "presence connect failed"),
+        Err(_) => tracing::warn!("presence connect timed out"),
+    }
+
+    let (sink, stream) = ws.split();
+    let writer = tokio::spawn(write_loop(sink, outbound, conn.clone(), app.clone()).in_current_span());
+    let replay = tokio::spawn(replay(conn.clone(), app.clone()).in_current_span());
+    read_loop(stream, &conn, &app).await;
+    // Whatever ended the reader, the writer and the replay end too.
+    conn.close(0);
+    let _ = replay.await;
+    let _ = writer.await;
+
+    app.hub.unregister(&conn);
+    metrics::gauge!("gateway_connections_active").decrement(1);
+    match timeout(app.config.backend_timeout(), app.presence.disconnect(&user, &location)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "presence disconnect failed"),
+        Err(_) => tracing::warn!("presence disconnect timed out"),
+    }
+    tracing::debug!(close_code = conn.close_code(), "disconnected");
+}
+
+async fn read_loop<S>(mut stream: SplitStream<WebSocketStream<S>>, conn: &Arc<ConnHandle>, app: &Arc<App>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let session = Session::new(conn.clone(), app.clone());
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = conn.closed().cancelled() => return,
+            next = stream.next() => next,
+        };
+        let message = match next {
+            None => return,
+            Some(Ok(message)) => message,
+            Some(Err(WsError::Capacity(e))) => {
+                tracing::info!(error = %e, "frame over the limit, closing with 1009");
+                metrics::counter!("gateway_oversize_frames_total").increment(1);
+                conn.close(close::TOO_BIG);
+                return;
+            }
+            Some(Err(WsError::Protocol(e))) => {
+                tracing::info!(error = %e, "WebSocket protocol error");
+                conn.close(u16::from(CloseCode::Protocol));
+                return;
+            }
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "read failed");
+                return;
+            }
+        };
+        conn.heard(app.now_ms());
+        match message {
+            WsMessage::Text(text) => {
+                metrics::counter!("gateway_frames_received_total").increment(1);
+                session.on_text(&text).await;
+            }
+            WsMessage::Binary(_) => session.refuse(Refusal::bad_request(
+                "binary frames are not part of the protocol: send JSON in text frames",
+            )),
+            WsMessage::Close(_) => {
+                conn.close(u16::from(CloseCode::Normal));
+                return;
+            }
+            WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => {}
+        }
+    }
+}
+
+async fn write_loop<S>(
+    mut sink: SplitSink<WebSocketStream<S>, WsMessage>,
+    mut outbound: mpsc::Receiver<Utf8Bytes>,
+    conn: Arc<ConnHandle>,
+    app: Arc<App>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let heartbeat = app.config.heartbeat();
+    let mut ping = interval_at(Instant::now() + heartbeat, heartbeat);
+    loop {
+        tokio::select! {
+            biased;
+            _ = conn.closed().cancelled() => break,
+            frame = outbound.recv() => {
+                let Some(frame) = frame else { break };
+                let write = async {
+                    sink.feed(WsMessage::Text(frame)).await?;
+                    for _ in 1..MAX_WRITE_BATCH {
+                        match outbound.try_recv() {
+                            Ok(frame) => sink.feed(WsMessage::Text(frame)).await?,
+                            Err(_) => break,
+                        }
+                    }
+                    sink.flush().await
+                };
+                tokio::pin!(write);
+                let written = tokio::select! {
+                    written = &mut write => written,
+                    _ = conn.closed().cancelled() => {
+                        // Closing while a write is stuck (the client stopped reading): give
+                        // it a bounded grace so the close frame can follow what was sent.
+                        match timeout(CLOSE_GRACE, &mut write).await {
+                            Ok(written) => written,
+                            Err(_) => return,
+                        }
+                    }
+                };
+                if written.is_err() {
+                    conn.close(0);
+                    return;
+                }
+            }
+            _ = ping.tick() => {
+                let silent_ms = app.now_ms().saturating_sub(conn.last_heard());
+                if silent_ms > 2 * heartbeat.as_millis() as u64 {
+                    tracing::info!(silent_ms, "no pong within two heartbeats, closing");
+                    conn.close(close::GOING_AWAY);
+                    break;
+                }
+                tokio::select! {
+                    sent = sink.send(WsMessage::Ping(Default::default())) => if sent.is_err() {
+                        conn.close(0);
+                        return;
+                    },
+                    _ = conn.closed().cancelled() => return,
+                }
+            }
+        }
+    }
+    let code = conn.close_code();
+    if code != 0 {
+        let reason = match code {
+            close::POLICY => "too slow: reconnect to get what you missed",
+            close::TOO_BIG => "frame too large",
+            close::RESTART => "server restarting: reconnect",
+            close::GOING_AWAY => "heartbeat timeout",
+            _ => "",
+        };
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.into(),
+        };
+        let _ = timeout(CLOSE_GRACE, sink.send(WsMessage::Close(Some(frame)))).await;
+    }
+    let _ = timeout(Duration::from_secs(2), sink.close()).await;
+}
+
+/// Pushes the user's pending messages, oldest first, then the receipts kept while they
+/// were away, then releases the live messages that arrived meanwhile.
+async fn replay(conn: Arc<ConnHandle>, app: Arc<App>) {
+    let mut replayed: HashSet<Uuid> = HashSet::new();
+    let mut after = None;
+    loop {
+        let page = match timeout(app.config.backend_timeout(), app.store.pending(&conn.user, after, REPLAY_PAGE)).await {
+            Ok(Ok(page)) => page,
+            failed => {
+                tracing::warn!(?failed, "reading pending messages failed; closing so the client retries");
+                conn.close(u16::from(CloseCode::Error));
+                return;
+            }
+        };
+        let full = page.len() == REPLAY_PAGE;
+        after = page.last().map(|m| m.id).or(after);
+        for message in &page {
+            replayed.insert(message.id);
+            let frame = Utf8Bytes::from(ServerFrame::message(message).to_json());
+            if !conn.send_waiting(frame).await {
+                return;
+            }
+        }
+        metrics::counter!("gateway_replayed_messages_total").increment(page.len() as u64);
+        if !full {
+            break;
+        }
+    }
+    loop {
+        let kept = match timeout(app.config.backend_timeout(), app.store.receipts(&conn.user, REPLAY_PAGE)).await {
+            Ok(Ok(kept)) => kept,
+            failed => {
+                tracing::warn!(?failed, "reading kept receipts failed");
+                break;
+            }
+        };
+        let Some((last, _)) = kept.last() else { break };
+        let last = *last;
+        for (_, receipt) in &kept {
+            if !conn.send_waiting(Utf8Bytes::from(ServerFrame::receipt(receipt).to_json())).await {
+                return;
+            }
+        }
+        if let Err(e) = app.store.clear_receipts(&conn.user, last).await {
+            tracing::warn!(error = %e, "clearing delivered receipts failed");
+            break;
+        }
+        if kept.len() < REPLAY_PAGE {
+            break;
+        }
+    }
+    conn.finish_replay(&replayed);
+}

@@ -1,0 +1,277 @@
+//! The node's connections: who is connected here, and how a frame reaches them.
+//!
+//! Every connection has a bounded outbound queue drained by its writer task. What happens
+//! when that queue is full depends on what is being delivered ([`Class`]): typing and
+//! presence frames are shed early, before the queue is half full; anything else that does
+//! not fit closes the connection with 1008, and the messages it missed stay pending in the
+//! store and are pushed again on reconnect. Nothing reliable is dropped silently.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use presence::{NodeDelivery, Payload, Status};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::protocol::ServerFrame;
+
+/// Close codes the gateway uses.
+pub mod close {
+    /// The client does not keep up, or broke a limit.
+    pub const POLICY: u16 = 1008;
+    /// A frame was larger than the limit.
+    pub const TOO_BIG: u16 = 1009;
+    /// The gateway is draining (deploy or scale-down): reconnect elsewhere.
+    pub const RESTART: u16 = 1012;
+    /// No pong within two heartbeats.
+    pub const GOING_AWAY: u16 = 1001;
+}
+
+/// How a frame may be treated when the connection is behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// Typing and presence: dropped when the queue is half full.
+    Sheddable,
+    /// Answers and receipts: if they do not fit, the connection is closed with 1008.
+    Reliable,
+    /// A message: like `Reliable`, and held back while the pending queue is replayed so
+    /// that live messages never overtake older pending ones.
+    Message(Uuid),
+}
+
+/// The shared half of one connection: what the hub and the router need to reach it.
+pub struct ConnHandle {
+    pub id: u64,
+    pub user: String,
+    pub device: String,
+    out: mpsc::Sender<Utf8Bytes>,
+    capacity: usize,
+    closed: CancellationToken,
+    close_code: AtomicU16,
+    /// `Some` while pending messages are being replayed: live messages wait here.
+    held: Mutex<Option<Vec<(Uuid, Utf8Bytes)>>>,
+    /// Users whose presence this connection subscribed to.
+    watching: Mutex<HashSet<String>>,
+    /// Milliseconds (monotonic, from the hub's clock) of the last frame from the client.
+    last_heard: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Most live messages held back during a replay before the connection counts as too slow.
+const MAX_HELD: usize = 4096;
+
+impl ConnHandle {
+    pub fn new(id: u64, user: String, device: String, capacity: usize) -> (Arc<Self>, mpsc::Receiver<Utf8Bytes>) {
+        let (out, rx) = mpsc::channel(capacity);
+        let handle = ConnHandle {
+            id,
+            user,
+            device,
+            out,
+            capacity,
+            closed: CancellationToken::new(),
+            close_code: AtomicU16::new(0),
+            held: Mutex::new(Some(Vec::new())),
+            watching: Mutex::new(HashSet::new()),
+            last_heard: AtomicU64::new(0),
+        };
+        (Arc::new(handle), rx)
+    }
+
+    /// Queues a frame for the client according to its class (see the module doc).
+    pub fn deliver(&self, frame: Utf8Bytes, class: Class) {
+        match class {
+            Class::Sheddable => {
+                if self.out.capacity() * 2 < self.capacity || self.out.try_send(frame).is_err() {
+                    metrics::counter!("gateway_frames_shed_total").increment(1);
+                }
+            }
+            Class::Reliable => self.push(frame),
+            Class::Message(id) => {
+                let mut held = lock(&self.held);
+                if let Some(held) = held.as_mut() {
+                    if held.len() >= MAX_HELD {
+                        self.close(close::POLICY);
+                    } else {
+                        held.push((id, frame));
+                    }
+                    return;
+                }
+                self.push(frame);
+            }
+        }
+    }
+
+    fn push(&self, frame: Utf8Bytes) {
+        match self.out.try_send(frame) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::counter!("gateway_slow_consumer_disconnects_total").increment(1);
+                tracing::info!(user = %self.user, conn = self.id, "outbound queue full, closing with 1008");
+                self.close(close::POLICY);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Queues a frame, waiting for room (used by the replay, which is this connection's own
+    /// task and may wait). `false` if the connection closed meanwhile.
+    pub async fn send_waiting(&self, frame: Utf8Bytes) -> bool {
+        tokio::select! {
+            sent = self.out.send(frame) => sent.is_ok(),
+            _ = self.closed.cancelled() => false,
+        }
+    }
+
+    /// Ends the replay: releases held live messages, except those the replay already sent.
+    pub fn finish_replay(&self, replayed: &HashSet<Uuid>) {
+        let mut held = lock(&self.held);
+        for (id, frame) in held.take().unwrap_or_default() {
+            if !replayed.contains(&id) {
+                self.push(frame);
+            }
+        }
+    }
+
+    /// Asks the connection to close with `code`; the first code asked for wins.
+    pub fn close(&self, code: u16) {
+        let _ = self.close_code.compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
+        self.closed.cancel();
+    }
+
+    pub fn close_code(&self) -> u16 {
+        self.close_code.load(Ordering::Acquire)
+    }
+
+    pub fn closed(&self) -> &CancellationToken {
+        &self.closed
+    }
+
+    pub fn heard(&self, now_ms: u64) {
+        self.last_heard.store(now_ms, Ordering::Relaxed);
+    }
+
+    pub fn last_heard(&self) -> u64 {
+        self.last_heard.load(Ordering::Relaxed)
+    }
+
+    /// Adds presence subscriptions; returns how many this connection has now.
+    pub fn watch(&self, users: &[String]) -> usize {
+        let mut watching = lock(&self.watching);
+        watching.extend(users.iter().cloned());
+        watching.len()
+    }
+
+    pub fn watching_count(&self) -> usize {
+        lock(&self.watching).len()
+    }
+}
+
+/// Every connection on this node, by user, and presence watchers, by watched user.
+#[derive(Default)]
+pub struct Hub {
+    conns: Mutex<HashMap<String, Vec<Arc<ConnHandle>>>>,
+    watchers: Mutex<HashMap<String, Vec<Arc<ConnHandle>>>>,
+    next_id: AtomicU64,
+}
+
+impl Hub {
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    pub fn register(&self, conn: &Arc<ConnHandle>) {
+        lock(&self.conns).entry(conn.user.clone()).or_default().push(conn.clone());
+    }
+
+    pub fn unregister(&self, conn: &Arc<ConnHandle>) {
+        {
+            let mut conns = lock(&self.conns);
+            if let Some(list) = conns.get_mut(&conn.user) {
+                list.retain(|c| c.id != conn.id);
+                if list.is_empty() {
+                    conns.remove(&conn.user);
+                }
+            }
+        }
+        let watched: Vec<String> = lock(&conn.watching).drain().collect();
+        let mut watchers = lock(&self.watchers);
+        for user in watched {
+            if let Some(list) = watchers.get_mut(&user) {
+                list.retain(|c| c.id != conn.id);
+                if list.is_empty() {
+                    watchers.remove(&user);
+                }
+            }
+        }
+    }
+
+    pub fn add_watches(&self, conn: &Arc<ConnHandle>, users: &[String]) {
+        let mut watchers = lock(&self.watchers);
+        for user in users {
+            let list = watchers.entry(user.clone()).or_default();
+            if !list.iter().any(|c| c.id == conn.id) {
+                list.push(conn.clone());
+            }
+        }
+    }
+
+    /// Users with at least one connection here (for presence heartbeats).
+    pub fn users(&self) -> Vec<String> {
+        lock(&self.conns).keys().cloned().collect()
+    }
+
+    pub fn all(&self) -> Vec<Arc<ConnHandle>> {
+        lock(&self.conns).values().flatten().cloned().collect()
+    }
+
+    pub fn count(&self) -> usize {
+        lock(&self.conns).values().map(Vec::len).sum()
+    }
+
+    /// Hands a delivery from the node channel to the local connections it names.
+    pub fn dispatch(&self, node: &str, delivery: NodeDelivery) {
+        let (frame, class) = match &delivery.payload {
+            Payload::Message(m) => (ServerFrame::message(m), Class::Message(m.id)),
+            Payload::Receipt(r) => (ServerFrame::receipt(r), Class::Reliable),
+            Payload::Typing { conversation, user } => (
+                ServerFrame::Typing {
+                    conversation: conversation.to_string(),
+                    user: user.clone(),
+                },
+                Class::Sheddable,
+            ),
+        };
+        // Serialized once, shared by every device it goes to.
+        let frame = Utf8Bytes::from(frame.to_json());
+        let except = delivery
+            .except
+            .as_ref()
+            .filter(|e| e.node == node)
+            .map(|e| e.conn);
+        let conns = lock(&self.conns);
+        for user in &delivery.users {
+            for conn in conns.get(user).into_iter().flatten() {
+                if Some(conn.id) != except {
+                    conn.deliver(frame.clone(), class);
+                }
+            }
+        }
+    }
+
+    /// Tells this node's subscribers about a presence change.
+    pub fn presence_changed(&self, status: &Status) {
+        let watchers = lock(&self.watchers);
+        let Some(list) = watchers.get(&status.user) else { return };
+        let frame = Utf8Bytes::from(ServerFrame::presence(status).to_json());
+        for conn in list {
+            conn.deliver(frame.clone(), Class::Sheddable);
+        }
+    }
+}

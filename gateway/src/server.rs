@@ -1,0 +1,427 @@
+//! The client port (WebSocket at `/ws`, dev endpoints), the accept loop, start-up of the
+//! embedded system, and the drain on shutdown.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use dispatcher::{Bus, Dispatcher, MemoryLog};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use presence::{MemoryPresence, Presence, PresenceService};
+use serde::Deserialize;
+use serde_json::json;
+use storage::crypto::KeySource;
+use storage::{EmbeddedConfig, EmbeddedStore, Store};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::auth::Auth;
+use crate::config::Config;
+use crate::hub::close;
+use crate::{connection, Error};
+
+/// A started gateway: its bound addresses and the means to stop it.
+#[derive(Debug)]
+pub struct Running {
+    pub client_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub node: String,
+    shutdown: CancellationToken,
+    done: JoinHandle<()>,
+}
+
+impl Running {
+    /// Starts the drain: stop accepting, close connections with 1012 over the drain period.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits until the drain is over and every backend is closed.
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+}
+
+/// Binds both ports, opens the embedded backends, starts the in-process dispatcher, and
+/// serves until [`Running::shutdown`].
+pub async fn start(config: Config) -> Result<Running, Error> {
+    config.validate().map_err(Error::Config)?;
+    let client = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| Error::Bind { addr: config.listen, source })?;
+    let admin = TcpListener::bind(config.admin_listen)
+        .await
+        .map_err(|source| Error::Bind { addr: config.admin_listen, source })?;
+    let client_addr = client.local_addr()?;
+    let admin_addr = admin.local_addr()?;
+
+    let node = config
+        .node_id
+        .clone()
+        .unwrap_or_else(|| format!("gw-{:08x}", rand::random::<u32>()));
+    let secret = match &config.jwt_secret {
+        Some(secret) if !secret.is_empty() => secret.clone().into_bytes(),
+        _ => dev_secret(&config.data_dir)?,
+    };
+
+    // The embedded system: no backend is configured.
+    let keys = match (&config.keys_file, &config.keys) {
+        (Some(path), _) => KeySource::File(path.clone()),
+        (None, Some(inline)) => KeySource::Inline(inline.clone()),
+        (None, None) => KeySource::DevGenerated,
+    };
+    let store = Store::Embedded(
+        EmbeddedStore::open(EmbeddedConfig {
+            data_dir: config.data_dir.clone(),
+            keys,
+            idempotency_ttl: Duration::from_secs(48 * 3600),
+        })
+        .await?,
+    );
+    let presence = Presence::Memory(MemoryPresence::new(config.presence_ttl()));
+    let bus = Bus::Memory(MemoryLog::new(config.partitions, 1024));
+    let dispatcher_stop = CancellationToken::new();
+    let dispatcher = tokio::spawn(
+        Dispatcher::new(store.clone(), presence.clone(), bus.clone()).run(dispatcher_stop.clone()),
+    );
+
+    let deliveries = presence.deliveries(&node).await?;
+    let app = Arc::new(App::new(
+        config,
+        node.clone(),
+        Auth::new(&secret),
+        store,
+        presence,
+        bus,
+        crate::metrics::handle(),
+    ));
+    tracing::info!(
+        client = %client_addr,
+        admin = %admin_addr,
+        node = %node,
+        dev = app.config.dev_mode(),
+        data_dir = %app.config.data_dir.display(),
+        "gateway ready (embedded mode)"
+    );
+
+    let shutdown = CancellationToken::new();
+    let done = tokio::spawn(run(app, client, admin, deliveries, shutdown.clone(), dispatcher_stop, dispatcher));
+    Ok(Running {
+        client_addr,
+        admin_addr,
+        node,
+        shutdown,
+        done,
+    })
+}
+
+/// The dev-mode signing secret, generated into the data dir once so tokens survive restarts.
+fn dev_secret(data_dir: &Path) -> Result<Vec<u8>, Error> {
+    let path = data_dir.join("dev-jwt-secret");
+    std::fs::create_dir_all(data_dir)?;
+    match std::fs::read_to_string(&path) {
+        Ok(secret) if !secret.trim().is_empty() => Ok(secret.trim().as_bytes().to_vec()),
+        _ => {
+            let secret = hex::encode(rand::random::<[u8; 32]>());
+            std::fs::write(&path, &secret)?;
+            tracing::warn!(path = %path.display(), "dev mode: generated a JWT secret");
+            Ok(secret.into_bytes())
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    app: Arc<App>,
+    client: TcpListener,
+    admin: TcpListener,
+    mut deliveries: tokio::sync::mpsc::UnboundedReceiver<presence::NodeDelivery>,
+    shutdown: CancellationToken,
+    dispatcher_stop: CancellationToken,
+    dispatcher: JoinHandle<dispatcher::Result<()>>,
+) {
+    let background = CancellationToken::new();
+
+    let admin_stop = CancellationToken::new();
+    let admin_server = tokio::spawn({
+        let stop = admin_stop.clone();
+        let router = crate::admin::router(app.clone());
+        async move {
+            let served = axum::serve(admin, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "admin server failed");
+            }
+        }
+    });
+
+    // Deliveries for this node, from the dispatchers.
+    let router_task = tokio::spawn({
+        let (app, stop) = (app.clone(), background.clone());
+        async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    delivery = deliveries.recv() => match delivery {
+                        Some(delivery) => app.hub.dispatch(&app.node, delivery),
+                        None => return,
+                    },
+                }
+            }
+        }
+    });
+
+    // Presence changes, for this node's subscribers.
+    let presence_task = tokio::spawn({
+        let (app, stop) = (app.clone(), background.clone());
+        let mut changes = app.presence.changes();
+        async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    change = changes.recv() => match change {
+                        Ok(status) => app.hub.presence_changed(&status),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            tracing::warn!(missed = n, "presence changes lagged");
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    },
+                }
+            }
+        }
+    });
+
+    // Presence heartbeats for this node's users, and housekeeping.
+    let heartbeat_task = tokio::spawn({
+        let (app, stop) = (app.clone(), background.clone());
+        async move {
+            let every = (app.config.presence_ttl() / 3).clamp(Duration::from_millis(100), Duration::from_secs(30));
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {
+                        let users = app.hub.users();
+                        if let Err(e) = presence::PresenceService::heartbeat(&app.presence, &app.node, &users).await {
+                            tracing::warn!(error = %e, "presence heartbeat failed");
+                        }
+                        app.sends.forget_idle();
+                        app.metrics.run_upkeep();
+                    }
+                }
+            }
+        }
+    });
+
+    let router = client_router(app.clone());
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = client.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors, most likely: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        app.tracker.spawn(serve_http(stream, router.clone(), app.clone(), shutdown.clone()));
+    }
+    drop(client);
+
+    // Drain: refuse new upgrades, then close every connection with 1012, spread over the
+    // drain period so that clients do not all reconnect at the same instant.
+    app.start_draining();
+    let conns = app.hub.all();
+    tracing::info!(connections = conns.len(), "draining");
+    let step = app.config.drain() / (conns.len().max(1) as u32);
+    for conn in conns {
+        conn.close(close::RESTART);
+        if !step.is_zero() {
+            tokio::time::sleep(step).await;
+        }
+    }
+    app.tracker.close();
+    if tokio::time::timeout(Duration::from_secs(10), app.tracker.wait()).await.is_err() {
+        tracing::warn!("some connections did not finish within 10 s of the drain");
+    }
+    background.cancel();
+    let _ = tokio::join!(router_task, presence_task, heartbeat_task);
+    dispatcher_stop.cancel();
+    match dispatcher.await {
+        Ok(Err(e)) => tracing::error!(error = %e, "dispatcher failed"),
+        Err(e) => tracing::error!(error = %e, "dispatcher task failed"),
+        Ok(Ok(())) => {}
+    }
+    admin_stop.cancel();
+    let _ = admin_server.await;
+    tracing::info!("gateway stopped");
+}
+
+async fn serve_http(stream: TcpStream, router: Router, app: Arc<App>, shutdown: CancellationToken) {
+    let _ = stream.set_nodelay(true);
+    let service = TowerToHyperService::new(router);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(app.config.handshake_timeout())
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        served = conn.as_mut() => if let Err(e) = served {
+            tracing::debug!(error = %e, "http connection ended");
+        },
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+fn client_router(app: Arc<App>) -> Router {
+    let mut router = Router::new().route("/ws", get(upgrade));
+    if app.config.dev_mode() {
+        router = router
+            .route("/", get(|| async { Html(include_str!("demo.html")) }))
+            .route("/dev/token", post(dev_token));
+    }
+    router
+        .fallback(|| async { (StatusCode::NOT_FOUND, Json(json!({"error": "not found"}))) })
+        .with_state(app)
+}
+
+fn refuse(status: StatusCode, message: impl std::fmt::Display) -> Response {
+    let mut response = (status, Json(json!({"error": message.to_string()}))).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    response
+}
+
+#[derive(Deserialize)]
+struct WsQuery {
+    token: Option<String>,
+    device: Option<String>,
+}
+
+fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|v| v.trim().eq_ignore_ascii_case(token))
+}
+
+/// `GET /ws`: authenticate, then upgrade. Every refusal is an HTTP status, never an upgrade.
+async fn upgrade(State(app): State<Arc<App>>, Query(query): Query<WsQuery>, mut request: Request) -> Response {
+    if app.is_draining() {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "draining: connect to another node");
+    }
+    let headers = request.headers();
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim);
+    let token = bearer.or(query.token.as_deref()).unwrap_or("");
+    let user = match app.auth.verify(token) {
+        Ok(user) => user,
+        Err(e) => {
+            metrics::counter!("gateway_auth_failures_total").increment(1);
+            return refuse(StatusCode::UNAUTHORIZED, e);
+        }
+    };
+    let device = query.device.unwrap_or_else(|| "default".to_owned());
+    if !storage::is_valid_id(&device) {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "`device` must be 1-64 characters of A-Z a-z 0-9 _ . @ -",
+        );
+    }
+    if !app.config.allowed_origins.is_empty() {
+        if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+            if !app.config.allowed_origins.iter().any(|o| o == origin) {
+                return refuse(StatusCode::FORBIDDEN, format!("origin {origin} is not allowed"));
+            }
+        }
+    }
+    let is_upgrade = header_has(headers, header::CONNECTION, "upgrade")
+        && header_has(headers, header::UPGRADE, "websocket");
+    if !is_upgrade {
+        return refuse(StatusCode::UPGRADE_REQUIRED, "this endpoint speaks WebSocket only");
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).and_then(|v| v.to_str().ok()) != Some("13") {
+        return refuse(StatusCode::BAD_REQUEST, "Sec-WebSocket-Version must be 13");
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return refuse(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let Some(on_upgrade) = request.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return refuse(StatusCode::BAD_REQUEST, "this connection cannot be upgraded");
+    };
+
+    let config = app.ws_config();
+    app.tracker.spawn({
+        let app = app.clone();
+        async move {
+            match on_upgrade.await {
+                Ok(upgraded) => {
+                    let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+                    connection::serve(ws, user, device, app).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            }
+        }
+    });
+
+    let mut response = Response::new(axum::body::Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    response
+}
+
+/// `POST /dev/token` (dev mode): `{"user":"alice"}` → `{"token":"…"}`, valid 24 hours.
+async fn dev_token(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    #[derive(Deserialize)]
+    struct TokenRequest {
+        user: String,
+    }
+    let request: TokenRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("expected {{\"user\":\"<id>\"}}: {e}")),
+    };
+    if !storage::is_valid_id(&request.user) {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "`user` must be 1-64 characters of A-Z a-z 0-9 _ . @ -",
+        );
+    }
+    let token = app.auth.mint(&request.user, Duration::from_secs(24 * 3600));
+    Json(json!({ "token": token, "user": request.user })).into_response()
+}
