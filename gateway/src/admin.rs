@@ -23,7 +23,10 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-async fn check<E: std::fmt::Display>(app: &App, call: impl std::future::Future<Output = Result<(), E>>) -> Result<(), String> {
+async fn check<E: std::fmt::Display>(
+    app: &App,
+    call: impl std::future::Future<Output = Result<(), E>>,
+) -> Result<(), String> {
     match timeout(app.config.backend_timeout(), call).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
@@ -33,12 +36,25 @@ async fn check<E: std::fmt::Display>(app: &App, call: impl std::future::Future<O
 
 async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
     let results = [
-        (format!("store:{}", app.store.backend()), check(&app, app.store.ping()).await),
-        (format!("presence:{}", app.presence.backend()), check(&app, app.presence.ping()).await),
-        (format!("bus:{}", app.bus.backend()), check(&app, app.bus.ping()).await),
+        (
+            format!("store:{}", app.store.backend()),
+            check(&app, app.store.ping()).await,
+        ),
+        (
+            format!("presence:{}", app.presence.backend()),
+            check(&app, app.presence.ping()).await,
+        ),
+        (
+            format!("bus:{}", app.bus.backend()),
+            check(&app, app.bus.ping()).await,
+        ),
         (
             "gateway".to_owned(),
-            if app.is_draining() { Err("draining".into()) } else { Ok(()) },
+            if app.is_draining() {
+                Err("draining".into())
+            } else {
+                Ok(())
+            },
         ),
     ];
     let ready = results.iter().all(|(_, r)| r.is_ok());
@@ -46,7 +62,11 @@ async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
         .into_iter()
         .map(|(name, r)| (name, Value::String(r.err().unwrap_or_else(|| "ok".into()))))
         .collect();
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let body = json!({"status": if ready { "ready" } else { "unavailable" }, "checks": checks});
     (status, Json(body))
 }

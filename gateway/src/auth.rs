@@ -76,7 +76,8 @@ impl Auth {
             exp,
         };
         // HMAC signing of a small struct cannot fail.
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding).unwrap_or_default()
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .unwrap_or_default()
     }
 }
 
@@ -93,14 +94,24 @@ mod tests {
         assert!(auth.verify("not.a.jwt").is_err());
         assert!(matches!(auth.verify(""), Err(AuthError::Missing)));
 
-        let past = Claims { sub: "alice".into(), exp: 1_000_000 };
-        let expired = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &past, &EncodingKey::from_secret(b"secret"))
-            .expect("encode");
+        let past = Claims {
+            sub: "alice".into(),
+            exp: 1_000_000,
+        };
+        let expired = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &past,
+            &EncodingKey::from_secret(b"secret"),
+        )
+        .expect("encode");
         assert!(auth.verify(&expired).is_err(), "expired");
 
         let hs512 = jsonwebtoken::encode(
             &Header::new(Algorithm::HS512),
-            &Claims { sub: "alice".into(), exp: u64::MAX / 2 },
+            &Claims {
+                sub: "alice".into(),
+                exp: u64::MAX / 2,
+            },
             &EncodingKey::from_secret(b"secret"),
         )
         .expect("encode");

@@ -17,7 +17,11 @@ pub enum LogFormat {
 /// process: the dispatcher on an in-process partitioned log, the embedded store in
 /// `--data-dir`, and in-memory presence; dev mode is then on unless `--dev false`.
 #[derive(Clone, Debug, Parser)]
-#[command(name = "gateway", version, about = "WebSocket chat gateway (embedded mode when no backend is configured)")]
+#[command(
+    name = "gateway",
+    version,
+    about = "WebSocket chat gateway (embedded mode when no backend is configured)"
+)]
 pub struct Config {
     /// Client port: WebSocket at /ws, plus the dev endpoints in dev mode.
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
@@ -49,7 +53,12 @@ pub struct Config {
     pub keys_file: Option<PathBuf>,
 
     /// The key ring inline (comma or newline separated), instead of a file.
-    #[arg(long, env = "STORAGE_KEYS", hide_env_values = true, conflicts_with = "keys_file")]
+    #[arg(
+        long,
+        env = "STORAGE_KEYS",
+        hide_env_values = true,
+        conflicts_with = "keys_file"
+    )]
     pub keys: Option<String>,
 
     /// Seconds between server pings; no pong within two intervals closes the connection.
@@ -158,7 +167,9 @@ impl Config {
         }
         if let Some(node) = &self.node_id {
             if !storage::is_valid_id(node) {
-                return Err(format!("--node-id {node:?}: use 1-64 characters of A-Z a-z 0-9 _ . @ -"));
+                return Err(format!(
+                    "--node-id {node:?}: use 1-64 characters of A-Z a-z 0-9 _ . @ -"
+                ));
             }
         }
         Ok(())

@@ -36,14 +36,26 @@ where
 {
     let id = app.hub.next_conn_id();
     let span = tracing::info_span!("conn", %user, %device, conn = id);
-    serve_inner(ws, user, device, id, app).instrument(span).await;
+    serve_inner(ws, user, device, id, app)
+        .instrument(span)
+        .await;
 }
 
-async fn serve_inner<S>(ws: WebSocketStream<S>, user: String, device: String, id: u64, app: Arc<App>)
-where
+async fn serve_inner<S>(
+    ws: WebSocketStream<S>,
+    user: String,
+    device: String,
+    id: u64,
+    app: Arc<App>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (conn, outbound) = ConnHandle::new(id, user.clone(), device.clone(), app.config.outbound_queue as usize);
+    let (conn, outbound) = ConnHandle::new(
+        id,
+        user.clone(),
+        device.clone(),
+        app.config.outbound_queue as usize,
+    );
     conn.heard(app.now_ms());
     // Queued before the connection is visible to anyone, so it is the first frame.
     conn.deliver(
@@ -68,24 +80,45 @@ where
         device,
         conn: id,
     };
-    match timeout(app.config.backend_timeout(), app.presence.connect(&user, &location)).await {
+    match timeout(
+        app.config.backend_timeout(),
+        app.presence.connect(&user, &location),
+    )
+    .await
+    {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "presence connect failed"),
         Err(_) => tracing::warn!("presence connect timed out"),
     }
 
     let (sink, stream) = ws.split();
-    let writer = tokio::spawn(write_loop(sink, outbound, conn.clone(), app.clone()).in_current_span());
+    let writer =
+        tokio::spawn(write_loop(sink, outbound, conn.clone(), app.clone()).in_current_span());
     let replay = tokio::spawn(replay(conn.clone(), app.clone()).in_current_span());
+    let mut replay = replay;
     read_loop(stream, &conn, &app).await;
+    // The client left on its own: let the replay finish its bookkeeping (clearing the
+    // receipts it delivered) before the close completes. Bounded, and skipped when the
+    // server is closing the connection.
+    let mut replay_done = false;
+    if !conn.closed().is_cancelled() {
+        replay_done = timeout(Duration::from_secs(5), &mut replay).await.is_ok();
+    }
     // Whatever ended the reader, the writer and the replay end too.
-    conn.close(0);
-    let _ = replay.await;
+    conn.close(u16::from(CloseCode::Normal));
+    if !replay_done {
+        let _ = replay.await;
+    }
     let _ = writer.await;
 
     app.hub.unregister(&conn);
     metrics::gauge!("gateway_connections_active").decrement(1);
-    match timeout(app.config.backend_timeout(), app.presence.disconnect(&user, &location)).await {
+    match timeout(
+        app.config.backend_timeout(),
+        app.presence.disconnect(&user, &location),
+    )
+    .await
+    {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "presence disconnect failed"),
         Err(_) => tracing::warn!("presence disconnect timed out"),
@@ -93,8 +126,11 @@ where
     tracing::debug!(close_code = conn.close_code(), "disconnected");
 }
 
-async fn read_loop<S>(mut stream: SplitStream<WebSocketStream<S>>, conn: &Arc<ConnHandle>, app: &Arc<App>)
-where
+async fn read_loop<S>(
+    mut stream: SplitStream<WebSocketStream<S>>,
+    conn: &Arc<ConnHandle>,
+    app: &Arc<App>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let session = Session::new(conn.clone(), app.clone());
@@ -132,10 +168,7 @@ where
             WsMessage::Binary(_) => session.refuse(Refusal::bad_request(
                 "binary frames are not part of the protocol: send JSON in text frames",
             )),
-            WsMessage::Close(_) => {
-                conn.close(u16::from(CloseCode::Normal));
-                return;
-            }
+            WsMessage::Close(_) => return,
             WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => {}
         }
     }
@@ -225,10 +258,18 @@ async fn replay(conn: Arc<ConnHandle>, app: Arc<App>) {
     let mut replayed: HashSet<Uuid> = HashSet::new();
     let mut after = None;
     loop {
-        let page = match timeout(app.config.backend_timeout(), app.store.pending(&conn.user, after, REPLAY_PAGE)).await {
+        let page = match timeout(
+            app.config.backend_timeout(),
+            app.store.pending(&conn.user, after, REPLAY_PAGE),
+        )
+        .await
+        {
             Ok(Ok(page)) => page,
             failed => {
-                tracing::warn!(?failed, "reading pending messages failed; closing so the client retries");
+                tracing::warn!(
+                    ?failed,
+                    "reading pending messages failed; closing so the client retries"
+                );
                 conn.close(u16::from(CloseCode::Error));
                 return;
             }
@@ -248,7 +289,12 @@ async fn replay(conn: Arc<ConnHandle>, app: Arc<App>) {
         }
     }
     loop {
-        let kept = match timeout(app.config.backend_timeout(), app.store.receipts(&conn.user, REPLAY_PAGE)).await {
+        let kept = match timeout(
+            app.config.backend_timeout(),
+            app.store.receipts(&conn.user, REPLAY_PAGE),
+        )
+        .await
+        {
             Ok(Ok(kept)) => kept,
             failed => {
                 tracing::warn!(?failed, "reading kept receipts failed");
@@ -258,7 +304,10 @@ async fn replay(conn: Arc<ConnHandle>, app: Arc<App>) {
         let Some((last, _)) = kept.last() else { break };
         let last = *last;
         for (_, receipt) in &kept {
-            if !conn.send_waiting(Utf8Bytes::from(ServerFrame::receipt(receipt).to_json())).await {
+            if !conn
+                .send_waiting(Utf8Bytes::from(ServerFrame::receipt(receipt).to_json()))
+                .await
+            {
                 return;
             }
         }

@@ -67,7 +67,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 const MAX_HELD: usize = 4096;
 
 impl ConnHandle {
-    pub fn new(id: u64, user: String, device: String, capacity: usize) -> (Arc<Self>, mpsc::Receiver<Utf8Bytes>) {
+    pub fn new(
+        id: u64,
+        user: String,
+        device: String,
+        capacity: usize,
+    ) -> (Arc<Self>, mpsc::Receiver<Utf8Bytes>) {
         let (out, rx) = mpsc::channel(capacity);
         let handle = ConnHandle {
             id,
@@ -85,12 +90,17 @@ impl ConnHandle {
     }
 
     /// Queues a frame for the client according to its class (see the module doc).
-    pub fn deliver(&self, frame: Utf8Bytes, class: Class) {
+    /// Returns whether the connection took it: `false` once it is closing.
+    pub fn deliver(&self, frame: Utf8Bytes, class: Class) -> bool {
+        if self.closed.is_cancelled() {
+            return false;
+        }
         match class {
             Class::Sheddable => {
                 if self.out.capacity() * 2 < self.capacity || self.out.try_send(frame).is_err() {
                     metrics::counter!("gateway_frames_shed_total").increment(1);
                 }
+                true
             }
             Class::Reliable => self.push(frame),
             Class::Message(id) => {
@@ -98,25 +108,26 @@ impl ConnHandle {
                 if let Some(held) = held.as_mut() {
                     if held.len() >= MAX_HELD {
                         self.close(close::POLICY);
-                    } else {
-                        held.push((id, frame));
+                        return false;
                     }
-                    return;
+                    held.push((id, frame));
+                    return true;
                 }
-                self.push(frame);
+                self.push(frame)
             }
         }
     }
 
-    fn push(&self, frame: Utf8Bytes) {
+    fn push(&self, frame: Utf8Bytes) -> bool {
         match self.out.try_send(frame) {
-            Ok(()) => {}
+            Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 metrics::counter!("gateway_slow_consumer_disconnects_total").increment(1);
                 tracing::info!(user = %self.user, conn = self.id, "outbound queue full, closing with 1008");
                 self.close(close::POLICY);
+                false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
     }
 
@@ -141,7 +152,9 @@ impl ConnHandle {
 
     /// Asks the connection to close with `code`; the first code asked for wins.
     pub fn close(&self, code: u16) {
-        let _ = self.close_code.compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
+        let _ = self
+            .close_code
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
         self.closed.cancel();
     }
 
@@ -187,7 +200,10 @@ impl Hub {
     }
 
     pub fn register(&self, conn: &Arc<ConnHandle>) {
-        lock(&self.conns).entry(conn.user.clone()).or_default().push(conn.clone());
+        lock(&self.conns)
+            .entry(conn.user.clone())
+            .or_default()
+            .push(conn.clone());
     }
 
     pub fn unregister(&self, conn: &Arc<ConnHandle>) {
@@ -235,8 +251,10 @@ impl Hub {
         lock(&self.conns).values().map(Vec::len).sum()
     }
 
-    /// Hands a delivery from the node channel to the local connections it names.
-    pub fn dispatch(&self, node: &str, delivery: NodeDelivery) {
+    /// Hands a delivery from the node channel to the local connections it names. Returns
+    /// the users a receipt reached no live connection of, so the caller can keep it for
+    /// their next connect instead of losing it to a connection that was just closing.
+    pub fn dispatch(&self, node: &str, delivery: NodeDelivery) -> Vec<String> {
         let (frame, class) = match &delivery.payload {
             Payload::Message(m) => (ServerFrame::message(m), Class::Message(m.id)),
             Payload::Receipt(r) => (ServerFrame::receipt(r), Class::Reliable),
@@ -256,19 +274,27 @@ impl Hub {
             .filter(|e| e.node == node)
             .map(|e| e.conn);
         let conns = lock(&self.conns);
+        let mut missed = Vec::new();
         for user in &delivery.users {
+            let mut reached = false;
             for conn in conns.get(user).into_iter().flatten() {
                 if Some(conn.id) != except {
-                    conn.deliver(frame.clone(), class);
+                    reached |= conn.deliver(frame.clone(), class);
                 }
             }
+            if !reached && matches!(delivery.payload, Payload::Receipt(_)) {
+                missed.push(user.clone());
+            }
         }
+        missed
     }
 
     /// Tells this node's subscribers about a presence change.
     pub fn presence_changed(&self, status: &Status) {
         let watchers = lock(&self.watchers);
-        let Some(list) = watchers.get(&status.user) else { return };
+        let Some(list) = watchers.get(&status.user) else {
+            return;
+        };
         let frame = Utf8Bytes::from(ServerFrame::presence(status).to_json());
         for conn in list {
             conn.deliver(frame.clone(), Class::Sheddable);

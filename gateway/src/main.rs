@@ -22,7 +22,9 @@ async fn main() -> anyhow::Result<()> {
             .init(),
     }
 
-    let running = gateway::start(config).await.context("starting the gateway")?;
+    let running = gateway::start(config)
+        .await
+        .context("starting the gateway")?;
     shutdown_signal().await;
     tracing::info!("shutdown requested, draining");
     running.shutdown();

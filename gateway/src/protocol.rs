@@ -134,7 +134,11 @@ impl ClientFrame {
         match object.get("type") {
             None => return Err(with_context(Refusal::bad_request("missing field `type`"))),
             Some(Value::String(_)) => {}
-            Some(_) => return Err(with_context(Refusal::bad_request("`type` must be a string"))),
+            Some(_) => {
+                return Err(with_context(Refusal::bad_request(
+                    "`type` must be a string",
+                )))
+            }
         }
         if let Some(r) = object.get("ref") {
             if !is_reference(r) {
@@ -143,7 +147,8 @@ impl ClientFrame {
                 )));
             }
         }
-        ClientFrame::deserialize(value).map_err(|e| with_context(Refusal::bad_request(e.to_string())))
+        ClientFrame::deserialize(value)
+            .map_err(|e| with_context(Refusal::bad_request(e.to_string())))
     }
 }
 
@@ -316,32 +321,55 @@ mod tests {
         let e = ClientFrame::parse("{not json").expect_err("malformed");
         assert!(e.message.contains("malformed JSON"));
         let e = ClientFrame::parse(r#"{"type":"nope","ref":"r9"}"#).expect_err("unknown type");
-        assert!(e.message.contains("unknown variant `nope`"), "{}", e.message);
+        assert!(
+            e.message.contains("unknown variant `nope`"),
+            "{}",
+            e.message
+        );
         assert_eq!(e.reference, Some(json!("r9")));
-        let e = ClientFrame::parse(r#"{"type":"send","client_msg_id":"c7","to":"bob"}"#).expect_err("missing body");
+        let e = ClientFrame::parse(r#"{"type":"send","client_msg_id":"c7","to":"bob"}"#)
+            .expect_err("missing body");
         assert!(e.message.contains("missing field `body`"), "{}", e.message);
         assert_eq!(e.client_msg_id.as_deref(), Some("c7"));
         let e = ClientFrame::parse(r#"[1,2]"#).expect_err("not an object");
         assert_eq!(e.code, ErrorCode::BadRequest);
-        let e = ClientFrame::parse(r#"{"type":"history","ref":{"a":1},"conversation":"dm:a:b"}"#).expect_err("bad ref");
+        let e = ClientFrame::parse(r#"{"type":"history","ref":{"a":1},"conversation":"dm:a:b"}"#)
+            .expect_err("bad ref");
         assert!(e.message.contains("`ref`"));
     }
 
     #[test]
     fn server_frames_serialize_as_the_contract_says() {
-        let v: Value = serde_json::from_str(&ServerFrame::Pong { reference: None }.to_json()).expect("json");
+        let v: Value =
+            serde_json::from_str(&ServerFrame::Pong { reference: None }.to_json()).expect("json");
         assert_eq!(v, json!({"type":"pong"}));
         let v: Value = serde_json::from_str(
-            &ServerFrame::Presence { user: "a".into(), status: "offline", last_seen: None }.to_json(),
+            &ServerFrame::Presence {
+                user: "a".into(),
+                status: "offline",
+                last_seen: None,
+            }
+            .to_json(),
         )
         .expect("json");
-        assert_eq!(v, json!({"type":"presence","user":"a","status":"offline","last_seen":null}));
+        assert_eq!(
+            v,
+            json!({"type":"presence","user":"a","status":"offline","last_seen":null})
+        );
         let v: Value = serde_json::from_str(
-            &Refusal { code: ErrorCode::RateLimited, message: "slow".into(), reference: None, client_msg_id: Some("c".into()) }
-                .into_frame()
-                .to_json(),
+            &Refusal {
+                code: ErrorCode::RateLimited,
+                message: "slow".into(),
+                reference: None,
+                client_msg_id: Some("c".into()),
+            }
+            .into_frame()
+            .to_json(),
         )
         .expect("json");
-        assert_eq!(v, json!({"type":"error","code":"rate_limited","message":"slow","client_msg_id":"c"}));
+        assert_eq!(
+            v,
+            json!({"type":"error","code":"rate_limited","message":"slow","client_msg_id":"c"})
+        );
     }
 }

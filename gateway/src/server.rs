@@ -61,10 +61,16 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     config.validate().map_err(Error::Config)?;
     let client = TcpListener::bind(config.listen)
         .await
-        .map_err(|source| Error::Bind { addr: config.listen, source })?;
+        .map_err(|source| Error::Bind {
+            addr: config.listen,
+            source,
+        })?;
     let admin = TcpListener::bind(config.admin_listen)
         .await
-        .map_err(|source| Error::Bind { addr: config.admin_listen, source })?;
+        .map_err(|source| Error::Bind {
+            addr: config.admin_listen,
+            source,
+        })?;
     let client_addr = client.local_addr()?;
     let admin_addr = admin.local_addr()?;
 
@@ -118,7 +124,15 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     );
 
     let shutdown = CancellationToken::new();
-    let done = tokio::spawn(run(app, client, admin, deliveries, shutdown.clone(), dispatcher_stop, dispatcher));
+    let done = tokio::spawn(run(
+        app,
+        client,
+        admin,
+        deliveries,
+        shutdown.clone(),
+        dispatcher_stop,
+        dispatcher,
+    ));
     Ok(Running {
         client_addr,
         admin_addr,
@@ -177,7 +191,16 @@ async fn run(
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     delivery = deliveries.recv() => match delivery {
-                        Some(delivery) => app.hub.dispatch(&app.node, delivery),
+                        Some(delivery) => {
+                            let receipt = match &delivery.payload {
+                                presence::Payload::Receipt(r) => Some(r.clone()),
+                                _ => None,
+                            };
+                            let missed = app.hub.dispatch(&app.node, delivery);
+                            if let Some(receipt) = receipt {
+                                keep_receipts(&app, missed, receipt);
+                            }
+                        }
                         None => return,
                     },
                 }
@@ -209,7 +232,8 @@ async fn run(
     let heartbeat_task = tokio::spawn({
         let (app, stop) = (app.clone(), background.clone());
         async move {
-            let every = (app.config.presence_ttl() / 3).clamp(Duration::from_millis(100), Duration::from_secs(30));
+            let every = (app.config.presence_ttl() / 3)
+                .clamp(Duration::from_millis(100), Duration::from_secs(30));
             let mut tick = tokio::time::interval(every);
             loop {
                 tokio::select! {
@@ -242,7 +266,12 @@ async fn run(
                 continue;
             }
         };
-        app.tracker.spawn(serve_http(stream, router.clone(), app.clone(), shutdown.clone()));
+        app.tracker.spawn(serve_http(
+            stream,
+            router.clone(),
+            app.clone(),
+            shutdown.clone(),
+        ));
     }
     drop(client);
 
@@ -259,7 +288,10 @@ async fn run(
         }
     }
     app.tracker.close();
-    if tokio::time::timeout(Duration::from_secs(10), app.tracker.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(10), app.tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("some connections did not finish within 10 s of the drain");
     }
     background.cancel();
@@ -273,6 +305,21 @@ async fn run(
     admin_stop.cancel();
     let _ = admin_server.await;
     tracing::info!("gateway stopped");
+}
+
+/// Keeps a receipt that reached none of a user's connections (they were closing) for the
+/// user's next connect.
+fn keep_receipts(app: &Arc<App>, users: Vec<String>, receipt: storage::Receipt) {
+    for user in users {
+        let app = app.clone();
+        let receipt = receipt.clone();
+        tokio::spawn(async move {
+            use storage::MessageStore;
+            if let Err(e) = app.store.push_receipts(&user, vec![receipt]).await {
+                tracing::warn!(error = %e, %user, "keeping an undelivered receipt failed");
+            }
+        });
+    }
 }
 
 async fn serve_http(stream: TcpStream, router: Router, app: Arc<App>, shutdown: CancellationToken) {
@@ -333,15 +380,25 @@ fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> boo
 }
 
 /// `GET /ws`: authenticate, then upgrade. Every refusal is an HTTP status, never an upgrade.
-async fn upgrade(State(app): State<Arc<App>>, Query(query): Query<WsQuery>, mut request: Request) -> Response {
+async fn upgrade(
+    State(app): State<Arc<App>>,
+    Query(query): Query<WsQuery>,
+    mut request: Request,
+) -> Response {
     if app.is_draining() {
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, "draining: connect to another node");
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining: connect to another node",
+        );
     }
     let headers = request.headers();
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim);
     let token = bearer.or(query.token.as_deref()).unwrap_or("");
     let user = match app.auth.verify(token) {
@@ -361,24 +418,40 @@ async fn upgrade(State(app): State<Arc<App>>, Query(query): Query<WsQuery>, mut 
     if !app.config.allowed_origins.is_empty() {
         if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
             if !app.config.allowed_origins.iter().any(|o| o == origin) {
-                return refuse(StatusCode::FORBIDDEN, format!("origin {origin} is not allowed"));
+                return refuse(
+                    StatusCode::FORBIDDEN,
+                    format!("origin {origin} is not allowed"),
+                );
             }
         }
     }
     let is_upgrade = header_has(headers, header::CONNECTION, "upgrade")
         && header_has(headers, header::UPGRADE, "websocket");
     if !is_upgrade {
-        return refuse(StatusCode::UPGRADE_REQUIRED, "this endpoint speaks WebSocket only");
+        return refuse(
+            StatusCode::UPGRADE_REQUIRED,
+            "this endpoint speaks WebSocket only",
+        );
     }
-    if headers.get(header::SEC_WEBSOCKET_VERSION).and_then(|v| v.to_str().ok()) != Some("13") {
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .and_then(|v| v.to_str().ok())
+        != Some("13")
+    {
         return refuse(StatusCode::BAD_REQUEST, "Sec-WebSocket-Version must be 13");
     }
     let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
         return refuse(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
     };
     let accept = derive_accept_key(key.as_bytes());
-    let Some(on_upgrade) = request.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
-        return refuse(StatusCode::BAD_REQUEST, "this connection cannot be upgraded");
+    let Some(on_upgrade) = request
+        .extensions_mut()
+        .remove::<hyper::upgrade::OnUpgrade>()
+    else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "this connection cannot be upgraded",
+        );
     };
 
     let config = app.ws_config();
@@ -387,7 +460,12 @@ async fn upgrade(State(app): State<Arc<App>>, Query(query): Query<WsQuery>, mut 
         async move {
             match on_upgrade.await {
                 Ok(upgraded) => {
-                    let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+                    let ws = WebSocketStream::from_raw_socket(
+                        TokioIo::new(upgraded),
+                        Role::Server,
+                        Some(config),
+                    )
+                    .await;
                     connection::serve(ws, user, device, app).await;
                 }
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
@@ -414,7 +492,12 @@ async fn dev_token(State(app): State<Arc<App>>, body: Bytes) -> Response {
     }
     let request: TokenRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("expected {{\"user\":\"<id>\"}}: {e}")),
+        Err(e) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format!("expected {{\"user\":\"<id>\"}}: {e}"),
+            )
+        }
     };
     if !storage::is_valid_id(&request.user) {
         return refuse(

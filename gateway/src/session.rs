@@ -62,12 +62,15 @@ fn forbidden(message: impl Into<String>) -> Refusal {
 }
 
 fn parse_id(value: &str, field: &str) -> Result<Uuid, Refusal> {
-    Uuid::try_parse(value).map_err(|_| Refusal::bad_request(format!("`{field}` is not a message id: {value:?}")))
+    Uuid::try_parse(value)
+        .map_err(|_| Refusal::bad_request(format!("`{field}` is not a message id: {value:?}")))
 }
 
 fn check_users(users: &[String], field: &str, max: usize) -> Result<(), Refusal> {
     if users.is_empty() || users.len() > max {
-        return Err(Refusal::bad_request(format!("`{field}` takes 1-{max} user ids")));
+        return Err(Refusal::bad_request(format!(
+            "`{field}` takes 1-{max} user ids"
+        )));
     }
     if let Some(bad) = users.iter().find(|u| !storage::is_valid_id(u)) {
         return Err(Refusal::bad_request(format!(
@@ -97,7 +100,8 @@ impl Session {
     }
 
     pub fn reply(&self, frame: ServerFrame) {
-        self.conn.deliver(Utf8Bytes::from(frame.to_json()), Class::Reliable);
+        self.conn
+            .deliver(Utf8Bytes::from(frame.to_json()), Class::Reliable);
     }
 
     pub fn refuse(&self, refusal: Refusal) {
@@ -127,7 +131,10 @@ impl Session {
         if !matches!(frame, ClientFrame::Send { .. }) && self.frames.check().is_err() {
             let mut refusal = Refusal::new(
                 ErrorCode::RateLimited,
-                format!("more than {} frames/s on this connection", self.app.config.frame_rate_per_sec),
+                format!(
+                    "more than {} frames/s on this connection",
+                    self.app.config.frame_rate_per_sec
+                ),
             );
             refusal.reference = reference;
             return self.refuse(refusal);
@@ -140,7 +147,10 @@ impl Session {
     }
 
     /// Awaits a backend call within the backend timeout.
-    async fn call<T, E: Into<Refusal>>(&self, call: impl Future<Output = Result<T, E>>) -> Result<T, Refusal> {
+    async fn call<T, E: Into<Refusal>>(
+        &self,
+        call: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, Refusal> {
         match tokio::time::timeout(self.app.config.backend_timeout(), call).await {
             Ok(result) => result.map_err(Into::into),
             Err(_) => Err(Refusal::new(
@@ -152,7 +162,9 @@ impl Session {
 
     /// Parses a conversation name and checks that this user belongs to it.
     async fn member_of(&self, name: &str) -> Result<(Conversation, Option<Group>), Refusal> {
-        let conversation: Conversation = name.parse().map_err(|e: storage::model::BadConversation| Refusal::bad_request(e.to_string()))?;
+        let conversation: Conversation = name
+            .parse()
+            .map_err(|e: storage::model::BadConversation| Refusal::bad_request(e.to_string()))?;
         match &conversation {
             Conversation::Direct(..) => {
                 if !conversation.is_party(self.user()) {
@@ -161,7 +173,10 @@ impl Session {
                 Ok((conversation, None))
             }
             Conversation::Group(id) => match self.call(self.app.store.group(*id)).await? {
-                None => Err(Refusal::new(ErrorCode::NotFound, format!("no group {conversation}"))),
+                None => Err(Refusal::new(
+                    ErrorCode::NotFound,
+                    format!("no group {conversation}"),
+                )),
                 Some(group) if !group.members.contains(self.user()) => {
                     Err(forbidden(format!("you are not a member of {conversation}")))
                 }
@@ -180,7 +195,9 @@ impl Session {
             } => self.send(client_msg_id, to, conversation, body).await,
             ClientFrame::Ack { message_ids } => {
                 if message_ids.is_empty() || message_ids.len() > 100 {
-                    return Err(Refusal::bad_request("`message_ids` takes 1-100 message ids"));
+                    return Err(Refusal::bad_request(
+                        "`message_ids` takes 1-100 message ids",
+                    ));
                 }
                 let ids = message_ids
                     .iter()
@@ -275,7 +292,8 @@ impl Session {
                     name,
                     members,
                 };
-                self.call(self.app.store.create_group(group.clone())).await?;
+                self.call(self.app.store.create_group(group.clone()))
+                    .await?;
                 self.reply(group_frame(Some(reference), &group));
                 Ok(())
             }
@@ -283,12 +301,18 @@ impl Session {
                 reference,
                 conversation,
                 members,
-            } => self.change_members(reference, &conversation, members, true).await,
+            } => {
+                self.change_members(reference, &conversation, members, true)
+                    .await
+            }
             ClientFrame::RemoveMembers {
                 reference,
                 conversation,
                 members,
-            } => self.change_members(reference, &conversation, members, false).await,
+            } => {
+                self.change_members(reference, &conversation, members, false)
+                    .await
+            }
             ClientFrame::Ping { reference } => {
                 self.reply(ServerFrame::Pong { reference });
                 Ok(())
@@ -306,7 +330,9 @@ impl Session {
         let started = Instant::now();
         let length = client_msg_id.chars().count();
         if length == 0 || length > 64 {
-            return Err(Refusal::bad_request("`client_msg_id` must be 1-64 characters"));
+            return Err(Refusal::bad_request(
+                "`client_msg_id` must be 1-64 characters",
+            ));
         }
         let max = self.app.config.max_body_bytes;
         if body.len() > max {
@@ -318,7 +344,9 @@ impl Session {
         let conversation = match (to, conversation) {
             (Some(to), None) => {
                 if !storage::is_valid_id(&to) {
-                    return Err(Refusal::bad_request(format!("`to`: {to:?} is not a user id")));
+                    return Err(Refusal::bad_request(format!(
+                        "`to`: {to:?} is not a user id"
+                    )));
                 }
                 Conversation::direct(self.user(), &to)
             }
@@ -342,7 +370,11 @@ impl Session {
 
         let proposed = Uuid::now_v7();
         let id = self
-            .call(self.app.store.claim_send(self.user(), &client_msg_id, proposed))
+            .call(
+                self.app
+                    .store
+                    .claim_send(self.user(), &client_msg_id, proposed),
+            )
             .await?;
         if id != proposed {
             // A retry. If the first attempt is stored, answer as it was answered.
@@ -388,7 +420,12 @@ impl Session {
     async fn typing(&self, name: &str) -> Result<(), Refusal> {
         let (conversation, group) = self.member_of(name).await?;
         let others: Vec<String> = match &group {
-            Some(group) => group.members.iter().filter(|m| *m != self.user()).cloned().collect(),
+            Some(group) => group
+                .members
+                .iter()
+                .filter(|m| *m != self.user())
+                .cloned()
+                .collect(),
             None => conversation
                 .peer_of(self.user())
                 .filter(|peer| *peer != self.user())
@@ -417,7 +454,8 @@ impl Session {
                     user: self.user().to_owned(),
                 },
             };
-            self.call(self.app.presence.publish(&node, delivery)).await?;
+            self.call(self.app.presence.publish(&node, delivery))
+                .await?;
         }
         Ok(())
     }
@@ -431,11 +469,19 @@ impl Session {
     ) -> Result<(), Refusal> {
         let (conversation, _) = self.member_of(name).await?;
         let Some(id) = conversation.group_id() else {
-            return Err(Refusal::bad_request(format!("{conversation} is not a group")));
+            return Err(Refusal::bad_request(format!(
+                "{conversation} is not a group"
+            )));
         };
         check_users(&members, "members", MAX_GROUP_MEMBERS)?;
-        let (adding, removing) = if add { (members, Vec::new()) } else { (Vec::new(), members) };
-        let group = self.call(self.app.store.update_members(id, adding, removing)).await?;
+        let (adding, removing) = if add {
+            (members, Vec::new())
+        } else {
+            (Vec::new(), members)
+        };
+        let group = self
+            .call(self.app.store.update_members(id, adding, removing))
+            .await?;
         self.reply(group_frame(Some(reference), &group));
         Ok(())
     }

@@ -1,0 +1,313 @@
+//! Every row of the protocol's frame tables, over real WebSocket connections.
+
+mod common;
+
+use common::start;
+use serde_json::{json, Value};
+
+fn is_uuid_v7(s: &Value) -> bool {
+    s.as_str()
+        .and_then(|s| uuid::Uuid::try_parse(s).ok())
+        .is_some_and(|u| u.get_version_num() == 7)
+}
+
+#[tokio::test]
+async fn send_answers_sent_and_the_recipient_gets_message() {
+    let gw = start(|_| {}).await;
+    let mut alice = gw.connect("alice").await;
+    let mut bob = gw.connect("bob").await;
+    let sent = alice.send_message("bob", "hello bob", "c-1").await;
+    assert!(is_uuid_v7(&sent["message_id"]), "{sent}");
+    assert_eq!(sent["conversation"], "dm:alice:bob");
+    assert!(sent["ts"].as_i64().is_some_and(|ts| ts > 1_700_000_000_000));
+
+    let message = bob.recv_type("message").await;
+    assert_eq!(
+        message,
+        json!({
+            "type": "message",
+            "message_id": sent["message_id"],
+            "conversation": "dm:alice:bob",
+            "from": "alice",
+            "body": "hello bob",
+            "ts": sent["ts"],
+        })
+    );
+    // Bob answers by naming the conversation instead of the user.
+    bob.send(
+        json!({"type":"send","client_msg_id":"b-1","conversation":"dm:bob:alice","body":"hi"}),
+    )
+    .await;
+    let sent = bob.recv_type("sent").await;
+    assert_eq!(sent["conversation"], "dm:alice:bob", "normalised name");
+    assert_eq!(alice.recv_type("message").await["body"], "hi");
+}
+
+#[tokio::test]
+async fn ack_gives_the_sender_a_delivered_receipt() {
+    let gw = start(|_| {}).await;
+    let mut alice = gw.connect("alice").await;
+    let mut bob = gw.connect("bob").await;
+    let sent = alice.send_message("bob", "m", "c-1").await;
+    let message = bob.recv_type("message").await;
+    bob.send(json!({"type":"ack","message_ids":[message["message_id"]]}))
+        .await;
+    let receipt = alice.recv_type("receipt").await;
+    assert_eq!(receipt["message_id"], sent["message_id"]);
+    assert_eq!(receipt["conversation"], "dm:alice:bob");
+    assert_eq!(receipt["by"], "bob");
+    assert_eq!(receipt["status"], "delivered");
+    assert!(receipt["ts"].as_i64().is_some());
+    // Acking again yields no second receipt: the next frame alice sees is the pong.
+    bob.send(json!({"type":"ack","message_ids":[message["message_id"]]}))
+        .await;
+    bob.barrier().await;
+    assert!(alice.barrier().await.is_empty(), "duplicate receipt");
+}
+
+#[tokio::test]
+async fn read_gives_a_read_receipt_naming_the_message_read() {
+    let gw = start(|_| {}).await;
+    let mut alice = gw.connect("alice").await;
+    let mut bob = gw.connect("bob").await;
+    alice.send_message("bob", "one", "c-1").await;
+    let second = alice.send_message("bob", "two", "c-2").await;
+    bob.recv_type("message").await;
+    bob.recv_type("message").await;
+    bob.send(
+        json!({"type":"read","conversation":"dm:alice:bob","message_id":second["message_id"]}),
+    )
+    .await;
+    let receipt = alice.recv_type("receipt").await;
+    assert_eq!(receipt["status"], "read");
+    assert_eq!(
+        receipt["message_id"], second["message_id"],
+        "covers every earlier message too"
+    );
+    assert_eq!(receipt["by"], "bob");
+
+    // Reading a message that is not in the conversation is refused.
+    bob.send(json!({"type":"read","conversation":"dm:alice:bob","message_id":uuid::Uuid::now_v7().to_string()}))
+        .await;
+    assert_eq!(bob.error().await["code"], "not_found");
+}
+
+#[tokio::test]
+async fn typing_reaches_the_other_members_only() {
+    let gw = start(|_| {}).await;
+    let mut alice = gw.connect("alice").await;
+    let mut bob = gw.connect("bob").await;
+    alice
+        .send(json!({"type":"typing","conversation":"dm:alice:bob"}))
+        .await;
+    assert_eq!(
+        bob.recv().await,
+        json!({"type":"typing","conversation":"dm:alice:bob","user":"alice"})
+    );
+    assert!(
+        alice.barrier().await.is_empty(),
+        "the typist does not see their own typing"
+    );
+    alice
+        .send(json!({"type":"typing","conversation":"dm:bob:carol"}))
+        .await;
+    assert_eq!(alice.error().await["code"], "forbidden");
+}
+
+#[tokio::test]
+async fn history_pages_newest_first_with_before_and_limit() {
+    let gw = start(|_| {}).await;
+    let mut alice = gw.connect("alice").await;
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        ids.push(
+            alice
+                .send_message("bob", &format!("m{i}"), &format!("c-{i}"))
+                .await["message_id"]
+                .clone(),
+        );
+    }
+    alice
+        .send(json!({"type":"history","ref":"h1","conversation":"dm:alice:bob","limit":3}))
+        .await;
+    let page = alice.recv_type("history").await;
+    assert_eq!(page["ref"], "h1");
+    assert_eq!(page["conversation"], "dm:alice:bob");
+    assert_eq!(page["more"], true);
+    let got: Vec<Value> = page["messages"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|m| m["message_id"].clone())
+        .collect();
+    assert_eq!(got, vec![ids[6].clone(), ids[5].clone(), ids[4].clone()]);
+    let first = &page["messages"][0];
+    assert_eq!(
+        (first["from"].as_str(), first["body"].as_str()),
+        (Some("alice"), Some("m6"))
+    );
+    assert!(first["ts"].as_i64().is_some());
+
+    alice.send(json!({"type":"history","ref":2,"conversation":"dm:alice:bob","before":ids[4],"limit":100})).await;
+    let page = alice.recv_type("history").await;
+    assert_eq!(page["ref"], 2);
+    assert_eq!(page["more"], false);
+    assert_eq!(page["messages"].as_array().map(Vec::len), Some(4));
+    assert_eq!(page["messages"][3]["message_id"], ids[0]);
+
+    // The same for the other reader (after the pending messages every connect starts with).
+    let mut bob = gw.connect("bob").await;
+    for id in &ids {
+        assert_eq!(&bob.recv_type("message").await["message_id"], id);
+    }
+    bob.send(json!({"type":"history","ref":"b","conversation":"dm:alice:bob"}))
+        .await;
+    let page = bob.recv_type("history").await;
+    let all: Vec<Value> = page["messages"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|m| m["message_id"].clone())
+        .collect();
+    assert_eq!(all, ids.iter().rev().cloned().collect::<Vec<_>>());
+
+    for bad in [json!(0), json!(101), json!("ten")] {
+        alice
+            .send(json!({"type":"history","ref":"x","conversation":"dm:alice:bob","limit":bad}))
+            .await;
+        let error = alice.error().await;
+        assert_eq!(
+            (error["code"].as_str(), error["ref"].as_str()),
+            (Some("bad_request"), Some("x")),
+            "{bad}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn presence_is_sent_now_and_on_every_change() {
+    let gw = start(|_| {}).await;
+    let mut alice = gw.connect("alice").await;
+    alice
+        .send(json!({"type":"subscribe_presence","users":["bob"]}))
+        .await;
+    assert_eq!(
+        alice.recv().await,
+        json!({"type":"presence","user":"bob","status":"offline","last_seen":null})
+    );
+
+    let phone = gw.connect_device("bob", "phone").await;
+    let online = alice.recv().await;
+    assert_eq!(
+        (online["type"].as_str(), online["status"].as_str()),
+        (Some("presence"), Some("online"))
+    );
+    let laptop = gw.connect_device("bob", "laptop").await;
+    phone.close().await;
+    // Still online on the laptop: no change is announced.
+    assert!(alice.barrier().await.is_empty());
+    laptop.close().await;
+    let offline = alice.recv().await;
+    assert_eq!(offline["status"], "offline");
+    assert!(offline["last_seen"].as_i64().is_some(), "{offline}");
+
+    alice
+        .send(json!({"type":"subscribe_presence","users":[]}))
+        .await;
+    assert_eq!(alice.error().await["code"], "bad_request");
+    let too_many: Vec<String> = (0..501).map(|i| format!("u{i}")).collect();
+    alice
+        .send(json!({"type":"subscribe_presence","users":too_many}))
+        .await;
+    assert_eq!(alice.error().await["code"], "bad_request");
+}
+
+#[tokio::test]
+async fn groups_are_created_changed_and_fan_out() {
+    let gw = start(|_| {}).await;
+    let mut alice = gw.connect("alice").await;
+    let mut bob = gw.connect("bob").await;
+    let mut carol = gw.connect("carol").await;
+    alice
+        .send(json!({"type":"create_group","ref":"g1","name":"Friends","members":["bob"]}))
+        .await;
+    let group = alice.recv_type("group").await;
+    assert_eq!(group["ref"], "g1");
+    assert_eq!(group["name"], "Friends");
+    assert_eq!(group["members"], json!(["alice", "bob"]));
+    let conversation = group["conversation"]
+        .as_str()
+        .expect("conversation")
+        .to_owned();
+    assert!(conversation.starts_with("g:"));
+
+    alice.send_to_group(&conversation, "hi all", "g-1").await;
+    assert_eq!(
+        bob.recv_type("message").await["conversation"],
+        conversation.as_str()
+    );
+    carol.send(json!({"type":"send","client_msg_id":"x","conversation":conversation,"body":"let me in"})).await;
+    let refused = carol.error().await;
+    assert_eq!(
+        (refused["code"].as_str(), refused["client_msg_id"].as_str()),
+        (Some("forbidden"), Some("x"))
+    );
+
+    bob.send(
+        json!({"type":"add_members","ref":"a","conversation":conversation,"members":["carol"]}),
+    )
+    .await;
+    let group = bob.recv_type("group").await;
+    assert_eq!(
+        (group["ref"].as_str(), group["members"].clone()),
+        (Some("a"), json!(["alice", "bob", "carol"]))
+    );
+    alice
+        .send_to_group(&conversation, "welcome carol", "g-2")
+        .await;
+    assert_eq!(carol.recv_type("message").await["body"], "welcome carol");
+    assert_eq!(bob.recv_type("message").await["body"], "welcome carol");
+
+    alice.send(json!({"type":"remove_members","ref":"r","conversation":conversation,"members":["bob"]})).await;
+    assert_eq!(
+        alice.recv_type("group").await["members"],
+        json!(["alice", "carol"])
+    );
+    alice
+        .send_to_group(&conversation, "bob is gone", "g-3")
+        .await;
+    assert_eq!(carol.recv_type("message").await["body"], "bob is gone");
+    assert!(
+        bob.barrier().await.iter().all(|f| f["type"] != "message"),
+        "removed members get nothing"
+    );
+    bob.send(json!({"type":"history","ref":"h","conversation":conversation}))
+        .await;
+    assert_eq!(bob.error().await["code"], "forbidden");
+
+    let unknown = format!("g:{}", uuid::Uuid::now_v7());
+    alice
+        .send(json!({"type":"add_members","ref":"u","conversation":unknown,"members":["bob"]}))
+        .await;
+    assert_eq!(alice.error().await["code"], "not_found");
+    alice.send(json!({"type":"add_members","ref":"d","conversation":"dm:alice:bob","members":["carol"]})).await;
+    assert_eq!(alice.error().await["code"], "bad_request");
+    alice
+        .send(json!({"type":"create_group","ref":"long","name":"x".repeat(101),"members":[]}))
+        .await;
+    let error = alice.error().await;
+    assert_eq!(
+        (error["code"].as_str(), error["ref"].as_str()),
+        (Some("bad_request"), Some("long"))
+    );
+}
+
+#[tokio::test]
+async fn ping_answers_pong_with_its_ref() {
+    let gw = start(|_| {}).await;
+    let mut alice = gw.connect("alice").await;
+    alice.send(json!({"type":"ping","ref":"p-1"})).await;
+    assert_eq!(alice.recv().await, json!({"type":"pong","ref":"p-1"}));
+    alice.send(json!({"type":"ping"})).await;
+    assert_eq!(alice.recv().await, json!({"type":"pong"}));
+}

@@ -1,0 +1,264 @@
+//! The protocol's guarantees 2-8 over real WebSocket connections (1, durability, is in
+//! `durability.rs`; the push event of 7 in `push.rs`).
+
+mod common;
+
+use common::start;
+use serde_json::{json, Value};
+
+fn ids(frames: &[Value]) -> Vec<Value> {
+    frames.iter().map(|f| f["message_id"].clone()).collect()
+}
+
+#[tokio::test]
+async fn g2_resending_a_client_msg_id_answers_the_same_message_once() {
+    let gw = start(|_| {}).await;
+    let mut alice = gw.connect("alice").await;
+    let mut bob = gw.connect("bob").await;
+    let first = alice.send_message("bob", "once", "same-id").await;
+    let again = alice.send_message("bob", "once", "same-id").await;
+    assert_eq!(first, again, "same message_id, conversation and ts");
+    // From another device too.
+    let mut laptop = gw.connect_device("alice", "laptop").await;
+    let third = laptop.send_message("bob", "once", "same-id").await;
+    assert_eq!(first["message_id"], third["message_id"]);
+
+    assert_eq!(
+        bob.recv_type("message").await["message_id"],
+        first["message_id"]
+    );
+    let rest = bob.barrier().await;
+    assert!(
+        rest.iter().all(|f| f["type"] != "message"),
+        "a second message was created: {rest:?}"
+    );
+    bob.send(json!({"type":"history","ref":"h","conversation":"dm:alice:bob"}))
+        .await;
+    assert_eq!(
+        bob.recv_type("history").await["messages"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+}
+
+#[tokio::test]
+async fn g3_pending_messages_come_oldest_first_then_live_and_stay_until_acked() {
+    let gw = start(|_| {}).await;
+    let mut alice = gw.connect("alice").await;
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        sent.push(
+            alice
+                .send_message("bob", &format!("while away {i}"), &format!("c-{i}"))
+                .await,
+        );
+    }
+    let mut bob = gw.connect("bob").await;
+    let live = alice.send_message("bob", "live", "c-live").await;
+    let mut got = Vec::new();
+    for _ in 0..6 {
+        got.push(bob.recv_type("message").await);
+    }
+    let mut expected = ids(&sent);
+    expected.push(live["message_id"].clone());
+    assert_eq!(ids(&got), expected, "pending oldest first, then live");
+
+    // Not acked: all six come again on reconnect. Then ack three of them.
+    bob.close().await;
+    let mut bob = gw.connect("bob").await;
+    let mut again = Vec::new();
+    for _ in 0..6 {
+        again.push(bob.recv_type("message").await);
+    }
+    assert_eq!(ids(&again), expected);
+    bob.send(json!({"type":"ack","message_ids":[expected[0], expected[1], expected[5]]}))
+        .await;
+    bob.barrier().await;
+    bob.close().await;
+
+    // Only the unacked three come back, and a new live message after them.
+    let mut bob = gw.connect("bob").await;
+    let marker = alice.send_message("bob", "marker", "c-marker").await;
+    let mut third = Vec::new();
+    for _ in 0..4 {
+        third.push(bob.recv_type("message").await);
+    }
+    assert_eq!(
+        ids(&third),
+        vec![
+            expected[2].clone(),
+            expected[3].clone(),
+            expected[4].clone(),
+            marker["message_id"].clone()
+        ]
+    );
+}
+
+#[tokio::test]
+async fn g4_one_senders_messages_arrive_in_order_and_history_is_the_same_for_all() {
+    let gw = start(|c| {
+        c.rate_per_sec = 1000;
+        c.rate_burst = 1000;
+    })
+    .await;
+    let mut alice = gw.connect("alice").await;
+    let mut bob = gw.connect("bob").await;
+    // Pipelined: all sends go out before any answer is read.
+    for i in 0..100 {
+        alice.send(json!({"type":"send","client_msg_id":format!("c-{i}"),"to":"bob","body":format!("{i}")})).await;
+    }
+    let mut sent = Vec::new();
+    for _ in 0..100 {
+        sent.push(alice.recv_type("sent").await);
+    }
+    let bodies: Vec<String> = sent
+        .iter()
+        .map(|s| s["client_msg_id"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(
+        bodies,
+        (0..100).map(|i| format!("c-{i}")).collect::<Vec<_>>()
+    );
+    let mut received = Vec::new();
+    for _ in 0..100 {
+        received.push(bob.recv_type("message").await);
+    }
+    let order: Vec<String> = received
+        .iter()
+        .map(|m| m["body"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(order, (0..100).map(|i| i.to_string()).collect::<Vec<_>>());
+    assert_eq!(ids(&received), ids(&sent));
+
+    let mut pages = Vec::new();
+    for client in [&mut alice, &mut bob] {
+        client
+            .send(json!({"type":"history","ref":"h","conversation":"dm:alice:bob","limit":100}))
+            .await;
+        pages.push(client.recv_type("history").await["messages"].clone());
+    }
+    assert_eq!(pages[0], pages[1]);
+    let newest_first: Vec<Value> = ids(&sent).into_iter().rev().collect();
+    assert_eq!(ids(pages[0].as_array().expect("array")), newest_first);
+}
+
+#[tokio::test]
+async fn g5_users_reach_only_their_own_conversations() {
+    let gw = start(|_| {}).await;
+    let mut alice = gw.connect("alice").await;
+    let mut mallory = gw.connect("mallory").await;
+    let sent = alice.send_message("bob", "private", "c-1").await;
+    let cases = [
+        json!({"type":"history","ref":"h","conversation":"dm:alice:bob"}),
+        json!({"type":"read","conversation":"dm:alice:bob","message_id":sent["message_id"]}),
+        json!({"type":"typing","conversation":"dm:alice:bob"}),
+        json!({"type":"send","client_msg_id":"m","conversation":"dm:alice:bob","body":"spoof"}),
+    ];
+    for frame in cases {
+        mallory.send(frame.clone()).await;
+        assert_eq!(mallory.error().await["code"], "forbidden", "{frame}");
+    }
+    // Acking someone else's message changes nothing and tells nobody.
+    mallory
+        .send(json!({"type":"ack","message_ids":[sent["message_id"]]}))
+        .await;
+    mallory.barrier().await;
+    assert!(
+        alice.barrier().await.is_empty(),
+        "a receipt for a non-recipient"
+    );
+    let mut bob = gw.connect("bob").await;
+    assert_eq!(
+        bob.recv_type("message").await["message_id"],
+        sent["message_id"],
+        "still pending for bob"
+    );
+}
+
+#[tokio::test]
+async fn g6_group_receipts_come_per_member_and_offline_senders_get_them_later() {
+    let gw = start(|_| {}).await;
+    let mut alice = gw.connect("alice").await;
+    let mut bob = gw.connect("bob").await;
+    let mut carol = gw.connect("carol").await;
+    alice
+        .send(json!({"type":"create_group","ref":"g","name":"team","members":["bob","carol"]}))
+        .await;
+    let conversation = alice.recv_type("group").await["conversation"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let sent = alice
+        .send_to_group(&conversation, "hello team", "g-1")
+        .await;
+    alice.close().await;
+
+    for member in [&mut bob, &mut carol] {
+        let message = member.recv_type("message").await;
+        member
+            .send(json!({"type":"ack","message_ids":[message["message_id"]]}))
+            .await;
+        member.send(json!({"type":"read","conversation":conversation,"message_id":message["message_id"]})).await;
+        member.barrier().await;
+    }
+    // Neither member sees receipts for alice's message.
+    assert!(bob.barrier().await.iter().all(|f| f["type"] != "receipt"));
+
+    let mut alice = gw.connect("alice").await;
+    let mut receipts = Vec::new();
+    for _ in 0..4 {
+        let r = alice.recv_type("receipt").await;
+        assert_eq!(r["message_id"], sent["message_id"]);
+        assert_eq!(r["conversation"], conversation.as_str());
+        receipts.push((
+            r["by"].as_str().unwrap_or("").to_owned(),
+            r["status"].as_str().unwrap_or("").to_owned(),
+        ));
+    }
+    receipts.sort();
+    let expected: Vec<(String, String)> = [
+        ("bob", "delivered"),
+        ("bob", "read"),
+        ("carol", "delivered"),
+        ("carol", "read"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(receipts, expected);
+
+    // Delivered once: kept receipts are not replayed on the next connect.
+    alice.close().await;
+    let mut alice = gw.connect("alice").await;
+    assert!(alice.barrier().await.iter().all(|f| f["type"] != "receipt"));
+}
+
+#[tokio::test]
+async fn g8_the_senders_other_devices_see_the_message_too() {
+    let gw = start(|_| {}).await;
+    let mut phone = gw.connect_device("alice", "phone").await;
+    let mut laptop = gw.connect_device("alice", "laptop").await;
+    let mut bob = gw.connect("bob").await;
+    let sent = phone.send_message("bob", "from my phone", "c-1").await;
+    let echo = laptop.recv_type("message").await;
+    assert_eq!(echo["message_id"], sent["message_id"]);
+    assert_eq!(
+        (echo["from"].as_str(), echo["body"].as_str()),
+        (Some("alice"), Some("from my phone"))
+    );
+    let first = bob.recv_type("message").await;
+    bob.send(json!({"type":"ack","message_ids":[first["message_id"]]}))
+        .await;
+    bob.barrier().await;
+    // The sending device gets `sent`, not its own message back.
+    assert!(phone.barrier().await.iter().all(|f| f["type"] != "message"));
+
+    // Both of bob's devices get messages to bob; one device's ack is enough.
+    let mut bob_tablet = gw.connect_device("bob", "tablet").await;
+    let second = phone.send_message("bob", "to every device", "c-2").await;
+    let on_phone = bob.recv_type("message").await;
+    let on_tablet = bob_tablet.recv_type("message").await;
+    assert_eq!(on_phone["message_id"], second["message_id"]);
+    assert_eq!(on_tablet["message_id"], second["message_id"]);
+}
