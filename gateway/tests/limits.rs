@@ -1,0 +1,259 @@
+//! "Limits and bad input": every line of that part of the protocol, over real WebSockets.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{start, Ended};
+use futures_util::SinkExt;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn a_frame_over_the_limit_closes_with_1009() {
+    let gw = start(|_| {}).await;
+    let mut alice = gw.connect("alice").await;
+    let huge = format!(
+        r#"{{"type":"ping","ref":"{}"}}"#,
+        "x".repeat(128 * 1024 + 1)
+    );
+    alice.ws.send(Message::text(huge)).await.expect("send");
+    let ended = alice.ended().await;
+    assert_eq!(ended.code(), Some(1009), "{ended:?}");
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_too_large_and_nothing_is_sent() {
+    let gw = start(|_| {}).await;
+    let mut alice = gw.connect("alice").await;
+    alice
+        .send(json!({"type":"send","client_msg_id":"big","to":"bob","body":"x".repeat(64 * 1024 + 1)}))
+        .await;
+    let error = alice.error().await;
+    assert_eq!(error["code"], "too_large");
+    assert_eq!(error["client_msg_id"], "big");
+    // Exactly at the limit is fine, and the connection is still open.
+    alice
+        .send_message("bob", &"y".repeat(64 * 1024), "at-limit")
+        .await;
+    let mut bob = gw.connect("bob").await;
+    let message = bob.recv_type("message").await;
+    assert_eq!(message["body"].as_str().map(str::len), Some(64 * 1024));
+    assert!(
+        bob.barrier().await.is_empty(),
+        "the refused message was not stored"
+    );
+}
+
+#[tokio::test]
+async fn bad_frames_get_bad_request_and_the_connection_stays_open() {
+    let gw = start(|_| {}).await;
+    let mut alice = gw.connect("alice").await;
+    let cases: Vec<(&str, Option<(&str, &str)>)> = vec![
+        ("{oops", None),
+        ("[]", None),
+        (r#""send""#, None),
+        (r#"{"no_type":1}"#, None),
+        (
+            r#"{"type":"launch_rockets","ref":"r1"}"#,
+            Some(("ref", "r1")),
+        ),
+        (
+            r#"{"type":"send","client_msg_id":"c1","to":"bob"}"#,
+            Some(("client_msg_id", "c1")),
+        ),
+        (
+            r#"{"type":"send","client_msg_id":"c2","body":"no recipient"}"#,
+            Some(("client_msg_id", "c2")),
+        ),
+        (
+            r#"{"type":"send","client_msg_id":"c3","to":"bob","conversation":"dm:alice:bob","body":"both"}"#,
+            Some(("client_msg_id", "c3")),
+        ),
+        (
+            r#"{"type":"send","client_msg_id":"c4","to":"not a user","body":"x"}"#,
+            Some(("client_msg_id", "c4")),
+        ),
+        (
+            r#"{"type":"send","client_msg_id":"","to":"bob","body":"x"}"#,
+            None,
+        ),
+        (
+            r#"{"type":"send","client_msg_id":"c5","to":"bob","body":42}"#,
+            Some(("client_msg_id", "c5")),
+        ),
+        (
+            r#"{"type":"send","client_msg_id":"c6","conversation":"chan:1","body":"x"}"#,
+            Some(("client_msg_id", "c6")),
+        ),
+        (r#"{"type":"ack","message_ids":[]}"#, None),
+        (r#"{"type":"ack","message_ids":["not-a-uuid"]}"#, None),
+        (
+            r#"{"type":"history","ref":"h","conversation":"dm:alice:bob","before":"nope"}"#,
+            Some(("ref", "h")),
+        ),
+        (r#"{"type":"history","conversation":"dm:alice:bob"}"#, None),
+        (
+            r#"{"type":"create_group","ref":"g","name":"","members":[]}"#,
+            Some(("ref", "g")),
+        ),
+        (
+            r#"{"type":"create_group","ref":"g2","name":"n","members":["bad id"]}"#,
+            Some(("ref", "g2")),
+        ),
+    ];
+    for (text, context) in cases {
+        alice.send_text(text).await;
+        let error = alice.error().await;
+        assert_eq!(error["code"], "bad_request", "{text} -> {error}");
+        assert!(
+            !error["message"].as_str().unwrap_or("").is_empty(),
+            "{text}: the message names the problem"
+        );
+        if let Some((field, value)) = context {
+            assert_eq!(error[field], value, "{text} -> {error}");
+        }
+    }
+    let too_many: Vec<String> = (0..101).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    alice
+        .send(json!({"type":"ack","message_ids":too_many}))
+        .await;
+    assert_eq!(alice.error().await["code"], "bad_request");
+
+    alice
+        .ws
+        .send(Message::binary(vec![1u8, 2, 3]))
+        .await
+        .expect("binary");
+    assert_eq!(alice.error().await["code"], "bad_request");
+    // Still open, and a good send still works.
+    alice
+        .send_message("bob", "still here", "after-errors")
+        .await;
+}
+
+#[tokio::test]
+async fn sending_too_fast_is_refused_per_message_and_nothing_is_dropped() {
+    let gw = start(|c| {
+        c.rate_per_sec = 5;
+        c.rate_burst = 5;
+    })
+    .await;
+    let mut alice = gw.connect("alice").await;
+    let mut bob = gw.connect("bob").await;
+    for i in 0..30 {
+        alice.send(json!({"type":"send","client_msg_id":format!("c-{i}"),"to":"bob","body":format!("{i}")})).await;
+    }
+    let mut sent = BTreeSet::new();
+    let mut limited = BTreeSet::new();
+    while sent.len() + limited.len() < 30 {
+        let frame = alice.recv().await;
+        let id = frame["client_msg_id"].as_str().unwrap_or("").to_owned();
+        match frame["type"].as_str() {
+            Some("sent") => assert!(sent.insert(id)),
+            Some("error") => {
+                assert_eq!(frame["code"], "rate_limited", "{frame}");
+                assert!(limited.insert(id));
+            }
+            _ => panic!("unexpected {frame}"),
+        }
+    }
+    assert!(sent.len() >= 5, "the burst passes");
+    assert!(
+        limited.len() >= 10,
+        "the rest is refused: {} refused",
+        limited.len()
+    );
+    let mut delivered = BTreeSet::new();
+    for _ in 0..sent.len() {
+        let m = bob.recv_type("message").await;
+        delivered.insert(format!("c-{}", m["body"].as_str().unwrap_or("")));
+    }
+    assert_eq!(delivered, sent, "every accepted message was delivered");
+    assert!(bob.barrier().await.is_empty(), "and no refused one");
+}
+
+#[tokio::test]
+async fn a_client_that_cannot_keep_up_is_closed_with_1008_and_gets_everything_on_reconnect() {
+    let gw = start(|c| {
+        c.outbound_queue = 8;
+        c.rate_per_sec = 10_000;
+        c.rate_burst = 10_000;
+    })
+    .await;
+    let mut alice = gw.connect("alice").await;
+    let mut bob = gw.connect("bob").await;
+    // Bob does not read while alice sends far more than socket buffers and his queue hold.
+    let body = "z".repeat(60 * 1024);
+    let mut ids = BTreeSet::new();
+    for i in 0..300 {
+        let sent = alice.send_message("bob", &body, &format!("c-{i}")).await;
+        ids.insert(sent["message_id"].as_str().unwrap_or("").to_owned());
+    }
+    let ended = bob.ended().await;
+    assert_eq!(ended.code(), Some(1008), "{ended:?}");
+
+    let mut bob = gw.connect("bob").await;
+    let mut got = BTreeSet::new();
+    while got.len() < ids.len() {
+        let m = bob.recv_type("message").await;
+        got.insert(m["message_id"].as_str().unwrap_or("").to_owned());
+        bob.send(json!({"type":"ack","message_ids":[m["message_id"]]}))
+            .await;
+    }
+    assert_eq!(got, ids, "nothing was lost");
+}
+
+#[tokio::test]
+async fn no_pong_within_two_heartbeats_closes_the_connection() {
+    let gw = start(|c| c.heartbeat_secs = 1).await;
+    let mut silent = gw.connect("silent").await;
+    let mut lively = gw.connect("lively").await;
+    assert_eq!(silent.welcome["heartbeat_s"], 1);
+    // `lively` keeps reading (its client answers pings); `silent` does not read, so it
+    // never answers the server's pings.
+    let reader = tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(3500);
+        while tokio::time::Instant::now() < deadline {
+            lively.barrier().await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        lively
+    });
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let ended = silent.ended().await;
+    assert!(
+        matches!(ended, Ended::Closed(_) | Ended::Dropped(_)),
+        "{ended:?}"
+    );
+    let mut lively = reader.await.expect("reader");
+    lively
+        .send_message("silent", "you were dropped", "c-1")
+        .await;
+}
+
+#[tokio::test]
+async fn a_draining_gateway_closes_with_1012_and_nothing_is_lost() {
+    let gw = start(|_| {}).await;
+    let mut alice = gw.connect("alice").await;
+    let mut bob = gw.connect("bob").await;
+    let sent = alice.send_message("bob", "before the deploy", "c-1").await;
+    let addr = gw.client_addr;
+    let stopping = tokio::spawn(gw.stop());
+    for client in [&mut alice, &mut bob] {
+        let ended = client.ended().await;
+        assert_eq!(ended.code(), Some(1012), "{ended:?}");
+    }
+    let dir = stopping.await.expect("stopped");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no longer accepting"
+    );
+
+    // "Another node": a gateway on the same data.
+    let gw = common::start_in(dir, |_| {}).await;
+    let mut bob = gw.connect("bob").await;
+    let message: Value = bob.recv_type("message").await;
+    assert_eq!(message["message_id"], sent["message_id"]);
+}
