@@ -1,0 +1,527 @@
+use std::io::IsTerminal;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use loadtest::bench::{self, BenchConfig};
+use loadtest::client::Tokens;
+use loadtest::ledger::Ledger;
+use loadtest::report::Report;
+use loadtest::scenario::{self, Fleet, Options, StartGate, Workload};
+use loadtest::stats::Stats;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio_util::sync::CancellationToken;
+
+/// Load generator for the chat gateway: measures speed and proves that nothing was lost,
+/// duplicated or reordered. Exits 2 when anything accepted was lost or reordered.
+#[derive(Parser, Debug)]
+#[command(name = "loadtest", version, args_override_self = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Hold N authenticated connections; report the server's RSS per connection.
+    Idle {
+        #[command(flatten)]
+        common: Common,
+        /// Seconds to hold the connections.
+        #[arg(long, default_value_t = 5.0)]
+        hold_secs: f64,
+    },
+    /// Users send to random other users at an open-loop total rate.
+    Direct {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        traffic: Traffic,
+    },
+    /// Users send to their group (fan-out to groups of --group-size).
+    Group {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        traffic: Traffic,
+        #[arg(long, default_value_t = 10)]
+        group_size: u32,
+    },
+    /// Direct traffic while a fraction of users drops and reconnects; their pending
+    /// messages must arrive.
+    Reconnect {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        traffic: Traffic,
+        /// Fraction of users dropped each time.
+        #[arg(long, default_value_t = 0.1)]
+        fraction: f64,
+        /// Seconds between drops.
+        #[arg(long, default_value_t = 3.0)]
+        every_secs: f64,
+        /// How long a dropped user stays away, ms.
+        #[arg(long, default_value_t = 1000)]
+        offline_ms: u64,
+    },
+    /// Open new connections at a rate; report connect latency and failures.
+    Ramp {
+        #[command(flatten)]
+        common: Common,
+        /// New connections per second.
+        #[arg(long, default_value_t = 500.0)]
+        per_second: f64,
+        /// Seconds to hold them once all are open.
+        #[arg(long, default_value_t = 2.0)]
+        hold_secs: f64,
+    },
+    /// A minimal in-memory WebSocket relay speaking the same frames: the ceiling.
+    Relay {
+        #[arg(long, env = "RELAY_LISTEN", default_value = "127.0.0.1:8090")]
+        listen: SocketAddr,
+        /// Drop every n-th delivery (for testing the checker).
+        #[arg(long, default_value_t = 0)]
+        drop_every: u64,
+        /// Deliver every n-th message twice.
+        #[arg(long, default_value_t = 0)]
+        duplicate_every: u64,
+        /// Deliver every n-th message after the next one.
+        #[arg(long, default_value_t = 0)]
+        reorder_every: u64,
+    },
+    /// Embedded gateway against the relay, interleaved: max rates, ratio, memory, p99.
+    Bench {
+        /// Where to write the results.
+        #[arg(long)]
+        json: PathBuf,
+        /// The gateway binary (default: next to this one).
+        #[arg(long)]
+        gateway_bin: Option<PathBuf>,
+        #[arg(long, default_value_t = 200)]
+        users: u32,
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Seconds per rate step.
+        #[arg(long, default_value_t = 3.0)]
+        step_secs: f64,
+        /// The rates tried, in order, until one fails (then bisected).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "500,1000,2000,4000,8000,16000,32000,64000"
+        )]
+        ladder: Vec<f64>,
+        #[arg(long, default_value_t = 50.0)]
+        max_p99_ms: f64,
+        #[arg(long, default_value_t = 2000)]
+        idle_conns: u32,
+        #[arg(long, default_value_t = 100)]
+        body_bytes: usize,
+        #[arg(long)]
+        quiet: bool,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+struct Common {
+    /// Gateway WebSocket URL(s); users are spread over them.
+    #[arg(
+        long = "url",
+        env = "LOADTEST_URL",
+        value_delimiter = ',',
+        default_value = "ws://127.0.0.1:8080/ws"
+    )]
+    urls: Vec<String>,
+    /// Mint tokens with this HS256 secret; without it, tokens come from /dev/token.
+    #[arg(long, env = "LOADTEST_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// Users (one connection each).
+    #[arg(long, default_value_t = 100)]
+    users: u32,
+    /// Connect from 127.0.0.1 … 127.0.0.N (each source has ~28k ports). 0: let the OS pick.
+    #[arg(long, default_value_t = 0)]
+    source_ips: u8,
+    /// Processes to spread users over (one process can hold ~19,000 connections here).
+    /// Default: as many as the users need.
+    #[arg(long)]
+    processes: Option<u32>,
+    /// Connections opened at once.
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+    /// User ids are <prefix><n>; default: a fresh random prefix per run.
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write an SVG plot of throughput and latency over time here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// The server's pid, to report its RSS per connection (from /proc).
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+    #[arg(long, hide = true)]
+    first_user: Option<u32>,
+    #[arg(long, hide = true)]
+    local_users: Option<u32>,
+    #[arg(long, hide = true)]
+    child_report: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+struct Traffic {
+    /// Total msgs/s; several comma-separated rates run as consecutive steps.
+    #[arg(long, value_delimiter = ',', default_value = "100")]
+    rate: Vec<f64>,
+    /// Seconds per rate step.
+    #[arg(long, default_value_t = 10.0)]
+    step_secs: f64,
+    /// Bytes per message body.
+    #[arg(long, default_value_t = 100)]
+    body_bytes: usize,
+    /// Seconds to wait for outstanding deliveries after the last send.
+    #[arg(long, default_value_t = 10.0)]
+    drain_secs: f64,
+}
+
+/// What a child process hands back to its parent.
+#[derive(Serialize, Deserialize)]
+struct ChildReport {
+    stats: Stats,
+    ledger: Ledger,
+    send_secs: f64,
+}
+
+/// Connections one process opens at most (the open-file limit here is 20,000).
+const PER_PROCESS: u32 = 18_000;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Relay {
+            listen,
+            drop_every,
+            duplicate_every,
+            reorder_every,
+        } => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            println!("relay listening on ws://{}/ws", listener.local_addr()?);
+            let stop = CancellationToken::new();
+            let faults = loadtest::relay::Faults {
+                drop_every,
+                duplicate_every,
+                reorder_every,
+            };
+            let serving = tokio::spawn(loadtest::relay::serve(listener, faults, stop.clone()));
+            let _ = tokio::signal::ctrl_c().await;
+            stop.cancel();
+            let _ = serving.await;
+            0
+        }
+        Command::Bench {
+            json,
+            gateway_bin,
+            users,
+            rounds,
+            step_secs,
+            ladder,
+            max_p99_ms,
+            idle_conns,
+            body_bytes,
+            quiet,
+        } => {
+            let config = BenchConfig {
+                gateway_bin: gateway_bin.unwrap_or_else(bench::default_gateway_bin),
+                users,
+                rounds,
+                step: Duration::from_secs_f64(step_secs),
+                ladder,
+                max_p99_ms,
+                idle_conns,
+                body_bytes,
+                progress: !quiet,
+            };
+            let command_line = std::env::args().collect::<Vec<_>>().join(" ");
+            let result = bench::run(&config, &command_line).await?;
+            std::fs::write(&json, serde_json::to_string_pretty(&result)?)
+                .with_context(|| format!("writing {}", json.display()))?;
+            print!("{}", bench::summary(&result));
+            if result["lost"].as_u64().unwrap_or(0) > 0
+                || result["reordered"].as_u64().unwrap_or(0) > 0
+            {
+                2
+            } else {
+                0
+            }
+        }
+        Command::Idle { common, hold_secs } => {
+            drive(
+                common,
+                Workload::Idle {
+                    hold: Duration::from_secs_f64(hold_secs),
+                },
+                None,
+            )
+            .await?
+        }
+        Command::Ramp {
+            common,
+            per_second,
+            hold_secs,
+        } => {
+            drive(
+                common,
+                Workload::Ramp {
+                    per_second,
+                    hold: Duration::from_secs_f64(hold_secs),
+                },
+                None,
+            )
+            .await?
+        }
+        Command::Direct { common, traffic } => {
+            let workload = Workload::Direct {
+                rates: traffic.rate.clone(),
+                step: Duration::from_secs_f64(traffic.step_secs),
+            };
+            drive(common, workload, Some(traffic)).await?
+        }
+        Command::Group {
+            common,
+            traffic,
+            group_size,
+        } => {
+            let workload = Workload::Group {
+                size: group_size,
+                rates: traffic.rate.clone(),
+                step: Duration::from_secs_f64(traffic.step_secs),
+            };
+            drive(common, workload, Some(traffic)).await?
+        }
+        Command::Reconnect {
+            common,
+            traffic,
+            fraction,
+            every_secs,
+            offline_ms,
+        } => {
+            let workload = Workload::Reconnect {
+                rates: traffic.rate.clone(),
+                step: Duration::from_secs_f64(traffic.step_secs),
+                fraction,
+                every: Duration::from_secs_f64(every_secs),
+                offline: Duration::from_millis(offline_ms),
+            };
+            drive(common, workload, Some(traffic)).await?
+        }
+    };
+    std::process::exit(code);
+}
+
+/// Runs a workload here, or over child processes when one process cannot hold the users.
+async fn drive(
+    common: Common,
+    workload: Workload,
+    traffic: Option<Traffic>,
+) -> anyhow::Result<i32> {
+    if common.urls.is_empty() {
+        bail!("give at least one --url");
+    }
+    let tokens = match &common.jwt_secret {
+        Some(secret) => Tokens::Secret(secret.clone()),
+        None => Tokens::Dev,
+    };
+    let prefix = common
+        .prefix
+        .clone()
+        .unwrap_or_else(|| format!("lt{:06x}-", rand::random::<u32>() & 0xff_ffff));
+    let source_ips = (1..=common.source_ips)
+        .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i)))
+        .collect();
+    let traffic = traffic.unwrap_or(Traffic {
+        rate: vec![],
+        step_secs: 0.0,
+        body_bytes: 100,
+        drain_secs: 0.0,
+    });
+    let is_child = common.child_report.is_some();
+    let processes = common
+        .processes
+        .unwrap_or_else(|| common.users.div_ceil(PER_PROCESS))
+        .max(1);
+    let options = Options {
+        body_bytes: traffic.body_bytes,
+        drain: Duration::from_secs_f64(traffic.drain_secs),
+        partial: is_child || processes > 1,
+        progress: !common.quiet && !is_child && std::io::stderr().is_terminal(),
+    };
+    let fleet = Fleet {
+        urls: common.urls.clone(),
+        tokens,
+        users: common.users,
+        first_user: common.first_user.unwrap_or(0),
+        local_users: common.local_users.unwrap_or(common.users),
+        prefix: prefix.clone(),
+        source_ips,
+        concurrency: common.concurrency,
+    };
+
+    if let Some(path) = &common.child_report {
+        // A child: connect, say so, wait for the parent's go, run, hand back the ledger.
+        let gate = StartGate(Box::new(|| {
+            Box::pin(async {
+                println!("READY");
+                let mut line = String::new();
+                let _ = BufReader::new(tokio::io::stdin())
+                    .read_line(&mut line)
+                    .await;
+            })
+        }));
+        let outcome = scenario::run(&fleet, &workload, &options, Some(gate)).await?;
+        let report = ChildReport {
+            stats: outcome.stats,
+            ledger: outcome.ledger,
+            send_secs: outcome.send_secs,
+        };
+        std::fs::write(path, serde_json::to_vec(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        return Ok(0);
+    }
+
+    let rss_before = common.server_pid.map(bench::rss_kib).transpose()?;
+    let rss_after = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let (stats, ledger, send_secs) = if processes == 1 {
+        let gate = common.server_pid.map(|pid| {
+            let rss_after = rss_after.clone();
+            StartGate(Box::new(move || {
+                Box::pin(async move {
+                    *rss_after.lock().unwrap_or_else(|e| e.into_inner()) = bench::rss_kib(pid).ok();
+                })
+            }))
+        });
+        let outcome = scenario::run(&fleet, &workload, &options, gate).await?;
+        (outcome.stats, outcome.ledger, outcome.send_secs)
+    } else {
+        let (stats, ledger, secs, rss) =
+            fan_out(&common, &prefix, processes, common.server_pid).await?;
+        *rss_after.lock().unwrap_or_else(|e| e.into_inner()) = rss;
+        (stats, ledger, secs)
+    };
+
+    let verdict = ledger.verdict();
+    let mut report = Report::new(
+        workload.name(),
+        common.urls.clone(),
+        common.users,
+        processes,
+        &stats,
+        verdict,
+        send_secs,
+    );
+    let after = *rss_after.lock().unwrap_or_else(|e| e.into_inner());
+    if let (Some(before), Some(after)) = (rss_before, after) {
+        report.server_rss_kib_per_conn =
+            Some(after.saturating_sub(before) as f64 / stats.connected.max(1) as f64);
+    }
+    print!("{}", report.table());
+    if let Some(path) = &common.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &common.plot {
+        report
+            .plot(path)
+            .with_context(|| format!("writing the plot {}", path.display()))?;
+    }
+    Ok(if verdict.clean() { 0 } else { 2 })
+}
+
+/// Runs the same command in `processes` children, each with a share of the users, starts
+/// them together, and merges what they measured.
+async fn fan_out(
+    common: &Common,
+    prefix: &str,
+    processes: u32,
+    server_pid: Option<u32>,
+) -> anyhow::Result<(Stats, Ledger, f64, Option<u64>)> {
+    let exe = std::env::current_exe()?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let dir = std::env::temp_dir().join(format!("loadtest-{}", rand::random::<u32>()));
+    std::fs::create_dir_all(&dir)?;
+    let share = common.users.div_ceil(processes);
+    let mut children = Vec::new();
+    for p in 0..processes {
+        let first = p * share;
+        let count = share.min(common.users.saturating_sub(first));
+        if count == 0 {
+            break;
+        }
+        let report = dir.join(format!("child-{p}.json"));
+        let mut child = tokio::process::Command::new(&exe)
+            .args(&args)
+            .args([
+                "--prefix",
+                prefix,
+                "--first-user",
+                &first.to_string(),
+                "--local-users",
+                &count.to_string(),
+                "--quiet",
+            ])
+            .arg("--child-report")
+            .arg(&report)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting a child loadtest process")?;
+        let stdout = child.stdout.take().context("child stdout")?;
+        children.push((child, BufReader::new(stdout).lines(), report));
+    }
+    for (_, lines, _) in children.iter_mut() {
+        loop {
+            match lines.next_line().await? {
+                Some(line) if line.trim() == "READY" => break,
+                Some(_) => continue,
+                None => bail!("a child process exited before it was ready"),
+            }
+        }
+    }
+    let rss = server_pid.and_then(|pid| bench::rss_kib(pid).ok());
+    for (child, _, _) in children.iter_mut() {
+        if let Some(stdin) = child.stdin.as_mut() {
+            stdin.write_all(b"GO\n").await?;
+        }
+    }
+    let mut stats = Stats::default();
+    let mut ledger = Ledger::default();
+    let mut secs: f64 = 0.0;
+    for (mut child, _, report) in children {
+        let status = child.wait().await?;
+        if !status.success() {
+            bail!("a child process failed: {status}");
+        }
+        let part: ChildReport = serde_json::from_slice(&std::fs::read(&report)?)?;
+        stats.merge(part.stats);
+        ledger.merge(part.ledger);
+        secs = secs.max(part.send_secs);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok((stats, ledger, secs, rss))
+}

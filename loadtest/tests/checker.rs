@@ -1,0 +1,228 @@
+//! The load generator's correctness checker is itself tested: a relay that drops,
+//! duplicates or reorders on purpose must be caught, a faithful one must pass, and a short
+//! run against the embedded gateway must lose nothing.
+
+use std::time::Duration;
+
+use loadtest::client::Tokens;
+use loadtest::ledger::Verdict;
+use loadtest::relay::{self, Faults};
+use loadtest::scenario::{self, Fleet, Options, Workload};
+use tokio_util::sync::CancellationToken;
+
+async fn start_relay(faults: Faults) -> (String, CancellationToken) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("ws://{}/ws", listener.local_addr().expect("addr"));
+    let stop = CancellationToken::new();
+    tokio::spawn(relay::serve(listener, faults, stop.clone()));
+    (url, stop)
+}
+
+fn fleet(url: &str, tokens: Tokens, users: u32) -> Fleet {
+    Fleet {
+        urls: vec![url.to_owned()],
+        tokens,
+        users,
+        first_user: 0,
+        local_users: users,
+        prefix: format!("t{:06x}-", rand::random::<u32>() & 0xff_ffff),
+        source_ips: Vec::new(),
+        concurrency: 64,
+    }
+}
+
+fn options() -> Options {
+    Options {
+        body_bytes: 64,
+        drain: Duration::from_secs(3),
+        partial: false,
+        progress: false,
+    }
+}
+
+async fn run(
+    url: &str,
+    tokens: Tokens,
+    users: u32,
+    workload: Workload,
+) -> (Verdict, loadtest::stats::Stats) {
+    let outcome = scenario::run(&fleet(url, tokens, users), &workload, &options(), None)
+        .await
+        .expect("run");
+    (outcome.ledger.verdict(), outcome.stats)
+}
+
+fn direct(rate: f64, secs: f64) -> Workload {
+    Workload::Direct {
+        rates: vec![rate],
+        step: Duration::from_secs_f64(secs),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_drops_duplicates_and_reorders_is_caught() {
+    let faults = Faults {
+        drop_every: 50,
+        duplicate_every: 40,
+        reorder_every: 30,
+    };
+    let (url, stop) = start_relay(faults).await;
+    let (verdict, _) = run(&url, Tokens::Secret("x".into()), 10, direct(400.0, 1.5)).await;
+    stop.cancel();
+    assert!(verdict.lost > 0, "drops not caught: {verdict:?}");
+    assert!(verdict.duplicated > 0, "duplicates not caught: {verdict:?}");
+    assert!(verdict.reordered > 0, "reordering not caught: {verdict:?}");
+    assert!(!verdict.clean());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_faithful_relay_passes() {
+    let (url, stop) = start_relay(Faults::default()).await;
+    let (verdict, stats) = run(&url, Tokens::Secret("x".into()), 10, direct(400.0, 1.0)).await;
+    stop.cancel();
+    assert_eq!(stats.offered, 400);
+    assert_eq!(verdict.accepted, 400);
+    assert_eq!(
+        (verdict.lost, verdict.duplicated, verdict.reordered),
+        (0, 0, 0),
+        "{verdict:?}"
+    );
+    assert_eq!(verdict.delivered, verdict.expected);
+    assert_eq!(
+        stats.delivered.len(),
+        400,
+        "one latency sample per delivery"
+    );
+}
+
+async fn start_gateway() -> (gateway::Running, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = gateway::Config::defaults();
+    config.listen = "127.0.0.1:0".parse().expect("addr");
+    config.admin_listen = "127.0.0.1:0".parse().expect("addr");
+    config.data_dir = dir.path().to_path_buf();
+    config.jwt_secret = Some("lt-secret".into());
+    config.drain_secs = 0;
+    (gateway::start(config).await.expect("gateway"), dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_runs_against_the_embedded_gateway_lose_nothing() {
+    let (gw, _dir) = start_gateway().await;
+    let url = format!("ws://{}/ws", gw.client_addr);
+    let tokens = Tokens::Secret("lt-secret".into());
+
+    let (verdict, stats) = run(&url, tokens.clone(), 20, direct(200.0, 1.0)).await;
+    assert_eq!(
+        (stats.offered, verdict.accepted),
+        (200, 200),
+        "{:?}",
+        stats.errors
+    );
+    assert!(verdict.clean() && verdict.lost == 0, "{verdict:?}");
+    assert_eq!(verdict.delivered, 200);
+
+    let group = Workload::Group {
+        size: 5,
+        rates: vec![100.0],
+        step: Duration::from_secs(1),
+    };
+    let (verdict, _) = run(&url, tokens.clone(), 20, group).await;
+    assert_eq!(
+        verdict.expected, 400,
+        "each of 100 messages owed to 4 members"
+    );
+    assert!(verdict.clean() && verdict.delivered == 400, "{verdict:?}");
+
+    // Users drop without a goodbye and come back: what was sent meanwhile arrives.
+    let churn = Workload::Reconnect {
+        rates: vec![100.0],
+        step: Duration::from_secs(3),
+        fraction: 0.25,
+        every: Duration::from_millis(700),
+        offline: Duration::from_millis(300),
+    };
+    let (verdict, stats) = run(&url, tokens, 20, churn).await;
+    assert!(
+        stats.errors.get("reconnects_forced").copied().unwrap_or(0) >= 3,
+        "{:?}",
+        stats.errors
+    );
+    assert_eq!(verdict.lost, 0, "{verdict:?}");
+    assert_eq!(verdict.reordered, 0, "{verdict:?}");
+    gw.shutdown();
+    gw.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_exits_non_zero_when_anything_was_lost() {
+    let (bad, stop_bad) = start_relay(Faults {
+        drop_every: 10,
+        ..Faults::default()
+    })
+    .await;
+    let (good, stop_good) = start_relay(Faults::default()).await;
+    let exe = env!("CARGO_BIN_EXE_loadtest");
+    let common = [
+        "direct",
+        "--jwt-secret",
+        "x",
+        "--users",
+        "5",
+        "--rate",
+        "100",
+        "--step-secs",
+        "1",
+        "--drain-secs",
+        "1",
+        "--quiet",
+    ];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("report.json");
+    let plot = dir.path().join("plot.svg");
+
+    let failed = tokio::process::Command::new(exe)
+        .args(common)
+        .args(["--url", &bad])
+        .output()
+        .await
+        .expect("run");
+    assert_eq!(
+        failed.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&failed.stdout)
+    );
+    assert!(String::from_utf8_lossy(&failed.stdout).contains("FAILED"));
+
+    let passed = tokio::process::Command::new(exe)
+        .args(common)
+        .args(["--url", &good])
+        .arg("--json")
+        .arg(&json)
+        .arg("--plot")
+        .arg(&plot)
+        .output()
+        .await
+        .expect("run");
+    assert_eq!(
+        passed.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&passed.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("json written")).expect("json");
+    assert_eq!(report["verdict"]["lost"], 0);
+    assert_eq!(report["offered"], 100);
+    assert!(report["delivery_latency"]["p99_ms"].as_f64().is_some());
+    let svg = std::fs::read_to_string(&plot).expect("plot written");
+    assert!(
+        svg.starts_with("<svg") && svg.contains("throughput"),
+        "an SVG plot"
+    );
+    stop_bad.cancel();
+    stop_good.cancel();
+}
