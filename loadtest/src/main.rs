@@ -173,6 +173,9 @@ struct Common {
     local_users: Option<u32>,
     #[arg(long, hide = true)]
     child_report: Option<PathBuf>,
+    /// A child runs its share of the total rate: the rate divided by this.
+    #[arg(long, hide = true, default_value_t = 1)]
+    rate_divisor: u32,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -297,7 +300,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Direct { common, traffic } => {
             let workload = Workload::Direct {
-                rates: traffic.rate.clone(),
+                rates: share(&traffic, &common),
                 step: Duration::from_secs_f64(traffic.step_secs),
             };
             drive(common, workload, Some(traffic)).await?
@@ -309,7 +312,7 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let workload = Workload::Group {
                 size: group_size,
-                rates: traffic.rate.clone(),
+                rates: share(&traffic, &common),
                 step: Duration::from_secs_f64(traffic.step_secs),
             };
             drive(common, workload, Some(traffic)).await?
@@ -322,7 +325,7 @@ async fn main() -> anyhow::Result<()> {
             offline_ms,
         } => {
             let workload = Workload::Reconnect {
-                rates: traffic.rate.clone(),
+                rates: share(&traffic, &common),
                 step: Duration::from_secs_f64(traffic.step_secs),
                 fraction,
                 every: Duration::from_secs_f64(every_secs),
@@ -332,6 +335,15 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     std::process::exit(code);
+}
+
+/// This process's share of the total rate (children of a fan-out divide it).
+fn share(traffic: &Traffic, common: &Common) -> Vec<f64> {
+    traffic
+        .rate
+        .iter()
+        .map(|r| r / f64::from(common.rate_divisor.max(1)))
+        .collect()
 }
 
 /// Runs a workload here, or over child processes when one process cannot hold the users.
@@ -483,6 +495,8 @@ async fn fan_out(
                 "--local-users",
                 &count.to_string(),
                 "--quiet",
+                "--rate-divisor",
+                &processes.to_string(),
             ])
             .arg("--child-report")
             .arg(&report)

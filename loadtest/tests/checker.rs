@@ -223,6 +223,31 @@ async fn the_cli_exits_non_zero_when_anything_was_lost() {
         svg.starts_with("<svg") && svg.contains("throughput"),
         "an SVG plot"
     );
+    // Spread over two processes: the rate is shared, the ledgers merge, the verdict is whole.
+    let split = tokio::process::Command::new(exe)
+        .args(common)
+        .args(["--url", &good, "--users", "6", "--processes", "2"])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .await
+        .expect("run");
+    assert_eq!(
+        split.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&split.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("json written")).expect("json");
+    assert_eq!(report["processes"], 2);
+    assert_eq!(report["offered"], 100, "two processes share the total rate");
+    assert_eq!(report["connected"], 6);
+    assert_eq!(report["verdict"]["expected"], 100);
+    assert_eq!(
+        report["verdict"]["delivered"], 100,
+        "deliveries across processes are matched"
+    );
     stop_bad.cancel();
     stop_good.cancel();
 }
