@@ -8,7 +8,6 @@ use futures_util::{SinkExt, StreamExt};
 use presence::{Location, PresenceService};
 use storage::MessageStore;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
 use tokio::time::{interval_at, timeout, Duration, Instant};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -29,20 +28,28 @@ const MAX_WRITE_BATCH: usize = 64;
 /// How long a closing connection may take to finish its last write and send the close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(10);
 
-/// Serves an upgraded connection until it closes.
-pub async fn serve<S>(ws: WebSocketStream<S>, user: String, device: String, app: Arc<App>)
+/// The two halves of an upgraded connection.
+pub type Halves<S> = (
+    SplitSink<WebSocketStream<S>, WsMessage>,
+    SplitStream<WebSocketStream<S>>,
+);
+
+/// Serves an upgraded connection until it closes. It takes the stream already split: an
+/// async fn keeps room for its arguments for as long as it runs, and the halves are a few
+/// words where the whole stream is hundreds of bytes — per connection, for its lifetime.
+pub async fn serve<S>(halves: Halves<S>, user: String, device: String, app: Arc<App>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let id = app.hub.next_conn_id();
     let span = tracing::info_span!("conn", %user, %device, conn = id);
-    serve_inner(ws, user, device, id, app)
+    serve_inner(halves, user, device, id, app)
         .instrument(span)
         .await;
 }
 
 async fn serve_inner<S>(
-    ws: WebSocketStream<S>,
+    (sink, stream): Halves<S>,
     user: String,
     device: String,
     id: u64,
@@ -80,10 +87,12 @@ async fn serve_inner<S>(
         device,
         conn: id,
     };
-    match timeout(
+    // Boxed here and below: awaits that happen once per connection should not make the
+    // task that lives as long as the connection any larger.
+    match Box::pin(timeout(
         app.config.backend_timeout(),
         app.presence.connect(&user, &location),
-    )
+    ))
     .await
     {
         Ok(Ok(_)) => {}
@@ -91,7 +100,6 @@ async fn serve_inner<S>(
         Err(_) => tracing::warn!("presence connect timed out"),
     }
 
-    let (sink, stream) = ws.split();
     let writer =
         tokio::spawn(write_loop(sink, outbound, conn.clone(), app.clone()).in_current_span());
     let replay = tokio::spawn(replay(conn.clone(), app.clone()).in_current_span());
@@ -102,7 +110,9 @@ async fn serve_inner<S>(
     // server is closing the connection.
     let mut replay_done = false;
     if !conn.closed().is_cancelled() {
-        replay_done = timeout(Duration::from_secs(5), &mut replay).await.is_ok();
+        replay_done = Box::pin(timeout(Duration::from_secs(5), &mut replay))
+            .await
+            .is_ok();
     }
     // Whatever ended the reader, the writer and the replay end too.
     conn.close(u16::from(CloseCode::Normal));
@@ -113,10 +123,10 @@ async fn serve_inner<S>(
 
     app.hub.unregister(&conn);
     metrics::gauge!("gateway_connections_active").decrement(1);
-    match timeout(
+    match Box::pin(timeout(
         app.config.backend_timeout(),
         app.presence.disconnect(&user, &location),
-    )
+    ))
     .await
     {
         Ok(Ok(_)) => {}
@@ -163,7 +173,9 @@ async fn read_loop<S>(
         match message {
             WsMessage::Text(text) => {
                 metrics::counter!("gateway_frames_received_total").increment(1);
-                session.on_text(&text).await;
+                // Boxed: handling a request is a large state machine (every backend call
+                // it may make); inline, every idle connection would carry it.
+                Box::pin(session.on_text(&text)).await;
             }
             WsMessage::Binary(_) => session.refuse(Refusal::bad_request(
                 "binary frames are not part of the protocol: send JSON in text frames",
@@ -176,7 +188,7 @@ async fn read_loop<S>(
 
 async fn write_loop<S>(
     mut sink: SplitSink<WebSocketStream<S>, WsMessage>,
-    mut outbound: mpsc::Receiver<Utf8Bytes>,
+    outbound: flume::Receiver<Utf8Bytes>,
     conn: Arc<ConnHandle>,
     app: Arc<App>,
 ) where
@@ -188,8 +200,8 @@ async fn write_loop<S>(
         tokio::select! {
             biased;
             _ = conn.closed().cancelled() => break,
-            frame = outbound.recv() => {
-                let Some(frame) = frame else { break };
+            frame = outbound.recv_async() => {
+                let Ok(frame) = frame else { break };
                 let write = async {
                     sink.feed(WsMessage::Text(frame)).await?;
                     for _ in 1..MAX_WRITE_BATCH {
@@ -206,7 +218,7 @@ async fn write_loop<S>(
                     _ = conn.closed().cancelled() => {
                         // Closing while a write is stuck (the client stopped reading): give
                         // it a bounded grace so the close frame can follow what was sent.
-                        match timeout(CLOSE_GRACE, &mut write).await {
+                        match Box::pin(timeout(CLOSE_GRACE, &mut write)).await {
                             Ok(written) => written,
                             Err(_) => return,
                         }
@@ -247,9 +259,13 @@ async fn write_loop<S>(
             code: CloseCode::from(code),
             reason: reason.into(),
         };
-        let _ = timeout(CLOSE_GRACE, sink.send(WsMessage::Close(Some(frame)))).await;
+        let _ = Box::pin(timeout(
+            CLOSE_GRACE,
+            sink.send(WsMessage::Close(Some(frame))),
+        ))
+        .await;
     }
-    let _ = timeout(Duration::from_secs(2), sink.close()).await;
+    let _ = Box::pin(timeout(Duration::from_secs(2), sink.close())).await;
 }
 
 /// Pushes the user's pending messages, oldest first, then the receipts kept while they

@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use presence::{NodeDelivery, Payload, Status};
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -47,7 +46,9 @@ pub struct ConnHandle {
     pub id: u64,
     pub user: String,
     pub device: String,
-    out: mpsc::Sender<Utf8Bytes>,
+    /// flume rather than tokio's mpsc: its queue is allocated lazily, so an idle
+    /// connection's queue costs a few dozen bytes instead of a block of slots.
+    out: flume::Sender<Utf8Bytes>,
     capacity: usize,
     closed: CancellationToken,
     close_code: AtomicU16,
@@ -72,8 +73,8 @@ impl ConnHandle {
         user: String,
         device: String,
         capacity: usize,
-    ) -> (Arc<Self>, mpsc::Receiver<Utf8Bytes>) {
-        let (out, rx) = mpsc::channel(capacity);
+    ) -> (Arc<Self>, flume::Receiver<Utf8Bytes>) {
+        let (out, rx) = flume::bounded(capacity);
         let handle = ConnHandle {
             id,
             user,
@@ -97,7 +98,7 @@ impl ConnHandle {
         }
         match class {
             Class::Sheddable => {
-                if self.out.capacity() * 2 < self.capacity || self.out.try_send(frame).is_err() {
+                if self.out.len() * 2 >= self.capacity || self.out.try_send(frame).is_err() {
                     metrics::counter!("gateway_frames_shed_total").increment(1);
                 }
                 true
@@ -121,13 +122,13 @@ impl ConnHandle {
     fn push(&self, frame: Utf8Bytes) -> bool {
         match self.out.try_send(frame) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(flume::TrySendError::Full(_)) => {
                 metrics::counter!("gateway_slow_consumer_disconnects_total").increment(1);
                 tracing::info!(user = %self.user, conn = self.id, "outbound queue full, closing with 1008");
                 self.close(close::POLICY);
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(flume::TrySendError::Disconnected(_)) => false,
         }
     }
 
@@ -135,7 +136,7 @@ impl ConnHandle {
     /// task and may wait). `false` if the connection closed meanwhile.
     pub async fn send_waiting(&self, frame: Utf8Bytes) -> bool {
         tokio::select! {
-            sent = self.out.send(frame) => sent.is_ok(),
+            sent = self.out.send_async(frame) => sent.is_ok(),
             _ = self.closed.cancelled() => false,
         }
     }

@@ -13,6 +13,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use dispatcher::{Bus, Dispatcher, MemoryLog};
+use futures_util::StreamExt;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use presence::{MemoryPresence, Presence, PresenceService};
@@ -466,7 +467,10 @@ async fn upgrade(
                         Some(config),
                     )
                     .await;
-                    connection::serve(ws, user, device, app).await;
+                    // A task of its own: this one, with the upgrade's state, ends here
+                    // instead of staying alive (and allocated) for the whole connection.
+                    let tracker = app.tracker.clone();
+                    tracker.spawn(connection::serve(ws.split(), user, device, app));
                 }
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }

@@ -140,6 +140,7 @@ async fn direct(
         drain: Duration::from_secs(5),
         partial: false,
         progress: false,
+        connect_timeout: Duration::from_secs(60),
     };
     let outcome = scenario::run(&f, &workload, &options, None).await?;
     let verdict = outcome.ledger.verdict();
@@ -256,6 +257,7 @@ async fn idle_kib_per_conn(url: &str, pid: u32, conns: u32) -> anyhow::Result<f6
         drain: Duration::ZERO,
         partial: false,
         progress: false,
+        connect_timeout: Duration::from_secs(60),
     };
     let outcome = scenario::run(&f, &workload, &options, Some(gate)).await?;
     let after = after

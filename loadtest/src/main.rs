@@ -167,6 +167,10 @@ struct Common {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Seconds connecting may take; users not connected by then are left out (none
+    /// connected: the run fails).
+    #[arg(long, default_value_t = 60.0)]
+    connect_timeout_secs: f64,
     #[arg(long, hide = true)]
     first_user: Option<u32>,
     #[arg(long, hide = true)]
@@ -382,6 +386,7 @@ async fn drive(
         drain: Duration::from_secs_f64(traffic.drain_secs),
         partial: is_child || processes > 1,
         progress: !common.quiet && !is_child && std::io::stderr().is_terminal(),
+        connect_timeout: Duration::from_secs_f64(common.connect_timeout_secs),
     };
     let fleet = Fleet {
         urls: common.urls.clone(),

@@ -118,6 +118,8 @@ pub struct Options {
     pub partial: bool,
     /// Show a progress bar.
     pub progress: bool,
+    /// How long connecting every user may take; the run goes on with those connected.
+    pub connect_timeout: Duration,
 }
 
 /// What a run measured, before reporting.
@@ -244,15 +246,29 @@ pub async fn run(
             limit.clone(),
         )));
     }
+    // Bounded: a run whose server is down must end by itself, with the reason.
+    let deadline = Instant::now() + options.connect_timeout;
     for agent in &shared.agents {
         tokio::select! {
             _ = agent.ready.notified() => progress.inc(1),
-            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep_until(deadline) => break,
         }
     }
     progress.finish_and_clear();
     let connected = shared.collector().stats.connected;
     tracing::info!(connected, users = fleet.local_users, "connected");
+    if connected == 0 && fleet.local_users > 0 {
+        stop.cancel();
+        for task in tasks {
+            let _ = task.await;
+        }
+        let errors = shared.collector().stats.errors.clone();
+        anyhow::bail!(
+            "no user could connect within {:?} to {:?} (failures: {errors:?})",
+            options.connect_timeout,
+            fleet.urls
+        );
+    }
 
     if let Some(gate) = start_gate {
         gate.wait().await;

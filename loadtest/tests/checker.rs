@@ -39,6 +39,7 @@ fn options() -> Options {
         drain: Duration::from_secs(3),
         partial: false,
         progress: false,
+        connect_timeout: Duration::from_secs(60),
     }
 }
 

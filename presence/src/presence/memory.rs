@@ -42,8 +42,9 @@ struct State {
 
 #[derive(Default)]
 struct UserEntry {
-    /// `(node, conn) → (device, expires)`.
-    devices: HashMap<(String, u64), (String, Instant)>,
+    /// Each connected device and when it expires. A `Vec`, not a map: a user has one to a
+    /// few devices, and this is kept for every online user.
+    devices: Vec<(Location, Instant)>,
     last_seen: Option<i64>,
 }
 
@@ -94,7 +95,7 @@ async fn sweep(shared: Weak<Shared>, every: Duration) {
             let mut state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
             for (user, entry) in state.users.iter_mut() {
                 let had = !entry.devices.is_empty();
-                entry.devices.retain(|_, (_, expires)| *expires > now);
+                entry.devices.retain(|(_, expires)| *expires > now);
                 if had && entry.devices.is_empty() {
                     entry.last_seen = Some(now_ms());
                     offline.push(Status {
@@ -121,7 +122,8 @@ impl PresenceService for MemoryPresence {
             let was_online = !entry.devices.is_empty();
             entry
                 .devices
-                .insert((at.node.clone(), at.conn), (at.device.clone(), expires));
+                .retain(|(l, _)| !(l.node == at.node && l.conn == at.conn));
+            entry.devices.push((at.clone(), expires));
             !was_online
         };
         if came_online {
@@ -140,7 +142,11 @@ impl PresenceService for MemoryPresence {
             let Some(entry) = state.users.get_mut(user) else {
                 return Ok(false);
             };
-            let removed = entry.devices.remove(&(at.node.clone(), at.conn)).is_some();
+            let before = entry.devices.len();
+            entry
+                .devices
+                .retain(|(l, _)| !(l.node == at.node && l.conn == at.conn));
+            let removed = entry.devices.len() < before;
             if removed && entry.devices.is_empty() {
                 entry.last_seen = Some(now_ms());
                 Some(entry.last_seen)
@@ -163,8 +169,8 @@ impl PresenceService for MemoryPresence {
         let mut state = self.state();
         for user in users {
             if let Some(entry) = state.users.get_mut(user) {
-                for ((n, _), (_, e)) in entry.devices.iter_mut() {
-                    if n == node {
+                for (l, e) in entry.devices.iter_mut() {
+                    if l.node == node {
                         *e = expires;
                     }
                 }
@@ -180,7 +186,7 @@ impl PresenceService for MemoryPresence {
             .iter()
             .map(|user| match state.users.get(user) {
                 Some(entry) => {
-                    let online = entry.devices.values().any(|(_, e)| *e > now);
+                    let online = entry.devices.iter().any(|(_, e)| *e > now);
                     Status {
                         user: user.clone(),
                         online,
@@ -207,12 +213,8 @@ impl PresenceService for MemoryPresence {
             let here: Vec<Location> = entry
                 .devices
                 .iter()
-                .filter(|(_, (_, e))| *e > now)
-                .map(|((node, conn), (device, _))| Location {
-                    node: node.clone(),
-                    device: device.clone(),
-                    conn: *conn,
-                })
+                .filter(|(_, e)| *e > now)
+                .map(|(l, _)| l.clone())
                 .collect();
             if !here.is_empty() {
                 found.insert(user.clone(), here);
