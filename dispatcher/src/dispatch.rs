@@ -81,28 +81,52 @@ impl Dispatcher {
         }
     }
 
-    /// Handles records in log order; runs of consecutive messages are persisted together.
+    /// Handles records in log order. Runs of consecutive messages are persisted in one
+    /// store call; runs of consecutive acks, which commute, are applied concurrently so
+    /// that they share a group commit. A run is finished before the next kind starts.
     pub async fn handle(&self, batch: Vec<Record>) {
         let mut messages = Vec::new();
+        let mut acks = Vec::new();
         for record in batch {
-            if matches!(record.envelope, Envelope::Message { .. }) {
-                messages.push(record);
-                continue;
+            match &record.envelope {
+                Envelope::Message { .. } => {
+                    self.apply_acks(std::mem::take(&mut acks)).await;
+                    messages.push(record);
+                }
+                Envelope::Ack { .. } => {
+                    self.persist_messages(std::mem::take(&mut messages)).await;
+                    acks.push(record);
+                }
+                Envelope::Read { .. } => {
+                    self.persist_messages(std::mem::take(&mut messages)).await;
+                    self.apply_acks(std::mem::take(&mut acks)).await;
+                    let (envelope, commit) = record.into_parts();
+                    let outcome = match envelope {
+                        Envelope::Read {
+                            user,
+                            conversation,
+                            message_id,
+                        } => self.read(&user, &conversation, message_id).await,
+                        _ => Ok(()),
+                    };
+                    commit(outcome.map_err(|e| e.to_string()));
+                }
             }
-            self.persist_messages(std::mem::take(&mut messages)).await;
+        }
+        self.persist_messages(messages).await;
+        self.apply_acks(acks).await;
+    }
+
+    async fn apply_acks(&self, records: Vec<Record>) {
+        futures_util::future::join_all(records.into_iter().map(|record| async move {
             let (envelope, commit) = record.into_parts();
             let outcome = match envelope {
                 Envelope::Ack { user, message_ids } => self.ack(&user, &message_ids).await,
-                Envelope::Read {
-                    user,
-                    conversation,
-                    message_id,
-                } => self.read(&user, &conversation, message_id).await,
-                Envelope::Message { .. } => Ok(()),
+                _ => Ok(()),
             };
             commit(outcome.map_err(|e| e.to_string()));
-        }
-        self.persist_messages(messages).await;
+        }))
+        .await;
     }
 
     async fn persist_messages(&self, records: Vec<Record>) {
@@ -114,7 +138,12 @@ impl Dispatcher {
         let mut origins = Vec::with_capacity(records.len());
         for record in records {
             let (envelope, commit) = record.into_parts();
-            let Envelope::Message { message, origin } = envelope else {
+            let Envelope::Message {
+                message,
+                origin,
+                client_msg_id,
+            } = envelope
+            else {
                 commit(Ok(()));
                 continue;
             };
@@ -128,6 +157,7 @@ impl Dispatcher {
             batch.push(NewMessage {
                 message,
                 recipients,
+                client_msg_id,
             });
             commits.push(commit);
             origins.push(origin);

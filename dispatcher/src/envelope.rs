@@ -13,6 +13,9 @@ pub enum Envelope {
     Message {
         message: Message,
         origin: Option<ConnRef>,
+        /// The sender's idempotency key, stored with the message (see
+        /// `MessageStore::claim_send`).
+        client_msg_id: Option<String>,
     },
     /// A device of `user` received these messages.
     Ack {
@@ -69,6 +72,7 @@ mod tests {
                 ts: 0,
             },
             origin: None,
+            client_msg_id: None,
         }
     }
 

@@ -88,6 +88,7 @@ async fn online_recipients_get_the_message_after_it_is_stored() {
         .publish(Envelope::Message {
             message: m.clone(),
             origin: None,
+            client_msg_id: None,
         })
         .await
         .expect("publish");
@@ -125,6 +126,7 @@ async fn the_senders_other_devices_get_an_echo_but_not_the_sending_one() {
         .publish(Envelope::Message {
             message: m.clone(),
             origin: Some(origin.clone()),
+            client_msg_id: None,
         })
         .await
         .expect("publish");
@@ -140,6 +142,7 @@ async fn a_replayed_message_is_stored_once_and_not_redelivered_after_ack() {
     let envelope = Envelope::Message {
         message: m.clone(),
         origin: None,
+        client_msg_id: None,
     };
     h.bus.publish(envelope.clone()).await.expect("publish");
     h.bus.publish(envelope.clone()).await.expect("replay");
@@ -193,6 +196,7 @@ async fn receipts_reach_online_senders_and_wait_for_offline_ones() {
             .publish(Envelope::Message {
                 message: m.clone(),
                 origin: None,
+                client_msg_id: None,
             })
             .await
             .expect("publish");

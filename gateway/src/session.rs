@@ -397,7 +397,7 @@ impl Session {
             ts: ts_of(id),
         };
         let sent = ServerFrame::Sent {
-            client_msg_id,
+            client_msg_id: client_msg_id.clone(),
             message_id: id.to_string(),
             conversation: message.conversation.to_string(),
             ts: message.ts,
@@ -409,6 +409,7 @@ impl Session {
         self.call(self.app.bus.publish(Envelope::Message {
             message,
             origin: Some(origin),
+            client_msg_id: Some(client_msg_id),
         }))
         .await?;
         metrics::counter!("gateway_messages_total", "outcome" => "sent").increment(1);

@@ -147,6 +147,9 @@ pub struct Message {
 pub struct NewMessage {
     pub message: Message,
     pub recipients: Vec<String>,
+    /// The sender's idempotency key, whose claim ([`crate::MessageStore::claim_send`]) the
+    /// store makes durable with the message at the latest.
+    pub client_msg_id: Option<String>,
 }
 
 /// The outcome of appending one message.

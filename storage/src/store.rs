@@ -21,7 +21,9 @@ pub use embedded::{EmbeddedConfig, EmbeddedStore};
 pub trait MessageStore: Send + Sync + 'static {
     /// Resolves the idempotency key of a send: the first claim of
     /// `(sender, client_msg_id)` records `proposed` and returns it; every later claim, for
-    /// at least 24 hours, returns that first id.
+    /// at least 24 hours, returns that first id. The record is durable no later than the
+    /// append of a message carrying this `client_msg_id` (a claim whose message was never
+    /// appended may be forgotten by a crash: no `sent` was given for it).
     fn claim_send(
         &self,
         sender: &str,

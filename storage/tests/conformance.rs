@@ -53,6 +53,7 @@ async fn append_one<S: MessageStore>(
         .append(vec![NewMessage {
             message: m.clone(),
             recipients: recipients.iter().map(|r| r.to_string()).collect(),
+            client_msg_id: None,
         }])
         .await
         .expect("append");

@@ -46,6 +46,7 @@ async fn data_survives_reopening_and_the_directory_is_exclusive() {
             .append(vec![NewMessage {
                 message: m.clone(),
                 recipients: vec!["bob".into()],
+                client_msg_id: None,
             }])
             .await
             .expect("append");
@@ -71,6 +72,7 @@ async fn bodies_are_not_on_disk_in_clear_and_keys_rotate() {
             .append(vec![NewMessage {
                 message: old.clone(),
                 recipients: vec![],
+                client_msg_id: None,
             }])
             .await
             .expect("append");
@@ -96,6 +98,7 @@ async fn bodies_are_not_on_disk_in_clear_and_keys_rotate() {
             .append(vec![NewMessage {
                 message: new.clone(),
                 recipients: vec![],
+                client_msg_id: None,
             }])
             .await
             .expect("append");
@@ -121,4 +124,63 @@ async fn bodies_are_not_on_disk_in_clear_and_keys_rotate() {
         store.message(new.id).await,
         Err(Error::Decrypt(_))
     ));
+}
+
+#[tokio::test]
+async fn a_claim_is_durable_with_its_message_and_only_then() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = message("claimed");
+    let unappended = Uuid::now_v7();
+    {
+        let store = open(dir.path(), KeySource::DevGenerated)
+            .await
+            .expect("open");
+        assert_eq!(
+            store.claim_send("alice", "c-1", m.id).await.expect("claim"),
+            m.id
+        );
+        // A retry before the message is stored already gets the same id.
+        assert_eq!(
+            store
+                .claim_send("alice", "c-1", Uuid::now_v7())
+                .await
+                .expect("retry"),
+            m.id
+        );
+        store
+            .append(vec![NewMessage {
+                message: m.clone(),
+                recipients: vec!["bob".into()],
+                client_msg_id: Some("c-1".into()),
+            }])
+            .await
+            .expect("append");
+        // Claimed, but its message never appended (the sender never got `sent`).
+        assert_eq!(
+            store
+                .claim_send("alice", "c-2", unappended)
+                .await
+                .expect("claim"),
+            unappended
+        );
+    }
+    let store = open(dir.path(), KeySource::DevGenerated)
+        .await
+        .expect("reopen");
+    assert_eq!(
+        store
+            .claim_send("alice", "c-1", Uuid::now_v7())
+            .await
+            .expect("after restart"),
+        m.id
+    );
+    let fresh = Uuid::now_v7();
+    assert_eq!(
+        store
+            .claim_send("alice", "c-2", fresh)
+            .await
+            .expect("after restart"),
+        fresh,
+        "a claim without its message may be forgotten: no `sent` promised anything"
+    );
 }

@@ -8,10 +8,10 @@
 //! This backend serves a single process; for several gateway nodes use the distributed
 //! store.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::mpsc as std_mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -50,6 +50,9 @@ const SCHEMA_VERSION: u64 = 1;
 const MAX_GROUP_COMMIT: usize = 512;
 /// Most messages `mark_read` scans to find the senders a read covers.
 const READ_SCAN_LIMIT: usize = 10_000;
+/// How long a claim whose message never arrived (its publish failed) is remembered. Far
+/// longer than any publish may take; a claim is forgotten as soon as its message commits.
+const CLAIM_MEMORY: Duration = Duration::from_secs(60);
 
 /// Where and how the embedded store keeps its data.
 #[derive(Clone, Debug)]
@@ -93,6 +96,9 @@ impl std::fmt::Debug for EmbeddedStore {
 }
 
 struct Inner {
+    /// Claims whose message is not committed yet; their record is written with the message
+    /// (one transaction per send instead of two).
+    claims: Mutex<Claims>,
     db: Arc<Database>,
     keys: Keyring,
     path: PathBuf,
@@ -108,6 +114,30 @@ impl Drop for Inner {
             // Joining closes the database file before the next open of the same directory.
             let _ = writer.join();
         }
+    }
+}
+
+/// Idempotency claims whose message has not committed yet.
+#[derive(Default)]
+struct Claims {
+    /// `(sender, client_msg_id) → (message id, claimed at)`.
+    pending: HashMap<(String, String), (Uuid, Instant)>,
+    last_sweep: Option<Instant>,
+}
+
+impl Claims {
+    /// Forgets claims whose message never came, at most once a second.
+    fn sweep(&mut self) {
+        let now = Instant::now();
+        if self
+            .last_sweep
+            .is_some_and(|at| now.duration_since(at) < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.last_sweep = Some(now);
+        self.pending
+            .retain(|_, (_, at)| now.duration_since(*at) < CLAIM_MEMORY);
     }
 }
 
@@ -189,6 +219,7 @@ impl EmbeddedStore {
         tracing::info!(path = %path.display(), primary_key = keys.primary(), "embedded store open");
         Ok(EmbeddedStore {
             inner: Arc::new(Inner {
+                claims: Mutex::new(Claims::default()),
                 db,
                 keys,
                 path,
@@ -237,6 +268,10 @@ impl EmbeddedStore {
             .map_err(|_| Error::Unavailable("the embedded store writer has stopped".into()))?;
         rx.await
             .map_err(|_| Error::Unavailable("the embedded store writer has stopped".into()))?
+    }
+
+    fn claims(&self) -> std::sync::MutexGuard<'_, Claims> {
+        self.inner.claims.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs `f` on a read snapshot, on the blocking pool.
@@ -332,6 +367,7 @@ fn commit_batch(db: &Database, batch: Vec<Job>) {
         abort |= failed;
         finishes.push(finish);
     }
+    let started = Instant::now();
     let outcome = if abort {
         let _ = txn.abort();
         Err("a write in the same group commit failed; nothing was written".to_owned())
@@ -339,6 +375,7 @@ fn commit_batch(db: &Database, batch: Vec<Job>) {
         txn.commit()
             .map_err(|e| format!("embedded store commit: {e}"))
     };
+    metrics::histogram!("storage_commit_seconds").record(started.elapsed().as_secs_f64());
     for finish in finishes {
         finish(outcome.clone().map_err(Error::Backend));
     }
@@ -392,23 +429,35 @@ struct SealedRow {
     conversation: String,
     record: Vec<u8>,
     recipients: Vec<String>,
+    /// `(sender, client_msg_id)` whose idempotency record is written with the message.
+    claim: Option<(String, String)>,
 }
 
 impl MessageStore for EmbeddedStore {
+    /// A claim is kept in memory until its message commits, and its record is written in
+    /// that same transaction, which commits before `sent`: durable whenever a `sent` was
+    /// given, at the cost of one write per send instead of two. The memory check, the
+    /// read of committed records and the insert happen under one lock, and a claim leaves
+    /// memory only after its record is committed, so a retry always finds one or the other.
     async fn claim_send(&self, sender: &str, client_msg_id: &str, proposed: Uuid) -> Result<Uuid> {
-        let (sender, cmid) = (sender.to_owned(), client_msg_id.to_owned());
-        self.write(move |txn| {
-            let mut table = txn.open_table(IDEMPOTENCY)?;
-            if let Some(existing) = table.get((sender.as_str(), cmid.as_str()))? {
-                return Ok(Uuid::from_u128(existing.value().0));
-            }
-            table.insert(
-                (sender.as_str(), cmid.as_str()),
-                (proposed.as_u128(), now_ms()),
-            )?;
-            Ok(proposed)
-        })
-        .await
+        let key = (sender.to_owned(), client_msg_id.to_owned());
+        let mut claims = self.claims();
+        if let Some((id, _)) = claims.pending.get(&key) {
+            return Ok(*id);
+        }
+        // A point read of cached pages: microseconds, so it is done here, under the lock.
+        let stored = {
+            let txn = self.inner.db.begin_read()?;
+            let table = txn.open_table(IDEMPOTENCY)?;
+            let found = table.get((key.0.as_str(), key.1.as_str()))?;
+            found.map(|v| Uuid::from_u128(v.value().0))
+        };
+        if let Some(id) = stored {
+            return Ok(id);
+        }
+        claims.sweep();
+        claims.pending.insert(key, (proposed, Instant::now()));
+        Ok(proposed)
     }
 
     async fn append(&self, batch: Vec<NewMessage>) -> Result<Vec<Appended>> {
@@ -417,8 +466,10 @@ impl MessageStore for EmbeddedStore {
         for NewMessage {
             message,
             recipients,
+            client_msg_id,
         } in batch
         {
+            let claim = client_msg_id.map(|c| (message.from.clone(), c));
             let conversation = message.conversation.to_string();
             let sealed = self.inner.keys.seal(
                 message.id,
@@ -435,40 +486,58 @@ impl MessageStore for EmbeddedStore {
                 conversation,
                 record,
                 recipients,
+                claim,
             });
         }
-        self.write(move |txn| {
-            let mut messages = txn.open_table(MESSAGES)?;
-            let mut index = txn.open_table(MESSAGE_CONVERSATION)?;
-            let mut pending = txn.open_table(PENDING)?;
-            let mut outcomes = Vec::with_capacity(rows.len());
-            for row in rows {
-                if index.get(row.id)?.is_some() {
-                    let mut still = Vec::new();
-                    for user in row.recipients {
-                        if pending.get((user.as_str(), row.id))?.is_some() {
-                            still.push(user);
+        let claimed: Vec<(String, String)> = rows.iter().filter_map(|r| r.claim.clone()).collect();
+        let outcomes = self
+            .write(move |txn| {
+                let mut messages = txn.open_table(MESSAGES)?;
+                let mut index = txn.open_table(MESSAGE_CONVERSATION)?;
+                let mut pending = txn.open_table(PENDING)?;
+                let mut idempotency = txn.open_table(IDEMPOTENCY)?;
+                let mut outcomes = Vec::with_capacity(rows.len());
+                for row in rows {
+                    if index.get(row.id)?.is_some() {
+                        let mut still = Vec::new();
+                        for user in row.recipients {
+                            if pending.get((user.as_str(), row.id))?.is_some() {
+                                still.push(user);
+                            }
+                        }
+                        outcomes.push(Appended {
+                            inserted: false,
+                            pending_for: still,
+                        });
+                        continue;
+                    }
+                    messages.insert((row.conversation.as_str(), row.id), row.record.as_slice())?;
+                    index.insert(row.id, row.conversation.as_str())?;
+                    for user in &row.recipients {
+                        pending.insert((user.as_str(), row.id), row.conversation.as_str())?;
+                    }
+                    if let Some((sender, cmid)) = &row.claim {
+                        let key = (sender.as_str(), cmid.as_str());
+                        if idempotency.get(key)?.is_none() {
+                            idempotency.insert(key, (row.id, now_ms()))?;
                         }
                     }
                     outcomes.push(Appended {
-                        inserted: false,
-                        pending_for: still,
+                        inserted: true,
+                        pending_for: row.recipients,
                     });
-                    continue;
                 }
-                messages.insert((row.conversation.as_str(), row.id), row.record.as_slice())?;
-                index.insert(row.id, row.conversation.as_str())?;
-                for user in &row.recipients {
-                    pending.insert((user.as_str(), row.id), row.conversation.as_str())?;
-                }
-                outcomes.push(Appended {
-                    inserted: true,
-                    pending_for: row.recipients,
-                });
+                Ok(outcomes)
+            })
+            .await?;
+        // Committed: the records are readable now, the claims can leave memory.
+        if !claimed.is_empty() {
+            let mut claims = self.claims();
+            for key in &claimed {
+                claims.pending.remove(key);
             }
-            Ok(outcomes)
-        })
-        .await
+        }
+        Ok(outcomes)
     }
 
     async fn message(&self, id: Uuid) -> Result<Option<Message>> {
