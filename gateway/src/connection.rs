@@ -1,6 +1,7 @@
 //! One WebSocket connection: its reader, its writer, and the replay of what it missed.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::sync::Arc;
 
 use futures_util::stream::{SplitSink, SplitStream};
@@ -37,15 +38,21 @@ pub type Halves<S> = (
 /// Serves an upgraded connection until it closes. It takes the stream already split: an
 /// async fn keeps room for its arguments for as long as it runs, and the halves are a few
 /// words where the whole stream is hundreds of bytes — per connection, for its lifetime.
-pub async fn serve<S>(halves: Halves<S>, user: String, device: String, app: Arc<App>)
+///
+/// A plain function returning the future, not an `async fn`: an outer async fn would store
+/// the arguments a second time, beside the inner future that owns them.
+pub fn serve<S>(
+    halves: Halves<S>,
+    user: String,
+    device: String,
+    app: Arc<App>,
+) -> impl Future<Output = ()> + Send
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let id = app.hub.next_conn_id();
     let span = tracing::info_span!("conn", %user, %device, conn = id);
-    serve_inner(halves, user, device, id, app)
-        .instrument(span)
-        .await;
+    serve_inner(halves, user, device, id, app).instrument(span)
 }
 
 async fn serve_inner<S>(

@@ -311,7 +311,7 @@ pub async fn run(config: &BenchConfig, command_line: &str) -> anyhow::Result<Val
             )
         })?;
 
-        // Idle memory first, on fresh processes: after load, freed memory is reused by new
+    // Idle memory first, on fresh processes: after load, freed memory is reused by new
     // connections and the growth of RSS would understate what a connection costs.
     let idle_kib = idle_kib_per_conn(&gateway.url, gateway.pid, config.idle_conns).await?;
     let relay_idle_kib = idle_kib_per_conn(&relay.url, relay.pid, config.idle_conns).await?;
@@ -332,7 +332,7 @@ pub async fn run(config: &BenchConfig, command_line: &str) -> anyhow::Result<Val
     let at_half = direct(config, &gateway.url, half, config.step * 2).await?;
     log_step("half", &at_half, config.progress);
 
-        let mut totals = (0, 0, 0);
+    let mut totals = (0, 0, 0);
     for s in steps.iter().filter(|s| s["target"] == "system") {
         totals.0 += s["step"]["lost"].as_u64().unwrap_or(0);
         totals.1 += s["step"]["duplicated"].as_u64().unwrap_or(0);

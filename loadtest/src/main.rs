@@ -117,7 +117,9 @@ enum Command {
         ladder: Vec<f64>,
         #[arg(long, default_value_t = 50.0)]
         max_p99_ms: f64,
-        #[arg(long, default_value_t = 2000)]
+        /// Idle connections for the memory measurement (per-connection figures include
+        /// fixed costs that only amortize over many connections).
+        #[arg(long, default_value_t = 10000)]
         idle_conns: u32,
         #[arg(long, default_value_t = 100)]
         body_bytes: usize,

@@ -123,6 +123,8 @@ impl PresenceService for MemoryPresence {
             entry
                 .devices
                 .retain(|(l, _)| !(l.node == at.node && l.conn == at.conn));
+            // Most users have one device: do not let the first push reserve four.
+            entry.devices.reserve_exact(1);
             entry.devices.push((at.clone(), expires));
             !was_online
         };
