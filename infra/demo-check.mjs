@@ -30,10 +30,20 @@ await bob.type("#text", "hey alice");
 await alice.waitForSelector("#typing:text('bob is typing')");
 await bob.press("#text", "Enter");
 await alice.waitForSelector(".msg:not(.mine):has-text('hey alice')");
+// A group: alice creates it with bob and writes; bob sees it and answers in it.
+await alice.fill("#gname", "weekend"); await alice.fill("#gmembers", "bob"); await alice.click("#groupform button");
+await alice.waitForSelector("#title:text('weekend')");
+await alice.fill("#text", "who is in for sunday?"); await alice.press("#text", "Enter");
+await bob.waitForSelector("#convs li:has-text('who is in for sunday?')");
+await bob.click("#convs li:has-text('who is in for sunday?')");
+await bob.waitForSelector(".msg:has-text('alice: who is in for sunday?')");
+await bob.fill("#text", "me!"); await bob.press("#text", "Enter");
+await alice.waitForSelector(".msg:not(.mine):has-text('bob: me!')");
+await alice.click("#convs li:has-text('bob')");
 // Bob leaves: alice sees last seen.
 await bob.close();
 await alice.waitForSelector("#peerstatus:text('last seen')", { timeout: 10000 });
 await alice.waitForFunction(() => document.getElementById("typing").textContent === "");
 await alice.screenshot({ path: process.env.SCREENSHOT || "/tmp/alice.png" });
-console.log("two tabs chatted: message, read receipt, presence, typing, reply, last seen");
+console.log("two tabs chatted: message, read receipt, presence, typing, reply, group, last seen");
 await browser.close();
