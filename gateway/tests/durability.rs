@@ -11,7 +11,6 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 struct Process {
     child: Child,
@@ -60,23 +59,7 @@ async fn spawn(data_dir: &std::path::Path) -> Process {
 
 async fn connect(addr: &str, user: &str) -> Client {
     let token = gateway::auth::Auth::new(SECRET.as_bytes()).mint(user, Duration::from_secs(600));
-    let mut request = format!("ws://{addr}/ws")
-        .into_client_request()
-        .expect("request");
-    request.headers_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("header"),
-    );
-    let (ws, _) = tokio_tungstenite::connect_async(request)
-        .await
-        .expect("connect");
-    let mut client = Client {
-        ws,
-        user: user.into(),
-        welcome: Value::Null,
-    };
-    client.welcome = client.recv().await;
-    client
+    common::connect_url(&format!("ws://{addr}/ws"), &token, user).await
 }
 
 #[tokio::test]

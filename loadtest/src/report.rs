@@ -211,73 +211,67 @@ impl Report {
         let root = SVGBackend::new(path, (1000, 720)).into_drawing_area();
         root.fill(&WHITE)?;
         let (upper, lower) = root.split_vertically(360);
-
-        let rate_max = ["offered", "delivered"]
-            .iter()
-            .flat_map(|k| points(k))
-            .map(|p| p.1)
-            .fold(1.0, f64::max)
-            * 1.1;
-        let mut chart = ChartBuilder::on(&upper)
-            .caption(
-                format!("{} — throughput", self.scenario),
-                ("sans-serif", 20),
-            )
-            .margin(12)
-            .x_label_area_size(32)
-            .y_label_area_size(70)
-            .build_cartesian_2d(0f64..end, 0f64..rate_max)?;
-        chart
-            .configure_mesh()
-            .x_desc("seconds")
-            .y_desc("msgs/s")
-            .draw()?;
-        for (key, color) in [("offered", BLUE), ("delivered", GREEN)] {
-            chart
-                .draw_series(LineSeries::new(points(key), color.stroke_width(2)))?
-                .label(key)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
-
-        let latency_max = ["p50_ms", "p99_ms", "p999_ms", "max_ms"]
-            .iter()
-            .flat_map(|k| points(k))
-            .map(|p| p.1)
-            .fold(1.0, f64::max)
-            * 1.1;
-        let mut chart = ChartBuilder::on(&lower)
-            .caption("send → delivered latency", ("sans-serif", 20))
-            .margin(12)
-            .x_label_area_size(32)
-            .y_label_area_size(70)
-            .build_cartesian_2d(0f64..end, 0f64..latency_max)?;
-        chart
-            .configure_mesh()
-            .x_desc("seconds")
-            .y_desc("ms")
-            .draw()?;
-        for (key, color) in [
-            ("p50_ms", GREEN),
-            ("p99_ms", BLUE),
-            ("p999_ms", MAGENTA),
-            ("max_ms", RED),
-        ] {
-            chart
-                .draw_series(LineSeries::new(points(key), color.stroke_width(2)))?
-                .label(key.trim_end_matches("_ms"))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        let throughput = [
+            ("offered", points("offered"), BLUE),
+            ("delivered", points("delivered"), GREEN),
+        ];
+        panel(
+            &upper,
+            &format!("{} — throughput", self.scenario),
+            "msgs/s",
+            end,
+            &throughput,
+        )?;
+        let latency = [
+            ("p50", points("p50_ms"), GREEN),
+            ("p99", points("p99_ms"), BLUE),
+            ("p999", points("p999_ms"), MAGENTA),
+            ("max", points("max_ms"), RED),
+        ];
+        panel(&lower, "send → delivered latency", "ms", end, &latency)?;
         root.present()?;
         Ok(())
     }
+}
+
+/// A named line: its points (seconds, value) and colour.
+type Series<'a> = (&'a str, Vec<(f64, f64)>, RGBColor);
+
+/// One chart of the plot: named series against seconds.
+fn panel(
+    area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+    caption: &str,
+    unit: &str,
+    end: f64,
+    series: &[Series<'_>],
+) -> anyhow::Result<()> {
+    let top = series
+        .iter()
+        .flat_map(|(_, p, _)| p.iter().map(|p| p.1))
+        .fold(1.0, f64::max)
+        * 1.1;
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(32)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..end, 0f64..top)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds")
+        .y_desc(unit)
+        .draw()?;
+    for (name, points, color) in series {
+        let color = *color;
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+            .label(*name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
 }

@@ -75,30 +75,8 @@ impl TestGateway {
     }
 
     pub async fn connect_device(&self, user: &str, device: &str) -> Client {
-        let mut request = self
-            .ws_url(&format!("?device={device}"))
-            .into_client_request()
-            .expect("request");
-        let bearer = format!("Bearer {}", self.token(user))
-            .parse()
-            .expect("header");
-        request.headers_mut().insert("authorization", bearer);
-        let (ws, _) = timeout(WAIT, tokio_tungstenite::connect_async(request))
-            .await
-            .expect("connect in time")
-            .expect("connect");
-        let mut client = Client {
-            ws,
-            user: user.into(),
-            welcome: Value::Null,
-        };
-        client.welcome = client.recv().await;
-        assert_eq!(
-            client.welcome["type"], "welcome",
-            "first frame: {}",
-            client.welcome
-        );
-        client
+        let url = self.ws_url(&format!("?device={device}"));
+        connect_url(&url, &self.token(user), user).await
     }
 
     /// Drains and stops the gateway, returning its data dir for a restart.
@@ -135,6 +113,29 @@ impl TestGateway {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }
+}
+
+/// Connects to a gateway's WebSocket URL with a bearer token and reads the `welcome`.
+pub async fn connect_url(url: &str, token: &str, user: &str) -> Client {
+    let mut request = url.into_client_request().expect("request");
+    let bearer = format!("Bearer {token}").parse().expect("header");
+    request.headers_mut().insert("authorization", bearer);
+    let (ws, _) = timeout(WAIT, tokio_tungstenite::connect_async(request))
+        .await
+        .expect("connect in time")
+        .expect("connect");
+    let mut client = Client {
+        ws,
+        user: user.into(),
+        welcome: Value::Null,
+    };
+    client.welcome = client.recv().await;
+    assert_eq!(
+        client.welcome["type"], "welcome",
+        "first frame: {}",
+        client.welcome
+    );
+    client
 }
 
 /// The HTTP status a WebSocket handshake was refused with.
