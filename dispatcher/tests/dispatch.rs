@@ -68,30 +68,33 @@ async fn next(rx: &mut UnboundedReceiver<NodeDelivery>) -> NodeDelivery {
         .expect("channel open")
 }
 
+/// Marks `user` connected on `node`.
+async fn online(h: &Harness, user: &str, node: &str, device: &str, conn: u64) {
+    let at = Location {
+        node: node.into(),
+        device: device.into(),
+        conn,
+    };
+    h.presence.connect(user, &at).await.expect("connect");
+}
+
+/// Publishes a message and waits until it is stored.
+async fn publish_message(h: &Harness, message: Message, origin: Option<ConnRef>) {
+    let envelope = Envelope::Message {
+        message,
+        origin,
+        client_msg_id: None,
+    };
+    h.bus.publish(envelope).await.expect("publish");
+}
+
 #[tokio::test]
 async fn online_recipients_get_the_message_after_it_is_stored() {
     let h = start().await;
     let mut node = h.presence.deliveries("n1").await.expect("deliveries");
-    h.presence
-        .connect(
-            "bob",
-            &Location {
-                node: "n1".into(),
-                device: "phone".into(),
-                conn: 1,
-            },
-        )
-        .await
-        .expect("connect");
+    online(&h, "bob", "n1", "phone", 1).await;
     let m = message("alice", "bob", "hi");
-    h.bus
-        .publish(Envelope::Message {
-            message: m.clone(),
-            origin: None,
-            client_msg_id: None,
-        })
-        .await
-        .expect("publish");
+    publish_message(&h, m.clone(), None).await;
     // `publish` resolved, so the message is already stored and pending.
     assert_eq!(
         h.store.pending("bob", None, 10).await.expect("pending"),
@@ -106,30 +109,13 @@ async fn online_recipients_get_the_message_after_it_is_stored() {
 async fn the_senders_other_devices_get_an_echo_but_not_the_sending_one() {
     let h = start().await;
     let mut node = h.presence.deliveries("n1").await.expect("deliveries");
-    h.presence
-        .connect(
-            "alice",
-            &Location {
-                node: "n1".into(),
-                device: "web".into(),
-                conn: 9,
-            },
-        )
-        .await
-        .expect("connect");
+    online(&h, "alice", "n1", "web", 9).await;
     let m = message("alice", "bob", "echo");
     let origin = ConnRef {
         node: "n1".into(),
         conn: 8,
     };
-    h.bus
-        .publish(Envelope::Message {
-            message: m.clone(),
-            origin: Some(origin.clone()),
-            client_msg_id: None,
-        })
-        .await
-        .expect("publish");
+    publish_message(&h, m.clone(), Some(origin.clone())).await;
     let delivery = next(&mut node).await;
     assert_eq!(delivery.users, vec!["alice".to_string()]);
     assert_eq!(delivery.except, Some(origin));
@@ -162,17 +148,7 @@ async fn a_replayed_message_is_stored_once_and_not_redelivered_after_ack() {
         .await
         .expect("ack");
     let mut node = h.presence.deliveries("n1").await.expect("deliveries");
-    h.presence
-        .connect(
-            "bob",
-            &Location {
-                node: "n1".into(),
-                device: "phone".into(),
-                conn: 1,
-            },
-        )
-        .await
-        .expect("connect");
+    online(&h, "bob", "n1", "phone", 1).await;
     h.bus.publish(envelope).await.expect("replay after ack");
     assert!(h
         .store
@@ -192,14 +168,7 @@ async fn receipts_reach_online_senders_and_wait_for_offline_ones() {
     let m1 = message("alice", "bob", "one");
     let m2 = message("alice", "bob", "two");
     for m in [&m1, &m2] {
-        h.bus
-            .publish(Envelope::Message {
-                message: m.clone(),
-                origin: None,
-                client_msg_id: None,
-            })
-            .await
-            .expect("publish");
+        publish_message(&h, m.clone(), None).await;
     }
     // Alice is offline: the delivered receipt is kept for her.
     h.bus
@@ -218,17 +187,7 @@ async fn receipts_reach_online_senders_and_wait_for_offline_ones() {
 
     // Alice is online: the read receipt for m2 goes to her node and covers m1 too.
     let mut node = h.presence.deliveries("n1").await.expect("deliveries");
-    h.presence
-        .connect(
-            "alice",
-            &Location {
-                node: "n1".into(),
-                device: "phone".into(),
-                conn: 1,
-            },
-        )
-        .await
-        .expect("connect");
+    online(&h, "alice", "n1", "phone", 1).await;
     h.bus
         .publish(Envelope::Read {
             user: "bob".into(),
