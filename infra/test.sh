@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
-# The project's test command (README "Quickstart"). It does all of its own set-up.
-#
-# Today every suite runs against the embedded backends, in process: no external server is
-# needed. When the distributed backends land, this script is where the real Kafka,
-# Cassandra and Redis servers are fetched (into .cache/, git-ignored), started on loopback
-# and stopped again.
+# The project's test command (README "Quickstart"). It does all of its own set-up:
+# fetches Redis (apt), Apache Kafka and Apache Cassandra (Maven Central, cached in .cache/),
+# starts them on free loopback ports, runs every suite (embedded and distributed) and
+# stops the servers again, also when a test fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +11,22 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
-# Build every test binary once, then run them all; --locked keeps CI on Cargo.lock.
+# Build every test binary once (while the servers start), then run them all; --locked
+# keeps CI on Cargo.lock.
+infra/servers.sh fetch
+state="$(mktemp -d /tmp/chat-servers.XXXXXX)"
+trap 'infra/servers.sh down "$state"; rm -rf "$state"' EXIT
+infra/servers.sh up "$state" > "$state/up.log" 2>&1 &
+up_pid=$!
 cargo test --workspace --locked --no-run
+if ! wait "$up_pid"; then
+  cat "$state/up.log" >&2
+  echo "test servers did not start (logs above)" >&2
+  exit 1
+fi
+cat "$state/up.log" >&2
+set -a
+# shellcheck disable=SC1091
+. "$state/servers.env"
+set +a
 cargo test --workspace --locked "$@"

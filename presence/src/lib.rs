@@ -12,5 +12,6 @@ pub mod presence;
 
 pub use error::{Error, Result};
 pub use presence::{
-    ConnRef, Location, MemoryPresence, NodeDelivery, Payload, Presence, PresenceService, Status,
+    ConnRef, Location, MemoryPresence, NodeDelivery, Payload, Presence, PresenceService,
+    RedisConfig, RedisPresence, Status,
 };

@@ -11,8 +11,10 @@ use tokio::sync::{broadcast, mpsc};
 use crate::error::Result;
 
 mod memory;
+mod redis;
 
 pub use memory::MemoryPresence;
+pub use redis::{RedisConfig, RedisPresence};
 
 /// One connected device: the gateway node holding it and that node's connection number.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -106,6 +108,7 @@ pub trait PresenceService: Send + Sync + 'static {
 #[derive(Clone, Debug)]
 pub enum Presence {
     Memory(MemoryPresence),
+    Redis(RedisPresence),
 }
 
 macro_rules! observed {
@@ -113,6 +116,7 @@ macro_rules! observed {
         let started = Instant::now();
         let result = match $self {
             Presence::Memory($backend) => $call.await,
+            Presence::Redis($backend) => $call.await,
         };
         let outcome = if result.is_ok() { "ok" } else { "error" };
         metrics::counter!("presence_ops_total", "op" => $op, "outcome" => outcome).increment(1);
@@ -126,6 +130,7 @@ impl Presence {
     pub fn backend(&self) -> &'static str {
         match self {
             Presence::Memory(_) => "memory",
+            Presence::Redis(_) => "redis",
         }
     }
 }
@@ -155,6 +160,7 @@ impl PresenceService for Presence {
     fn changes(&self) -> broadcast::Receiver<Status> {
         match self {
             Presence::Memory(p) => p.changes(),
+            Presence::Redis(p) => p.changes(),
         }
     }
     async fn ping(&self) -> Result<()> {

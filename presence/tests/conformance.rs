@@ -5,7 +5,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use presence::{
-    ConnRef, Location, MemoryPresence, NodeDelivery, Payload, Presence, PresenceService, Status,
+    ConnRef, Location, MemoryPresence, NodeDelivery, Payload, Presence, PresenceService,
+    RedisConfig, RedisPresence, Status,
 };
 use storage::Conversation;
 use tokio::sync::broadcast;
@@ -14,6 +15,12 @@ use tokio::time::timeout;
 trait Backend {
     /// A fresh backend whose devices expire `ttl` after their last heartbeat.
     fn make(ttl: Duration) -> impl Future<Output = Presence>;
+
+    /// False when the backend's server is not configured here (the suite is skipped,
+    /// which `server_url` refuses under CI).
+    fn available() -> bool {
+        true
+    }
 }
 
 struct Memory;
@@ -21,6 +28,42 @@ struct Memory;
 impl Backend for Memory {
     async fn make(ttl: Duration) -> Presence {
         Presence::Memory(MemoryPresence::new(ttl))
+    }
+}
+
+struct Redis;
+
+impl Backend for Redis {
+    async fn make(ttl: Duration) -> Presence {
+        let url = server_url("TEST_REDIS_URL").expect("checked by available()");
+        let mut config = RedisConfig::new(url);
+        // Every test its own key space on the shared server.
+        config.prefix = format!("t{:08x}", rand_u32());
+        config.ttl = ttl;
+        Presence::Redis(RedisPresence::connect(config).await.expect("redis"))
+    }
+
+    fn available() -> bool {
+        server_url("TEST_REDIS_URL").is_some()
+    }
+}
+
+fn rand_u32() -> u32 {
+    uuid::Uuid::new_v4().as_fields().0
+}
+
+/// A test server's address from the environment (`infra/test.sh` sets it). Without it the
+/// suite is skipped, except under `CI`, where a missing server is a failure.
+fn server_url(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("{var} is not set: this suite needs its server (run ./infra/test.sh)")
+        }
+        _ => {
+            eprintln!("skipped: {var} is not set (./infra/test.sh starts the servers)");
+            None
+        }
     }
 }
 
@@ -179,6 +222,9 @@ macro_rules! conformance {
             $(
                 #[tokio::test]
                 async fn $scenario() {
+                    if !<super::$backend as super::Backend>::available() {
+                        return;
+                    }
                     super::$scenario::<super::$backend>().await;
                 }
             )*
@@ -187,6 +233,14 @@ macro_rules! conformance {
 }
 
 conformance!(memory => Memory:
+    online_while_any_device_is_connected,
+    locate_finds_every_device,
+    deliveries_reach_the_node_channel,
+    devices_expire_without_heartbeats,
+    heartbeats_keep_devices_alive,
+);
+
+conformance!(redis => Redis:
     online_while_any_device_is_connected,
     locate_finds_every_device,
     deliveries_reach_the_node_channel,

@@ -1,0 +1,271 @@
+#!/usr/bin/env bash
+# Real servers for the distributed-mode tests: Redis (Debian), Apache Kafka 4.4 (KRaft, one
+# node) and Apache Cassandra 5.0 (one node), both from Maven Central. Everything slow to
+# fetch is cached under .cache/servers/ (git-ignored) and reused by later runs.
+#
+#   infra/servers.sh fetch                      install / download what is missing
+#   infra/servers.sh run <redis|kafka|cassandra> <dir> <port>
+#                                               run one server in the foreground (tests use
+#                                               this to own, kill and restart a server)
+#   infra/servers.sh wait <redis|kafka|cassandra> <port> [seconds]
+#                                               wait until the server answers a real request
+#   infra/servers.sh up <state-dir>             start all three on free loopback ports, wait
+#                                               for them, write <state-dir>/servers.env
+#   infra/servers.sh down <state-dir>           stop what `up` started
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+CACHE="$ROOT/.cache/servers"
+KAFKA_VERSION=4.4.0
+CASSANDRA_VERSION=5.0.9
+KAFKA_LIBS="$CACHE/kafka-$KAFKA_VERSION/libs"
+CASSANDRA_LIBS="$CACHE/cassandra-$CASSANDRA_VERSION/libs"
+
+log() { echo "servers: $*" >&2; }
+
+fetch_maven() { # <pom dir> <libs dir>
+    local pom="$ROOT/infra/servers/$1/pom.xml" libs="$2"
+    if [ -f "$libs/.complete" ]; then return; fi
+    log "fetching $1 jars from Maven Central into $libs"
+    rm -rf "$libs"
+    mvn -q -B -f "$pom" dependency:copy-dependencies -DoutputDirectory="$libs" >&2
+    touch "$libs/.complete"
+}
+
+fetch() {
+    if ! command -v redis-server >/dev/null; then
+        log "installing redis-server with apt"
+        if ! apt-get install -y redis-server >/dev/null 2>&1; then
+            apt-get update >/dev/null
+            apt-get install -y redis-server >/dev/null
+        fi
+    fi
+    command -v java >/dev/null || { log "java is required (Java 17)"; exit 1; }
+    command -v mvn >/dev/null || { log "mvn is required to fetch Kafka and Cassandra"; exit 1; }
+    fetch_maven kafka "$KAFKA_LIBS"
+    fetch_maven cassandra "$CASSANDRA_LIBS"
+}
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+run_redis() { # <dir> <port>
+    mkdir -p "$1"
+    exec redis-server --bind 127.0.0.1 --port "$2" --dir "$1" --save '' --appendonly no \
+        --notify-keyspace-events Ex --protected-mode no --loglevel warning
+}
+
+run_kafka() { # <dir> <port>
+    local dir="$1" port="$2" controller
+    mkdir -p "$dir"
+    if [ ! -f "$dir/server.properties" ]; then
+        controller="$(free_port)"
+        cat > "$dir/server.properties" <<PROPS
+process.roles=broker,controller
+node.id=1
+controller.quorum.bootstrap.servers=127.0.0.1:$controller
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+log.dirs=$dir/data
+num.partitions=1
+auto.create.topics.enable=false
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=8
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+PROPS
+        java -cp "$KAFKA_LIBS/*" kafka.tools.StorageTool format --standalone \
+            -t "$(java -cp "$KAFKA_LIBS/*" kafka.tools.StorageTool random-uuid 2>/dev/null)" \
+            -c "$dir/server.properties" >&2
+    fi
+    exec java -Xms256m -Xmx512m -XX:+UseG1GC -Djava.awt.headless=true \
+        -Dlog4j.configuration=file:/dev/null \
+        -cp "$KAFKA_LIBS/*" kafka.Kafka "$dir/server.properties"
+}
+
+run_cassandra() { # <dir> <port>
+    local dir="$1" port="$2" storage
+    mkdir -p "$dir"
+    if [ ! -f "$dir/cassandra.yaml" ]; then
+        storage="$(free_port)"
+        cat > "$dir/cassandra.yaml" <<YAML
+cluster_name: chat-test
+num_tokens: 16
+partitioner: org.apache.cassandra.dht.Murmur3Partitioner
+endpoint_snitch: SimpleSnitch
+seed_provider:
+  - class_name: org.apache.cassandra.locator.SimpleSeedProvider
+    parameters:
+      - seeds: "127.0.0.1:$storage"
+listen_address: 127.0.0.1
+rpc_address: 127.0.0.1
+storage_port: $storage
+native_transport_port: $port
+start_native_transport: true
+data_file_directories: [$dir/data]
+commitlog_directory: $dir/commitlog
+saved_caches_directory: $dir/saved_caches
+hints_directory: $dir/hints
+commitlog_sync: periodic
+commitlog_sync_period: 10000ms
+authenticator: AllowAllAuthenticator
+authorizer: AllowAllAuthorizer
+concurrent_reads: 8
+concurrent_writes: 8
+concurrent_counter_writes: 8
+memtable_heap_space: 64MiB
+memtable_offheap_space: 64MiB
+key_cache_size: 8MiB
+disk_access_mode: mmap_index_only
+auto_snapshot: false
+YAML
+    fi
+    local opts=(
+        -Xms1g -Xmx1g -XX:+UseG1GC -Xss512k
+        -Dcassandra.config="file://$dir/cassandra.yaml"
+        -Dcassandra.storagedir="$dir"
+        -Dcassandra-foreground=yes
+        -Dcassandra.skip_wait_for_gossip_to_settle=0
+        -Dcassandra.ring_delay_ms=0
+        -Dcassandra.initial_token=0
+        -Dcassandra.jmx.local.port=0
+        -Dlogback.configurationFile=logback-none.xml
+        -Djdk.attach.allowAttachSelf=true
+        --add-exports java.base/jdk.internal.misc=ALL-UNNAMED
+        --add-exports java.base/jdk.internal.ref=ALL-UNNAMED
+        --add-exports java.base/sun.nio.ch=ALL-UNNAMED
+        --add-exports java.management.rmi/com.sun.jmx.remote.internal.rmi=ALL-UNNAMED
+        --add-exports java.rmi/sun.rmi.registry=ALL-UNNAMED
+        --add-exports java.rmi/sun.rmi.server=ALL-UNNAMED
+        --add-exports java.sql/java.sql=ALL-UNNAMED
+        --add-exports java.base/java.lang.ref=ALL-UNNAMED
+        --add-exports jdk.unsupported/sun.misc=ALL-UNNAMED
+        --add-opens java.base/java.lang.module=ALL-UNNAMED
+        --add-opens java.base/jdk.internal.loader=ALL-UNNAMED
+        --add-opens java.base/jdk.internal.ref=ALL-UNNAMED
+        --add-opens java.base/jdk.internal.reflect=ALL-UNNAMED
+        --add-opens java.base/jdk.internal.math=ALL-UNNAMED
+        --add-opens java.base/jdk.internal.module=ALL-UNNAMED
+        --add-opens java.base/jdk.internal.util.jar=ALL-UNNAMED
+        --add-opens jdk.management/com.sun.management.internal=ALL-UNNAMED
+        --add-opens java.base/sun.nio.ch=ALL-UNNAMED
+        --add-opens java.base/java.io=ALL-UNNAMED
+        --add-opens java.base/java.nio=ALL-UNNAMED
+        --add-opens java.base/java.util.concurrent=ALL-UNNAMED
+        --add-opens java.base/java.util=ALL-UNNAMED
+        --add-opens java.base/java.util.concurrent.atomic=ALL-UNNAMED
+        --add-opens java.base/java.lang=ALL-UNNAMED
+        --add-opens java.base/java.math=ALL-UNNAMED
+        --add-opens java.base/java.lang.reflect=ALL-UNNAMED
+        --add-opens java.base/java.net=ALL-UNNAMED
+        --add-opens java.base/java.lang.invoke=ALL-UNNAMED
+    )
+    exec java "${opts[@]}" -cp "$CASSANDRA_LIBS/*" org.apache.cassandra.service.CassandraDaemon
+}
+
+# Waits until the server answers a real request, not merely until its port is open.
+wait_for() { # <kind> <port> [seconds]
+    local kind="$1" port="$2" deadline=$((SECONDS + ${3:-180}))
+    until answers "$kind" "$port"; do
+        if [ $SECONDS -ge $deadline ]; then
+            log "$kind on port $port did not answer in time"
+            return 1
+        fi
+        sleep 0.5
+    done
+}
+
+answers() { # <kind> <port>
+    case "$1" in
+    redis) [ "$(redis-cli -h 127.0.0.1 -p "$2" ping 2>/dev/null)" = PONG ] ;;
+    kafka) python3 - "$2" <<'PY'
+import socket, struct, sys
+# A Kafka Metadata request (v1, all topics); the broker is ready once it lists itself.
+try:
+    s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=2)
+    client = b"servers.sh"
+    body = struct.pack(">hhih", 3, 1, 7, len(client)) + client + struct.pack(">i", -1)
+    s.sendall(struct.pack(">i", len(body)) + body)
+    size = struct.unpack(">i", s.recv(4))[0]
+    data = b""
+    while len(data) < size:
+        chunk = s.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    correlation, brokers = struct.unpack(">ii", data[:8])
+    sys.exit(0 if correlation == 7 and brokers >= 1 else 1)
+except (OSError, struct.error):
+    sys.exit(1)
+PY
+    ;;
+    cassandra) python3 - "$2" <<'PY'
+import socket, struct, sys
+# A CQL OPTIONS request (protocol v4); a running node answers SUPPORTED (opcode 6).
+try:
+    s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=2)
+    s.sendall(struct.pack(">BBhBi", 4, 0, 0, 5, 0))
+    head = s.recv(9)
+    sys.exit(0 if len(head) == 9 and head[4] == 6 else 1)
+except OSError:
+    sys.exit(1)
+PY
+    ;;
+    *) log "unknown server kind $1"; return 2 ;;
+    esac
+}
+
+up() { # <state dir>
+    local state="$1" kind port
+    mkdir -p "$state"
+    : > "$state/pids"
+    for kind in redis kafka cassandra; do
+        port="$(free_port)"
+        "$0" run "$kind" "$state/$kind" "$port" > "$state/$kind.log" 2>&1 &
+        echo "$! $kind $port" >> "$state/pids"
+        log "started $kind on 127.0.0.1:$port (pid $!, log $state/$kind.log)"
+    done
+    while read -r pid kind port; do
+        if ! wait_for "$kind" "$port" 240; then
+            tail -n 40 "$state/$kind.log" >&2 || true
+            return 1
+        fi
+        log "$kind answers on port $port"
+        case "$kind" in
+        redis) echo "TEST_REDIS_URL=redis://127.0.0.1:$port" ;;
+        kafka) echo "TEST_KAFKA_BROKERS=127.0.0.1:$port" ;;
+        cassandra) echo "TEST_SCYLLA_NODES=127.0.0.1:$port" ;;
+        esac
+    done < "$state/pids" > "$state/servers.env"
+}
+
+down() { # <state dir>
+    local state="$1" pid kind port
+    [ -f "$state/pids" ] || return 0
+    while read -r pid kind port; do
+        kill "$pid" 2>/dev/null || true
+    done < "$state/pids"
+    sleep 1
+    while read -r pid kind port; do
+        kill -9 "$pid" 2>/dev/null || true
+    done < "$state/pids"
+    rm -f "$state/pids"
+}
+
+cmd="${1:-}"
+shift || true
+case "$cmd" in
+fetch) fetch ;;
+run) "run_$1" "$2" "$3" ;;
+wait) wait_for "$@" ;;
+up) fetch; up "$1" ;;
+down) down "$1" ;;
+*) sed -n '2,16p' "$0" >&2; exit 2 ;;
+esac

@@ -1,0 +1,782 @@
+//! Presence on Redis, shared by every gateway and dispatcher of a cluster.
+//!
+//! Keys (every key of one user, or of one node, shares a hash tag, so Redis Cluster works):
+//!
+//! | key | type | what |
+//! |---|---|---|
+//! | `{P:u:<user>}:devs` | sorted set | one member `node|conn|device` per connected device, scored by its expiry (ms); the key's own TTL is the presence TTL |
+//! | `{P:u:<user>}:seen` | string | last seen (ms), 30 days |
+//! | `{P:n:<node>}:alive` | string | the node's liveness key, a few seconds of TTL, refreshed while the node runs |
+//! | `{P:n:<node>}:users` | set | users with a device on the node, so a dead node's users can be found |
+//! | `{P:n:<node>}:reap` | string | lock: one process reaps a dead node |
+//!
+//! Channels: `P:deliver:<node>` (a node's deliveries), `P:changes` (presence changes).
+//!
+//! Redis is a cache here: losing it loses who is online, never a message. Each process
+//! remembers the devices it registered itself and writes them again after Redis comes
+//! back, so presence recovers without clients reconnecting.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fred::clients::SubscriberClient;
+use fred::interfaces::{ConfigInterface, LuaInterface};
+use fred::prelude::{
+    Builder, ClientLike, Config, Error as RedisError, ErrorKind, EventInterface, Expiration,
+    KeysInterface, PubsubInterface, ReconnectPolicy, SetOptions, SetsInterface,
+    SortedSetsInterface,
+};
+use fred::types::Value;
+use tokio::sync::{broadcast, mpsc};
+
+use super::{Location, NodeDelivery, PresenceService, Status};
+use crate::error::{Error, Result};
+
+/// How to reach Redis and how long things live there.
+#[derive(Clone, Debug)]
+pub struct RedisConfig {
+    /// `redis://host:port[/db]`, `rediss://…` for TLS, or `redis-cluster://h1:p1,h2:p2`.
+    pub url: String,
+    /// Prepended to every key and channel, so several clusters (or tests) share a server.
+    pub prefix: String,
+    /// A device expires this long after its last heartbeat.
+    pub ttl: Duration,
+    /// A node's liveness key expires this long after the node stops refreshing it; its
+    /// users then go offline.
+    pub node_ttl: Duration,
+    /// The longest any one Redis command may take.
+    pub timeout: Duration,
+}
+
+impl RedisConfig {
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisConfig {
+            url: url.into(),
+            prefix: "chat".into(),
+            ttl: Duration::from_secs(300),
+            node_ttl: Duration::from_secs(6),
+            timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A cheap-clone handle to Redis presence.
+#[derive(Clone)]
+pub struct RedisPresence {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for RedisPresence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisPresence")
+            .field("prefix", &self.shared.config.prefix)
+            .finish()
+    }
+}
+
+struct Shared {
+    config: RedisConfig,
+    client: fred::clients::Client,
+    subscriber: SubscriberClient,
+    changes: broadcast::Sender<Status>,
+    local: Mutex<Local>,
+    /// Renews subscriptions after reconnects; stopped with the last handle.
+    resubscriber: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if let Some(task) = self.resubscriber.get_mut().ok().and_then(Option::take) {
+            task.abort();
+        }
+    }
+}
+
+/// What this process registered itself, to write again after Redis lost it.
+#[derive(Default)]
+struct Local {
+    /// node → user → devices.
+    devices: HashMap<String, HashMap<String, Vec<Location>>>,
+    /// node → its delivery channel in this process.
+    channels: HashMap<String, mpsc::UnboundedSender<NodeDelivery>>,
+}
+
+/// Adds a device and answers 1 when the user had no live device before.
+/// KEYS: devs · ARGV: member, expires, now, ttl
+const CONNECT: &str = r"
+local live = redis.call('ZCOUNT', KEYS[1], '(' .. ARGV[3], '+inf')
+local mine = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if mine and tonumber(mine) > tonumber(ARGV[3]) then live = live - 1 end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+if live == 0 then return 1 else return 0 end
+";
+
+/// Removes a device and answers 1 when it was the user's last live one (last seen is set).
+/// KEYS: devs, seen · ARGV: member, now, seen ttl (s)
+const DISCONNECT: &str = r"
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+if redis.call('ZCOUNT', KEYS[1], '(' .. ARGV[2], '+inf') > 0 then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+return 1
+";
+
+/// Re-adds a device (heartbeat, or after Redis lost it) and pushes the key's TTL out.
+/// KEYS: devs · ARGV: member, expires, ttl
+const REFRESH: &str = r"
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+";
+
+/// Removes every device of a dead node from one user; answers 1 when the user has no live
+/// device left (last seen is set).
+/// KEYS: devs, seen · ARGV: node, now, seen ttl (s)
+const REAP_USER: &str = r"
+local removed = 0
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local node = string.match(m, '^(.*)|[^|]*|[^|]*$')
+  if node == ARGV[1] then
+    redis.call('ZREM', KEYS[1], m)
+    removed = removed + 1
+  end
+end
+if removed == 0 then return 0 end
+if redis.call('ZCOUNT', KEYS[1], '(' .. ARGV[2], '+inf') > 0 then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+return 1
+";
+
+const SEEN_TTL_SECS: i64 = 30 * 24 * 3600;
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+fn member(at: &Location) -> String {
+    format!("{}|{}|{}", at.node, at.conn, at.device)
+}
+
+fn parse_member(m: &str) -> Option<Location> {
+    let mut parts = m.rsplitn(3, '|');
+    let device = parts.next()?;
+    let conn = parts.next()?.parse().ok()?;
+    let node = parts.next()?;
+    Some(Location {
+        node: node.to_owned(),
+        device: device.to_owned(),
+        conn,
+    })
+}
+
+fn fail(e: RedisError) -> Error {
+    match e.kind() {
+        ErrorKind::IO | ErrorKind::Timeout | ErrorKind::Canceled => {
+            Error::Unavailable(e.to_string())
+        }
+        _ => Error::Backend(e.to_string()),
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl RedisPresence {
+    /// Connects both clients (commands, and subscriptions that are renewed after every
+    /// reconnect), enables expiry notifications and starts listening. Fails when Redis
+    /// cannot be reached within the timeout.
+    pub async fn connect(config: RedisConfig) -> Result<Self> {
+        let redis = Config::from_url(&config.url)
+            .map_err(|e| Error::Backend(format!("redis url {:?}: {e}", config.url)))?;
+        let mut builder = Builder::from_config(redis);
+        let timeout = config.timeout;
+        builder
+            .with_connection_config(|c| {
+                c.connection_timeout = timeout;
+                c.internal_command_timeout = timeout;
+                c.max_command_attempts = 2;
+            })
+            .with_performance_config(|p| {
+                p.default_command_timeout = timeout;
+            })
+            // Reconnect forever, 100 ms doubling to 2 s: Redis coming back must heal us.
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2));
+        let client = builder.build().map_err(fail)?;
+        let subscriber = builder.build_subscriber_client().map_err(fail)?;
+        let connect = async {
+            client.init().await?;
+            subscriber.init().await?;
+            Ok::<_, RedisError>(())
+        };
+        tokio::time::timeout(timeout * 3, connect)
+            .await
+            .map_err(|_| Error::Unavailable(format!("redis at {} did not answer", config.url)))?
+            .map_err(fail)?;
+        enable_expiry_events(&client).await;
+
+        let (changes, _) = broadcast::channel(4096);
+        let shared = Arc::new(Shared {
+            config,
+            client,
+            subscriber,
+            changes,
+            local: Mutex::new(Local::default()),
+            resubscriber: Mutex::new(None),
+        });
+        *shared
+            .resubscriber
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(shared.subscriber.manage_subscriptions());
+        let weak = Arc::downgrade(&shared);
+        tokio::spawn(listen(weak.clone(), shared.subscriber.message_rx()));
+        tokio::spawn(expiries(
+            weak.clone(),
+            shared.subscriber.keyspace_event_rx(),
+        ));
+        tokio::spawn(reassert_on_reconnect(weak, shared.client.reconnect_rx()));
+        shared
+            .subscriber
+            .subscribe(shared.changes_channel())
+            .await
+            .map_err(fail)?;
+        shared
+            .subscriber
+            .psubscribe("__keyevent@*__:expired")
+            .await
+            .map_err(fail)?;
+        Ok(RedisPresence { shared })
+    }
+}
+
+/// Keyspace notifications for expired keys tell every process that a device or a node
+/// timed out. A managed Redis may refuse CONFIG SET; it must then be configured with
+/// `notify-keyspace-events Ex` by its operator (without it, users of a dead node go
+/// offline when their own TTL runs out instead of within seconds).
+async fn enable_expiry_events(client: &fred::clients::Client) {
+    let current: HashMap<String, String> = client
+        .config_get("notify-keyspace-events")
+        .await
+        .unwrap_or_default();
+    let flags = current
+        .get("notify-keyspace-events")
+        .cloned()
+        .unwrap_or_default();
+    let has = |c: char| flags.contains(c) || (c == 'x' && flags.contains('A'));
+    if has('E') && has('x') {
+        return;
+    }
+    let mut wanted = flags.clone();
+    for c in ['E', 'x'] {
+        if !has(c) {
+            wanted.push(c);
+        }
+    }
+    if let Err(e) = client.config_set("notify-keyspace-events", wanted).await {
+        tracing::warn!(error = %e, "cannot enable Redis expiry notifications; set notify-keyspace-events Ex on the server");
+    }
+}
+
+impl Shared {
+    fn local(&self) -> MutexGuard<'_, Local> {
+        self.local.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn devs_key(&self, user: &str) -> String {
+        format!("{{{}:u:{user}}}:devs", self.config.prefix)
+    }
+    fn seen_key(&self, user: &str) -> String {
+        format!("{{{}:u:{user}}}:seen", self.config.prefix)
+    }
+    fn node_key(&self, node: &str, what: &str) -> String {
+        format!("{{{}:n:{node}}}:{what}", self.config.prefix)
+    }
+    fn deliver_channel(&self, node: &str) -> String {
+        format!("{}:deliver:{node}", self.config.prefix)
+    }
+    fn changes_channel(&self) -> String {
+        format!("{}:changes", self.config.prefix)
+    }
+
+    /// Tells every process (this one included, through the subscription) of a change.
+    async fn announce(&self, status: &Status) -> Result<()> {
+        let payload = serde_json::to_string(status).map_err(|e| Error::Backend(e.to_string()))?;
+        let _: i64 = self
+            .client
+            .publish(self.changes_channel(), payload)
+            .await
+            .map_err(fail)?;
+        Ok(())
+    }
+
+    async fn refresh(&self, user: &str, at: &Location) -> Result<()> {
+        let ttl = millis(self.config.ttl);
+        let _: i64 = self
+            .client
+            .eval(
+                REFRESH,
+                vec![self.devs_key(user)],
+                vec![
+                    Value::from(member(at)),
+                    Value::from(now_ms() + ttl),
+                    Value::from(ttl),
+                ],
+            )
+            .await
+            .map_err(fail)?;
+        let _: i64 = self
+            .client
+            .sadd(self.node_key(&at.node, "users"), user)
+            .await
+            .map_err(fail)?;
+        Ok(())
+    }
+
+    async fn mark_alive(&self, node: &str) -> Result<()> {
+        let _: Value = self
+            .client
+            .set(
+                self.node_key(node, "alive"),
+                1,
+                Some(Expiration::PX(millis(self.config.node_ttl))),
+                None,
+                false,
+            )
+            .await
+            .map_err(fail)?;
+        Ok(())
+    }
+
+    /// Takes a dead node's devices out of presence; its users with no device elsewhere go
+    /// offline. One process does it (a lock), every process hears the changes.
+    async fn reap(&self, node: &str) -> Result<()> {
+        let locked: Option<String> = self
+            .client
+            .set(
+                self.node_key(node, "reap"),
+                1,
+                Some(Expiration::EX(30)),
+                Some(SetOptions::NX),
+                false,
+            )
+            .await
+            .map_err(fail)?;
+        if locked.is_none() {
+            return Ok(());
+        }
+        let users: Vec<String> = self
+            .client
+            .smembers(self.node_key(node, "users"))
+            .await
+            .map_err(fail)?;
+        tracing::info!(node, users = users.len(), "reaping a dead node's presence");
+        for user in users {
+            let now = now_ms();
+            let gone: i64 = self
+                .client
+                .eval(
+                    REAP_USER,
+                    vec![self.devs_key(&user), self.seen_key(&user)],
+                    vec![
+                        Value::from(node),
+                        Value::from(now),
+                        Value::from(SEEN_TTL_SECS),
+                    ],
+                )
+                .await
+                .map_err(fail)?;
+            if gone == 1 {
+                self.announce(&Status {
+                    user,
+                    online: false,
+                    last_seen: Some(now),
+                })
+                .await?;
+            }
+        }
+        let _: i64 = self
+            .client
+            .del(vec![
+                self.node_key(node, "users"),
+                self.node_key(node, "reap"),
+            ])
+            .await
+            .map_err(fail)?;
+        Ok(())
+    }
+
+    /// Writes everything this process registered again (after Redis restarted).
+    async fn reassert(&self) {
+        let (nodes, devices): (Vec<String>, Vec<(String, Location)>) = {
+            let local = self.local();
+            (
+                local.channels.keys().cloned().collect(),
+                local
+                    .devices
+                    .values()
+                    .flat_map(|users| {
+                        users.iter().flat_map(|(user, locations)| {
+                            locations.iter().map(move |l| (user.clone(), l.clone()))
+                        })
+                    })
+                    .collect(),
+            )
+        };
+        for node in &nodes {
+            if let Err(e) = self.mark_alive(node).await {
+                tracing::warn!(error = %e, node, "presence: liveness key not restored");
+            }
+        }
+        let mut restored = 0usize;
+        for (user, at) in devices {
+            match self.refresh(&user, &at).await {
+                Ok(()) => restored += 1,
+                Err(e) => tracing::warn!(error = %e, user, "presence: device not restored"),
+            }
+        }
+        tracing::info!(restored, "presence written again after a Redis reconnect");
+    }
+}
+
+async fn listen(shared: Weak<Shared>, mut rx: broadcast::Receiver<fred::types::Message>) {
+    loop {
+        let message = match rx.recv().await {
+            Ok(message) => message,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(skipped = n, "presence: pub/sub receiver lagged");
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let Some(text) = message.value.as_str() else {
+            continue;
+        };
+        let channel = message.channel.to_string();
+        if channel == shared.changes_channel() {
+            match serde_json::from_str::<Status>(&text) {
+                Ok(status) => {
+                    let _ = shared.changes.send(status);
+                }
+                Err(e) => tracing::warn!(error = %e, "presence: bad change message"),
+            }
+            continue;
+        }
+        let Some(node) = channel.strip_prefix(&format!("{}:deliver:", shared.config.prefix)) else {
+            continue;
+        };
+        let sender = shared.local().channels.get(node).cloned();
+        if let Some(sender) = sender {
+            match serde_json::from_str::<NodeDelivery>(&text) {
+                Ok(delivery) => {
+                    let _ = sender.send(delivery);
+                }
+                Err(e) => tracing::warn!(error = %e, node, "presence: bad delivery message"),
+            }
+        }
+    }
+}
+
+async fn expiries(shared: Weak<Shared>, mut rx: broadcast::Receiver<fred::types::KeyspaceEvent>) {
+    loop {
+        let event = match rx.recv().await {
+            Ok(event) => event,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(skipped = n, "presence: expiry receiver lagged");
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if event.operation != "expired" {
+            continue;
+        }
+        let Some(key) = event.key.as_str().map(str::to_owned) else {
+            continue;
+        };
+        let user_prefix = format!("{{{}:u:", shared.config.prefix);
+        let node_prefix = format!("{{{}:n:", shared.config.prefix);
+        if let Some(user) = key
+            .strip_prefix(&user_prefix)
+            .and_then(|k| k.strip_suffix("}:devs"))
+        {
+            // The user's last device timed out: every process hears this event, and each
+            // tells its own subscribers.
+            let now = now_ms();
+            let _: std::result::Result<Value, _> = shared
+                .client
+                .set(
+                    shared.seen_key(user),
+                    now,
+                    Some(Expiration::EX(SEEN_TTL_SECS)),
+                    None,
+                    false,
+                )
+                .await;
+            let _ = shared.changes.send(Status {
+                user: user.to_owned(),
+                online: false,
+                last_seen: Some(now),
+            });
+        } else if let Some(node) = key
+            .strip_prefix(&node_prefix)
+            .and_then(|k| k.strip_suffix("}:alive"))
+        {
+            let node = node.to_owned();
+            tokio::spawn(async move {
+                if let Err(e) = shared.reap(&node).await {
+                    tracing::warn!(error = %e, node, "presence: reaping a dead node failed");
+                }
+            });
+        }
+    }
+}
+
+async fn reassert_on_reconnect(
+    shared: Weak<Shared>,
+    mut rx: broadcast::Receiver<fred::types::config::Server>,
+) {
+    // The first connection is not a reconnect.
+    loop {
+        match rx.recv().await {
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        shared.reassert().await;
+    }
+}
+
+/// Refreshes a node's liveness key while its delivery channel is open in this process.
+async fn keep_alive(shared: Weak<Shared>, node: String) {
+    loop {
+        let Some(strong) = shared.upgrade() else {
+            return;
+        };
+        let open = strong
+            .local()
+            .channels
+            .get(&node)
+            .is_some_and(|c| !c.is_closed());
+        if !open {
+            return;
+        }
+        if let Err(e) = strong.mark_alive(&node).await {
+            tracing::warn!(error = %e, node, "presence: liveness key not refreshed");
+        }
+        let every = strong.config.node_ttl / 3;
+        drop(strong);
+        tokio::time::sleep(every).await;
+    }
+}
+
+impl PresenceService for RedisPresence {
+    async fn connect(&self, user: &str, at: &Location) -> Result<bool> {
+        let s = &self.shared;
+        let ttl = millis(s.config.ttl);
+        let now = now_ms();
+        let _: i64 = s
+            .client
+            .sadd(s.node_key(&at.node, "users"), user)
+            .await
+            .map_err(fail)?;
+        let came_online: i64 = s
+            .client
+            .eval(
+                CONNECT,
+                vec![s.devs_key(user)],
+                vec![
+                    Value::from(member(at)),
+                    Value::from(now + ttl),
+                    Value::from(now),
+                    Value::from(ttl),
+                ],
+            )
+            .await
+            .map_err(fail)?;
+        {
+            let mut local = s.local();
+            let devices = local
+                .devices
+                .entry(at.node.clone())
+                .or_default()
+                .entry(user.to_owned())
+                .or_default();
+            devices.retain(|l| l.conn != at.conn);
+            devices.push(at.clone());
+        }
+        if came_online == 1 {
+            s.announce(&Status {
+                user: user.to_owned(),
+                online: true,
+                last_seen: None,
+            })
+            .await?;
+        }
+        Ok(came_online == 1)
+    }
+
+    async fn disconnect(&self, user: &str, at: &Location) -> Result<bool> {
+        let s = &self.shared;
+        let last_on_node = {
+            let mut local = s.local();
+            let mut last = false;
+            if let Some(users) = local.devices.get_mut(&at.node) {
+                if let Some(devices) = users.get_mut(user) {
+                    devices.retain(|l| l.conn != at.conn);
+                    if devices.is_empty() {
+                        users.remove(user);
+                        last = true;
+                    }
+                }
+            }
+            last
+        };
+        let now = now_ms();
+        let went_offline: i64 = s
+            .client
+            .eval(
+                DISCONNECT,
+                vec![s.devs_key(user), s.seen_key(user)],
+                vec![
+                    Value::from(member(at)),
+                    Value::from(now),
+                    Value::from(SEEN_TTL_SECS),
+                ],
+            )
+            .await
+            .map_err(fail)?;
+        if last_on_node {
+            let _: i64 = s
+                .client
+                .srem(s.node_key(&at.node, "users"), user)
+                .await
+                .map_err(fail)?;
+        }
+        if went_offline == 1 {
+            s.announce(&Status {
+                user: user.to_owned(),
+                online: false,
+                last_seen: Some(now),
+            })
+            .await?;
+        }
+        Ok(went_offline == 1)
+    }
+
+    async fn heartbeat(&self, node: &str, users: &[String]) -> Result<()> {
+        let s = &self.shared;
+        let devices: Vec<(String, Location)> = {
+            let local = s.local();
+            let Some(on_node) = local.devices.get(node) else {
+                return Ok(());
+            };
+            users
+                .iter()
+                .filter_map(|u| on_node.get(u).map(|d| (u, d)))
+                .flat_map(|(u, d)| d.iter().map(move |l| (u.clone(), l.clone())))
+                .collect()
+        };
+        // Commands issued together are pipelined by the client.
+        let results =
+            futures_util::future::join_all(devices.iter().map(|(user, at)| s.refresh(user, at)))
+                .await;
+        results.into_iter().collect()
+    }
+
+    async fn status(&self, users: &[String]) -> Result<Vec<Status>> {
+        let s = &self.shared;
+        let now = now_ms() as f64;
+        let lookups = users.iter().map(|user| async move {
+            let live: i64 = s
+                .client
+                .zcount(s.devs_key(user), now, f64::INFINITY)
+                .await
+                .map_err(fail)?;
+            let seen: Option<i64> = if live > 0 {
+                None
+            } else {
+                s.client.get(s.seen_key(user)).await.map_err(fail)?
+            };
+            Ok(Status {
+                user: user.clone(),
+                online: live > 0,
+                last_seen: seen,
+            })
+        });
+        futures_util::future::try_join_all(lookups).await
+    }
+
+    async fn locate(&self, users: &[String]) -> Result<HashMap<String, Vec<Location>>> {
+        let s = &self.shared;
+        let now = now_ms() as f64;
+        let lookups = users.iter().map(|user| async move {
+            let members: Vec<String> = s
+                .client
+                .zrangebyscore(s.devs_key(user), now, f64::INFINITY, false, None)
+                .await
+                .map_err(fail)?;
+            Ok::<_, Error>((user, members))
+        });
+        let mut found = HashMap::new();
+        for (user, members) in futures_util::future::try_join_all(lookups).await? {
+            let here: Vec<Location> = members.iter().filter_map(|m| parse_member(m)).collect();
+            if !here.is_empty() {
+                found.insert(user.clone(), here);
+            }
+        }
+        Ok(found)
+    }
+
+    async fn publish(&self, node: &str, delivery: NodeDelivery) -> Result<()> {
+        let s = &self.shared;
+        let payload =
+            serde_json::to_string(&delivery).map_err(|e| Error::Backend(e.to_string()))?;
+        let _: i64 = s
+            .client
+            .publish(s.deliver_channel(node), payload)
+            .await
+            .map_err(fail)?;
+        Ok(())
+    }
+
+    async fn deliveries(&self, node: &str) -> Result<mpsc::UnboundedReceiver<NodeDelivery>> {
+        let s = &self.shared;
+        // A node that restarts under the same name left devices that are gone now.
+        let fresh = !s.local().devices.contains_key(node);
+        if fresh {
+            s.reap(node).await?;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        s.local().channels.insert(node.to_owned(), tx);
+        s.subscriber
+            .subscribe(s.deliver_channel(node))
+            .await
+            .map_err(fail)?;
+        s.mark_alive(node).await?;
+        tokio::spawn(keep_alive(Arc::downgrade(&self.shared), node.to_owned()));
+        Ok(rx)
+    }
+
+    fn changes(&self) -> broadcast::Receiver<Status> {
+        self.shared.changes.subscribe()
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let _: String = self.shared.client.ping(None).await.map_err(fail)?;
+        Ok(())
+    }
+}
