@@ -7,8 +7,10 @@ use tokio::sync::mpsc;
 use crate::envelope::{Envelope, PushEvent};
 use crate::error::{Error, Result};
 
+mod kafka;
 mod memory;
 
+pub use kafka::{KafkaConfig, KafkaLog};
 pub use memory::MemoryLog;
 
 /// What the dispatcher is told once it has dealt with a record.
@@ -40,7 +42,8 @@ impl Record {
     }
 
     /// Commits the record: `Ok` once it is persisted (the log may forget it), `Err` when
-    /// it failed. Dropping a record without committing it leaves it to be redelivered where
+    /// it could not be persisted: a log that already acknowledged it to its publisher
+    /// (Kafka) delivers it again, one that did not (in-process) fails the publisher. Dropping a record without committing it leaves it to be redelivered where
     /// the log can, or failed back to its publisher where it cannot.
     pub fn commit(self, outcome: Result<(), String>) {
         (self.commit)(outcome);
@@ -96,12 +99,14 @@ pub trait InboundLog: Send + Sync + 'static {
 #[derive(Clone, Debug)]
 pub enum Bus {
     Memory(MemoryLog),
+    Kafka(KafkaLog),
 }
 
 impl Bus {
     pub fn backend(&self) -> &'static str {
         match self {
             Bus::Memory(_) => "memory",
+            Bus::Kafka(_) => "kafka",
         }
     }
 }
@@ -110,6 +115,7 @@ impl InboundLog for Bus {
     async fn publish(&self, envelope: Envelope) -> Result<()> {
         let result = match self {
             Bus::Memory(log) => log.publish(envelope).await,
+            Bus::Kafka(log) => log.publish(envelope).await,
         };
         let outcome = match &result {
             Ok(()) => "ok",
@@ -122,16 +128,19 @@ impl InboundLog for Bus {
     async fn publish_push(&self, event: PushEvent) -> Result<()> {
         match self {
             Bus::Memory(log) => log.publish_push(event).await,
+            Bus::Kafka(log) => log.publish_push(event).await,
         }
     }
     async fn subscribe(&self) -> Result<mpsc::Receiver<Partition>> {
         match self {
             Bus::Memory(log) => log.subscribe().await,
+            Bus::Kafka(log) => log.subscribe().await,
         }
     }
     async fn ping(&self) -> Result<()> {
         match self {
             Bus::Memory(log) => log.ping().await,
+            Bus::Kafka(log) => log.ping().await,
         }
     }
 }

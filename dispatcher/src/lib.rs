@@ -11,7 +11,7 @@ pub mod dispatch;
 pub mod envelope;
 pub mod error;
 
-pub use bus::{Bus, InboundLog, MemoryLog, Partition, Record};
+pub use bus::{Bus, InboundLog, KafkaConfig, KafkaLog, MemoryLog, Partition, Record};
 pub use dispatch::Dispatcher;
 pub use envelope::{Envelope, PushEvent};
 pub use error::{Error, Result};

@@ -9,6 +9,7 @@
 pub mod crypto;
 pub mod error;
 pub mod model;
+pub mod resilience;
 pub mod store;
 
 pub use error::{Error, Result};

@@ -1,0 +1,535 @@
+//! The inbound log on Kafka: gateways produce, dispatchers consume in one consumer group.
+//!
+//! - Producer: idempotent, `acks=all`, 5 ms linger, lz4; `publish` resolves on the
+//!   broker's acknowledgement and fails within the publish timeout when the broker is
+//!   unreachable (a circuit breaker then fails fast until it is back).
+//! - Topics `<prefix>messages` and `<prefix>push`, created when missing with the configured
+//!   partition count. Records are JSON [`Envelope`]s keyed by [`Envelope::key`].
+//! - Consumer: cooperative-sticky assignment; offsets are *stored* only once the
+//!   dispatcher committed the record (persisted) and every earlier record of the partition
+//!   too, and auto-committed from there: at-least-once, and replays are harmless because
+//!   every store write is idempotent. A record the dispatcher could not persist is read
+//!   again: the partition seeks back to it after a jittered backoff.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message as _;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::statistics::Statistics;
+use rdkafka::{Offset, TopicPartitionList};
+use storage::resilience::{Breaker, Guarded};
+use tokio::sync::mpsc;
+
+use super::{InboundLog, Partition, Record};
+use crate::envelope::{Envelope, PushEvent};
+use crate::error::{Error, Result};
+
+/// How to reach Kafka and how the topics look.
+#[derive(Clone, Debug)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port…]`.
+    pub brokers: String,
+    /// Prepended to the topic names `messages` and `push`: `chat.` by default.
+    pub topic_prefix: String,
+    /// Partitions of a topic created here (an existing topic keeps its own).
+    pub partitions: u32,
+    /// Replication factor of a topic created here (3 in production; 1 on one broker).
+    pub replication: i32,
+    /// The consumer group every dispatcher joins.
+    pub group: String,
+    /// A publish fails with `unavailable` when the broker has not acknowledged it by then.
+    pub publish_timeout: Duration,
+    /// Records buffered per assigned partition between the consumer and the dispatcher.
+    pub partition_buffer: usize,
+}
+
+impl KafkaConfig {
+    pub fn new(brokers: impl Into<String>) -> Self {
+        KafkaConfig {
+            brokers: brokers.into(),
+            topic_prefix: "chat.".into(),
+            partitions: 8,
+            replication: 1,
+            group: "chat-dispatchers".into(),
+            publish_timeout: Duration::from_secs(5),
+            partition_buffer: 1024,
+        }
+    }
+
+    pub fn messages_topic(&self) -> String {
+        format!("{}messages", self.topic_prefix)
+    }
+
+    pub fn push_topic(&self) -> String {
+        format!("{}push", self.topic_prefix)
+    }
+}
+
+/// A cheap-clone handle to the Kafka log (one producer, shared).
+#[derive(Clone)]
+pub struct KafkaLog {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    config: KafkaConfig,
+    producer: FutureProducer,
+    breaker: Breaker,
+}
+
+impl std::fmt::Debug for KafkaLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaLog")
+            .field("brokers", &self.shared.config.brokers)
+            .field("topic_prefix", &self.shared.config.topic_prefix)
+            .finish()
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Error {
+    Error::Unavailable(e.to_string())
+}
+
+fn guarded(e: Guarded<Error>) -> Error {
+    match e {
+        Guarded::Inner(e) => e,
+        other => Error::Unavailable(other.to_string()),
+    }
+}
+
+fn is_unavailable(e: &Error) -> bool {
+    matches!(e, Error::Unavailable(_))
+}
+
+impl KafkaLog {
+    /// Creates the producer and the topics when missing. Fails when no broker answers
+    /// within the publish timeout.
+    pub async fn connect(config: KafkaConfig) -> Result<Self> {
+        let timeout_ms = config.publish_timeout.as_millis().to_string();
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &config.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("compression.type", "lz4")
+            .set("message.timeout.ms", &timeout_ms)
+            .set("socket.connection.setup.timeout.ms", &timeout_ms)
+            .set("reconnect.backoff.max.ms", "1000")
+            .create()
+            .map_err(unavailable)?;
+        let log = KafkaLog {
+            shared: Arc::new(Shared {
+                breaker: Breaker::new("kafka", config.publish_timeout + Duration::from_secs(1)),
+                config,
+                producer,
+            }),
+        };
+        log.ensure_topics().await?;
+        Ok(log)
+    }
+
+    async fn ensure_topics(&self) -> Result<()> {
+        let config = &self.shared.config;
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &config.brokers)
+            .create()
+            .map_err(unavailable)?;
+        let (messages, push) = (config.messages_topic(), config.push_topic());
+        let partitions = i32::try_from(config.partitions.max(1)).unwrap_or(i32::MAX);
+        let topics = [
+            NewTopic::new(
+                &messages,
+                partitions,
+                TopicReplication::Fixed(config.replication),
+            ),
+            NewTopic::new(
+                &push,
+                partitions,
+                TopicReplication::Fixed(config.replication),
+            ),
+        ];
+        let options = AdminOptions::new().operation_timeout(Some(config.publish_timeout));
+        let results = tokio::time::timeout(
+            config.publish_timeout * 2,
+            admin.create_topics(topics.iter(), &options),
+        )
+        .await
+        .map_err(|_| {
+            Error::Unavailable(format!(
+                "no Kafka broker at {} answered within {:?}",
+                config.brokers,
+                config.publish_timeout * 2
+            ))
+        })?
+        .map_err(unavailable)?;
+        for result in results {
+            match result {
+                Ok(topic) => tracing::info!(topic, partitions, "created Kafka topic"),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => {
+                    return Err(Error::Unavailable(format!(
+                        "creating Kafka topic {topic}: {code}"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn produce(&self, topic: &str, key: &str, payload: Vec<u8>) -> Result<()> {
+        let shared = &self.shared;
+        let send = async {
+            let record = FutureRecord::to(topic).key(key).payload(&payload);
+            shared
+                .producer
+                .send(record, shared.config.publish_timeout)
+                .await
+                .map(|_| ())
+                .map_err(|(e, _)| match e {
+                    KafkaError::MessageProduction(code)
+                        if matches!(
+                            code,
+                            RDKafkaErrorCode::MessageSizeTooLarge
+                                | RDKafkaErrorCode::InvalidMessage
+                        ) =>
+                    {
+                        Error::Rejected(format!("the broker refused the record: {code}"))
+                    }
+                    e => Error::Unavailable(format!("Kafka did not take the record: {e}")),
+                })
+        };
+        shared
+            .breaker
+            .call(is_unavailable, send)
+            .await
+            .map_err(guarded)
+    }
+}
+
+impl InboundLog for KafkaLog {
+    async fn publish(&self, envelope: Envelope) -> Result<()> {
+        let payload = serde_json::to_vec(&envelope).map_err(|e| Error::Rejected(e.to_string()))?;
+        self.produce(
+            &self.shared.config.messages_topic(),
+            &envelope.key(),
+            payload,
+        )
+        .await
+    }
+
+    async fn publish_push(&self, event: PushEvent) -> Result<()> {
+        let payload = serde_json::to_vec(&event).map_err(|e| Error::Rejected(e.to_string()))?;
+        self.produce(&self.shared.config.push_topic(), &event.user, payload)
+            .await?;
+        metrics::counter!("dispatcher_push_events_total").increment(1);
+        Ok(())
+    }
+
+    async fn subscribe(&self) -> Result<mpsc::Receiver<Partition>> {
+        let config = &self.shared.config;
+        let (events, rebalances) = mpsc::unbounded_channel();
+        let context = GroupContext {
+            events,
+            topic: config.messages_topic(),
+        };
+        let consumer: StreamConsumer<GroupContext> = ClientConfig::new()
+            .set("bootstrap.servers", &config.brokers)
+            .set("group.id", &config.group)
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "500")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "1000")
+            .set("statistics.interval.ms", "5000")
+            .set("reconnect.backoff.max.ms", "1000")
+            .create_with_context(context)
+            .map_err(unavailable)?;
+        consumer
+            .subscribe(&[&config.messages_topic()])
+            .map_err(unavailable)?;
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(pump(
+            Arc::new(consumer),
+            rebalances,
+            tx,
+            config.messages_topic(),
+            config.partition_buffer.max(1),
+        ));
+        Ok(rx)
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let shared = self.shared.clone();
+        let timeout = shared.config.publish_timeout;
+        tokio::task::spawn_blocking(move || {
+            shared
+                .producer
+                .client()
+                .fetch_metadata(Some(&shared.config.messages_topic()), timeout)
+                .map(|_| ())
+                .map_err(unavailable)
+        })
+        .await
+        .map_err(unavailable)?
+    }
+}
+
+enum GroupEvent {
+    Assigned(Vec<i32>),
+    Revoked(Vec<i32>),
+}
+
+/// Turns rebalances into events for the pump, commits what is stored before partitions
+/// go, and publishes the consumer lag.
+struct GroupContext {
+    events: mpsc::UnboundedSender<GroupEvent>,
+    topic: String,
+}
+
+impl GroupContext {
+    fn partitions(&self, list: &TopicPartitionList) -> Vec<i32> {
+        list.elements()
+            .iter()
+            .filter(|e| e.topic() == self.topic)
+            .map(|e| e.partition())
+            .collect()
+    }
+}
+
+impl ClientContext for GroupContext {
+    fn stats(&self, statistics: Statistics) {
+        if let Some(topic) = statistics.topics.get(&self.topic) {
+            for (id, partition) in &topic.partitions {
+                if *id >= 0 && partition.consumer_lag >= 0 {
+                    metrics::gauge!("dispatcher_consumer_lag", "partition" => id.to_string())
+                        .set(partition.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            let revoked = self.partitions(list);
+            tracing::info!(?revoked, "partitions revoked");
+            // Commit what was stored before another consumer takes these partitions over.
+            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                if !matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) {
+                    tracing::warn!(error = %e, "commit on revoke failed");
+                }
+            }
+            let _ = self.events.send(GroupEvent::Revoked(revoked));
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(list) => {
+                let assigned = self.partitions(list);
+                tracing::info!(?assigned, "partitions assigned");
+                let _ = self.events.send(GroupEvent::Assigned(assigned));
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance failed"),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+/// Offsets of one partition: which records are out with the dispatcher, what is stored.
+#[derive(Default)]
+struct Offsets {
+    /// Handed to the dispatcher and not yet persisted (or failed: kept until redone).
+    open: BTreeSet<i64>,
+    /// Highest offset handed out.
+    highest: i64,
+    /// Highest offset stored for commit (the next read starts after it).
+    stored: i64,
+    /// Consecutive failures, for the backoff before reading a failed record again.
+    failures: u32,
+    /// A seek back is scheduled.
+    rewinding: bool,
+}
+
+struct Feed {
+    records: mpsc::Sender<Record>,
+    offsets: Arc<Mutex<Offsets>>,
+}
+
+fn lock(offsets: &Mutex<Offsets>) -> MutexGuard<'_, Offsets> {
+    offsets.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Reads the consumer and feeds each assigned partition's records, in order, to its own
+/// [`Partition`]. Ends when the dispatcher drops the partition receiver.
+async fn pump(
+    consumer: Arc<StreamConsumer<GroupContext>>,
+    mut rebalances: mpsc::UnboundedReceiver<GroupEvent>,
+    partitions: mpsc::Sender<Partition>,
+    topic: String,
+    buffer: usize,
+) {
+    let mut feeds: HashMap<i32, Feed> = HashMap::new();
+    let open_feed = |id: i32, feeds: &mut HashMap<i32, Feed>| -> Option<mpsc::Sender<Record>> {
+        if let Some(feed) = feeds.get(&id) {
+            if !feed.records.is_closed() {
+                return Some(feed.records.clone());
+            }
+        }
+        let (tx, rx) = mpsc::channel(buffer);
+        let partition = Partition::new(u32::try_from(id).unwrap_or_default(), rx);
+        if partitions.try_send(partition).is_err() {
+            return None;
+        }
+        feeds.insert(
+            id,
+            Feed {
+                records: tx.clone(),
+                offsets: Arc::new(Mutex::new(Offsets {
+                    highest: -1,
+                    stored: -1,
+                    ..Offsets::default()
+                })),
+            },
+        );
+        Some(tx)
+    };
+    loop {
+        tokio::select! {
+            _ = partitions.closed() => break,
+            event = rebalances.recv() => match event {
+                Some(GroupEvent::Assigned(ids)) => {
+                    for id in ids {
+                        open_feed(id, &mut feeds);
+                    }
+                }
+                Some(GroupEvent::Revoked(ids)) => {
+                    for id in ids {
+                        // Dropping the sender ends that Partition once it is drained.
+                        feeds.remove(&id);
+                    }
+                }
+                None => break,
+            },
+            message = consumer.recv() => {
+                let message = match message {
+                    Ok(message) => message,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Kafka consumer error");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                };
+                let (id, offset) = (message.partition(), message.offset());
+                let envelope = match message.payload().map(serde_json::from_slice::<Envelope>) {
+                    Some(Ok(envelope)) => envelope,
+                    other => {
+                        // Not ours to fix by replaying: skip it, loudly.
+                        tracing::error!(partition = id, offset, ?other, "undecodable record skipped");
+                        metrics::counter!("dispatcher_undecodable_records_total").increment(1);
+                        let _ = consumer.store_offset(&topic, id, offset);
+                        continue;
+                    }
+                };
+                drop(message);
+                if !feeds.contains_key(&id) {
+                    open_feed(id, &mut feeds);
+                }
+                let Some(feed) = feeds.get(&id) else { continue };
+                let offsets = feed.offsets.clone();
+                let records = feed.records.clone();
+                {
+                    let mut o = lock(&offsets);
+                    o.open.insert(offset);
+                    o.highest = o.highest.max(offset);
+                }
+                let commit = {
+                    let (consumer, topic, offsets) = (consumer.clone(), topic.clone(), offsets.clone());
+                    move |outcome: std::result::Result<(), String>| {
+                        settle(&consumer, &topic, id, offset, &offsets, outcome);
+                    }
+                };
+                if records.send(Record::new(envelope, commit)).await.is_err() {
+                    // The dispatcher let go of this partition: read it again if reassigned.
+                    feeds.remove(&id);
+                }
+            }
+        }
+    }
+    tracing::info!("Kafka consumer stopped");
+}
+
+/// Records the dispatcher's verdict on one record: store the offset below which every
+/// record is persisted, or schedule a seek back to a record that failed.
+fn settle(
+    consumer: &Arc<StreamConsumer<GroupContext>>,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    offsets: &Arc<Mutex<Offsets>>,
+    outcome: std::result::Result<(), String>,
+) {
+    let mut o = lock(offsets);
+    match outcome {
+        Ok(()) => {
+            o.open.remove(&offset);
+            o.failures = 0;
+            let safe = match o.open.first() {
+                Some(first) => first - 1,
+                None => o.highest,
+            };
+            if safe > o.stored {
+                match consumer.store_offset(topic, partition, safe) {
+                    Ok(()) => o.stored = safe,
+                    Err(e) => {
+                        tracing::debug!(error = %e, partition, "offset not stored (revoked?)")
+                    }
+                }
+            }
+        }
+        Err(reason) => {
+            metrics::counter!("dispatcher_redeliveries_total").increment(1);
+            if o.rewinding {
+                return;
+            }
+            o.rewinding = true;
+            o.failures = o.failures.saturating_add(1);
+            // Full jitter over an exponential ceiling: 100 ms doubling, at most 5 s.
+            let ceiling = Duration::from_millis(100)
+                .saturating_mul(1u32 << o.failures.min(6))
+                .min(Duration::from_secs(5));
+            let wait = ceiling.mul_f64(rand::random::<f64>());
+            let to = o.open.first().copied().unwrap_or(offset).min(offset);
+            tracing::warn!(partition, offset = to, ?wait, %reason, "record not persisted: reading it again");
+            let (consumer, topic, offsets) = (consumer.clone(), topic.to_owned(), offsets.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                let seek = tokio::task::spawn_blocking(move || {
+                    consumer.seek(
+                        &topic,
+                        partition,
+                        Offset::Offset(to),
+                        Duration::from_secs(5),
+                    )
+                })
+                .await;
+                if let Ok(Err(e)) = seek {
+                    tracing::warn!(error = %e, partition, "seek back failed");
+                }
+                lock(&offsets).rewinding = false;
+            });
+        }
+    }
+}

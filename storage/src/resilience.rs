@@ -1,0 +1,115 @@
+//! The reliability patterns every distributed backend uses: a timeout on each call, a
+//! circuit breaker per backend that fails fast while the backend is down, and retries with
+//! exponential backoff and full jitter for idempotent operations.
+
+use std::future::Future;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
+use failsafe::backoff::EqualJittered;
+use failsafe::failure_policy::ConsecutiveFailures;
+use failsafe::futures::CircuitBreaker as _;
+use failsafe::{Config, StateMachine};
+
+/// Why a guarded call did not return the backend's own answer.
+#[derive(Debug, thiserror::Error)]
+pub enum Guarded<E> {
+    /// The breaker is open: the backend failed repeatedly and is left alone for a while.
+    #[error("circuit open: {0} failed repeatedly and is given a rest")]
+    Open(&'static str),
+    #[error("{0} did not answer within {1:?}")]
+    TimedOut(&'static str, Duration),
+    #[error(transparent)]
+    Inner(E),
+}
+
+/// A circuit breaker for one backend: it opens after 5 consecutive failures, rejects calls
+/// for 1 s (growing, jittered, up to 10 s while failures continue), then lets one call
+/// through to probe.
+#[derive(Clone)]
+pub struct Breaker {
+    name: &'static str,
+    machine: StateMachine<ConsecutiveFailures<EqualJittered>, ()>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Breaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Breaker")
+            .field("name", &self.name)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl Breaker {
+    /// `name` labels errors and metrics; `timeout` bounds every call made through it.
+    pub fn new(name: &'static str, timeout: Duration) -> Self {
+        let backoff =
+            failsafe::backoff::equal_jittered(Duration::from_secs(1), Duration::from_secs(10));
+        let policy = failsafe::failure_policy::consecutive_failures(5, backoff);
+        Breaker {
+            name,
+            machine: Config::new().failure_policy(policy).build(),
+            timeout,
+        }
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// True while calls are let through.
+    pub fn is_closed(&self) -> bool {
+        self.machine.is_call_permitted()
+    }
+
+    /// Runs one call under the timeout and the breaker. Only failures for which
+    /// `counts(&error)` holds (the backend's own failures, not answers about the request)
+    /// and timeouts count towards opening it.
+    pub async fn call<T, E, F>(&self, counts: fn(&E) -> bool, call: F) -> Result<T, Guarded<E>>
+    where
+        F: Future<Output = Result<T, E>>,
+    {
+        let timeout = self.timeout;
+        let timed = async move {
+            match tokio::time::timeout(timeout, call).await {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => Err(Guarded::Inner(e)),
+                Err(_) => Err(Guarded::TimedOut(self.name, timeout)),
+            }
+        };
+        let predicate = move |e: &Guarded<E>| match e {
+            Guarded::Inner(e) => counts(e),
+            _ => true,
+        };
+        match self.machine.call_with(predicate, timed).await {
+            Ok(v) => Ok(v),
+            Err(failsafe::Error::Rejected) => {
+                metrics::counter!("backend_rejected_total", "backend" => self.name).increment(1);
+                Err(Guarded::Open(self.name))
+            }
+            Err(failsafe::Error::Inner(e)) => Err(e),
+        }
+    }
+}
+
+/// Retries an idempotent operation on failures for which `retryable` holds: 4 attempts
+/// after the first, exponential backoff from 50 ms capped at 2 s, full jitter.
+pub async fn retry<T, E, F, Fut>(retryable: fn(&E) -> bool, op: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    // Full jitter: each wait is uniform in [0, the exponential delay].
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .with_max_times(4)
+        .build()
+        .map(|delay| delay.mul_f64(rand::random::<f64>()));
+    op.retry(backoff)
+        .sleep(tokio::time::sleep)
+        .when(retryable)
+        .await
+}
