@@ -12,9 +12,11 @@ pub mod model;
 pub mod resilience;
 pub mod store;
 
+/// The CQL consistency levels, for [`ScyllaConfig::consistency`].
+pub use ::scylla::statement::Consistency;
 pub use error::{Error, Result};
 pub use model::{
     is_valid_id, ts_of, AckedMessage, Appended, Conversation, Group, Message, NewMessage, Receipt,
     ReceiptStatus, MAX_GROUP_MEMBERS,
 };
-pub use store::{EmbeddedConfig, EmbeddedStore, MessageStore, Store};
+pub use store::{EmbeddedConfig, EmbeddedStore, MessageStore, ScyllaConfig, ScyllaStore, Store};

@@ -9,7 +9,9 @@ use crate::error::Result;
 use crate::model::{AckedMessage, Appended, Conversation, Group, Message, NewMessage, Receipt};
 
 mod embedded;
+mod scylla;
 
+pub use self::scylla::{ScyllaConfig, ScyllaStore};
 pub use embedded::{EmbeddedConfig, EmbeddedStore};
 
 /// What every message store does. Each operation is durable when it returns `Ok` and
@@ -113,6 +115,7 @@ pub trait MessageStore: Send + Sync + 'static {
 #[derive(Clone, Debug)]
 pub enum Store {
     Embedded(EmbeddedStore),
+    Scylla(ScyllaStore),
 }
 
 macro_rules! observed {
@@ -120,6 +123,7 @@ macro_rules! observed {
         let started = Instant::now();
         let result = match $self {
             Store::Embedded($backend) => $call.await,
+            Store::Scylla($backend) => $call.await,
         };
         record($op, started, result.is_ok());
         result
@@ -137,6 +141,7 @@ impl Store {
     pub fn backend(&self) -> &'static str {
         match self {
             Store::Embedded(_) => "embedded",
+            Store::Scylla(_) => "scylla",
         }
     }
 }
