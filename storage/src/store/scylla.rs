@@ -490,7 +490,7 @@ async fn migrate(session: &Session, config: &ScyllaConfig) -> Result<()> {
     outcome
 }
 
-async fn run_migrations<'a, F, Fut>(session: &Session, ks: &str, ddl: &F) -> Result<()>
+async fn run_migrations<F, Fut>(session: &Session, ks: &str, ddl: &F) -> Result<()>
 where
     F: Fn(String) -> Fut,
     Fut: std::future::Future<Output = Result<scylla::response::query_result::QueryResult>>,
