@@ -30,3 +30,10 @@ set -a
 . "$state/servers.env"
 set +a
 cargo test --workspace --locked "$@"
+
+# The end-to-end protocol suite again, against a cluster of 2 gateways and 2 dispatchers
+# on the real servers (each test its own keyspace, topics, group and key prefix; two at a
+# time, to keep the single Cassandra node's schema changes quick).
+CHAT_TEST_CLUSTER=1 cargo test -p gateway --locked \
+  --test connecting --test frames --test guarantees --test limits --test push \
+  "$@" -- --test-threads=2

@@ -1,6 +1,8 @@
 //! The inbound log contract and the enum of backends that is what actually runs.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
@@ -59,16 +61,33 @@ impl Record {
 pub struct Partition {
     pub id: u32,
     records: mpsc::Receiver<Record>,
+    /// Set when the log took the partition away: what is still buffered belongs to its
+    /// next owner, who reads it again from the committed offset.
+    revoked: Arc<AtomicBool>,
 }
 
 impl Partition {
     pub fn new(id: u32, records: mpsc::Receiver<Record>) -> Self {
-        Partition { id, records }
+        Partition::revocable(id, records).0
+    }
+
+    /// A partition and the flag that revokes it.
+    pub fn revocable(id: u32, records: mpsc::Receiver<Record>) -> (Self, Arc<AtomicBool>) {
+        let revoked = Arc::new(AtomicBool::new(false));
+        let partition = Partition {
+            id,
+            records,
+            revoked: revoked.clone(),
+        };
+        (partition, revoked)
     }
 
     /// Waits for at least one record and takes up to `max` of those already waiting.
     /// `None` when the partition was revoked or the log closed.
     pub async fn next_batch(&mut self, max: usize) -> Option<Vec<Record>> {
+        if self.revoked.load(Ordering::Acquire) {
+            return None;
+        }
         let mut batch = Vec::new();
         match self.records.recv_many(&mut batch, max).await {
             0 => None,

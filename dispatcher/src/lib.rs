@@ -6,10 +6,12 @@
 //! route to the nodes holding the recipients, or leave the message pending and emit a
 //! push-notification event. It knows nothing of WebSockets or of the client protocol.
 
+pub mod backends;
 pub mod bus;
 pub mod dispatch;
 pub mod envelope;
 pub mod error;
+pub mod metrics;
 
 pub use bus::{Bus, InboundLog, KafkaConfig, KafkaLog, MemoryLog, Partition, Record};
 pub use dispatch::Dispatcher;

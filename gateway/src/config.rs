@@ -13,9 +13,11 @@ pub enum LogFormat {
     Json,
 }
 
-/// With no backend configured (today: always) the gateway runs the whole system in one
-/// process: the dispatcher on an in-process partitioned log, the embedded store in
-/// `--data-dir`, and in-memory presence; dev mode is then on unless `--dev false`.
+/// With no backend configured the gateway runs the whole system in one process: the
+/// dispatcher on an in-process partitioned log, the embedded store in `--data-dir`, and
+/// in-memory presence; dev mode is then on unless `--dev false`. With `--kafka-brokers`,
+/// `--scylla-nodes` and `--redis-url` it is one gateway of a distributed cluster (run
+/// `dispatcher` processes beside it); dev mode is then off unless `--dev true`.
 #[derive(Clone, Debug, Parser)]
 #[command(
     name = "gateway",
@@ -123,6 +125,9 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
+
+    #[command(flatten)]
+    pub backends: dispatcher::backends::BackendArgs,
 }
 
 impl Config {
@@ -131,8 +136,14 @@ impl Config {
         Config::parse_from(["gateway"])
     }
 
+    /// Dev mode: on by default in embedded mode, off by default when distributed.
     pub fn dev_mode(&self) -> bool {
-        self.dev.unwrap_or(true)
+        self.dev.unwrap_or(!self.is_distributed())
+    }
+
+    /// Whether the distributed backends are configured (`validate` refuses half of them).
+    pub fn is_distributed(&self) -> bool {
+        self.backends.distributed().unwrap_or(false)
     }
 
     pub fn heartbeat(&self) -> Duration {
@@ -157,6 +168,14 @@ impl Config {
 
     /// Checks what clap cannot: combinations and bounds between flags.
     pub fn validate(&self) -> Result<(), String> {
+        let distributed = self.backends.distributed()?;
+        if distributed && self.keys.is_none() && self.keys_file.is_none() {
+            return Err(
+                "distributed mode needs the at-rest key ring shared by every process: \
+                 set STORAGE_KEYS or STORAGE_KEYS_FILE"
+                    .into(),
+            );
+        }
         if !self.dev_mode() && self.jwt_secret.as_deref().is_none_or(str::is_empty) {
             return Err("--jwt-secret (GATEWAY_JWT_SECRET) is required outside dev mode".into());
         }

@@ -19,7 +19,7 @@ use hyper_util::service::TowerToHyperService;
 use presence::{MemoryPresence, Presence, PresenceService};
 use serde::Deserialize;
 use serde_json::json;
-use storage::crypto::KeySource;
+use storage::crypto::{KeySource, Keyring};
 use storage::{EmbeddedConfig, EmbeddedStore, Store};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -56,8 +56,8 @@ impl Running {
     }
 }
 
-/// Binds both ports, opens the embedded backends, starts the in-process dispatcher, and
-/// serves until [`Running::shutdown`].
+/// Binds both ports, connects the distributed backends or opens the embedded ones (and
+/// starts the in-process dispatcher), and serves until [`Running::shutdown`].
 pub async fn start(config: Config) -> Result<Running, Error> {
     config.validate().map_err(Error::Config)?;
     let client = TcpListener::bind(config.listen)
@@ -84,26 +84,38 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         _ => dev_secret(&config.data_dir)?,
     };
 
-    // The embedded system: no backend is configured.
     let keys = match (&config.keys_file, &config.keys) {
         (Some(path), _) => KeySource::File(path.clone()),
         (None, Some(inline)) => KeySource::Inline(inline.clone()),
         (None, None) => KeySource::DevGenerated,
     };
-    let store = Store::Embedded(
-        EmbeddedStore::open(EmbeddedConfig {
-            data_dir: config.data_dir.clone(),
-            keys,
-            idempotency_ttl: Duration::from_secs(48 * 3600),
-        })
-        .await?,
-    );
-    let presence = Presence::Memory(MemoryPresence::new(config.presence_ttl()));
-    let bus = Bus::Memory(MemoryLog::new(config.partitions, 1024));
     let dispatcher_stop = CancellationToken::new();
-    let dispatcher = tokio::spawn(
-        Dispatcher::new(store.clone(), presence.clone(), bus.clone()).run(dispatcher_stop.clone()),
-    );
+    let (store, presence, bus, dispatcher) = if config.is_distributed() {
+        // One gateway of a cluster: dispatchers run as their own processes.
+        let keys = Keyring::load(&keys, &config.data_dir)?;
+        let (store, presence, bus) = config
+            .backends
+            .connect(keys, config.presence_ttl(), config.backend_timeout())
+            .await?;
+        (store, presence, bus, None)
+    } else {
+        // The embedded system: no backend is configured.
+        let store = Store::Embedded(
+            EmbeddedStore::open(EmbeddedConfig {
+                data_dir: config.data_dir.clone(),
+                keys,
+                idempotency_ttl: Duration::from_secs(48 * 3600),
+            })
+            .await?,
+        );
+        let presence = Presence::Memory(MemoryPresence::new(config.presence_ttl()));
+        let bus = Bus::Memory(MemoryLog::new(config.partitions, 1024));
+        let dispatcher = tokio::spawn(
+            Dispatcher::new(store.clone(), presence.clone(), bus.clone())
+                .run(dispatcher_stop.clone()),
+        );
+        (store, presence, bus, Some(dispatcher))
+    };
 
     let deliveries = presence.deliveries(&node).await?;
     let app = Arc::new(App::new(
@@ -120,8 +132,10 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         admin = %admin_addr,
         node = %node,
         dev = app.config.dev_mode(),
-        data_dir = %app.config.data_dir.display(),
-        "gateway ready (embedded mode)"
+        store = app.store.backend(),
+        presence = app.presence.backend(),
+        bus = app.bus.backend(),
+        "gateway ready"
     );
 
     let shutdown = CancellationToken::new();
@@ -166,7 +180,7 @@ async fn run(
     mut deliveries: tokio::sync::mpsc::UnboundedReceiver<presence::NodeDelivery>,
     shutdown: CancellationToken,
     dispatcher_stop: CancellationToken,
-    dispatcher: JoinHandle<dispatcher::Result<()>>,
+    dispatcher: Option<JoinHandle<dispatcher::Result<()>>>,
 ) {
     let background = CancellationToken::new();
 
@@ -298,10 +312,12 @@ async fn run(
     background.cancel();
     let _ = tokio::join!(router_task, presence_task, heartbeat_task);
     dispatcher_stop.cancel();
-    match dispatcher.await {
-        Ok(Err(e)) => tracing::error!(error = %e, "dispatcher failed"),
-        Err(e) => tracing::error!(error = %e, "dispatcher task failed"),
-        Ok(Ok(())) => {}
+    if let Some(dispatcher) = dispatcher {
+        match dispatcher.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "dispatcher failed"),
+            Err(e) => tracing::error!(error = %e, "dispatcher task failed"),
+            Ok(Ok(())) => {}
+        }
     }
     admin_stop.cancel();
     let _ = admin_server.await;

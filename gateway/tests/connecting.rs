@@ -54,7 +54,7 @@ async fn a_token_in_the_query_or_the_header_connects_and_welcome_comes_first() {
     let welcome: Value = serde_json::from_str(first.to_text().expect("text")).expect("json");
     assert_eq!(
         welcome,
-        json!({"type":"welcome","user":"alice","device":"phone-1","node":"test-node","heartbeat_s":30})
+        json!({"type":"welcome","user":"alice","device":"phone-1","node":gw.node(),"heartbeat_s":30})
     );
 
     let client = gw.connect("bob").await;
@@ -71,7 +71,7 @@ async fn an_invalid_device_id_is_refused() {
 
 #[tokio::test]
 async fn dev_mode_mints_tokens_and_serves_the_demo_page() {
-    let gw = start(|_| {}).await;
+    let gw = start(|c| c.dev = Some(true)).await;
     let http = reqwest::Client::new();
     let response = http
         .post(gw.http("/dev/token"))
@@ -192,7 +192,7 @@ async fn operator_endpoints_report_health_readiness_and_metrics() {
     assert_eq!(ready.status(), 200);
     let body: Value = ready.json().await.expect("json");
     assert_eq!(body["status"], "ready");
-    for check in ["store:embedded", "presence:memory", "bus:memory"] {
+    for check in gw.backend_checks() {
         assert_eq!(body["checks"][check], "ok", "{body}");
     }
     assert!(gw.metric("gateway_connections_active").await >= 1.0);

@@ -118,6 +118,7 @@ async fn typing_reaches_the_other_members_only() {
 async fn history_pages_newest_first_with_before_and_limit() {
     let gw = start(|_| {}).await;
     let mut alice = gw.connect("alice").await;
+    let mut bob = gw.connect("bob").await;
     let mut ids = Vec::new();
     for i in 0..7 {
         ids.push(
@@ -126,6 +127,11 @@ async fn history_pages_newest_first_with_before_and_limit() {
                 .await["message_id"]
                 .clone(),
         );
+    }
+    // Delivery follows persistence: once bob has every message, history has them too
+    // (in a cluster, `sent` comes from Kafka and a dispatcher persists just after).
+    for id in &ids {
+        assert_eq!(&bob.recv_type("message").await["message_id"], id);
     }
     alice
         .send(json!({"type":"history","ref":"h1","conversation":"dm:alice:bob","limit":3}))
@@ -155,11 +161,7 @@ async fn history_pages_newest_first_with_before_and_limit() {
     assert_eq!(page["messages"].as_array().map(Vec::len), Some(4));
     assert_eq!(page["messages"][3]["message_id"], ids[0]);
 
-    // The same for the other reader (after the pending messages every connect starts with).
-    let mut bob = gw.connect("bob").await;
-    for id in &ids {
-        assert_eq!(&bob.recv_type("message").await["message_id"], id);
-    }
+    // The same for the other reader.
     bob.send(json!({"type":"history","ref":"b","conversation":"dm:alice:bob"}))
         .await;
     let page = bob.recv_type("history").await;

@@ -192,7 +192,16 @@ async fn a_client_that_cannot_keep_up_is_closed_with_1008_and_gets_everything_on
         ids.insert(sent["message_id"].as_str().unwrap_or("").to_owned());
     }
     let ended = bob.ended().await;
-    assert_eq!(ended.code(), Some(1008), "{ended:?}");
+    if common::cluster_mode() {
+        // Behind megabytes of unread frames the close frame may not get through before
+        // the server gives up on the socket: closed or dropped, it is over.
+        assert!(
+            ended.code() == Some(1008) || matches!(ended, common::Ended::Dropped(_)),
+            "{ended:?}"
+        );
+    } else {
+        assert_eq!(ended.code(), Some(1008), "{ended:?}");
+    }
 
     let mut bob = gw.connect("bob").await;
     let mut got = BTreeSet::new();
@@ -235,6 +244,9 @@ async fn no_pong_within_two_heartbeats_closes_the_connection() {
 
 #[tokio::test]
 async fn a_draining_gateway_closes_with_1012_and_nothing_is_lost() {
+    if common::cluster_mode() {
+        return a_draining_node_of_a_cluster_hands_its_clients_to_the_other().await;
+    }
     let gw = start(|_| {}).await;
     let mut alice = gw.connect("alice").await;
     let mut bob = gw.connect("bob").await;
@@ -256,4 +268,25 @@ async fn a_draining_gateway_closes_with_1012_and_nothing_is_lost() {
     let mut bob = gw.connect("bob").await;
     let message: Value = bob.recv_type("message").await;
     assert_eq!(message["message_id"], sent["message_id"]);
+}
+
+/// In a cluster: alice is on the first gateway and bob on the second; the first drains,
+/// alice reconnects (to the second) and carries on; bob gets everything.
+async fn a_draining_node_of_a_cluster_hands_its_clients_to_the_other() {
+    let mut gw = start(|_| {}).await;
+    let mut alice = gw.connect("alice").await;
+    let mut bob = gw.connect("bob").await;
+    let before = alice.send_message("bob", "before the deploy", "c-1").await;
+    let draining = gw.drain_first();
+    let ended = alice.ended().await;
+    assert_eq!(ended.code(), Some(1012), "{ended:?}");
+    draining.await;
+    let mut alice = gw.connect("alice").await;
+    let after = alice.send_message("bob", "after the deploy", "c-2").await;
+    for sent in [before, after] {
+        assert_eq!(
+            bob.recv_type("message").await["message_id"],
+            sent["message_id"]
+        );
+    }
 }

@@ -46,7 +46,7 @@ impl Backend for Scylla {
         let mut config = ScyllaConfig::new(nodes.split(',').map(str::to_owned).collect(), keys);
         // Every test its own keyspace on the shared node, replication 1 (one node).
         config.keyspace = format!("t{}", Uuid::new_v4().simple());
-        config.replication = 1;
+        config.replication = Some(1);
         config.consistency = storage::Consistency::LocalQuorum;
         let store = ScyllaStore::connect(config)
             .await

@@ -42,8 +42,9 @@ pub struct KafkaConfig {
     pub topic_prefix: String,
     /// Partitions of a topic created here (an existing topic keeps its own).
     pub partitions: u32,
-    /// Replication factor of a topic created here (3 in production; 1 on one broker).
-    pub replication: i32,
+    /// Replication factor of a topic created here. `None`: 3, or the broker count when
+    /// the cluster has fewer brokers.
+    pub replication: Option<i32>,
     /// The consumer group every dispatcher joins.
     pub group: String,
     /// A publish fails with `unavailable` when the broker has not acknowledged it by then.
@@ -58,7 +59,7 @@ impl KafkaConfig {
             brokers: brokers.into(),
             topic_prefix: "chat.".into(),
             partitions: 8,
-            replication: 1,
+            replication: None,
             group: "chat-dispatchers".into(),
             publish_timeout: Duration::from_secs(5),
             partition_buffer: 1024,
@@ -145,17 +146,32 @@ impl KafkaLog {
             .map_err(unavailable)?;
         let (messages, push) = (config.messages_topic(), config.push_topic());
         let partitions = i32::try_from(config.partitions.max(1)).unwrap_or(i32::MAX);
+        let replication = match config.replication {
+            Some(r) => r,
+            None => {
+                let shared = self.shared.clone();
+                let timeout = config.publish_timeout;
+                let brokers = tokio::task::spawn_blocking(move || {
+                    shared
+                        .producer
+                        .client()
+                        .fetch_metadata(None, timeout)
+                        .map(|m| m.brokers().len())
+                })
+                .await
+                .map_err(unavailable)?
+                .map_err(|e| {
+                    Error::Unavailable(format!(
+                        "no Kafka broker at {} answered: {e}",
+                        config.brokers
+                    ))
+                })?;
+                i32::try_from(brokers.clamp(1, 3)).unwrap_or(1)
+            }
+        };
         let topics = [
-            NewTopic::new(
-                &messages,
-                partitions,
-                TopicReplication::Fixed(config.replication),
-            ),
-            NewTopic::new(
-                &push,
-                partitions,
-                TopicReplication::Fixed(config.replication),
-            ),
+            NewTopic::new(&messages, partitions, TopicReplication::Fixed(replication)),
+            NewTopic::new(&push, partitions, TopicReplication::Fixed(replication)),
         ];
         let options = AdminOptions::new().operation_timeout(Some(config.publish_timeout));
         let results = tokio::time::timeout(
@@ -366,6 +382,7 @@ struct Offsets {
 struct Feed {
     records: mpsc::Sender<Record>,
     offsets: Arc<Mutex<Offsets>>,
+    revoked: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn lock(offsets: &Mutex<Offsets>) -> MutexGuard<'_, Offsets> {
@@ -389,7 +406,7 @@ async fn pump(
             }
         }
         let (tx, rx) = mpsc::channel(buffer);
-        let partition = Partition::new(u32::try_from(id).unwrap_or_default(), rx);
+        let (partition, revoked) = Partition::revocable(u32::try_from(id).unwrap_or_default(), rx);
         if partitions.try_send(partition).is_err() {
             return None;
         }
@@ -402,6 +419,7 @@ async fn pump(
                     stored: -1,
                     ..Offsets::default()
                 })),
+                revoked,
             },
         );
         Some(tx)
@@ -417,8 +435,11 @@ async fn pump(
                 }
                 Some(GroupEvent::Revoked(ids)) => {
                     for id in ids {
-                        // Dropping the sender ends that Partition once it is drained.
-                        feeds.remove(&id);
+                        // The dispatcher stops taking this partition's records; its next
+                        // owner reads them again from the committed offset.
+                        if let Some(feed) = feeds.remove(&id) {
+                            feed.revoked.store(true, std::sync::atomic::Ordering::Release);
+                        }
                     }
                 }
                 None => break,

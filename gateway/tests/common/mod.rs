@@ -19,18 +19,124 @@ pub const SECRET: &str = "test-secret";
 /// Upper bound on waiting for any one expected event.
 pub const WAIT: Duration = Duration::from_secs(15);
 
+/// The system under test: one embedded gateway, or, when `CHAT_TEST_CLUSTER` is set, a
+/// distributed cluster of two gateways and two dispatchers on the real Kafka, CQL and
+/// Redis servers named by `TEST_KAFKA_BROKERS`, `TEST_SCYLLA_NODES` and `TEST_REDIS_URL`.
+/// In a cluster, successive connections alternate between the gateways, so a test's
+/// sender and recipient sit on different nodes.
 pub struct TestGateway {
     pub running: Option<Running>,
     pub client_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub dir: tempfile::TempDir,
     auth: Auth,
+    cluster: Option<Cluster>,
 }
 
-/// Starts a gateway on a fresh data dir; `tune` adjusts the configuration first.
-pub async fn start(tune: impl FnOnce(&mut Config)) -> TestGateway {
+/// The second gateway and the two dispatchers of a test cluster.
+struct Cluster {
+    peer: Option<Running>,
+    peer_addr: SocketAddr,
+    dispatchers: Vec<(
+        tokio_util::sync::CancellationToken,
+        tokio::task::JoinHandle<()>,
+    )>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+/// Whether this run exercises the distributed cluster (`CHAT_TEST_CLUSTER`).
+pub fn cluster_mode() -> bool {
+    std::env::var_os("CHAT_TEST_CLUSTER").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+fn server(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("CHAT_TEST_CLUSTER is set but {var} is not: run ./infra/test.sh, which starts the servers")
+    })
+}
+
+/// The shared key ring of a test cluster.
+const CLUSTER_KEYS: &str = "1:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+/// Points a configuration at the test servers, under names of its own (`tag`).
+fn distributed(config: &mut Config, tag: &str) {
+    let b = &mut config.backends;
+    b.kafka_brokers = Some(server("TEST_KAFKA_BROKERS"));
+    b.kafka_topic_prefix = format!("{tag}.");
+    b.kafka_partitions = 4;
+    b.kafka_replication = Some(1);
+    b.kafka_group = format!("{tag}-dispatchers");
+    b.scylla_nodes = server("TEST_SCYLLA_NODES")
+        .split(',')
+        .map(str::to_owned)
+        .collect();
+    b.scylla_keyspace = tag.replace('-', "_");
+    b.scylla_replication = Some(1);
+    b.redis_url = Some(server("TEST_REDIS_URL"));
+    b.redis_prefix = tag.to_owned();
+    b.node_ttl_secs = 3;
+    config.keys = Some(CLUSTER_KEYS.into());
+}
+
+/// Starts the system under test on a fresh data dir; `tune` adjusts the configuration of
+/// each gateway first.
+pub async fn start(tune: impl Fn(&mut Config)) -> TestGateway {
     let dir = tempfile::tempdir().expect("tempdir");
-    start_in(dir, tune).await
+    if cluster_mode() {
+        start_cluster(dir, tune).await
+    } else {
+        start_in(dir, tune).await
+    }
+}
+
+async fn start_cluster(dir: tempfile::TempDir, tune: impl Fn(&mut Config)) -> TestGateway {
+    let tag = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let config = |node: &str| {
+        let mut config = Config::defaults();
+        config.listen = "127.0.0.1:0".parse().expect("addr");
+        config.admin_listen = "127.0.0.1:0".parse().expect("addr");
+        config.data_dir = dir.path().to_path_buf();
+        config.jwt_secret = Some(SECRET.into());
+        config.node_id = Some(format!("{tag}-{node}"));
+        config.drain_secs = 1;
+        distributed(&mut config, &tag);
+        tune(&mut config);
+        config
+    };
+    // The first gateway creates the keyspace and topics; the rest find them.
+    let first = gateway::start(config("a")).await.expect("gateway a starts");
+    let second = gateway::start(config("b")).await.expect("gateway b starts");
+    let mut dispatchers = Vec::new();
+    let template = config("dispatcher");
+    for _ in 0..2 {
+        let keys = storage::crypto::Keyring::parse(CLUSTER_KEYS).expect("keys");
+        let (store, presence, bus) = template
+            .backends
+            .connect(keys, template.presence_ttl(), template.backend_timeout())
+            .await
+            .expect("dispatcher backends");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let run = dispatcher::Dispatcher::new(store, presence, bus).run(stop.clone());
+        let task = tokio::spawn(async move {
+            if let Err(e) = run.await {
+                eprintln!("dispatcher failed: {e}");
+            }
+        });
+        dispatchers.push((stop, task));
+    }
+    TestGateway {
+        client_addr: first.client_addr,
+        admin_addr: first.admin_addr,
+        running: Some(first),
+        dir,
+        auth: Auth::new(SECRET.as_bytes()),
+        cluster: Some(Cluster {
+            peer_addr: second.client_addr,
+            peer: Some(second),
+            dispatchers,
+            next: std::sync::atomic::AtomicUsize::new(0),
+        }),
+    }
 }
 
 /// Starts a gateway on an existing data dir.
@@ -50,10 +156,28 @@ pub async fn start_in(dir: tempfile::TempDir, tune: impl FnOnce(&mut Config)) ->
         running: Some(running),
         dir,
         auth: Auth::new(SECRET.as_bytes()),
+        cluster: None,
     }
 }
 
 impl TestGateway {
+    /// The first gateway's node name.
+    pub fn node(&self) -> String {
+        self.running
+            .as_ref()
+            .map(|r| r.node.clone())
+            .unwrap_or_default()
+    }
+
+    /// The backends `/readyz` reports in this mode.
+    pub fn backend_checks(&self) -> [&'static str; 3] {
+        if self.cluster.is_some() {
+            ["store:scylla", "presence:redis", "bus:kafka"]
+        } else {
+            ["store:embedded", "presence:memory", "bus:memory"]
+        }
+    }
+
     pub fn token(&self, user: &str) -> String {
         self.auth.mint(user, Duration::from_secs(3600))
     }
@@ -74,16 +198,60 @@ impl TestGateway {
         self.connect_device(user, "default").await
     }
 
+    /// Connects a device; in a cluster, to each gateway in turn.
     pub async fn connect_device(&self, user: &str, device: &str) -> Client {
-        let url = self.ws_url(&format!("?device={device}"));
+        let addr = match &self.cluster {
+            Some(cluster) => {
+                let n = cluster
+                    .next
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if n % 2 == 0 {
+                    self.client_addr
+                } else {
+                    cluster.peer_addr
+                }
+            }
+            None => self.client_addr,
+        };
+        let url = format!("ws://{addr}/ws?device={device}");
         connect_url(&url, &self.token(user), user).await
     }
 
-    /// Drains and stops the gateway, returning its data dir for a restart.
+    /// Cluster only: drains the first gateway; later connections all go to the second.
+    pub fn drain_first(&mut self) -> impl std::future::Future<Output = ()> + use<> {
+        let running = self.running.take();
+        if let Some(cluster) = &self.cluster {
+            self.client_addr = cluster.peer_addr;
+            cluster.next.store(0, std::sync::atomic::Ordering::Relaxed);
+        }
+        let only_peer = self.cluster.as_ref().map(|c| c.peer_addr);
+        if let (Some(cluster), Some(peer)) = (self.cluster.as_mut(), only_peer) {
+            // Every later connect goes to the survivor.
+            cluster.peer_addr = peer;
+        }
+        async move {
+            if let Some(running) = running {
+                running.shutdown();
+                running.wait().await;
+            }
+        }
+    }
+
+    /// Drains and stops the system, returning its data dir for a restart.
     pub async fn stop(mut self) -> tempfile::TempDir {
         if let Some(running) = self.running.take() {
             running.shutdown();
             running.wait().await;
+        }
+        if let Some(mut cluster) = self.cluster.take() {
+            if let Some(peer) = cluster.peer.take() {
+                peer.shutdown();
+                peer.wait().await;
+            }
+            for (stop, task) in cluster.dispatchers {
+                stop.cancel();
+                let _ = task.await;
+            }
         }
         self.dir
     }
@@ -128,6 +296,8 @@ pub async fn connect_url(url: &str, token: &str, user: &str) -> Client {
         ws,
         user: user.into(),
         welcome: Value::Null,
+        seen: Default::default(),
+        duplicates: 0,
     };
     client.welcome = client.recv().await;
     assert_eq!(
@@ -154,6 +324,11 @@ pub struct Client {
     pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     pub user: String,
     pub welcome: Value,
+    /// Message ids this connection has received, to drop repeats as the protocol tells
+    /// clients to (guarantee 3: a device may see a message twice before its ack lands).
+    seen: std::collections::HashSet<String>,
+    /// How many repeated `message` frames were dropped.
+    pub duplicates: usize,
 }
 
 /// How a connection ended, as the client saw it.
@@ -181,8 +356,24 @@ impl Client {
         self.ws.send(Message::text(text)).await.expect("send");
     }
 
-    /// The next text frame, as JSON.
+    /// The next text frame, as JSON; a `message` frame whose id this connection already
+    /// received is dropped, as a client does.
     pub async fn recv(&mut self) -> Value {
+        loop {
+            let frame = self.recv_raw().await;
+            if frame["type"] == "message" {
+                let id = frame["message_id"].as_str().unwrap_or_default().to_owned();
+                if !self.seen.insert(id) {
+                    self.duplicates += 1;
+                    continue;
+                }
+            }
+            return frame;
+        }
+    }
+
+    /// The next text frame, as JSON, repeats included.
+    pub async fn recv_raw(&mut self) -> Value {
         loop {
             let message = timeout(WAIT, self.ws.next())
                 .await

@@ -54,8 +54,9 @@ pub struct ScyllaConfig {
     /// Contact points, `host:port`.
     pub nodes: Vec<String>,
     pub keyspace: String,
-    /// Replication factor of a keyspace created here (NetworkTopologyStrategy).
-    pub replication: u32,
+    /// Replication factor of a keyspace created here (NetworkTopologyStrategy). `None`:
+    /// 3, or the node count when the cluster has fewer nodes.
+    pub replication: Option<u32>,
     pub consistency: Consistency,
     /// Bound on every request.
     pub timeout: Duration,
@@ -72,7 +73,7 @@ impl ScyllaConfig {
         ScyllaConfig {
             nodes,
             keyspace: "chat".into(),
-            replication: 3,
+            replication: None,
             consistency: Consistency::LocalQuorum,
             timeout: Duration::from_secs(5),
             keys,
@@ -433,15 +434,22 @@ impl ScyllaStore {
 async fn migrate(session: &Session, config: &ScyllaConfig) -> Result<()> {
     let ks = &config.keyspace;
     let ddl = |cql: String| async move {
+        // Schema changes are slow on a busy node: they get a minute, not the request timeout.
+        let mut statement = scylla::statement::Statement::new(cql.as_str());
+        statement.set_request_timeout(Some(Duration::from_secs(60)));
         session
-            .query_unpaged(cql.as_str(), ())
+            .query_unpaged(statement, ())
             .await
             .map_err(|e| Error::Backend(format!("schema: {e}: {cql}")))
     };
+    let replication = config.replication.unwrap_or_else(|| {
+        let nodes = session.get_cluster_state().get_nodes_info().len();
+        u32::try_from(nodes.clamp(1, 3)).unwrap_or(1)
+    });
     ddl(format!(
         "CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = \
          {{'class': 'NetworkTopologyStrategy', 'replication_factor': {}}}",
-        config.replication.max(1)
+        replication.max(1)
     ))
     .await?;
     ddl(format!(

@@ -1,0 +1,212 @@
+//! The `dispatcher` binary: one member of the dispatchers' consumer group of a
+//! distributed cluster. Run any number; Kafka spreads the partitions over them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use clap::{Parser, ValueEnum};
+use dispatcher::backends::BackendArgs;
+use dispatcher::{Bus, Dispatcher, InboundLog};
+use metrics_exporter_prometheus::PrometheusHandle;
+use presence::{Presence, PresenceService};
+use serde_json::json;
+use storage::crypto::{KeySource, Keyring};
+use storage::{MessageStore, Store};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Consumes the inbound log, persists to ScyllaDB, delivers through Redis.
+#[derive(Debug, Parser)]
+#[command(name = "dispatcher", version, about)]
+struct Config {
+    #[command(flatten)]
+    backends: BackendArgs,
+
+    /// Key ring file for at-rest encryption (the same as the gateways').
+    #[arg(long, env = "STORAGE_KEYS_FILE")]
+    keys_file: Option<PathBuf>,
+
+    /// The key ring inline (comma or newline separated), instead of a file.
+    #[arg(
+        long,
+        env = "STORAGE_KEYS",
+        hide_env_values = true,
+        conflicts_with = "keys_file"
+    )]
+    keys: Option<String>,
+
+    /// Operator port: /healthz, /readyz, /metrics.
+    #[arg(
+        long,
+        env = "DISPATCHER_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9091"
+    )]
+    admin_listen: SocketAddr,
+
+    /// Milliseconds any one backend call may take.
+    #[arg(long, env = "DISPATCHER_BACKEND_TIMEOUT_MS", default_value_t = 5000)]
+    backend_timeout_ms: u64,
+
+    /// Seconds a device stays online without a heartbeat (as on the gateways).
+    #[arg(long, env = "GATEWAY_PRESENCE_TTL_SECS", default_value_t = 300)]
+    presence_ttl_secs: u64,
+
+    /// Log format.
+    #[arg(long, env = "DISPATCHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+}
+
+struct Admin {
+    store: Store,
+    presence: Presence,
+    bus: Bus,
+    metrics: PrometheusHandle,
+    timeout: Duration,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    match config.log_format {
+        LogFormat::Human => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+    }
+    match config.backends.distributed() {
+        Ok(true) => {}
+        Ok(false) => anyhow::bail!(
+            "the dispatcher needs --kafka-brokers, --scylla-nodes and --redis-url \
+             (the embedded gateway runs its own dispatcher)"
+        ),
+        Err(e) => anyhow::bail!(e),
+    }
+    let keys = match (&config.keys_file, &config.keys) {
+        (Some(path), _) => KeySource::File(path.clone()),
+        (None, Some(inline)) => KeySource::Inline(inline.clone()),
+        (None, None) => anyhow::bail!(
+            "set STORAGE_KEYS or STORAGE_KEYS_FILE: the at-rest key ring the gateways use"
+        ),
+    };
+    let keys = Keyring::load(&keys, std::path::Path::new(".")).context("loading the key ring")?;
+    let timeout = Duration::from_millis(config.backend_timeout_ms.max(1));
+    let (store, presence, bus) = config
+        .backends
+        .connect(keys, Duration::from_secs(config.presence_ttl_secs), timeout)
+        .await
+        .context("connecting the backends")?;
+
+    let admin = Arc::new(Admin {
+        store: store.clone(),
+        presence: presence.clone(),
+        bus: bus.clone(),
+        metrics: dispatcher::metrics::handle(),
+        timeout,
+    });
+    let listener = tokio::net::TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.admin_listen))?;
+    let admin_addr = listener.local_addr()?;
+    let router = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .with_state(admin);
+    let stop = CancellationToken::new();
+    let admin_server = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        }
+    });
+    tracing::info!(admin = %admin_addr, "dispatcher ready");
+
+    let run = tokio::spawn(Dispatcher::new(store, presence, bus).run(stop.clone()));
+    shutdown_signal().await;
+    tracing::info!("shutdown requested");
+    stop.cancel();
+    run.await
+        .context("dispatcher task")?
+        .context("dispatcher")?;
+    let _ = admin_server.await;
+    Ok(())
+}
+
+async fn readyz(State(admin): State<Arc<Admin>>) -> impl IntoResponse {
+    async fn check<E: std::fmt::Display>(
+        timeout: Duration,
+        call: impl std::future::Future<Output = Result<(), E>>,
+    ) -> String {
+        match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(())) => "ok".into(),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "timed out".into(),
+        }
+    }
+    let t = admin.timeout;
+    let (store, presence, bus) = tokio::join!(
+        check(t, admin.store.ping()),
+        check(t, admin.presence.ping()),
+        check(t, admin.bus.ping()),
+    );
+    let ready = [&store, &presence, &bus].iter().all(|r| r.as_str() == "ok");
+    let body = json!({
+        "status": if ready { "ready" } else { "unavailable" },
+        "checks": {
+            format!("store:{}", admin.store.backend()): store,
+            format!("presence:{}", admin.presence.backend()): presence,
+            format!("bus:{}", admin.bus.backend()): bus,
+        }
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body))
+}
+
+async fn render_metrics(State(admin): State<Arc<Admin>>) -> impl IntoResponse {
+    admin.metrics.run_upkeep();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        admin.metrics.render(),
+    )
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
