@@ -37,3 +37,7 @@ cargo test --workspace --locked "$@"
 CHAT_TEST_CLUSTER=1 cargo test -p gateway --locked \
   --test connecting --test frames --test guarantees --test limits --test push \
   "$@" -- --test-threads=2
+
+# Fault tests on the cluster: SIGKILLed dispatchers and gateways, a restarted Redis, a
+# stopped broker. One at a time: they start processes and servers of their own.
+CHAT_TEST_CLUSTER=1 cargo test -p gateway --locked --test faults "$@" -- --test-threads=1

@@ -165,11 +165,11 @@ impl Dispatcher {
         let messages: Vec<Message> = batch.iter().map(|n| n.message.clone()).collect();
         match self.store.append(batch).await {
             Ok(outcomes) => {
-                // Committed before any delivery: what was delivered is always stored.
-                for commit in commits {
-                    commit(Ok(()));
-                }
-                for ((message, origin), appended) in messages.into_iter().zip(origins).zip(outcomes)
+                // Stored: route, then commit. A dispatcher that dies in between has its
+                // records read again (at worst a duplicate delivery, never a lost one);
+                // committing first could lose the live delivery of what was in flight.
+                for (((message, origin), appended), commit) in
+                    messages.into_iter().zip(origins).zip(outcomes).zip(commits)
                 {
                     let outcome = if appended.inserted {
                         "inserted"
@@ -183,6 +183,7 @@ impl Dispatcher {
                         // their next connect.
                         tracing::warn!(error = %e, "live delivery failed");
                     }
+                    commit(Ok(()));
                 }
             }
             Err(e) => {

@@ -276,7 +276,7 @@ impl InboundLog for KafkaLog {
             .map_err(unavailable)?;
         let (tx, rx) = mpsc::channel(1024);
         tokio::spawn(pump(
-            Arc::new(consumer),
+            Arc::new(Detached(Some(consumer))),
             rebalances,
             tx,
             config.messages_topic(),
@@ -298,6 +298,31 @@ impl InboundLog for KafkaLog {
         })
         .await
         .map_err(unavailable)?
+    }
+}
+
+/// The consumer, closed on a thread of its own when the last handle goes: closing leaves
+/// the group, which waits for the broker, and a broker that is down must not hang the
+/// runtime (or the process's exit) with it.
+struct Detached(Option<StreamConsumer<GroupContext>>);
+
+impl std::ops::Deref for Detached {
+    type Target = StreamConsumer<GroupContext>;
+    fn deref(&self) -> &Self::Target {
+        match &self.0 {
+            Some(consumer) => consumer,
+            None => unreachable!("taken only in drop"),
+        }
+    }
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        if let Some(consumer) = self.0.take() {
+            let _ = std::thread::Builder::new()
+                .name("kafka-consumer-close".into())
+                .spawn(move || drop(consumer));
+        }
     }
 }
 
@@ -392,7 +417,7 @@ fn lock(offsets: &Mutex<Offsets>) -> MutexGuard<'_, Offsets> {
 /// Reads the consumer and feeds each assigned partition's records, in order, to its own
 /// [`Partition`]. Ends when the dispatcher drops the partition receiver.
 async fn pump(
-    consumer: Arc<StreamConsumer<GroupContext>>,
+    consumer: Arc<Detached>,
     mut rebalances: mpsc::UnboundedReceiver<GroupEvent>,
     partitions: mpsc::Sender<Partition>,
     topic: String,
@@ -495,7 +520,7 @@ async fn pump(
 /// Records the dispatcher's verdict on one record: store the offset below which every
 /// record is persisted, or schedule a seek back to a record that failed.
 fn settle(
-    consumer: &Arc<StreamConsumer<GroupContext>>,
+    consumer: &Arc<Detached>,
     topic: &str,
     partition: i32,
     offset: i64,

@@ -49,17 +49,17 @@ pub fn cluster_mode() -> bool {
     std::env::var_os("CHAT_TEST_CLUSTER").is_some_and(|v| !v.is_empty() && v != "0")
 }
 
-fn server(var: &str) -> String {
+pub fn server(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {
         panic!("CHAT_TEST_CLUSTER is set but {var} is not: run ./infra/test.sh, which starts the servers")
     })
 }
 
 /// The shared key ring of a test cluster.
-const CLUSTER_KEYS: &str = "1:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+pub const CLUSTER_KEYS: &str = "1:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 
 /// Points a configuration at the test servers, under names of its own (`tag`).
-fn distributed(config: &mut Config, tag: &str) {
+pub fn distributed(config: &mut Config, tag: &str) {
     let b = &mut config.backends;
     b.kafka_brokers = Some(server("TEST_KAFKA_BROKERS"));
     b.kafka_topic_prefix = format!("{tag}.");
@@ -217,21 +217,18 @@ impl TestGateway {
         connect_url(&url, &self.token(user), user).await
     }
 
-    /// Cluster only: drains the first gateway; later connections all go to the second.
+    /// Cluster only: starts draining the first gateway (the returned future waits for the
+    /// end of the drain); later connections all go to the second.
     pub fn drain_first(&mut self) -> impl std::future::Future<Output = ()> + use<> {
         let running = self.running.take();
         if let Some(cluster) = &self.cluster {
             self.client_addr = cluster.peer_addr;
-            cluster.next.store(0, std::sync::atomic::Ordering::Relaxed);
         }
-        let only_peer = self.cluster.as_ref().map(|c| c.peer_addr);
-        if let (Some(cluster), Some(peer)) = (self.cluster.as_mut(), only_peer) {
-            // Every later connect goes to the survivor.
-            cluster.peer_addr = peer;
+        if let Some(running) = &running {
+            running.shutdown();
         }
         async move {
             if let Some(running) = running {
-                running.shutdown();
                 running.wait().await;
             }
         }
@@ -402,6 +399,19 @@ impl Client {
         }
     }
 
+    /// The next frame of one of `kinds`, skipping presence, typing and receipt frames.
+    pub async fn recv_type_of(&mut self, kinds: &[&str]) -> Value {
+        loop {
+            let frame = self.recv().await;
+            let kind = frame["type"].as_str().unwrap_or("");
+            if kinds.contains(&kind) {
+                return frame;
+            }
+            let incidental = ["presence", "typing", "receipt"].contains(&kind);
+            assert!(incidental, "{}: expected {kinds:?}, got {frame}", self.user);
+        }
+    }
+
     /// Sends a message and returns the `sent` answer.
     pub async fn send_message(&mut self, to: &str, body: &str, client_msg_id: &str) -> Value {
         self.send(json!({"type":"send","client_msg_id":client_msg_id,"to":to,"body":body}))
@@ -463,5 +473,76 @@ impl Client {
             while let Some(Ok(_)) = self.ws.next().await {}
         })
         .await;
+    }
+}
+
+/// A private test server (Redis or Kafka) that a fault test may kill and restart, run by
+/// `infra/servers.sh run` on a free loopback port.
+pub struct Server {
+    kind: &'static str,
+    dir: tempfile::TempDir,
+    pub port: u16,
+    child: Option<tokio::process::Child>,
+}
+
+fn servers_script() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra/servers.sh")
+}
+
+impl Server {
+    /// Starts a server and waits until it answers a real request.
+    pub async fn start(kind: &'static str) -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut server = Server {
+            kind,
+            dir: tempfile::tempdir().expect("tempdir"),
+            port,
+            child: None,
+        };
+        server.restart().await;
+        server
+    }
+
+    /// Starts the server (again) on the same port and data dir.
+    pub async fn restart(&mut self) {
+        let child = tokio::process::Command::new(servers_script())
+            .args(["run", self.kind])
+            .arg(self.dir.path().join("server"))
+            .arg(self.port.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn infra/servers.sh run");
+        self.child = Some(child);
+        let waited = tokio::process::Command::new(servers_script())
+            .args(["wait", self.kind, &self.port.to_string(), "120"])
+            .status()
+            .await
+            .expect("infra/servers.sh wait");
+        assert!(
+            waited.success(),
+            "{} did not come up on {}",
+            self.kind,
+            self.port
+        );
+    }
+
+    /// SIGKILLs the server and waits for it to be gone.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+    }
+
+    pub fn address(&self) -> String {
+        match self.kind {
+            "redis" => format!("redis://127.0.0.1:{}", self.port),
+            _ => format!("127.0.0.1:{}", self.port),
+        }
     }
 }

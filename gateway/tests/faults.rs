@@ -1,0 +1,532 @@
+//! Fault tests of the distributed mode, on the real servers (`CHAT_TEST_CLUSTER=1`, run by
+//! `infra/test.sh`): processes are SIGKILLed, Redis and the Kafka broker are killed and
+//! restarted. Every test is bounded in time and count and uses loopback only.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::{Client, Server, CLUSTER_KEYS, SECRET, WAIT};
+use gateway::Config;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// The binaries of this workspace (built by `cargo test --workspace --no-run`).
+fn binary(name: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_BIN_EXE_gateway")).with_file_name(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (cargo test --workspace --no-run)",
+        path.display()
+    );
+    path
+}
+
+/// A configuration of the test cluster `tag`, as a gateway would have it.
+fn cluster_config(tag: &str, tune: impl Fn(&mut Config)) -> Config {
+    let mut config = Config::defaults();
+    config.listen = "127.0.0.1:0".parse().expect("addr");
+    config.admin_listen = "127.0.0.1:0".parse().expect("addr");
+    config.jwt_secret = Some(SECRET.into());
+    config.rate_per_sec = 100_000;
+    config.rate_burst = 100_000;
+    common::distributed(&mut config, tag);
+    tune(&mut config);
+    config
+}
+
+/// The environment that makes a `gateway` or `dispatcher` process join that cluster.
+fn cluster_env(config: &Config) -> Vec<(&'static str, String)> {
+    let b = &config.backends;
+    vec![
+        ("KAFKA_BROKERS", b.kafka_brokers.clone().unwrap_or_default()),
+        ("KAFKA_TOPIC_PREFIX", b.kafka_topic_prefix.clone()),
+        ("KAFKA_PARTITIONS", b.kafka_partitions.to_string()),
+        ("KAFKA_REPLICATION", "1".into()),
+        ("KAFKA_GROUP", b.kafka_group.clone()),
+        ("SCYLLA_NODES", b.scylla_nodes.join(",")),
+        ("SCYLLA_KEYSPACE", b.scylla_keyspace.clone()),
+        ("SCYLLA_REPLICATION", "1".into()),
+        ("REDIS_URL", b.redis_url.clone().unwrap_or_default()),
+        ("REDIS_PREFIX", b.redis_prefix.clone()),
+        ("PRESENCE_NODE_TTL_SECS", b.node_ttl_secs.to_string()),
+        ("STORAGE_KEYS", CLUSTER_KEYS.into()),
+        ("GATEWAY_JWT_SECRET", SECRET.into()),
+        ("GATEWAY_RATE_PER_SEC", "100000".into()),
+        ("GATEWAY_RATE_BURST", "100000".into()),
+        ("RUST_LOG", "info".into()),
+    ]
+}
+
+/// A server process of the cluster, killed when dropped.
+struct Process {
+    child: Child,
+    /// The address its ready line names (`client=` for a gateway, `admin=` for a
+    /// dispatcher).
+    addr: String,
+}
+
+async fn spawn(binary_name: &str, env: &[(&'static str, String)], args: &[&str]) -> Process {
+    let mut child = Command::new(binary(binary_name))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {binary_name}: {e}"));
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let key = if binary_name == "gateway" {
+        "client="
+    } else {
+        "admin="
+    };
+    let ready = format!("{binary_name} ready");
+    let addr = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.expect("read log") {
+            if line.contains(&ready) {
+                let addr = line
+                    .split(key)
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next());
+                return addr.expect("address in the ready line").to_owned();
+            }
+        }
+        panic!("{binary_name} exited before it was ready");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{binary_name} ready within 60 s"));
+    // Keep draining the log so the child never blocks on a full pipe; FAULTS_LOG_DIR keeps
+    // it for a look after a failure.
+    let keep = std::env::var_os("FAULTS_LOG_DIR").map(|dir| {
+        PathBuf::from(dir).join(format!("{binary_name}-{}.log", child.id().unwrap_or(0)))
+    });
+    tokio::spawn(async move {
+        let mut file = match keep {
+            Some(path) => std::fs::File::create(path).ok(),
+            None => None,
+        };
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(file) = file.as_mut() {
+                use std::io::Write;
+                let _ = writeln!(file, "{line}");
+            }
+        }
+    });
+    Process { child, addr }
+}
+
+impl Process {
+    async fn sigkill(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+}
+
+fn tag() -> String {
+    format!("f{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+async fn connect(addr: &str, user: &str, device: &str) -> Client {
+    let token = gateway::auth::Auth::new(SECRET.as_bytes()).mint(user, Duration::from_secs(3600));
+    common::connect_url(&format!("ws://{addr}/ws?device={device}"), &token, user).await
+}
+
+/// Sends until `sent`, resending the same `client_msg_id` after an `unavailable` (as a
+/// client does); returns the message id.
+async fn send_surely(client: &mut Client, to: &str, body: &str, cmid: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        client
+            .send(json!({"type":"send","client_msg_id":cmid,"to":to,"body":body}))
+            .await;
+        let answer = client.recv_type_of(&["sent", "error"]).await;
+        if answer["type"] == "sent" {
+            return answer["message_id"].as_str().unwrap_or_default().to_owned();
+        }
+        assert_eq!(answer["code"], "unavailable", "{answer}");
+        assert!(Instant::now() < deadline, "{cmid} not sent within 120 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Every message of a conversation, by paging its history.
+async fn history_ids(client: &mut Client, conversation: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut before: Option<String> = None;
+    loop {
+        let mut request =
+            json!({"type":"history","ref":"h","conversation":conversation,"limit":100});
+        if let Some(b) = &before {
+            request["before"] = json!(b);
+        }
+        client.send(request).await;
+        let page = client.recv_type("history").await;
+        let messages = page["messages"].as_array().cloned().unwrap_or_default();
+        ids.extend(
+            messages
+                .iter()
+                .map(|m| m["message_id"].as_str().unwrap_or_default().to_owned()),
+        );
+        if page["more"] != true || messages.is_empty() {
+            return ids;
+        }
+        before = ids.last().cloned();
+    }
+}
+
+/// Reads `message` frames, acking each, until every id of `expected` has arrived.
+async fn receive_all(
+    client: &mut Client,
+    expected: &BTreeSet<String>,
+    within: Duration,
+) -> BTreeSet<String> {
+    let mut got = BTreeSet::new();
+    let deadline = Instant::now() + within;
+    while !expected.is_subset(&got) && Instant::now() < deadline {
+        let frame = match tokio::time::timeout(Duration::from_secs(5), client.recv()).await {
+            Ok(frame) => frame,
+            Err(_) => continue,
+        };
+        if frame["type"] == "message" {
+            let id = frame["message_id"].as_str().unwrap_or_default().to_owned();
+            client
+                .send(json!({"type":"ack","message_ids":[id.clone()]}))
+                .await;
+            got.insert(id);
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_dispatchers_during_ten_thousand_sends_loses_and_duplicates_nothing() {
+    if !common::cluster_mode() {
+        return;
+    }
+    const SENDERS: usize = 10;
+    // 10 × 1000 = 10,000 sends; FAULTS_PER_SENDER makes a quicker run by hand.
+    let per_sender: usize = std::env::var("FAULTS_PER_SENDER")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let tag = tag();
+    let config = cluster_config(&tag, |_| {});
+    let env = cluster_env(&config);
+    // The gateways run in this process; the dispatchers are processes we can kill.
+    let gw_a = gateway::start(cluster_config(&tag, |c| {
+        c.node_id = Some(format!("{tag}-a"))
+    }))
+    .await
+    .expect("gateway a");
+    let gw_b = gateway::start(cluster_config(&tag, |c| {
+        c.node_id = Some(format!("{tag}-b"))
+    }))
+    .await
+    .expect("gateway b");
+    let (a, b) = (gw_a.client_addr.to_string(), gw_b.client_addr.to_string());
+    let args = ["--admin-listen", "127.0.0.1:0"];
+    let mut dispatchers = Vec::new();
+    for _ in 0..3 {
+        dispatchers.push(spawn("dispatcher", &env, &args).await);
+    }
+
+    // Recipients read (and ack, in batches) all along, as clients do.
+    let (expected_tx, expected_rx) = tokio::sync::watch::channel(None::<Vec<BTreeSet<String>>>);
+    let mut recipients = Vec::new();
+    for i in 0..SENDERS {
+        let mut client = connect(&b, &format!("r{i}"), "phone").await;
+        let mut expected_rx = expected_rx.clone();
+        recipients.push(tokio::spawn(async move {
+            let mut got = BTreeSet::new();
+            let mut unacked = Vec::new();
+            let mut deadline: Option<Instant> = None;
+            loop {
+                if let Some(all) = expected_rx.borrow_and_update().as_ref() {
+                    if all[i].is_subset(&got) {
+                        break;
+                    }
+                    let until = *deadline.get_or_insert_with(|| Instant::now() + Duration::from_secs(60));
+                    if Instant::now() > until {
+                        break;
+                    }
+                }
+                match tokio::time::timeout(Duration::from_millis(500), client.recv()).await {
+                    Ok(frame) if frame["type"] == "message" => {
+                        let id = frame["message_id"].as_str().unwrap_or_default().to_owned();
+                        unacked.push(id.clone());
+                        got.insert(id);
+                        if unacked.len() >= 50 {
+                            client
+                                .send(json!({"type":"ack","message_ids":std::mem::take(&mut unacked)}))
+                                .await;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) if !unacked.is_empty() => {
+                        client
+                            .send(json!({"type":"ack","message_ids":std::mem::take(&mut unacked)}))
+                            .await;
+                    }
+                    Err(_) => {}
+                }
+            }
+            if !unacked.is_empty() {
+                client
+                    .send(json!({"type":"ack","message_ids":unacked}))
+                    .await;
+            }
+            got
+        }));
+    }
+    // Senders pipeline their sends, 50 in flight each.
+    let mut senders = Vec::new();
+    for i in 0..SENDERS {
+        let mut client = connect(&a, &format!("s{i}"), "phone").await;
+        senders.push(tokio::spawn(async move {
+            let to = format!("r{i}");
+            let mut ids = HashMap::new();
+            let mut next = 0;
+            let mut in_flight = 0;
+            while ids.len() < per_sender {
+                while next < per_sender && in_flight < 50 {
+                    let cmid = format!("c{next}");
+                    client
+                        .send(json!({"type":"send","client_msg_id":cmid,"to":to,"body":format!("{next}")}))
+                        .await;
+                    next += 1;
+                    in_flight += 1;
+                }
+                let answer = client.recv_type_of(&["sent", "error"]).await;
+                in_flight -= 1;
+                let cmid = answer["client_msg_id"].as_str().unwrap_or_default().to_owned();
+                if answer["type"] == "sent" {
+                    let id = answer["message_id"].as_str().unwrap_or_default().to_owned();
+                    if let Some(first) = ids.insert(cmid.clone(), id.clone()) {
+                        assert_eq!(first, id, "{cmid} answered two ids");
+                    }
+                } else {
+                    assert_eq!(answer["code"], "unavailable", "{answer}");
+                    // Resend the same client_msg_id: it is idempotent.
+                    client
+                        .send(json!({"type":"send","client_msg_id":cmid,"to":to,"body":"retry"}))
+                        .await;
+                    in_flight += 1;
+                }
+            }
+            (client, ids)
+        }));
+    }
+
+    // Meanwhile: SIGKILL a dispatcher every 3 s and start a new one, five times.
+    let killer = tokio::spawn(async move {
+        for round in 0..5 {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let victim = dispatchers.remove(round % dispatchers.len());
+            victim.sigkill().await;
+            dispatchers.push(spawn("dispatcher", &env, &args).await);
+        }
+        dispatchers
+    });
+
+    let mut sent: Vec<(Client, HashMap<String, String>)> = Vec::new();
+    for sender in senders {
+        sent.push(sender.await.expect("sender"));
+    }
+    let _dispatchers = killer.await.expect("killer");
+    let total: usize = sent.iter().map(|(_, ids)| ids.len()).sum();
+    assert_eq!(total, SENDERS * per_sender, "every send answered");
+
+    // Delivered: live, and, for what a live delivery missed around a killed dispatcher,
+    // from the pending queue on the next connect (guarantee 3: pending until acked).
+    let expected: Vec<BTreeSet<String>> = sent
+        .iter()
+        .map(|(_, ids)| ids.values().cloned().collect())
+        .collect();
+    let _ = expected_tx.send(Some(expected.clone()));
+    let mut from_pending = 0;
+    for (i, recipient) in recipients.into_iter().enumerate() {
+        let mut got = recipient.await.expect("recipient");
+        if !expected[i].is_subset(&got) {
+            let before = got.len();
+            let mut again = connect(&a, &format!("r{i}"), "tablet").await;
+            got.extend(receive_all(&mut again, &expected[i], Duration::from_secs(60)).await);
+            from_pending += got.len() - before;
+        }
+        let missing: Vec<_> = expected[i].difference(&got).collect();
+        assert!(
+            missing.is_empty(),
+            "r{i} never got {} messages: {:?}",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+    }
+    eprintln!("delivered from the pending queue on reconnect, not live: {from_pending}");
+    // Stored exactly once: each conversation's history is exactly the sent ids.
+    for (i, (_, ids)) in sent.iter().enumerate() {
+        let conversation = format!("dm:r{i}:s{i}");
+        let mut reader = connect(&a, &format!("s{i}"), "laptop").await;
+        let history = history_ids(&mut reader, &conversation).await;
+        let unique: BTreeSet<String> = history.iter().cloned().collect();
+        assert_eq!(unique.len(), history.len(), "a message is listed twice");
+        let expected: BTreeSet<String> = ids.values().cloned().collect();
+        assert_eq!(unique, expected, "{conversation}: stored ≠ sent");
+    }
+    gw_a.shutdown();
+    gw_b.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_gateway_takes_its_users_offline_and_they_lose_nothing() {
+    if !common::cluster_mode() {
+        return;
+    }
+    let tag = tag();
+    let config = cluster_config(&tag, |_| {});
+    let node_ttl = Duration::from_secs(config.backends.node_ttl_secs);
+    let env = cluster_env(&config);
+    let args = ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"];
+    let first = spawn("gateway", &env, &args).await;
+    let second = spawn("gateway", &env, &args).await;
+    let _dispatcher = spawn("dispatcher", &env, &["--admin-listen", "127.0.0.1:0"]).await;
+
+    let mut bob = connect(&first.addr, "bob", "phone").await;
+    let mut alice = connect(&second.addr, "alice", "phone").await;
+    let mut watcher = connect(&second.addr, "watcher", "phone").await;
+    watcher
+        .send(json!({"type":"subscribe_presence","users":["bob"]}))
+        .await;
+    let now = watcher.recv_type("presence").await;
+    assert_eq!(now["status"], "online", "{now}");
+
+    let before = send_surely(&mut alice, "bob", "before the crash", "c1").await;
+    assert_eq!(
+        bob.recv_type("message").await["message_id"],
+        before.as_str()
+    );
+    // Not acked: it must come again after the crash.
+
+    let killed_at = Instant::now();
+    first.sigkill().await;
+    let offline = watcher.recv_type("presence").await;
+    let took = killed_at.elapsed();
+    assert_eq!(offline["status"], "offline", "{offline}");
+    assert!(
+        took <= node_ttl + Duration::from_secs(5),
+        "offline after {took:?}, node TTL {node_ttl:?}"
+    );
+
+    let during = send_surely(&mut alice, "bob", "while bob's node is down", "c2").await;
+    let mut bob = connect(&second.addr, "bob", "phone").await;
+    let expected: BTreeSet<String> = [before, during].into_iter().collect();
+    let got = receive_all(&mut bob, &expected, WAIT).await;
+    assert_eq!(got, expected, "bob got everything on the other gateway");
+    let back = watcher.recv_type("presence").await;
+    assert_eq!(back["status"], "online", "{back}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_redis_recovers_presence_and_live_delivery() {
+    if !common::cluster_mode() {
+        return;
+    }
+    let mut redis = Server::start("redis").await;
+    let url = redis.address();
+    let gw = common::start(move |c| c.backends.redis_url = Some(url.clone())).await;
+    let mut alice = gw.connect("alice").await;
+    let mut bob = gw.connect("bob").await;
+    let first = alice.send_message("bob", "before", "c0").await;
+    assert_eq!(
+        bob.recv_type("message").await["message_id"],
+        first["message_id"]
+    );
+
+    redis.kill().await;
+    redis.restart().await;
+
+    // Live delivery comes back: a probe sent now and then reaches bob without his
+    // reconnecting (probes sent while presence was rebuilding wait in his pending queue).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let probe = alice
+            .send_message("bob", "probe", &format!("probe-{n}"))
+            .await;
+        let arrived = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                let m = bob.recv_type("message").await;
+                if m["message_id"] == probe["message_id"] {
+                    return;
+                }
+            }
+        })
+        .await;
+        if arrived.is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no live delivery within 60 s of the restart"
+        );
+    }
+    // And presence: a new subscriber sees both users online.
+    let mut carol = gw.connect("carol").await;
+    carol
+        .send(json!({"type":"subscribe_presence","users":["alice","bob"]}))
+        .await;
+    for _ in 0..2 {
+        let status = carol.recv_type("presence").await;
+        assert_eq!(status["status"], "online", "{status}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_broker_down_sends_fail_fast_and_succeed_once_it_is_back() {
+    if !common::cluster_mode() {
+        return;
+    }
+    let mut kafka = Server::start("kafka").await;
+    let brokers = kafka.address();
+    let gw = common::start(move |c| {
+        c.backends.kafka_brokers = Some(brokers.clone());
+        c.backend_timeout_ms = 2000;
+    })
+    .await;
+    let mut alice = gw.connect("alice").await;
+    let mut bob = gw.connect("bob").await;
+    let first = alice.send_message("bob", "before", "c0").await;
+    assert_eq!(
+        bob.recv_type("message").await["message_id"],
+        first["message_id"]
+    );
+
+    kafka.kill().await;
+    for i in 0..3 {
+        let started = Instant::now();
+        alice
+            .send(json!({"type":"send","client_msg_id":format!("down-{i}"),"to":"bob","body":"x"}))
+            .await;
+        let answer = alice.recv_type_of(&["sent", "error"]).await;
+        assert_eq!(answer["code"], "unavailable", "{answer}");
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "unavailable after {:?}: the timeout is 2 s",
+            started.elapsed()
+        );
+    }
+
+    kafka.restart().await;
+    let id = send_surely(&mut alice, "bob", "after", "after-1").await;
+    let expected: BTreeSet<String> = [id].into_iter().collect();
+    let got = receive_all(&mut bob, &expected, Duration::from_secs(60)).await;
+    assert!(
+        expected.is_subset(&got),
+        "the message sent after the restart arrived"
+    );
+}
