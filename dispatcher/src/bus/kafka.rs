@@ -392,9 +392,13 @@ impl ConsumerContext for GroupContext {
 /// Offsets of one partition: which records are out with the dispatcher, what is stored.
 #[derive(Default)]
 struct Offsets {
+    /// Bumped whenever the partition is read again from an earlier offset (a seek back):
+    /// verdicts on records handed out before belong to an older generation and move
+    /// nothing.
+    generation: u64,
     /// Handed to the dispatcher and not yet persisted (or failed: kept until redone).
     open: BTreeSet<i64>,
-    /// Highest offset handed out.
+    /// Highest offset handed out in this generation.
     highest: i64,
     /// Highest offset stored for commit (the next read starts after it).
     stored: i64,
@@ -404,10 +408,41 @@ struct Offsets {
     rewinding: bool,
 }
 
+impl Offsets {
+    fn new() -> Self {
+        Offsets {
+            highest: -1,
+            stored: -1,
+            ..Offsets::default()
+        }
+    }
+
+    /// Notes a record handed to the dispatcher; returns its generation.
+    fn hand_out(&mut self, offset: i64) -> u64 {
+        if offset <= self.highest {
+            // Read again from an earlier offset: what is still out is superseded.
+            self.generation += 1;
+            self.open.clear();
+            self.highest = offset - 1;
+            self.stored = self.stored.min(offset - 1);
+        }
+        self.open.insert(offset);
+        self.highest = offset;
+        self.generation
+    }
+}
+
 struct Feed {
     records: mpsc::Sender<Record>,
     offsets: Arc<Mutex<Offsets>>,
     revoked: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Feed {
+    fn revoke(&self) {
+        self.revoked
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
 }
 
 fn lock(offsets: &Mutex<Offsets>) -> MutexGuard<'_, Offsets> {
@@ -424,52 +459,51 @@ async fn pump(
     buffer: usize,
 ) {
     let mut feeds: HashMap<i32, Feed> = HashMap::new();
-    let open_feed = |id: i32, feeds: &mut HashMap<i32, Feed>| -> Option<mpsc::Sender<Record>> {
-        if let Some(feed) = feeds.get(&id) {
-            if !feed.records.is_closed() {
-                return Some(feed.records.clone());
+    // Applies a rebalance. Every assignment gets a fresh feed: its records start at the
+    // committed offset, whatever an earlier feed of the same partition had seen.
+    let apply = |event: GroupEvent, feeds: &mut HashMap<i32, Feed>| match event {
+        GroupEvent::Assigned(ids) => {
+            for id in ids {
+                let (tx, rx) = mpsc::channel(buffer);
+                let (partition, revoked) =
+                    Partition::revocable(u32::try_from(id).unwrap_or_default(), rx);
+                if partitions.try_send(partition).is_err() {
+                    continue;
+                }
+                let fresh = Feed {
+                    records: tx,
+                    offsets: Arc::new(Mutex::new(Offsets::new())),
+                    revoked,
+                };
+                if let Some(old) = feeds.insert(id, fresh) {
+                    old.revoke();
+                }
             }
         }
-        let (tx, rx) = mpsc::channel(buffer);
-        let (partition, revoked) = Partition::revocable(u32::try_from(id).unwrap_or_default(), rx);
-        if partitions.try_send(partition).is_err() {
-            return None;
+        GroupEvent::Revoked(ids) => {
+            for id in ids {
+                // The dispatcher stops taking this partition's records; its next owner
+                // reads them again from the committed offset.
+                if let Some(feed) = feeds.remove(&id) {
+                    feed.revoke();
+                }
+            }
         }
-        feeds.insert(
-            id,
-            Feed {
-                records: tx.clone(),
-                offsets: Arc::new(Mutex::new(Offsets {
-                    highest: -1,
-                    stored: -1,
-                    ..Offsets::default()
-                })),
-                revoked,
-            },
-        );
-        Some(tx)
     };
     loop {
         tokio::select! {
+            biased;
             _ = partitions.closed() => break,
             event = rebalances.recv() => match event {
-                Some(GroupEvent::Assigned(ids)) => {
-                    for id in ids {
-                        open_feed(id, &mut feeds);
-                    }
-                }
-                Some(GroupEvent::Revoked(ids)) => {
-                    for id in ids {
-                        // The dispatcher stops taking this partition's records; its next
-                        // owner reads them again from the committed offset.
-                        if let Some(feed) = feeds.remove(&id) {
-                            feed.revoked.store(true, std::sync::atomic::Ordering::Release);
-                        }
-                    }
-                }
+                Some(event) => apply(event, &mut feeds),
                 None => break,
             },
             message = consumer.recv() => {
+                // A rebalance callback runs inside `recv`: apply what it announced before
+                // looking at the record it returned.
+                while let Ok(event) = rebalances.try_recv() {
+                    apply(event, &mut feeds);
+                }
                 let message = match message {
                     Ok(message) => message,
                     Err(e) => {
@@ -479,37 +513,38 @@ async fn pump(
                     }
                 };
                 let (id, offset) = (message.partition(), message.offset());
+                let Some(feed) = feeds.get(&id) else {
+                    // Fetched before the partition was revoked: its new owner reads it.
+                    metrics::counter!("dispatcher_stale_records_total").increment(1);
+                    continue;
+                };
                 let envelope = match message.payload().map(serde_json::from_slice::<Envelope>) {
                     Some(Ok(envelope)) => envelope,
                     other => {
                         // Not ours to fix by replaying: skip it, loudly.
                         tracing::error!(partition = id, offset, ?other, "undecodable record skipped");
                         metrics::counter!("dispatcher_undecodable_records_total").increment(1);
-                        let _ = consumer.store_offset(&topic, id, offset);
+                        drop(message);
+                        let generation = lock(&feed.offsets).hand_out(offset);
+                        settle(&consumer, &topic, id, offset, generation, &feed.offsets, Ok(()));
                         continue;
                     }
                 };
                 drop(message);
-                if !feeds.contains_key(&id) {
-                    open_feed(id, &mut feeds);
-                }
-                let Some(feed) = feeds.get(&id) else { continue };
                 let offsets = feed.offsets.clone();
                 let records = feed.records.clone();
-                {
-                    let mut o = lock(&offsets);
-                    o.open.insert(offset);
-                    o.highest = o.highest.max(offset);
-                }
+                let generation = lock(&offsets).hand_out(offset);
                 let commit = {
                     let (consumer, topic, offsets) = (consumer.clone(), topic.clone(), offsets.clone());
                     move |outcome: std::result::Result<(), String>| {
-                        settle(&consumer, &topic, id, offset, &offsets, outcome);
+                        settle(&consumer, &topic, id, offset, generation, &offsets, outcome);
                     }
                 };
                 if records.send(Record::new(envelope, commit)).await.is_err() {
                     // The dispatcher let go of this partition: read it again if reassigned.
-                    feeds.remove(&id);
+                    if let Some(feed) = feeds.remove(&id) {
+                        feed.revoke();
+                    }
                 }
             }
         }
@@ -524,10 +559,15 @@ fn settle(
     topic: &str,
     partition: i32,
     offset: i64,
+    generation: u64,
     offsets: &Arc<Mutex<Offsets>>,
     outcome: std::result::Result<(), String>,
 ) {
     let mut o = lock(offsets);
+    if o.generation != generation {
+        // Handed out before a seek back: the record comes (came) again.
+        return;
+    }
     match outcome {
         Ok(()) => {
             o.open.remove(&offset);
@@ -577,5 +617,24 @@ fn settle(
                 lock(&offsets).rewinding = false;
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Offsets;
+
+    #[test]
+    fn reading_a_partition_again_starts_a_new_generation() {
+        let mut o = Offsets::new();
+        assert_eq!(o.hand_out(10), 0);
+        assert_eq!(o.hand_out(11), 0);
+        assert_eq!(o.hand_out(12), 0);
+        o.stored = 11;
+        // A seek back to 11: verdicts on what was out before no longer count.
+        assert_eq!(o.hand_out(11), 1);
+        assert_eq!(o.open.iter().copied().collect::<Vec<_>>(), vec![11]);
+        assert_eq!((o.highest, o.stored), (11, 10));
+        assert_eq!(o.hand_out(12), 1);
     }
 }
