@@ -206,6 +206,9 @@ impl RedisPresence {
             })
             .with_performance_config(|p| {
                 p.default_command_timeout = timeout;
+                // Pub/sub messages reach our listener through this channel; a burst larger
+                // than it (fred's default is 32) would drop deliveries and changes.
+                p.broadcast_channel_capacity = 1 << 16;
             })
             // Reconnect forever, 100 ms doubling to 2 s: Redis coming back must heal us.
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2));
@@ -449,7 +452,10 @@ async fn listen(shared: Weak<Shared>, mut rx: broadcast::Receiver<fred::types::M
         let message = match rx.recv().await {
             Ok(message) => message,
             Err(broadcast::error::RecvError::Lagged(n)) => {
+                // Deliveries lost here stay pending in the store (the recipient gets them on
+                // the next connect); changes are lost. Counted: it must stay at zero.
                 tracing::warn!(skipped = n, "presence: pub/sub receiver lagged");
+                metrics::counter!("presence_pubsub_lagged_total").increment(n);
                 continue;
             }
             Err(broadcast::error::RecvError::Closed) => return,
