@@ -30,6 +30,8 @@ use fred::prelude::{
 use fred::types::Value;
 use tokio::sync::{broadcast, mpsc};
 
+use storage::resilience::{Breaker, Guarded};
+
 use super::{Location, NodeDelivery, PresenceService, Status};
 use crate::error::{Error, Result};
 
@@ -81,6 +83,8 @@ struct Shared {
     subscriber: SubscriberClient,
     changes: broadcast::Sender<Status>,
     local: Mutex<Local>,
+    /// Fails fast while Redis is down; bounds every guarded operation.
+    breaker: Breaker,
     /// Renews subscriptions after reconnects; stopped with the last handle.
     resubscriber: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -233,6 +237,7 @@ impl RedisPresence {
             changes,
             local: Mutex::new(Local::default()),
             resubscriber: Mutex::new(None),
+            breaker: Breaker::new("redis", timeout * 2),
         });
         *shared
             .resubscriber
@@ -589,8 +594,9 @@ async fn keep_alive(shared: Weak<Shared>, node: String) {
     }
 }
 
-impl PresenceService for RedisPresence {
-    async fn connect(&self, user: &str, at: &Location) -> Result<bool> {
+/// The operations themselves; [`PresenceService`] runs each under the breaker.
+impl RedisPresence {
+    async fn connect_unguarded(&self, user: &str, at: &Location) -> Result<bool> {
         let s = &self.shared;
         let ttl = millis(s.config.ttl);
         let now = now_ms();
@@ -635,7 +641,7 @@ impl PresenceService for RedisPresence {
         Ok(came_online == 1)
     }
 
-    async fn disconnect(&self, user: &str, at: &Location) -> Result<bool> {
+    async fn disconnect_unguarded(&self, user: &str, at: &Location) -> Result<bool> {
         let s = &self.shared;
         let last_on_node = {
             let mut local = s.local();
@@ -683,7 +689,7 @@ impl PresenceService for RedisPresence {
         Ok(went_offline == 1)
     }
 
-    async fn heartbeat(&self, node: &str, users: &[String]) -> Result<()> {
+    async fn heartbeat_unguarded(&self, node: &str, users: &[String]) -> Result<()> {
         let s = &self.shared;
         let devices: Vec<(String, Location)> = {
             let local = s.local();
@@ -703,7 +709,7 @@ impl PresenceService for RedisPresence {
         results.into_iter().collect()
     }
 
-    async fn status(&self, users: &[String]) -> Result<Vec<Status>> {
+    async fn status_unguarded(&self, users: &[String]) -> Result<Vec<Status>> {
         let s = &self.shared;
         let now = now_ms() as f64;
         let lookups = users.iter().map(|user| async move {
@@ -726,7 +732,7 @@ impl PresenceService for RedisPresence {
         futures_util::future::try_join_all(lookups).await
     }
 
-    async fn locate(&self, users: &[String]) -> Result<HashMap<String, Vec<Location>>> {
+    async fn locate_unguarded(&self, users: &[String]) -> Result<HashMap<String, Vec<Location>>> {
         let s = &self.shared;
         let now = now_ms() as f64;
         let lookups = users.iter().map(|user| async move {
@@ -747,7 +753,7 @@ impl PresenceService for RedisPresence {
         Ok(found)
     }
 
-    async fn publish(&self, node: &str, delivery: NodeDelivery) -> Result<()> {
+    async fn publish_unguarded(&self, node: &str, delivery: NodeDelivery) -> Result<()> {
         let s = &self.shared;
         let payload =
             serde_json::to_string(&delivery).map_err(|e| Error::Backend(e.to_string()))?;
@@ -759,7 +765,10 @@ impl PresenceService for RedisPresence {
         Ok(())
     }
 
-    async fn deliveries(&self, node: &str) -> Result<mpsc::UnboundedReceiver<NodeDelivery>> {
+    async fn deliveries_unguarded(
+        &self,
+        node: &str,
+    ) -> Result<mpsc::UnboundedReceiver<NodeDelivery>> {
         let s = &self.shared;
         // A node that restarts under the same name left devices that are gone now.
         let fresh = !s.local().devices.contains_key(node);
@@ -777,12 +786,74 @@ impl PresenceService for RedisPresence {
         Ok(rx)
     }
 
+    async fn ping_unguarded(&self) -> Result<()> {
+        let _: String = self.shared.client.ping(None).await.map_err(fail)?;
+        Ok(())
+    }
+}
+
+fn counts(e: &Error) -> bool {
+    matches!(e, Error::Unavailable(_))
+}
+
+fn opened(e: Guarded<Error>) -> Error {
+    match e {
+        Guarded::Inner(e) => e,
+        other => Error::Unavailable(other.to_string()),
+    }
+}
+
+impl PresenceService for RedisPresence {
+    async fn connect(&self, user: &str, at: &Location) -> Result<bool> {
+        let breaker = &self.shared.breaker;
+        breaker
+            .call(counts, self.connect_unguarded(user, at))
+            .await
+            .map_err(opened)
+    }
+    async fn disconnect(&self, user: &str, at: &Location) -> Result<bool> {
+        let breaker = &self.shared.breaker;
+        breaker
+            .call(counts, self.disconnect_unguarded(user, at))
+            .await
+            .map_err(opened)
+    }
+    async fn heartbeat(&self, node: &str, users: &[String]) -> Result<()> {
+        // Many commands: bounded by each command's own timeout, not the breaker's.
+        self.heartbeat_unguarded(node, users).await
+    }
+    async fn status(&self, users: &[String]) -> Result<Vec<Status>> {
+        let breaker = &self.shared.breaker;
+        breaker
+            .call(counts, self.status_unguarded(users))
+            .await
+            .map_err(opened)
+    }
+    async fn locate(&self, users: &[String]) -> Result<HashMap<String, Vec<Location>>> {
+        let breaker = &self.shared.breaker;
+        breaker
+            .call(counts, self.locate_unguarded(users))
+            .await
+            .map_err(opened)
+    }
+    async fn publish(&self, node: &str, delivery: NodeDelivery) -> Result<()> {
+        let breaker = &self.shared.breaker;
+        breaker
+            .call(counts, self.publish_unguarded(node, delivery))
+            .await
+            .map_err(opened)
+    }
+    async fn deliveries(&self, node: &str) -> Result<mpsc::UnboundedReceiver<NodeDelivery>> {
+        self.deliveries_unguarded(node).await
+    }
     fn changes(&self) -> broadcast::Receiver<Status> {
         self.shared.changes.subscribe()
     }
-
     async fn ping(&self) -> Result<()> {
-        let _: String = self.shared.client.ping(None).await.map_err(fail)?;
-        Ok(())
+        let breaker = &self.shared.breaker;
+        breaker
+            .call(counts, self.ping_unguarded())
+            .await
+            .map_err(opened)
     }
 }
