@@ -11,6 +11,7 @@ pub mod bus;
 pub mod dispatch;
 pub mod envelope;
 pub mod error;
+pub mod logging;
 pub mod metrics;
 
 pub use bus::{Bus, InboundLog, KafkaConfig, KafkaLog, MemoryLog, Partition, Record};

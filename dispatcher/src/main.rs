@@ -12,8 +12,9 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use dispatcher::backends::BackendArgs;
+use dispatcher::logging::LogFormat;
 use dispatcher::{Bus, Dispatcher, InboundLog};
 use metrics_exporter_prometheus::PrometheusHandle;
 use presence::{Presence, PresenceService};
@@ -21,13 +22,6 @@ use serde_json::json;
 use storage::crypto::{KeySource, Keyring};
 use storage::{MessageStore, Store};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum LogFormat {
-    Human,
-    Json,
-}
 
 /// Consumes the inbound log, persists to ScyllaDB, delivers through Redis.
 #[derive(Debug, Parser)]
@@ -81,20 +75,7 @@ struct Admin {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    match config.log_format {
-        LogFormat::Human => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_ansi(ansi)
-            .with_writer(std::io::stderr)
-            .init(),
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init(),
-    }
+    dispatcher::logging::init(config.log_format);
     match config.backends.distributed() {
         Ok(true) => {}
         Ok(false) => anyhow::bail!(

@@ -5,13 +5,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Human,
-    Json,
-}
+pub use dispatcher::logging::LogFormat;
 
 /// With no backend configured the gateway runs the whole system in one process: the
 /// dispatcher on an in-process partitioned log, the embedded store in `--data-dir`, and

@@ -150,6 +150,29 @@ impl Keyring {
     }
 
     /// Decrypts a sealed body; fails if anything it is bound to was changed.
+    /// Decrypts a stored message body into the [`Message`] it belongs to (both stores
+    /// keep `from` and the sealed body beside the row's id and conversation).
+    pub fn open_message(
+        &self,
+        id: Uuid,
+        conversation: &str,
+        from: String,
+        sealed: &[u8],
+    ) -> Result<crate::model::Message> {
+        let body = self.open(id, conversation, &from, sealed)?;
+        let body = String::from_utf8(body).map_err(|_| Error::Decrypt(id))?;
+        let conversation = conversation
+            .parse()
+            .map_err(|e| Error::Backend(format!("stored message {id}: {e}")))?;
+        Ok(crate::model::Message {
+            id,
+            conversation,
+            from,
+            body,
+            ts: crate::model::ts_of(id),
+        })
+    }
+
     pub fn open(&self, id: Uuid, conversation: &str, from: &str, sealed: &[u8]) -> Result<Vec<u8>> {
         if sealed.len() < HEADER || sealed[0] != VERSION {
             return Err(Error::Decrypt(id));

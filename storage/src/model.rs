@@ -200,6 +200,16 @@ impl Group {
     pub fn conversation(&self) -> Conversation {
         Conversation::Group(self.id)
     }
+
+    /// `Invalid` past [`MAX_GROUP_MEMBERS`].
+    pub fn check_size(&self) -> Result<(), crate::Error> {
+        if self.members.len() > MAX_GROUP_MEMBERS {
+            return Err(crate::Error::Invalid(format!(
+                "a group has at most {MAX_GROUP_MEMBERS} members"
+            )));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -22,9 +22,7 @@ use uuid::Uuid;
 
 use crate::crypto::{KeySource, Keyring};
 use crate::error::{Error, Result};
-use crate::model::{
-    AckedMessage, Appended, Conversation, Group, Message, NewMessage, Receipt, MAX_GROUP_MEMBERS,
-};
+use crate::model::{AckedMessage, Appended, Conversation, Group, Message, NewMessage, Receipt};
 use crate::store::MessageStore;
 
 /// `(conversation, message id) → StoredMessage`: history, in id order within a conversation.
@@ -408,20 +406,13 @@ fn prune_idempotency(db: &Database, ttl: Duration) -> Result<()> {
 
 /// Decrypts one stored row into a [`Message`].
 fn open_message(keys: &Keyring, conversation: &str, id: u128, bytes: &[u8]) -> Result<Message> {
-    let id = Uuid::from_u128(id);
     let stored: StoredMessage = decode(bytes)?;
-    let body = keys.open(id, conversation, &stored.from, &stored.sealed)?;
-    let body = String::from_utf8(body).map_err(|_| Error::Decrypt(id))?;
-    let conversation = conversation
-        .parse()
-        .map_err(|e| Error::Backend(format!("stored message {id}: {e}")))?;
-    Ok(Message {
-        id,
+    keys.open_message(
+        Uuid::from_u128(id),
         conversation,
-        from: stored.from,
-        body,
-        ts: crate::model::ts_of(id),
-    })
+        stored.from,
+        &stored.sealed,
+    )
 }
 
 struct SealedRow {
@@ -723,11 +714,7 @@ impl MessageStore for EmbeddedStore {
     }
 
     async fn create_group(&self, group: Group) -> Result<()> {
-        if group.members.len() > MAX_GROUP_MEMBERS {
-            return Err(Error::Invalid(format!(
-                "a group has at most {MAX_GROUP_MEMBERS} members"
-            )));
-        }
+        group.check_size()?;
         let bytes = encode(&group)?;
         self.write(move |txn| {
             let mut groups = txn.open_table(GROUPS)?;
@@ -765,11 +752,7 @@ impl MessageStore for EmbeddedStore {
             for member in &remove {
                 group.members.remove(member);
             }
-            if group.members.len() > MAX_GROUP_MEMBERS {
-                return Err(Error::Invalid(format!(
-                    "a group has at most {MAX_GROUP_MEMBERS} members"
-                )));
-            }
+            group.check_size()?;
             groups.insert(id.as_u128(), encode(&group)?.as_slice())?;
             Ok(group)
         })

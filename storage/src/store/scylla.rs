@@ -39,7 +39,6 @@ use crate::crypto::Keyring;
 use crate::error::{Error, Result};
 use crate::model::{
     ts_of, AckedMessage, Appended, Conversation, Group, Message, NewMessage, Receipt,
-    MAX_GROUP_MEMBERS,
 };
 use crate::resilience::{retry, Breaker, Guarded};
 
@@ -318,22 +317,10 @@ impl ScyllaStore {
     }
 
     fn open(&self, id: Uuid, conversation: &str, from: String, sealed: &[u8]) -> Result<Message> {
-        let body = self
-            .inner
+        self.inner
             .config
             .keys
-            .open(id, conversation, &from, sealed)?;
-        let body = String::from_utf8(body).map_err(|_| Error::Decrypt(id))?;
-        let conversation = conversation
-            .parse()
-            .map_err(|e| Error::Backend(format!("stored message {id}: {e}")))?;
-        Ok(Message {
-            id,
-            conversation,
-            from,
-            body,
-            ts: ts_of(id),
-        })
+            .open_message(id, conversation, from, sealed)
     }
 
     /// A stored message, when its conversation is known.
@@ -412,7 +399,7 @@ impl ScyllaStore {
         } = new;
         if self.conversation_of(message.id).await?.is_some() {
             let checks = recipients.iter().map(|user| async move {
-                let rows: Vec<(Uuid,)> = self
+                let rows: Vec<(String,)> = self
                     .rows(&s.pending_get, (user.as_str(), message.id))
                     .await?;
                 Ok::<_, Error>((!rows.is_empty()).then(|| user.clone()))
@@ -642,7 +629,7 @@ impl Statements {
             )
             .await?,
             pending_get: prepare(
-                format!("SELECT id FROM {ks}.pending WHERE user = ? AND id = ?"),
+                format!("SELECT conversation FROM {ks}.pending WHERE user = ? AND id = ?"),
                 true,
             )
             .await?,
@@ -809,15 +796,12 @@ impl MessageStore for ScyllaStore {
     async fn ack(&self, user: &str, ids: &[Uuid]) -> Result<Vec<AckedMessage>> {
         let s = &self.inner.s;
         let acks = ids.iter().map(|id| async move {
-            let rows: Vec<(Uuid,)> = self.rows(&s.pending_get, (user, *id)).await?;
-            if rows.is_empty() {
+            // The pending row names the conversation: no index lookup.
+            let rows: Vec<(String,)> = self.rows(&s.pending_get, (user, *id)).await?;
+            let Some((conversation,)) = rows.into_iter().next() else {
                 return Ok::<_, Error>(None);
-            }
-            let conversation = self.conversation_of(*id).await?;
-            self.run(&s.pending_delete, (user, *id)).await?;
-            let Some(conversation) = conversation else {
-                return Ok(None);
             };
+            self.run(&s.pending_delete, (user, *id)).await?;
             let sender: Vec<(String, Vec<u8>)> = self
                 .rows(&s.message_get, (conversation.as_str(), bucket_of(*id), *id))
                 .await?;
@@ -915,11 +899,7 @@ impl MessageStore for ScyllaStore {
     }
 
     async fn create_group(&self, group: Group) -> Result<()> {
-        if group.members.len() > MAX_GROUP_MEMBERS {
-            return Err(Error::Invalid(format!(
-                "a group has at most {MAX_GROUP_MEMBERS} members"
-            )));
-        }
+        group.check_size()?;
         let members: Vec<&str> = group.members.iter().map(String::as_str).collect();
         let result = self
             .run(
@@ -960,11 +940,7 @@ impl MessageStore for ScyllaStore {
         for member in &remove {
             group.members.remove(member);
         }
-        if group.members.len() > MAX_GROUP_MEMBERS {
-            return Err(Error::Invalid(format!(
-                "a group has at most {MAX_GROUP_MEMBERS} members"
-            )));
-        }
+        group.check_size()?;
         if !add.is_empty() {
             self.run(&s.group_add, (add, id)).await?;
         }
