@@ -62,6 +62,16 @@ pub struct BackendArgs {
     #[arg(long, env = "KAFKA_GROUP", default_value = "chat-dispatchers")]
     pub kafka_group: String,
 
+    /// Milliseconds a producer waits for more records to send in the same request
+    /// (`linger.ms`): fewer requests for the broker, that much more latency.
+    #[arg(long, env = "KAFKA_LINGER_MS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    pub kafka_linger_ms: u64,
+
+    /// Milliseconds a dispatcher's fetch waits at the broker for records to gather
+    /// (`fetch.wait.max.ms`): fewer requests for the broker, up to that much more latency.
+    #[arg(long, env = "KAFKA_FETCH_WAIT_MS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub kafka_fetch_wait_ms: u64,
+
     /// ScyllaDB (or Cassandra) contact points, `host:port[,host:port…]`.
     #[arg(long, env = "SCYLLA_NODES", value_delimiter = ',')]
     pub scylla_nodes: Vec<String>,
@@ -137,6 +147,8 @@ impl BackendArgs {
         kafka.replication = self.kafka_replication;
         kafka.group = self.kafka_group.clone();
         kafka.publish_timeout = timeout;
+        kafka.linger = Duration::from_millis(self.kafka_linger_ms);
+        kafka.fetch_wait = Duration::from_millis(self.kafka_fetch_wait_ms);
 
         let mut scylla = ScyllaConfig::new(self.scylla_nodes.clone(), keys);
         scylla.keyspace = self.scylla_keyspace.clone();

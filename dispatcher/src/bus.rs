@@ -1,6 +1,7 @@
 //! The inbound log contract and the enum of backends that is what actually runs.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -16,12 +17,15 @@ pub use kafka::{KafkaConfig, KafkaLog};
 pub use memory::MemoryLog;
 
 /// What the dispatcher is told once it has dealt with a record.
-type Commit = Box<dyn FnOnce(Result<(), String>) + Send>;
+pub type Commit = Box<dyn FnOnce(Result<(), String>) + Send>;
 
 /// One consumed record and the means to commit it.
 pub struct Record {
     pub envelope: Envelope,
     commit: Commit,
+    /// Whether the log delivers the record again when it is committed with an error
+    /// (Kafka reads it again; the in-process log, which has no storage, cannot).
+    redelivered: bool,
 }
 
 impl std::fmt::Debug for Record {
@@ -33,6 +37,7 @@ impl std::fmt::Debug for Record {
 }
 
 impl Record {
+    /// A record that the log delivers again when committed with an error.
     pub fn new(
         envelope: Envelope,
         commit: impl FnOnce(Result<(), String>) + Send + 'static,
@@ -40,19 +45,76 @@ impl Record {
         Record {
             envelope,
             commit: Box::new(commit),
+            redelivered: true,
         }
     }
 
-    /// Commits the record: `Ok` once it is persisted (the log may forget it), `Err` when
-    /// it could not be persisted: a log that already acknowledged it to its publisher
-    /// (Kafka) delivers it again, one that did not (in-process) fails the publisher. Dropping a record without committing it leaves it to be redelivered where
-    /// the log can, or failed back to its publisher where it cannot.
+    /// A record that the log cannot deliver again: if it is not persisted, its publisher
+    /// must be told.
+    pub fn once(envelope: Envelope) -> Self {
+        Record {
+            envelope,
+            commit: Box::new(|_| {}),
+            redelivered: false,
+        }
+    }
+
+    /// Whether committing this record with an error makes the log deliver it again.
+    pub fn is_redelivered(&self) -> bool {
+        self.redelivered
+    }
+
+    /// Commits the record: `Ok` once it is persisted and routed (the log may forget it),
+    /// `Err` when it could not be persisted (a log that can delivers it again). Dropping a
+    /// record without committing it leaves it to be redelivered where the log can.
     pub fn commit(self, outcome: Result<(), String>) {
         (self.commit)(outcome);
     }
 
-    pub fn into_parts(self) -> (Envelope, impl FnOnce(Result<(), String>)) {
+    pub fn into_parts(self) -> (Envelope, Commit) {
         (self.envelope, self.commit)
+    }
+}
+
+/// What a publisher holds once its envelope is queued in the log: resolves when the log
+/// holds it durably. The in-process log holds nothing durably (it has no storage): its
+/// publishers learn of durability from the dispatcher, which answers the sending
+/// connection once the message is stored.
+pub struct Accepted(Option<Pin<Box<dyn Future<Output = Result<()>> + Send>>>);
+
+impl std::fmt::Debug for Accepted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Accepted")
+            .field(&if self.0.is_some() {
+                "pending"
+            } else {
+                "queued"
+            })
+            .finish()
+    }
+}
+
+impl Accepted {
+    /// Nothing more to wait for from the log itself.
+    pub fn queued() -> Self {
+        Accepted(None)
+    }
+
+    pub fn pending(until: impl Future<Output = Result<()>> + Send + 'static) -> Self {
+        Accepted(Some(Box::pin(until)))
+    }
+
+    /// True when there is nothing to wait for (no task needs to watch it).
+    pub fn is_settled(&self) -> bool {
+        self.0.is_none()
+    }
+
+    /// Resolves once the log holds the envelope durably, or fails.
+    pub async fn durable(self) -> Result<()> {
+        match self.0 {
+            Some(until) => until.await,
+            None => Ok(()),
+        }
     }
 }
 
@@ -99,10 +161,11 @@ impl Partition {
 /// What every inbound log does. Exactly two implementations exist: [`MemoryLog`] (one
 /// process) and Kafka; one conformance suite (`tests/conformance.rs`) runs against both.
 pub trait InboundLog: Send + Sync + 'static {
-    /// Appends an envelope to the partition of its key and resolves once the log has it
-    /// durably: the broker's acknowledgement (acks=all) for Kafka, the consumer's commit
-    /// after persisting for the in-process log, which has no storage of its own.
-    fn publish(&self, envelope: Envelope) -> impl Future<Output = Result<()>> + Send;
+    /// Appends an envelope to the partition of its key, behind everything the same caller
+    /// published before (await this before publishing the next one to keep their order).
+    /// Resolves once the envelope is queued; the [`Accepted`] it returns resolves once the
+    /// log holds it durably (Kafka: the broker's acknowledgement, acks=all).
+    fn publish(&self, envelope: Envelope) -> impl Future<Output = Result<Accepted>> + Send;
 
     /// Emits a push-notification event for an offline recipient.
     fn publish_push(&self, event: PushEvent) -> impl Future<Output = Result<()>> + Send;
@@ -131,13 +194,13 @@ impl Bus {
 }
 
 impl InboundLog for Bus {
-    async fn publish(&self, envelope: Envelope) -> Result<()> {
+    async fn publish(&self, envelope: Envelope) -> Result<Accepted> {
         let result = match self {
             Bus::Memory(log) => log.publish(envelope).await,
             Bus::Kafka(log) => log.publish(envelope).await,
         };
         let outcome = match &result {
-            Ok(()) => "ok",
+            Ok(_) => "ok",
             Err(Error::Unavailable(_)) => "unavailable",
             Err(_) => "rejected",
         };

@@ -1,5 +1,6 @@
 //! The dispatch loop on the embedded backends: persist, then deliver to the node holding
-//! the recipient, or leave pending; acks and reads become receipts for the sender.
+//! the recipient, or leave pending; answer the sending connection; acks and reads become
+//! receipts for the sender.
 
 use std::time::Duration;
 
@@ -19,9 +20,14 @@ struct Harness {
     store: Store,
     presence: Presence,
     bus: Bus,
+    /// The node of the test's own sending connection: answers to sends arrive here.
+    answers: UnboundedReceiver<Vec<NodeDelivery>>,
     shutdown: CancellationToken,
     _dir: tempfile::TempDir,
 }
+
+/// The test's sending connection.
+const ORIGIN: &str = "origin-node";
 
 impl Drop for Harness {
     fn drop(&mut self) {
@@ -39,12 +45,14 @@ async fn start() -> Harness {
     let presence = Presence::Memory(MemoryPresence::new(Duration::from_secs(60)));
     let bus = Bus::Memory(MemoryLog::new(4, 64));
     let shutdown = CancellationToken::new();
+    let answers = presence.deliveries(ORIGIN).await.expect("deliveries");
     let dispatcher = Dispatcher::new(store.clone(), presence.clone(), bus.clone());
     tokio::spawn(dispatcher.run(shutdown.clone()));
     Harness {
         store,
         presence,
         bus,
+        answers,
         shutdown,
         _dir: dir,
     }
@@ -61,7 +69,8 @@ fn message(from: &str, to: &str, body: &str) -> Message {
     }
 }
 
-async fn next(rx: &mut UnboundedReceiver<NodeDelivery>) -> NodeDelivery {
+/// The next batch of deliveries published to a node.
+async fn next(rx: &mut UnboundedReceiver<Vec<NodeDelivery>>) -> Vec<NodeDelivery> {
     timeout(Duration::from_secs(10), rx.recv())
         .await
         .expect("a delivery in time")
@@ -78,29 +87,68 @@ async fn online(h: &Harness, user: &str, node: &str, device: &str, conn: u64) {
     h.presence.connect(user, &at).await.expect("connect");
 }
 
-/// Publishes a message and waits until it is stored.
-async fn publish_message(h: &Harness, message: Message, origin: Option<ConnRef>) {
+/// Publishes a message from the test's connection and waits for the dispatcher's answer:
+/// it is stored then, under the returned id.
+async fn publish_message(h: &mut Harness, message: Message, client_msg_id: &str) -> Payload {
     let envelope = Envelope::Message {
         message,
-        origin,
-        client_msg_id: None,
+        origin: Some(ConnRef {
+            node: ORIGIN.into(),
+            conn: 1,
+        }),
+        client_msg_id: Some(client_msg_id.into()),
     };
     h.bus.publish(envelope).await.expect("publish");
+    answer(h, client_msg_id).await
+}
+
+/// Waits for the dispatcher's answer to a send.
+async fn answer(h: &mut Harness, client_msg_id: &str) -> Payload {
+    loop {
+        for delivery in next(&mut h.answers).await {
+            match &delivery.payload {
+                Payload::Sent {
+                    client_msg_id: c, ..
+                }
+                | Payload::Refused {
+                    client_msg_id: c, ..
+                } if c == client_msg_id => return delivery.payload,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Waits until the dispatcher has handled everything published so far under `key` (one
+/// partition is handled in order): a message to that user, answered.
+async fn barrier(h: &mut Harness, key: &str) {
+    let cmid = format!("barrier-{}", Uuid::now_v7());
+    publish_message(h, message("barrier", key, "barrier"), &cmid).await;
 }
 
 #[tokio::test]
 async fn online_recipients_get_the_message_after_it_is_stored() {
-    let h = start().await;
+    let mut h = start().await;
     let mut node = h.presence.deliveries("n1").await.expect("deliveries");
     online(&h, "bob", "n1", "phone", 1).await;
     let m = message("alice", "bob", "hi");
-    publish_message(&h, m.clone(), None).await;
-    // `publish` resolved, so the message is already stored and pending.
+    let answer = publish_message(&mut h, m.clone(), "c1").await;
+    // Answered, so the message is already stored and pending.
+    assert_eq!(
+        answer,
+        Payload::Sent {
+            conn: 1,
+            client_msg_id: "c1".into(),
+            message_id: m.id,
+            conversation: m.conversation.clone(),
+            ts: m.ts,
+        }
+    );
     assert_eq!(
         h.store.pending("bob", None, 10).await.expect("pending"),
         vec![m.clone()]
     );
-    let delivery = next(&mut node).await;
+    let delivery = next(&mut node).await.remove(0);
     assert_eq!(delivery.users, vec!["bob".to_string()]);
     assert_eq!(delivery.payload, Payload::Message(m));
 }
@@ -115,23 +163,44 @@ async fn the_senders_other_devices_get_an_echo_but_not_the_sending_one() {
         node: "n1".into(),
         conn: 8,
     };
-    publish_message(&h, m.clone(), Some(origin.clone())).await;
-    let delivery = next(&mut node).await;
-    assert_eq!(delivery.users, vec!["alice".to_string()]);
-    assert_eq!(delivery.except, Some(origin));
+    let envelope = Envelope::Message {
+        message: m.clone(),
+        origin: Some(origin.clone()),
+        client_msg_id: Some("e1".into()),
+    };
+    h.bus.publish(envelope).await.expect("publish");
+    // One publish to n1: the answer to the sending connection, then the echo to the
+    // others, which leaves the sending one out.
+    let batch = next(&mut node).await;
+    assert_eq!(batch.len(), 2, "{batch:?}");
+    assert!(matches!(batch[0].payload, Payload::Sent { conn: 8, .. }));
+    assert_eq!(batch[1].users, vec!["alice".to_string()]);
+    assert_eq!(batch[1].except, Some(origin));
+    assert_eq!(batch[1].payload, Payload::Message(m));
+}
+
+#[tokio::test]
+async fn a_retried_send_resolves_to_the_first_and_is_stored_once() {
+    let mut h = start().await;
+    let first = message("alice", "bob", "once");
+    let retry = message("alice", "bob", "once, sent again");
+    let a = publish_message(&mut h, first.clone(), "same").await;
+    let b = publish_message(&mut h, retry, "same").await;
+    assert_eq!(a, b, "the retry is answered with the first message");
+    let history = h
+        .store
+        .history(&first.conversation, None, 10)
+        .await
+        .expect("history");
+    assert_eq!(history, vec![first]);
 }
 
 #[tokio::test]
 async fn a_replayed_message_is_stored_once_and_not_redelivered_after_ack() {
-    let h = start().await;
+    let mut h = start().await;
     let m = message("alice", "bob", "once");
-    let envelope = Envelope::Message {
-        message: m.clone(),
-        origin: None,
-        client_msg_id: None,
-    };
-    h.bus.publish(envelope.clone()).await.expect("publish");
-    h.bus.publish(envelope.clone()).await.expect("replay");
+    publish_message(&mut h, m.clone(), "r1").await;
+    publish_message(&mut h, m.clone(), "r1").await;
     assert_eq!(
         h.store
             .history(&m.conversation, None, 10)
@@ -147,15 +216,15 @@ async fn a_replayed_message_is_stored_once_and_not_redelivered_after_ack() {
         })
         .await
         .expect("ack");
+    barrier(&mut h, "bob").await;
     let mut node = h.presence.deliveries("n1").await.expect("deliveries");
     online(&h, "bob", "n1", "phone", 1).await;
-    h.bus.publish(envelope).await.expect("replay after ack");
-    assert!(h
-        .store
-        .pending("bob", None, 10)
-        .await
-        .expect("pending")
-        .is_empty());
+    publish_message(&mut h, m.clone(), "r1").await;
+    let pending = h.store.pending("bob", None, 10).await.expect("pending");
+    assert!(
+        !pending.iter().any(|p| p.id == m.id),
+        "an acked message is pending again"
+    );
     assert!(
         node.try_recv().is_err(),
         "an acked message was delivered again"
@@ -163,13 +232,42 @@ async fn a_replayed_message_is_stored_once_and_not_redelivered_after_ack() {
 }
 
 #[tokio::test]
+async fn two_acks_of_one_message_make_one_receipt() {
+    let mut h = start().await;
+    let mut node = h.presence.deliveries("n1").await.expect("deliveries");
+    let m = message("alice", "bob", "acked twice");
+    publish_message(&mut h, m.clone(), "t1").await;
+    online(&h, "alice", "n1", "phone", 1).await;
+    // Two of bob's devices ack at once: both acks are in the log before either is handled
+    // (one ordered partition for bob), and only the first finds the message pending.
+    for _ in 0..2 {
+        h.bus
+            .publish(Envelope::Ack {
+                user: "bob".into(),
+                message_ids: vec![m.id],
+            })
+            .await
+            .expect("ack");
+    }
+    barrier(&mut h, "bob").await;
+    let mut receipts = Vec::new();
+    while let Ok(batch) = node.try_recv() {
+        receipts.extend(
+            batch
+                .into_iter()
+                .filter(|d| matches!(d.payload, Payload::Receipt(_))),
+        );
+    }
+    assert_eq!(receipts.len(), 1, "{receipts:?}");
+}
+
+#[tokio::test]
 async fn receipts_reach_online_senders_and_wait_for_offline_ones() {
-    let h = start().await;
+    let mut h = start().await;
     let m1 = message("alice", "bob", "one");
     let m2 = message("alice", "bob", "two");
-    for m in [&m1, &m2] {
-        publish_message(&h, m.clone(), None).await;
-    }
+    publish_message(&mut h, m1.clone(), "m1").await;
+    publish_message(&mut h, m2.clone(), "m2").await;
     // Alice is offline: the delivered receipt is kept for her.
     h.bus
         .publish(Envelope::Ack {
@@ -178,6 +276,7 @@ async fn receipts_reach_online_senders_and_wait_for_offline_ones() {
         })
         .await
         .expect("ack");
+    barrier(&mut h, "bob").await;
     let kept = h.store.receipts("alice", 10).await.expect("receipts");
     assert_eq!(kept.len(), 1);
     assert_eq!(
@@ -196,7 +295,7 @@ async fn receipts_reach_online_senders_and_wait_for_offline_ones() {
         })
         .await
         .expect("read");
-    let delivery = next(&mut node).await;
+    let delivery = next(&mut node).await.remove(0);
     let Payload::Receipt(receipt) = delivery.payload else {
         panic!("not a receipt: {delivery:?}")
     };

@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Auth;
 use crate::config::Config;
-use crate::hub::Hub;
+use crate::hub::{Deadlines, Hub};
 use crate::limits::SendLimiter;
 
 pub struct App {
@@ -23,6 +23,8 @@ pub struct App {
     pub presence: Presence,
     pub bus: Bus,
     pub hub: Hub,
+    /// Sends waiting for the dispatcher's answer, to be refused when it is late.
+    pub deadlines: Deadlines,
     pub sends: SendLimiter,
     pub metrics: PrometheusHandle,
     /// Every connection task, so that a drain can wait for them.
@@ -51,6 +53,7 @@ impl App {
             presence,
             bus,
             hub: Hub::default(),
+            deadlines: Deadlines::default(),
             sends,
             metrics,
             tracker: TaskTracker::new(),

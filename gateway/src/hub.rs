@@ -6,16 +6,17 @@
 //! not fit closes the connection with 1008, and the messages it missed stay pending in the
 //! store and are pushed again on reconnect. Nothing reliable is dropped silently.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 
 use presence::{NodeDelivery, Payload, Status};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::protocol::ServerFrame;
+use crate::protocol::{ErrorCode, Refusal, ServerFrame};
 
 /// Close codes the gateway uses.
 pub mod close {
@@ -58,6 +59,8 @@ pub struct ConnHandle {
     watching: Mutex<HashSet<String>>,
     /// Milliseconds (monotonic, from the hub's clock) of the last frame from the client.
     last_heard: AtomicU64,
+    /// Sends waiting for the dispatcher's answer: number, `client_msg_id`, when received.
+    sends: Mutex<Vec<(u64, String, Instant)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -86,6 +89,7 @@ impl ConnHandle {
             held: Mutex::new(Some(Vec::new())),
             watching: Mutex::new(HashSet::new()),
             last_heard: AtomicU64::new(0),
+            sends: Mutex::new(Vec::new()),
         };
         (Arc::new(handle), rx)
     }
@@ -185,6 +189,86 @@ impl ConnHandle {
     pub fn watching_count(&self) -> usize {
         lock(&self.watching).len()
     }
+
+    /// Notes a send that now waits for the dispatcher's answer.
+    pub fn await_answer(&self, number: u64, client_msg_id: String) {
+        lock(&self.sends).push((number, client_msg_id, Instant::now()));
+    }
+
+    /// Takes the oldest send waiting under this `client_msg_id`; `None` when none waits
+    /// (answered already, or given up on).
+    pub fn take_answer(&self, client_msg_id: &str) -> Option<Instant> {
+        let mut sends = lock(&self.sends);
+        let at = sends.iter().position(|(_, c, _)| c == client_msg_id)?;
+        Some(sends.remove(at).2)
+    }
+
+    /// Gives up on one send; its `client_msg_id` if it was still waiting.
+    fn expire(&self, number: u64) -> Option<String> {
+        let mut sends = lock(&self.sends);
+        let at = sends.iter().position(|(n, _, _)| *n == number)?;
+        Some(sends.remove(at).1)
+    }
+
+    /// Answers a send that will not get an answer from the dispatcher: `unavailable`.
+    pub fn fail_send(&self, client_msg_id: &str, message: &str) {
+        if self.take_answer(client_msg_id).is_some() {
+            self.refuse_send(client_msg_id, message);
+        }
+    }
+
+    fn refuse_send(&self, client_msg_id: &str, message: &str) {
+        metrics::counter!("gateway_messages_total", "outcome" => "unavailable").increment(1);
+        metrics::counter!("gateway_errors_total", "code" => "unavailable").increment(1);
+        let mut refusal = Refusal::new(ErrorCode::Unavailable, message);
+        refusal.client_msg_id = Some(client_msg_id.to_owned());
+        self.deliver(
+            Utf8Bytes::from(refusal.into_frame().to_json()),
+            Class::Reliable,
+        );
+    }
+}
+
+/// Sends waiting for their answer, oldest first: all wait the same time, so the queue's
+/// front is always the next to expire.
+#[derive(Default)]
+pub struct Deadlines {
+    queue: Mutex<VecDeque<(Instant, Weak<ConnHandle>, u64)>>,
+    next: AtomicU64,
+}
+
+impl Deadlines {
+    /// Registers a send of `conn` that must be answered within `wait`.
+    pub fn watch(&self, conn: &Arc<ConnHandle>, client_msg_id: String, wait: Duration) {
+        let number = self.next.fetch_add(1, Ordering::Relaxed);
+        conn.await_answer(number, client_msg_id);
+        lock(&self.queue).push_back((Instant::now() + wait, Arc::downgrade(conn), number));
+    }
+
+    /// Answers `unavailable` to every send whose time is up and that is still waiting.
+    pub fn expire(&self, now: Instant) {
+        loop {
+            let (conn, number) = {
+                let mut queue = lock(&self.queue);
+                match queue.front() {
+                    Some((deadline, _, _)) if *deadline <= now => {}
+                    _ => return,
+                }
+                match queue.pop_front() {
+                    Some((_, conn, number)) => (conn, number),
+                    None => return,
+                }
+            };
+            let Some(conn) = conn.upgrade() else { continue };
+            if let Some(client_msg_id) = conn.expire(number) {
+                conn.refuse_send(
+                    &client_msg_id,
+                    "the message was not confirmed in time; it may be stored: send it again \
+                     with the same client_msg_id",
+                );
+            }
+        }
+    }
 }
 
 /// Every connection on this node, by user, and presence watchers, by watched user.
@@ -256,16 +340,46 @@ impl Hub {
     /// the users a receipt reached no live connection of, so the caller can keep it for
     /// their next connect instead of losing it to a connection that was just closing.
     pub fn dispatch(&self, node: &str, delivery: NodeDelivery) -> Vec<String> {
-        let (frame, class) = match &delivery.payload {
-            Payload::Message(m) => (ServerFrame::message(m), Class::Message(m.id)),
-            Payload::Receipt(r) => (ServerFrame::receipt(r), Class::Reliable),
+        // Answers go to the one connection that sent the message.
+        let (frame, class, only) = match &delivery.payload {
+            Payload::Message(m) => (ServerFrame::message(m), Class::Message(m.id), None),
+            Payload::Receipt(r) => (ServerFrame::receipt(r), Class::Reliable, None),
             Payload::Typing { conversation, user } => (
                 ServerFrame::Typing {
                     conversation: conversation.to_string(),
                     user: user.clone(),
                 },
                 Class::Sheddable,
+                None,
             ),
+            Payload::Sent {
+                conn,
+                client_msg_id,
+                message_id,
+                conversation,
+                ts,
+            } => (
+                ServerFrame::Sent {
+                    client_msg_id: client_msg_id.clone(),
+                    message_id: message_id.to_string(),
+                    conversation: conversation.to_string(),
+                    ts: *ts,
+                },
+                Class::Reliable,
+                Some(*conn),
+            ),
+            Payload::Refused {
+                conn,
+                client_msg_id,
+                reason,
+            } => {
+                let mut refusal = Refusal::new(
+                    ErrorCode::Unavailable,
+                    format!("the message could not be stored ({reason}): send it again"),
+                );
+                refusal.client_msg_id = Some(client_msg_id.clone());
+                (refusal.into_frame(), Class::Reliable, Some(*conn))
+            }
         };
         // Serialized once, shared by every device it goes to.
         let frame = Utf8Bytes::from(frame.to_json());
@@ -279,9 +393,20 @@ impl Hub {
         for user in &delivery.users {
             let mut reached = false;
             for conn in conns.get(user).into_iter().flatten() {
-                if Some(conn.id) != except {
-                    reached |= conn.deliver(frame.clone(), class);
+                if Some(conn.id) == except || only.is_some_and(|only| only != conn.id) {
+                    continue;
                 }
+                if let Payload::Sent { client_msg_id, .. }
+                | Payload::Refused { client_msg_id, .. } = &delivery.payload
+                {
+                    // Once per send: the answer to a record read twice (a rebalance, a
+                    // retry) finds nothing waiting, and neither does one for a send that
+                    // was already refused as late (the client sends that one again).
+                    if !answered(conn, client_msg_id, &delivery.payload) {
+                        continue;
+                    }
+                }
+                reached |= conn.deliver(frame.clone(), class);
             }
             if !reached && matches!(delivery.payload, Payload::Receipt(_)) {
                 missed.push(user.clone());
@@ -301,4 +426,22 @@ impl Hub {
             conn.deliver(frame.clone(), Class::Sheddable);
         }
     }
+}
+
+/// Clears a send's wait and records how it ended; false when no send was waiting.
+fn answered(conn: &ConnHandle, client_msg_id: &str, payload: &Payload) -> bool {
+    let Some(since) = conn.take_answer(client_msg_id) else {
+        return false;
+    };
+    match payload {
+        Payload::Sent { .. } => {
+            metrics::counter!("gateway_messages_total", "outcome" => "sent").increment(1);
+            metrics::histogram!("gateway_send_seconds").record(since.elapsed().as_secs_f64());
+        }
+        _ => {
+            metrics::counter!("gateway_messages_total", "outcome" => "refused").increment(1);
+            metrics::counter!("gateway_errors_total", "code" => "unavailable").increment(1);
+        }
+    }
+    true
 }

@@ -177,7 +177,7 @@ async fn run(
     app: Arc<App>,
     client: TcpListener,
     admin: TcpListener,
-    mut deliveries: tokio::sync::mpsc::UnboundedReceiver<presence::NodeDelivery>,
+    mut deliveries: tokio::sync::mpsc::UnboundedReceiver<Vec<presence::NodeDelivery>>,
     shutdown: CancellationToken,
     dispatcher_stop: CancellationToken,
     dispatcher: Option<JoinHandle<dispatcher::Result<()>>>,
@@ -205,15 +205,17 @@ async fn run(
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    delivery = deliveries.recv() => match delivery {
-                        Some(delivery) => {
-                            let receipt = match &delivery.payload {
-                                presence::Payload::Receipt(r) => Some(r.clone()),
-                                _ => None,
-                            };
-                            let missed = app.hub.dispatch(&app.node, delivery);
-                            if let Some(receipt) = receipt {
-                                keep_receipts(&app, missed, receipt);
+                    batch = deliveries.recv() => match batch {
+                        Some(batch) => {
+                            for delivery in batch {
+                                let receipt = match &delivery.payload {
+                                    presence::Payload::Receipt(r) => Some(r.clone()),
+                                    _ => None,
+                                };
+                                let missed = app.hub.dispatch(&app.node, delivery);
+                                if let Some(receipt) = receipt {
+                                    keep_receipts(&app, missed, receipt);
+                                }
                             }
                         }
                         None => return,
@@ -238,6 +240,21 @@ async fn run(
                         }
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                     },
+                }
+            }
+        }
+    });
+
+    // Sends the dispatcher did not answer in time get `unavailable`.
+    let deadline_task = tokio::spawn({
+        let (app, stop) = (app.clone(), background.clone());
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => app.deadlines.expire(std::time::Instant::now()),
                 }
             }
         }
@@ -310,7 +327,7 @@ async fn run(
         tracing::warn!("some connections did not finish within 10 s of the drain");
     }
     background.cancel();
-    let _ = tokio::join!(router_task, presence_task, heartbeat_task);
+    let _ = tokio::join!(router_task, presence_task, heartbeat_task, deadline_task);
     dispatcher_stop.cancel();
     if let Some(dispatcher) = dispatcher {
         match dispatcher.await {

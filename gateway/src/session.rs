@@ -2,7 +2,6 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
 
 use dispatcher::{Envelope, InboundLog};
 use governor::DefaultDirectRateLimiter;
@@ -207,7 +206,7 @@ impl Session {
                     user: self.user().to_owned(),
                     message_ids: ids,
                 };
-                self.call(self.app.bus.publish(envelope)).await
+                self.publish(envelope).await
             }
             ClientFrame::Read {
                 conversation,
@@ -215,21 +214,22 @@ impl Session {
             } => {
                 let (conversation, _) = self.member_of(&conversation).await?;
                 let id = parse_id(&message_id, "message_id")?;
-                match self.call(self.app.store.message(id)).await? {
-                    Some(m) if m.conversation == conversation => {}
-                    _ => {
-                        return Err(Refusal::new(
-                            ErrorCode::NotFound,
-                            format!("no message {id} in {conversation}"),
-                        ))
-                    }
+                if self
+                    .call(self.app.store.message(&conversation, id))
+                    .await?
+                    .is_none()
+                {
+                    return Err(Refusal::new(
+                        ErrorCode::NotFound,
+                        format!("no message {id} in {conversation}"),
+                    ));
                 }
                 let envelope = Envelope::Read {
                     user: self.user().to_owned(),
                     conversation,
                     message_id: id,
                 };
-                self.call(self.app.bus.publish(envelope)).await
+                self.publish(envelope).await
             }
             ClientFrame::Typing { conversation } => self.typing(&conversation).await,
             ClientFrame::History {
@@ -327,7 +327,6 @@ impl Session {
         conversation: Option<String>,
         body: String,
     ) -> Result<(), Refusal> {
-        let started = Instant::now();
         let length = client_msg_id.chars().count();
         if length == 0 || length > 64 {
             return Err(Refusal::bad_request(
@@ -368,27 +367,10 @@ impl Session {
             ));
         }
 
-        let proposed = Uuid::now_v7();
-        let id = self
-            .call(
-                self.app
-                    .store
-                    .claim_send(self.user(), &client_msg_id, proposed),
-            )
-            .await?;
-        if id != proposed {
-            // A retry. If the first attempt is stored, answer as it was answered.
-            if let Some(first) = self.call(self.app.store.message(id)).await? {
-                metrics::counter!("gateway_messages_total", "outcome" => "duplicate").increment(1);
-                self.reply(ServerFrame::Sent {
-                    client_msg_id,
-                    message_id: first.id.to_string(),
-                    conversation: first.conversation.to_string(),
-                    ts: first.ts,
-                });
-                return Ok(());
-            }
-        }
+        // The dispatcher that stores the message answers `sent` (or, for a retry, the
+        // message stored first) to this connection; until then the send waits here, and the
+        // connection goes on reading.
+        let id = Uuid::now_v7();
         let message = Message {
             id,
             conversation,
@@ -396,25 +378,55 @@ impl Session {
             body,
             ts: ts_of(id),
         };
-        let sent = ServerFrame::Sent {
-            client_msg_id: client_msg_id.clone(),
-            message_id: id.to_string(),
-            conversation: message.conversation.to_string(),
-            ts: message.ts,
-        };
         let origin = ConnRef {
             node: self.app.node.clone(),
             conn: self.conn.id,
         };
-        self.call(self.app.bus.publish(Envelope::Message {
+        let envelope = Envelope::Message {
             message,
             origin: Some(origin),
-            client_msg_id: Some(client_msg_id),
-        }))
-        .await?;
-        metrics::counter!("gateway_messages_total", "outcome" => "sent").increment(1);
-        metrics::histogram!("gateway_send_seconds").record(started.elapsed().as_secs_f64());
-        self.reply(sent);
+            client_msg_id: Some(client_msg_id.clone()),
+        };
+        self.app.deadlines.watch(
+            &self.conn,
+            client_msg_id.clone(),
+            self.app.config.backend_timeout(),
+        );
+        let accepted = match self.call(self.app.bus.publish(envelope)).await {
+            Ok(accepted) => accepted,
+            Err(refusal) => {
+                self.conn.take_answer(&client_msg_id);
+                return Err(refusal);
+            }
+        };
+        if !accepted.is_settled() {
+            let conn = self.conn.clone();
+            tokio::spawn(async move {
+                if let Err(e) = accepted.durable().await {
+                    conn.fail_send(&client_msg_id, &e.to_string());
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Publishes an ack or a read: answered only when refused. The log's confirmation is
+    /// awaited apart from the connection, which goes on reading meanwhile.
+    async fn publish(&self, envelope: Envelope) -> Result<(), Refusal> {
+        let accepted = self.call(self.app.bus.publish(envelope)).await?;
+        if !accepted.is_settled() {
+            let conn = self.conn.clone();
+            tokio::spawn(async move {
+                if let Err(e) = accepted.durable().await {
+                    let refusal = Refusal::from(e);
+                    metrics::counter!("gateway_errors_total", "code" => "unavailable").increment(1);
+                    conn.deliver(
+                        Utf8Bytes::from(refusal.into_frame().to_json()),
+                        Class::Reliable,
+                    );
+                }
+            });
+        }
         Ok(())
     }
 
@@ -455,7 +467,7 @@ impl Session {
                     user: self.user().to_owned(),
                 },
             };
-            self.call(self.app.presence.publish(&node, delivery))
+            self.call(self.app.presence.publish(&node, vec![delivery]))
                 .await?;
         }
         Ok(())

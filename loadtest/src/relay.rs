@@ -227,14 +227,14 @@ impl Relay {
     fn deliver(&self, recipient: &str, sender: &str, message: Utf8Bytes) {
         let n = self.deliveries.fetch_add(1, Ordering::Relaxed) + 1;
         let f = self.faults;
-        if f.drop_every > 0 && n % f.drop_every == 0 {
+        if f.drop_every > 0 && n.is_multiple_of(f.drop_every) {
             return;
         }
         let mut frames = Vec::with_capacity(2);
         {
             let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
             let pair = (recipient.to_owned(), sender.to_owned());
-            if f.reorder_every > 0 && n % f.reorder_every == 0 && !held.contains_key(&pair) {
+            if f.reorder_every > 0 && n.is_multiple_of(f.reorder_every) && !held.contains_key(&pair) {
                 held.insert(pair, message);
                 return;
             }
@@ -243,7 +243,7 @@ impl Relay {
                 frames.push(earlier);
             }
         }
-        if f.duplicate_every > 0 && n % f.duplicate_every == 0 {
+        if f.duplicate_every > 0 && n.is_multiple_of(f.duplicate_every) {
             frames.push(message);
         }
         let users = self.users.lock().unwrap_or_else(|e| e.into_inner());

@@ -7,6 +7,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use storage::{Conversation, Message, Receipt};
 use tokio::sync::{broadcast, mpsc};
+use uuid::Uuid;
 
 use crate::error::Result;
 
@@ -56,6 +57,22 @@ pub enum Payload {
         conversation: Conversation,
         user: String,
     },
+    /// To the one connection (`conn` on this node, of the delivery's only user) that sent a
+    /// message: it is stored, under this id.
+    Sent {
+        conn: u64,
+        client_msg_id: String,
+        message_id: Uuid,
+        conversation: Conversation,
+        ts: i64,
+    },
+    /// To the one connection that sent a message: it could not be stored and will not be
+    /// (the client may send it again).
+    Refused {
+        conn: u64,
+        client_msg_id: String,
+        reason: String,
+    },
 }
 
 /// What every presence backend does. Exactly two implementations exist:
@@ -82,19 +99,19 @@ pub trait PresenceService: Send + Sync + 'static {
         users: &[String],
     ) -> impl Future<Output = Result<HashMap<String, Vec<Location>>>> + Send;
 
-    /// Sends a delivery to a node's channel. Best effort: a node that is gone loses it, and
-    /// the message it carried is still pending in the store.
+    /// Sends deliveries to a node's channel, in order, as one message. Best effort: a node
+    /// that is gone loses them, and the messages they carried are still pending in the store.
     fn publish(
         &self,
         node: &str,
-        delivery: NodeDelivery,
+        deliveries: Vec<NodeDelivery>,
     ) -> impl Future<Output = Result<()>> + Send;
 
     /// Opens a node's delivery channel (replacing an earlier one for the same node).
     fn deliveries(
         &self,
         node: &str,
-    ) -> impl Future<Output = Result<mpsc::UnboundedReceiver<NodeDelivery>>> + Send;
+    ) -> impl Future<Output = Result<mpsc::UnboundedReceiver<Vec<NodeDelivery>>>> + Send;
 
     /// Every online/offline transition of every user, from now on.
     fn changes(&self) -> broadcast::Receiver<Status>;
@@ -151,10 +168,10 @@ impl PresenceService for Presence {
     async fn locate(&self, users: &[String]) -> Result<HashMap<String, Vec<Location>>> {
         observed!(self, "locate", |p| p.locate(users))
     }
-    async fn publish(&self, node: &str, delivery: NodeDelivery) -> Result<()> {
-        observed!(self, "publish", |p| p.publish(node, delivery))
+    async fn publish(&self, node: &str, deliveries: Vec<NodeDelivery>) -> Result<()> {
+        observed!(self, "publish", |p| p.publish(node, deliveries))
     }
-    async fn deliveries(&self, node: &str) -> Result<mpsc::UnboundedReceiver<NodeDelivery>> {
+    async fn deliveries(&self, node: &str) -> Result<mpsc::UnboundedReceiver<Vec<NodeDelivery>>> {
         observed!(self, "deliveries", |p| p.deliveries(node))
     }
     fn changes(&self) -> broadcast::Receiver<Status> {

@@ -145,22 +145,35 @@ pub struct Message {
 /// A message to append, with the users whose pending queues receive it.
 #[derive(Clone, Debug)]
 pub struct NewMessage {
+    /// The message as sent; its id is the one proposed for it (a UUIDv7 of the send).
     pub message: Message,
     pub recipients: Vec<String>,
-    /// The sender's idempotency key, whose claim ([`crate::MessageStore::claim_send`]) the
-    /// store makes durable with the message at the latest.
+    /// The sender's idempotency key. The store keeps `(sender, client_msg_id) → message`
+    /// for at least 24 hours, so a retried send resolves to the message stored first.
     pub client_msg_id: Option<String>,
 }
 
 /// The outcome of appending one message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Appended {
-    /// False when the message id was already stored (a replay or a retried send): nothing
-    /// was written.
+    /// The stored message's id: the proposed one when it was inserted now; for a retried
+    /// send (same sender and `client_msg_id`), the id stored by the first attempt.
+    pub id: Uuid,
+    /// The stored message's conversation (for a retry, the first attempt's).
+    pub conversation: Conversation,
+    /// False when the message was already stored (a replay of the same record, or a retried
+    /// send): nothing was written.
     pub inserted: bool,
-    /// The recipients for whom the message is pending now. For a replay, only those who
-    /// have not acked it yet, so a replay never re-delivers an acked message.
+    /// The recipients for whom the message is pending now. For a replay or retry, only
+    /// those who have not acked it yet, so a replay never re-delivers an acked message.
     pub pending_for: Vec<String>,
+}
+
+impl Appended {
+    /// The server timestamp of the stored message.
+    pub fn ts(&self) -> i64 {
+        ts_of(self.id)
+    }
 }
 
 /// A message that was pending for a user and has just been acked.

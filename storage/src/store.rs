@@ -1,5 +1,6 @@
 //! The store contract and the enum of backends that is what actually runs.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::time::Instant;
 
@@ -21,25 +22,24 @@ pub use embedded::{EmbeddedConfig, EmbeddedStore};
 /// distributed one on ScyllaDB. One conformance suite (`tests/conformance.rs`) holds both
 /// to this contract.
 pub trait MessageStore: Send + Sync + 'static {
-    /// Resolves the idempotency key of a send: the first claim of
-    /// `(sender, client_msg_id)` records `proposed` and returns it; every later claim, for
-    /// at least 24 hours, returns that first id. The record is durable no later than the
-    /// append of a message carrying this `client_msg_id` (a claim whose message was never
-    /// appended may be forgotten by a crash: no `sent` was given for it).
-    fn claim_send(
-        &self,
-        sender: &str,
-        client_msg_id: &str,
-        proposed: Uuid,
-    ) -> impl Future<Output = Result<Uuid>> + Send;
-
-    /// Appends messages and their recipients' pending entries, in order. Idempotent by
-    /// message id: an id already stored is reported with `inserted: false` and changes
-    /// nothing.
+    /// Appends messages and their recipients' pending entries, in order, and resolves each
+    /// send's idempotency key: a message whose `(sender, client_msg_id)` is already stored
+    /// (a retried send, or the same record read again) resolves to the stored message,
+    /// reported with `inserted: false`, and changes nothing. Without a `client_msg_id` the
+    /// message id is the key. Within one call, a later message with the key of an earlier
+    /// one resolves to the earlier one.
+    ///
+    /// Callers that append the same key concurrently from two places get no such promise:
+    /// the inbound log routes every message of a conversation through one ordered
+    /// partition, so a retry meets its first attempt there.
     fn append(&self, batch: Vec<NewMessage>) -> impl Future<Output = Result<Vec<Appended>>> + Send;
 
-    /// One message by id.
-    fn message(&self, id: Uuid) -> impl Future<Output = Result<Option<Message>>> + Send;
+    /// One message of a conversation by id.
+    fn message(
+        &self,
+        conversation: &Conversation,
+        id: Uuid,
+    ) -> impl Future<Output = Result<Option<Message>>> + Send;
 
     /// A page of a conversation, newest first, strictly older than `before` when given.
     fn history(
@@ -58,7 +58,9 @@ pub trait MessageStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<Message>>> + Send;
 
     /// Removes messages from a user's pending queue and returns those that were pending
-    /// (ids that were not are ignored, so a repeated ack returns nothing).
+    /// (ids that were not are ignored, so a repeated ack returns nothing). Acks of one
+    /// user must not run concurrently with each other (the inbound log orders them) for
+    /// each message to be reported once.
     fn ack(
         &self,
         user: &str,
@@ -147,18 +149,11 @@ impl Store {
 }
 
 impl MessageStore for Store {
-    async fn claim_send(&self, sender: &str, client_msg_id: &str, proposed: Uuid) -> Result<Uuid> {
-        observed!(self, "claim_send", |s| s.claim_send(
-            sender,
-            client_msg_id,
-            proposed
-        ))
-    }
     async fn append(&self, batch: Vec<NewMessage>) -> Result<Vec<Appended>> {
         observed!(self, "append", |s| s.append(batch))
     }
-    async fn message(&self, id: Uuid) -> Result<Option<Message>> {
-        observed!(self, "message", |s| s.message(id))
+    async fn message(&self, c: &Conversation, id: Uuid) -> Result<Option<Message>> {
+        observed!(self, "message", |s| s.message(c, id))
     }
     async fn history(
         &self,
@@ -203,5 +198,49 @@ impl MessageStore for Store {
     }
     async fn ping(&self) -> Result<()> {
         observed!(self, "ping", |s| s.ping())
+    }
+}
+
+/// What one `append` call has stored so far, so that a later message of the same call with
+/// the same idempotency key resolves to the earlier one (the backends' reads do not see
+/// writes of the call they are part of).
+#[derive(Default)]
+pub(crate) struct StoredThisCall(HashMap<(String, String), (Uuid, Conversation, Vec<String>)>);
+
+impl StoredThisCall {
+    /// The key a send is resolved by: its sender's `client_msg_id`, else its id.
+    fn key(new: &NewMessage) -> (String, String) {
+        let key = match &new.client_msg_id {
+            Some(cmid) => format!("c:{cmid}"),
+            None => format!("i:{}", new.message.id),
+        };
+        (new.message.from.clone(), key)
+    }
+
+    /// The outcome for `new` if this call already stored its key.
+    pub(crate) fn earlier(&self, new: &NewMessage) -> Option<Appended> {
+        let (id, conversation, queued) = self.0.get(&Self::key(new))?;
+        Some(Appended {
+            id: *id,
+            conversation: conversation.clone(),
+            inserted: false,
+            pending_for: new
+                .recipients
+                .iter()
+                .filter(|u| queued.contains(u))
+                .cloned()
+                .collect(),
+        })
+    }
+
+    pub(crate) fn stored(&mut self, new: &NewMessage) {
+        self.0.insert(
+            Self::key(new),
+            (
+                new.message.id,
+                new.message.conversation.clone(),
+                new.recipients.clone(),
+            ),
+        );
     }
 }

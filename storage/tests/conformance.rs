@@ -105,25 +105,78 @@ async fn append_one<S: MessageStore>(
     out.pop().expect("one outcome")
 }
 
-async fn claim_is_idempotent<S: MessageStore>(store: S) {
-    let first = Uuid::now_v7();
-    let second = Uuid::now_v7();
+async fn append_with(
+    store: &impl MessageStore,
+    m: &Message,
+    recipients: &[&str],
+    client_msg_id: &str,
+) -> storage::Appended {
+    let mut out = store
+        .append(vec![NewMessage {
+            message: m.clone(),
+            recipients: recipients.iter().map(|r| r.to_string()).collect(),
+            client_msg_id: Some(client_msg_id.into()),
+        }])
+        .await
+        .expect("append");
+    out.pop().expect("one outcome")
+}
+
+async fn retried_sends_resolve_to_the_first<S: MessageStore>(store: S) {
+    let c = dm("alice", "bob");
+    let first = message("alice", &c, "hello");
+    let out = append_with(&store, &first, &["bob"], "c1").await;
     assert_eq!(
-        store.claim_send("alice", "c1", first).await.expect("claim"),
-        first
+        (out.id, &out.conversation, out.inserted),
+        (first.id, &c, true)
     );
+    // A retry (another proposed id, even another body or conversation) is the first.
+    let retry = message("alice", &dm("alice", "carol"), "hello again");
+    let out = append_with(&store, &retry, &["bob"], "c1").await;
     assert_eq!(
-        store
-            .claim_send("alice", "c1", second)
-            .await
-            .expect("claim"),
-        first
+        (out.id, &out.conversation, out.inserted),
+        (first.id, &c, false)
     );
+    assert_eq!(out.pending_for, vec!["bob".to_string()], "still pending");
+    assert_eq!(out.ts(), first.ts);
+    assert_eq!(
+        store.history(&c, None, 10).await.expect("history"),
+        vec![first.clone()]
+    );
+    assert!(store
+        .history(&dm("alice", "carol"), None, 10)
+        .await
+        .expect("history")
+        .is_empty());
     // The key is per sender.
+    let bobs = message("bob", &c, "mine");
+    assert!(append_with(&store, &bobs, &["alice"], "c1").await.inserted);
+    // Within one call, a later message with the key of an earlier one is the earlier one.
+    let (a, b) = (message("alice", &c, "a"), message("alice", &c, "b"));
+    let out = store
+        .append(
+            [&a, &b]
+                .into_iter()
+                .map(|m| NewMessage {
+                    message: m.clone(),
+                    recipients: vec!["bob".into()],
+                    client_msg_id: Some("c2".into()),
+                })
+                .collect(),
+        )
+        .await
+        .expect("append");
     assert_eq!(
-        store.claim_send("bob", "c1", second).await.expect("claim"),
-        second
+        out.iter().map(|o| (o.id, o.inserted)).collect::<Vec<_>>(),
+        vec![(a.id, true), (a.id, false)]
     );
+    assert_eq!(out[1].pending_for, vec!["bob".to_string()]);
+    // Once acked, a retry is pending for nobody (it is not delivered again).
+    store.ack("bob", &[first.id]).await.expect("ack");
+    let late = message("alice", &c, "late retry");
+    let out = append_with(&store, &late, &["bob"], "c1").await;
+    assert_eq!((out.id, out.inserted), (first.id, false));
+    assert!(out.pending_for.is_empty());
 }
 
 async fn append_is_idempotent_by_message_id<S: MessageStore>(store: S) {
@@ -162,8 +215,16 @@ async fn messages_round_trip_decrypted<S: MessageStore>(store: S) {
     let c = dm("alice", "bob");
     let m = message("alice", &c, "héllo ✓ — 64 KiB would do too");
     append_one(&store, &m, &["bob"]).await;
-    assert_eq!(store.message(m.id).await.expect("get"), Some(m.clone()));
-    assert_eq!(store.message(Uuid::now_v7()).await.expect("get"), None);
+    assert_eq!(store.message(&c, m.id).await.expect("get"), Some(m.clone()));
+    assert_eq!(store.message(&c, Uuid::now_v7()).await.expect("get"), None);
+    assert_eq!(
+        store
+            .message(&dm("alice", "carol"), m.id)
+            .await
+            .expect("get"),
+        None,
+        "a message is found in its own conversation only"
+    );
 }
 
 async fn history_pages_newest_first<S: MessageStore>(store: S) {
@@ -385,13 +446,8 @@ async fn concurrent_writes_all_land<S: MessageStore + Clone>(store: S) {
         let c = c.clone();
         tasks.push(tokio::spawn(async move {
             let m = message("alice", &c, &format!("c{i}"));
-            let proposed = m.id;
-            let id = store
-                .claim_send("alice", &format!("k{i}"), proposed)
-                .await
-                .expect("claim");
-            assert_eq!(id, proposed);
-            append_one(&store, &m, &["bob"]).await;
+            let out = append_with(&store, &m, &["bob"], &format!("k{i}")).await;
+            assert_eq!((out.id, out.inserted), (m.id, true));
         }));
     }
     for t in tasks {
@@ -451,7 +507,7 @@ async fn history_pages_across_weeks<S: MessageStore>(store: S) {
     );
     for m in &sent {
         assert_eq!(
-            store.message(m.id).await.expect("message").as_ref(),
+            store.message(&c, m.id).await.expect("message").as_ref(),
             Some(m)
         );
     }
@@ -464,7 +520,8 @@ async fn ping_answers<S: MessageStore>(store: S) {
     store.ping().await.expect("ping");
 }
 
-macro_rules! conformance {
+/// One test per scenario for one backend.
+macro_rules! instantiate {
     ($module:ident => $backend:ident: $($scenario:ident),* $(,)?) => {
         mod $module {
             use super::*;
@@ -482,23 +539,16 @@ macro_rules! conformance {
     };
 }
 
-conformance!(embedded => Embedded:
-    claim_is_idempotent,
-    append_is_idempotent_by_message_id,
-    messages_round_trip_decrypted,
-    history_pages_newest_first,
-    pending_is_oldest_first_until_acked,
-    read_markers_cover_earlier_messages,
-    receipts_are_kept_until_cleared,
-    groups_and_membership,
-    groups_are_bounded,
-    concurrent_writes_all_land,
-    history_pages_across_weeks,
-    ping_answers,
-);
+/// Every scenario, listed once, against both backends.
+macro_rules! conformance {
+    ($($scenario:ident),* $(,)?) => {
+        instantiate!(embedded => Embedded: $($scenario),*);
+        instantiate!(scylla => Scylla: $($scenario),*);
+    };
+}
 
-conformance!(scylla => Scylla:
-    claim_is_idempotent,
+conformance!(
+    retried_sends_resolve_to_the_first,
     append_is_idempotent_by_message_id,
     messages_round_trip_decrypted,
     history_pages_newest_first,

@@ -1,5 +1,6 @@
 //! What only the embedded backend has to show: durability across reopening the data
-//! directory, exclusive use of it, and encryption on disk.
+//! directory, exclusive use of it, encryption on disk, expiry of send records, and the
+//! migration of a data directory written by an earlier version.
 
 use storage::crypto::KeySource;
 use storage::{
@@ -77,11 +78,16 @@ async fn bodies_are_not_on_disk_in_clear_and_keys_rotate() {
             .await
             .expect("append");
     }
-    let raw = std::fs::read(dir.path().join("store.redb")).expect("read db file");
-    assert!(
-        !raw.windows(16).any(|w| w == b"the secret plans"),
-        "the body is on disk in clear"
-    );
+    let files = files_under(&dir.path().join("store"));
+    assert!(!files.is_empty());
+    for file in files {
+        let raw = std::fs::read(&file).expect("read a store file");
+        assert!(
+            !raw.windows(16).any(|w| w == b"the secret plans"),
+            "the body is on disk in clear in {}",
+            file.display()
+        );
+    }
 
     // A new primary key: old rows still decrypt, new rows use the new key.
     let rotated = format!("{}\n{}", key(1, 1), key(2, 2));
@@ -91,7 +97,10 @@ async fn bodies_are_not_on_disk_in_clear_and_keys_rotate() {
             .await
             .expect("open");
         assert_eq!(
-            store.message(old.id).await.expect("old row"),
+            store
+                .message(&old.conversation, old.id)
+                .await
+                .expect("old row"),
             Some(old.clone())
         );
         store
@@ -108,8 +117,17 @@ async fn bodies_are_not_on_disk_in_clear_and_keys_rotate() {
     let store = open(dir.path(), KeySource::Inline(key(1, 1)))
         .await
         .expect("open");
-    assert_eq!(store.message(old.id).await.expect("old row"), Some(old));
-    let err = store.message(new.id).await.expect_err("unknown key");
+    assert_eq!(
+        store
+            .message(&old.conversation, old.id)
+            .await
+            .expect("old row"),
+        Some(old)
+    );
+    let err = store
+        .message(&new.conversation, new.id)
+        .await
+        .expect_err("unknown key");
     assert!(matches!(err, Error::UnknownKey(_, 2)), "{err}");
     drop(store);
 
@@ -121,66 +139,209 @@ async fn bodies_are_not_on_disk_in_clear_and_keys_rotate() {
     .await
     .expect("open");
     assert!(matches!(
-        store.message(new.id).await,
+        store.message(&new.conversation, new.id).await,
         Err(Error::Decrypt(_))
     ));
 }
 
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(files_under(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+fn new(message: &Message, client_msg_id: &str) -> NewMessage {
+    NewMessage {
+        message: message.clone(),
+        recipients: vec!["bob".into()],
+        client_msg_id: Some(client_msg_id.into()),
+    }
+}
+
 #[tokio::test]
-async fn a_claim_is_durable_with_its_message_and_only_then() {
+async fn a_send_record_is_durable_with_its_message() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let m = message("claimed");
-    let unappended = Uuid::now_v7();
+    let first = message("first attempt");
     {
         let store = open(dir.path(), KeySource::DevGenerated)
             .await
             .expect("open");
-        assert_eq!(
-            store.claim_send("alice", "c-1", m.id).await.expect("claim"),
-            m.id
-        );
-        // A retry before the message is stored already gets the same id.
-        assert_eq!(
-            store
-                .claim_send("alice", "c-1", Uuid::now_v7())
-                .await
-                .expect("retry"),
-            m.id
-        );
-        store
-            .append(vec![NewMessage {
-                message: m.clone(),
-                recipients: vec!["bob".into()],
-                client_msg_id: Some("c-1".into()),
-            }])
+        let out = store
+            .append(vec![new(&first, "c-1")])
             .await
             .expect("append");
-        // Claimed, but its message never appended (the sender never got `sent`).
-        assert_eq!(
-            store
-                .claim_send("alice", "c-2", unappended)
-                .await
-                .expect("claim"),
-            unappended
-        );
+        assert!(out[0].inserted);
     }
     let store = open(dir.path(), KeySource::DevGenerated)
         .await
         .expect("reopen");
+    let retry = message("second attempt");
+    let out = store.append(vec![new(&retry, "c-1")]).await.expect("retry");
+    assert_eq!((out[0].id, out[0].inserted), (first.id, false));
+    assert_eq!(out[0].pending_for, vec!["bob".to_string()]);
+}
+
+#[tokio::test]
+async fn send_records_expire_after_their_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = EmbeddedConfig::new(dir.path());
+    config.idempotency_ttl = std::time::Duration::from_millis(300);
+    let store = EmbeddedStore::open(config).await.expect("open");
+    let first = message("first");
+    store
+        .append(vec![new(&first, "c-1")])
+        .await
+        .expect("append");
+    // The record's age is what expires it: this wait is the thing under test.
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let later = message("a new message under an old key");
+    let out = store
+        .append(vec![new(&later, "c-1")])
+        .await
+        .expect("append");
+    assert_eq!((out[0].id, out[0].inserted), (later.id, true));
+}
+
+/// A data directory of schema version 1 (one redb file) is migrated on open: every row is
+/// there afterwards, in the new layout, and the old file is kept aside.
+#[tokio::test]
+async fn a_version_1_data_directory_is_migrated() {
+    use redb::TableDefinition;
+    const MESSAGES: TableDefinition<(&str, u128), &[u8]> = TableDefinition::new("messages");
+    const MESSAGE_CONVERSATION: TableDefinition<u128, &str> =
+        TableDefinition::new("message_conversation");
+    const PENDING: TableDefinition<(&str, u128), &str> = TableDefinition::new("pending");
+    const IDEMPOTENCY: TableDefinition<(&str, &str), (u128, u64)> =
+        TableDefinition::new("idempotency");
+    const RECEIPTS: TableDefinition<(&str, u128), &[u8]> = TableDefinition::new("receipt_outbox");
+    const READ_MARKERS: TableDefinition<(&str, &str), u128> = TableDefinition::new("read_markers");
+    const GROUPS: TableDefinition<u128, &[u8]> = TableDefinition::new("groups");
+    const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+    #[derive(serde::Serialize)]
+    struct StoredMessage {
+        from: String,
+        sealed: Vec<u8>,
+    }
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = storage::crypto::Keyring::parse(&key(1, 7)).expect("keys");
+    let m1 = message("from the old store");
+    let m2 = message("acked long ago");
+    let group = storage::Group {
+        id: Uuid::now_v7(),
+        name: "old friends".into(),
+        members: ["alice", "bob"].into_iter().map(String::from).collect(),
+    };
+    let receipt = storage::Receipt {
+        message_id: m2.id,
+        conversation: m2.conversation.clone(),
+        by: "bob".into(),
+        status: storage::ReceiptStatus::Delivered,
+        ts: 5,
+    };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    {
+        let db = redb::Database::create(dir.path().join("store.redb")).expect("old file");
+        let txn = db.begin_write().expect("txn");
+        {
+            let name = m1.conversation.to_string();
+            let mut messages = txn.open_table(MESSAGES).expect("table");
+            let mut index = txn.open_table(MESSAGE_CONVERSATION).expect("table");
+            for m in [&m1, &m2] {
+                let sealed = keys
+                    .seal(m.id, &name, &m.from, m.body.as_bytes())
+                    .expect("seal");
+                let row = postcard::to_stdvec(&StoredMessage {
+                    from: m.from.clone(),
+                    sealed,
+                })
+                .expect("encode");
+                messages
+                    .insert((name.as_str(), m.id.as_u128()), row.as_slice())
+                    .expect("insert");
+                index.insert(m.id.as_u128(), name.as_str()).expect("insert");
+            }
+            txn.open_table(PENDING)
+                .expect("table")
+                .insert(("bob", m1.id.as_u128()), name.as_str())
+                .expect("insert");
+            txn.open_table(IDEMPOTENCY)
+                .expect("table")
+                .insert(("alice", "c-old"), (m1.id.as_u128(), now_ms))
+                .expect("insert");
+            let bytes = postcard::to_stdvec(&receipt).expect("encode");
+            txn.open_table(RECEIPTS)
+                .expect("table")
+                .insert(("alice", Uuid::now_v7().as_u128()), bytes.as_slice())
+                .expect("insert");
+            txn.open_table(READ_MARKERS)
+                .expect("table")
+                .insert((name.as_str(), "bob"), m2.id.as_u128())
+                .expect("insert");
+            let bytes = postcard::to_stdvec(&group).expect("encode");
+            txn.open_table(GROUPS)
+                .expect("table")
+                .insert(group.id.as_u128(), bytes.as_slice())
+                .expect("insert");
+            txn.open_table(META)
+                .expect("table")
+                .insert("schema_version", 1)
+                .expect("insert");
+        }
+        txn.commit().expect("commit");
+    }
+
+    let store = open(dir.path(), KeySource::Inline(key(1, 7)))
+        .await
+        .expect("open migrates");
+    assert!(!dir.path().join("store.redb").exists());
+    assert!(dir.path().join("store.redb.migrated").exists());
     assert_eq!(
         store
-            .claim_send("alice", "c-1", Uuid::now_v7())
+            .history(&m1.conversation, None, 10)
             .await
-            .expect("after restart"),
-        m.id
+            .expect("history"),
+        vec![m2.clone(), m1.clone()]
     );
-    let fresh = Uuid::now_v7();
     assert_eq!(
-        store
-            .claim_send("alice", "c-2", fresh)
-            .await
-            .expect("after restart"),
-        fresh,
-        "a claim without its message may be forgotten: no `sent` promised anything"
+        store.pending("bob", None, 10).await.expect("pending"),
+        vec![m1.clone()]
     );
+    let acked = store.ack("bob", &[m1.id]).await.expect("ack");
+    assert_eq!(acked.len(), 1);
+    assert_eq!(acked[0].from, "alice", "the pending entry names its sender");
+    let retry = message("retried after the upgrade");
+    let out = store
+        .append(vec![new(&retry, "c-old")])
+        .await
+        .expect("retry");
+    assert_eq!((out[0].id, out[0].inserted), (m1.id, false));
+    assert_eq!(store.group(group.id).await.expect("group"), Some(group));
+    let kept = store.receipts("alice", 10).await.expect("receipts");
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].1, receipt);
+    assert!(
+        store
+            .mark_read("bob", &m1.conversation, m2.id)
+            .await
+            .expect("read")
+            .is_empty(),
+        "the read marker came along"
+    );
+    drop(store);
+    // Opening again does not migrate again.
+    open(dir.path(), KeySource::Inline(key(1, 7)))
+        .await
+        .expect("reopen");
 }

@@ -2,15 +2,16 @@
 //!
 //! It serves a single process. Envelopes are hashed by key onto `P` bounded queues, one
 //! ordered consumer per queue, exactly as Kafka partitions by key. It keeps nothing on
-//! disk: `publish` resolves when the dispatcher has *persisted* the envelope and committed
-//! it, so the store is the durable log and a crash loses only what was never answered.
+//! disk and cannot deliver a record twice: the store is the durable log, and a sender
+//! learns that its message is durable when the dispatcher answers its connection after
+//! storing it. A crash loses only what was never answered.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
-use super::{InboundLog, Partition, Record};
+use super::{Accepted, InboundLog, Partition, Record};
 use crate::envelope::{Envelope, PushEvent};
 use crate::error::{Error, Result};
 
@@ -56,23 +57,13 @@ impl MemoryLog {
 }
 
 impl InboundLog for MemoryLog {
-    async fn publish(&self, envelope: Envelope) -> Result<()> {
+    async fn publish(&self, envelope: Envelope) -> Result<Accepted> {
         let partition = self.partition_of(&envelope.key());
-        let (done, committed) = oneshot::channel();
-        let record = Record::new(envelope, move |outcome| {
-            let _ = done.send(outcome);
-        });
         self.shared.senders[partition]
-            .send(record)
+            .send(Record::once(envelope))
             .await
             .map_err(|_| Error::Unavailable("the in-process dispatcher has stopped".into()))?;
-        match committed.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(reason)) => Err(Error::Rejected(reason)),
-            Err(_) => Err(Error::Unavailable(
-                "the in-process dispatcher dropped the record".into(),
-            )),
-        }
+        Ok(Accepted::queued())
     }
 
     async fn publish_push(&self, event: PushEvent) -> Result<()> {

@@ -37,7 +37,7 @@ struct Shared {
 #[derive(Default)]
 struct State {
     users: HashMap<String, UserEntry>,
-    nodes: HashMap<String, mpsc::UnboundedSender<NodeDelivery>>,
+    nodes: HashMap<String, mpsc::UnboundedSender<Vec<NodeDelivery>>>,
 }
 
 #[derive(Default)]
@@ -225,16 +225,16 @@ impl PresenceService for MemoryPresence {
         Ok(found)
     }
 
-    async fn publish(&self, node: &str, delivery: NodeDelivery) -> Result<()> {
+    async fn publish(&self, node: &str, deliveries: Vec<NodeDelivery>) -> Result<()> {
         let state = self.state();
         if let Some(channel) = state.nodes.get(node) {
             // A closed channel means the node is gone: the delivery is dropped on purpose.
-            let _ = channel.send(delivery);
+            let _ = channel.send(deliveries);
         }
         Ok(())
     }
 
-    async fn deliveries(&self, node: &str) -> Result<mpsc::UnboundedReceiver<NodeDelivery>> {
+    async fn deliveries(&self, node: &str) -> Result<mpsc::UnboundedReceiver<Vec<NodeDelivery>>> {
         let (tx, rx) = mpsc::unbounded_channel();
         self.state().nodes.insert(node.to_owned(), tx);
         Ok(rx)

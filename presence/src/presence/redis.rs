@@ -103,7 +103,7 @@ struct Local {
     /// node → user → devices.
     devices: HashMap<String, HashMap<String, Vec<Location>>>,
     /// node → its delivery channel in this process.
-    channels: HashMap<String, mpsc::UnboundedSender<NodeDelivery>>,
+    channels: HashMap<String, mpsc::UnboundedSender<Vec<NodeDelivery>>>,
 }
 
 /// Adds a device and answers 1 when the user had no live device before.
@@ -486,9 +486,9 @@ async fn listen(shared: Weak<Shared>, mut rx: broadcast::Receiver<fred::types::M
         };
         let sender = shared.local().channels.get(node).cloned();
         if let Some(sender) = sender {
-            match serde_json::from_str::<NodeDelivery>(&text) {
-                Ok(delivery) => {
-                    let _ = sender.send(delivery);
+            match serde_json::from_str::<Vec<NodeDelivery>>(&text) {
+                Ok(deliveries) => {
+                    let _ = sender.send(deliveries);
                 }
                 Err(e) => tracing::warn!(error = %e, node, "presence: bad delivery message"),
             }
@@ -753,10 +753,10 @@ impl RedisPresence {
         Ok(found)
     }
 
-    async fn publish_unguarded(&self, node: &str, delivery: NodeDelivery) -> Result<()> {
+    async fn publish_unguarded(&self, node: &str, deliveries: Vec<NodeDelivery>) -> Result<()> {
         let s = &self.shared;
         let payload =
-            serde_json::to_string(&delivery).map_err(|e| Error::Backend(e.to_string()))?;
+            serde_json::to_string(&deliveries).map_err(|e| Error::Backend(e.to_string()))?;
         let _: i64 = s
             .client
             .publish(s.deliver_channel(node), payload)
@@ -768,7 +768,7 @@ impl RedisPresence {
     async fn deliveries_unguarded(
         &self,
         node: &str,
-    ) -> Result<mpsc::UnboundedReceiver<NodeDelivery>> {
+    ) -> Result<mpsc::UnboundedReceiver<Vec<NodeDelivery>>> {
         let s = &self.shared;
         // A node that restarts under the same name left devices that are gone now.
         let fresh = !s.local().devices.contains_key(node);
@@ -836,14 +836,14 @@ impl PresenceService for RedisPresence {
             .await
             .map_err(opened)
     }
-    async fn publish(&self, node: &str, delivery: NodeDelivery) -> Result<()> {
+    async fn publish(&self, node: &str, deliveries: Vec<NodeDelivery>) -> Result<()> {
         let breaker = &self.shared.breaker;
         breaker
-            .call(counts, self.publish_unguarded(node, delivery))
+            .call(counts, self.publish_unguarded(node, deliveries))
             .await
             .map_err(opened)
     }
-    async fn deliveries(&self, node: &str) -> Result<mpsc::UnboundedReceiver<NodeDelivery>> {
+    async fn deliveries(&self, node: &str) -> Result<mpsc::UnboundedReceiver<Vec<NodeDelivery>>> {
         self.deliveries_unguarded(node).await
     }
     fn changes(&self) -> broadcast::Receiver<Status> {

@@ -1,56 +1,53 @@
-//! The embedded store: one redb database file in the data directory.
+//! The embedded store: an LSM tree with a write-ahead journal (fjall) in the data
+//! directory.
 //!
-//! Every write goes through one writer thread that gathers whatever writes are waiting
-//! and commits them in a single durable transaction (group commit): under load one
-//! `fsync` covers many sends, and a write's future resolves only after that commit.
-//! Reads run on the blocking pool against a consistent snapshot.
+//! Every write runs on one writer thread ([`writer::GroupCommit`]): each write commits to
+//! the journal and the memtables at once (visible to readers from then on), and one
+//! `fdatasync` of the journal then covers every write of the group. A write that needs
+//! durability (a message, a group change) resolves only after that sync; acks and the
+//! clearing of delivered receipts are only handed to the operating system, because losing
+//! one to a power cut costs a repeated delivery, never a message. Reads run on the
+//! blocking pool.
+//!
+//! Keys are byte strings that sort the way the data is read: `conversation ␀ id` for
+//! history, `user ␀ id` for pending queues (user ids and conversation names never contain a
+//! zero byte), message ids as 16 big-endian bytes (UUIDv7: time order).
 //!
 //! This backend serves a single process; for several gateway nodes use the distributed
 //! store.
 
-use std::collections::{BTreeSet, HashMap};
-use std::path::PathBuf;
-use std::sync::mpsc as std_mpsc;
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+mod migrate;
+mod writer;
 
-use redb::{Database, ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fjall::compaction::filter::{
+    CompactionFilter, CompactionFilterResult, Context, Factory, ItemAccessor, Verdict,
+};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistMode};
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
 use uuid::Uuid;
 
+use self::writer::GroupCommit;
 use crate::crypto::{KeySource, Keyring};
 use crate::error::{Error, Result};
 use crate::model::{AckedMessage, Appended, Conversation, Group, Message, NewMessage, Receipt};
-use crate::store::MessageStore;
+use crate::store::{MessageStore, StoredThisCall};
 
-/// `(conversation, message id) → StoredMessage`: history, in id order within a conversation.
-const MESSAGES: TableDefinition<(&str, u128), &[u8]> = TableDefinition::new("messages");
-/// `message id → conversation`, to find a message by id alone.
-const MESSAGE_CONVERSATION: TableDefinition<u128, &str> =
-    TableDefinition::new("message_conversation");
-/// `(user, message id) → conversation`: what a user has not acked yet, oldest first.
-const PENDING: TableDefinition<(&str, u128), &str> = TableDefinition::new("pending");
-/// `(sender, client_msg_id) → (message id, created ms)`.
-const IDEMPOTENCY: TableDefinition<(&str, &str), (u128, u64)> = TableDefinition::new("idempotency");
-/// `(user, key) → Receipt`: receipts kept for a sender who was offline.
-const RECEIPTS: TableDefinition<(&str, u128), &[u8]> = TableDefinition::new("receipt_outbox");
-/// `(conversation, reader) → message id`: how far each member has read.
-const READ_MARKERS: TableDefinition<(&str, &str), u128> = TableDefinition::new("read_markers");
-/// `group id → Group`.
-const GROUPS: TableDefinition<u128, &[u8]> = TableDefinition::new("groups");
-/// `name → value`: the schema version.
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-
-const SCHEMA_VERSION: u64 = 1;
-/// Most writes gathered into one transaction.
-const MAX_GROUP_COMMIT: usize = 512;
+/// The on-disk format this build writes. Version 1 was a redb file (`store.redb`), which
+/// is migrated on first open.
+const SCHEMA_VERSION: u64 = 2;
 /// Most messages `mark_read` scans to find the senders a read covers.
 const READ_SCAN_LIMIT: usize = 10_000;
-/// How long a claim whose message never arrived (its publish failed) is remembered. Far
-/// longer than any publish may take; a claim is forgotten as soon as its message commits.
-const CLAIM_MEMORY: Duration = Duration::from_secs(60);
+/// The store's directory inside the data directory.
+const STORE_DIR: &str = "store";
+/// Memory bounds: the block cache, and each keyspace's memtable before it is flushed.
+const CACHE_BYTES: u64 = 16 << 20;
+const MEMTABLE_BYTES: u64 = 32 << 20;
+const SMALL_MEMTABLE_BYTES: u64 = 4 << 20;
 
 /// Where and how the embedded store keeps its data.
 #[derive(Clone, Debug)]
@@ -71,12 +68,27 @@ impl EmbeddedConfig {
     }
 }
 
-/// The on-disk form of a message: the sender in clear (acks need it without the key),
-/// the body sealed by [`Keyring::seal`].
+/// A message row: the sender in clear, the body sealed by [`Keyring::seal`].
 #[derive(Serialize, Deserialize)]
 struct StoredMessage {
     from: String,
     sealed: Vec<u8>,
+}
+
+/// A pending entry names its message's conversation and sender, so an ack needs no other
+/// read.
+#[derive(Serialize, Deserialize)]
+struct PendingEntry {
+    conversation: String,
+    from: String,
+}
+
+/// `(sender, client_msg_id) →` the message a send stored.
+#[derive(Serialize, Deserialize)]
+struct SendRecord {
+    id: u128,
+    conversation: String,
+    created_ms: u64,
 }
 
 /// A cheap-clone handle to the embedded store.
@@ -94,74 +106,37 @@ impl std::fmt::Debug for EmbeddedStore {
 }
 
 struct Inner {
-    /// Claims whose message is not committed yet; their record is written with the message
-    /// (one transaction per send instead of two).
-    claims: Mutex<Claims>,
-    db: Arc<Database>,
-    keys: Keyring,
+    /// Declared before `db` so that it drops first: the writer finishes its last group
+    /// while the database is still open.
+    writer: GroupCommit<Db>,
+    db: Db,
     path: PathBuf,
-    /// `None` only while dropping: dropping the sender stops the writer thread.
-    jobs: Option<std_mpsc::Sender<Job>>,
-    writer: Option<JoinHandle<()>>,
 }
 
-impl Drop for Inner {
-    fn drop(&mut self) {
-        self.jobs.take();
-        if let Some(writer) = self.writer.take() {
-            // Joining closes the database file before the next open of the same directory.
-            let _ = writer.join();
-        }
+/// The database and its keyspaces (each an LSM tree of its own, one shared journal).
+#[derive(Clone)]
+struct Db {
+    database: Database,
+    messages: Keyspace,
+    pending: Keyspace,
+    sends: Keyspace,
+    receipts: Keyspace,
+    markers: Keyspace,
+    groups: Keyspace,
+    meta: Keyspace,
+    keys: Keyring,
+    idempotency_ttl: Duration,
+}
+
+fn backend(e: fjall::Error) -> Error {
+    Error::Backend(format!("embedded store: {e}"))
+}
+
+impl From<fjall::Error> for Error {
+    fn from(e: fjall::Error) -> Self {
+        backend(e)
     }
 }
-
-/// Idempotency claims whose message has not committed yet.
-#[derive(Default)]
-struct Claims {
-    /// `(sender, client_msg_id) → (message id, claimed at)`.
-    pending: HashMap<(String, String), (Uuid, Instant)>,
-    last_sweep: Option<Instant>,
-}
-
-impl Claims {
-    /// Forgets claims whose message never came, at most once a second.
-    fn sweep(&mut self) {
-        let now = Instant::now();
-        if self
-            .last_sweep
-            .is_some_and(|at| now.duration_since(at) < Duration::from_secs(1))
-        {
-            return;
-        }
-        self.last_sweep = Some(now);
-        self.pending
-            .retain(|_, (_, at)| now.duration_since(*at) < CLAIM_MEMORY);
-    }
-}
-
-/// Called once after the transaction ends, with the commit's outcome.
-type Finish = Box<dyn FnOnce(Result<()>) + Send>;
-/// A write: applies itself to the open transaction (or learns it could not be opened),
-/// says whether the transaction must be aborted, and hands back its completion.
-type Job = Box<dyn FnOnce(Result<&WriteTransaction>) -> (bool, Finish) + Send>;
-
-macro_rules! from_redb {
-    ($($t:ty),*) => {$(
-        impl From<$t> for Error {
-            fn from(e: $t) -> Self {
-                Error::Backend(format!("embedded store: {e}"))
-            }
-        }
-    )*};
-}
-from_redb!(
-    redb::Error,
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError
-);
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
     postcard::to_stdvec(value).map_err(|e| Error::Backend(format!("encoding a record: {e}")))
@@ -178,9 +153,175 @@ fn now_ms() -> u64 {
         .unwrap_or_default()
 }
 
+/// `prefix ␀ rest`.
+fn key(prefix: &str, rest: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(prefix.len() + 1 + rest.len());
+    key.extend_from_slice(prefix.as_bytes());
+    key.push(0);
+    key.extend_from_slice(rest);
+    key
+}
+
+fn id_key(prefix: &str, id: u128) -> Vec<u8> {
+    key(prefix, &id.to_be_bytes())
+}
+
+/// The id at the end of a `prefix ␀ id` key.
+fn id_of(key: &[u8]) -> Result<u128> {
+    key.len()
+        .checked_sub(16)
+        .and_then(|at| key.get(at..))
+        .and_then(|bytes| <[u8; 16]>::try_from(bytes).ok())
+        .map(u128::from_be_bytes)
+        .ok_or_else(|| Error::Backend("a stored key is too short".into()))
+}
+
+fn id_value(bytes: &[u8]) -> Result<u128> {
+    <[u8; 16]>::try_from(bytes)
+        .map(u128::from_be_bytes)
+        .map_err(|_| Error::Backend("a stored id is not 16 bytes".into()))
+}
+
+fn parse_conversation(name: &str) -> Result<Conversation> {
+    name.parse()
+        .map_err(|e| Error::Backend(format!("stored conversation: {e}")))
+}
+
+/// Drops idempotency records past their time during compactions (reads ignore expired
+/// ones that are still there), so no scan is ever needed to prune them.
+struct ExpireSends {
+    ttl_ms: u64,
+}
+
+impl Factory for ExpireSends {
+    fn name(&self) -> &str {
+        "expire-send-records"
+    }
+
+    fn make_filter(&self, _: &Context) -> Box<dyn CompactionFilter> {
+        Box::new(ExpireSendsFilter {
+            cutoff_ms: now_ms().saturating_sub(self.ttl_ms),
+        })
+    }
+}
+
+struct ExpireSendsFilter {
+    cutoff_ms: u64,
+}
+
+impl CompactionFilter for ExpireSendsFilter {
+    fn filter_item(&mut self, item: ItemAccessor<'_>, _: &Context) -> CompactionFilterResult {
+        let value = item.value()?;
+        Ok(match decode::<SendRecord>(&value) {
+            Ok(record) if record.created_ms < self.cutoff_ms => Verdict::Remove,
+            _ => Verdict::Keep,
+        })
+    }
+}
+
+impl Db {
+    fn open(path: &std::path::Path, keys: Keyring, idempotency_ttl: Duration) -> Result<Self> {
+        let ttl_ms = u64::try_from(idempotency_ttl.as_millis()).unwrap_or(u64::MAX);
+        let database = Database::builder(path)
+            .cache_size(CACHE_BYTES)
+            // The writer thread persists once per group (`sync`); without this every
+            // write would also be flushed to the operating system on its own.
+            .manual_journal_persist(true)
+            .max_journaling_size(64 << 20)
+            .with_compaction_filter_factories(Arc::new(move |keyspace: &str| {
+                (keyspace == "sends").then(|| Arc::new(ExpireSends { ttl_ms }) as Arc<dyn Factory>)
+            }))
+            .open()
+            .map_err(|e| match e {
+                fjall::Error::Locked => Error::Unavailable(format!(
+                    "{} is already open in another process",
+                    path.display()
+                )),
+                other => Error::Backend(format!("opening {}: {other}", path.display())),
+            })?;
+        let open = |name: &str, memtable: u64| {
+            database.keyspace(name, || {
+                KeyspaceCreateOptions::default()
+                    .max_memtable_size(memtable)
+                    .manual_journal_persist(true)
+            })
+        };
+        let db = Db {
+            messages: open("messages", MEMTABLE_BYTES)?,
+            pending: open("pending", MEMTABLE_BYTES)?,
+            sends: open("sends", MEMTABLE_BYTES)?,
+            receipts: open("receipt_outbox", SMALL_MEMTABLE_BYTES)?,
+            markers: open("read_markers", SMALL_MEMTABLE_BYTES)?,
+            groups: open("groups", SMALL_MEMTABLE_BYTES)?,
+            meta: open("meta", SMALL_MEMTABLE_BYTES)?,
+            database,
+            keys,
+            idempotency_ttl,
+        };
+        Ok(db)
+    }
+
+    /// Refuses data written by a newer build; records the version in a new store.
+    fn check_schema(&self) -> Result<()> {
+        match self.meta.get("schema_version")? {
+            None => {
+                self.meta
+                    .insert("schema_version", SCHEMA_VERSION.to_be_bytes())?;
+                self.database.persist(PersistMode::SyncAll)?;
+                Ok(())
+            }
+            Some(v) if v.as_ref() == SCHEMA_VERSION.to_be_bytes() => Ok(()),
+            Some(v) => Err(Error::Backend(format!(
+                "the data directory has schema version {:?}, this build knows {SCHEMA_VERSION}: \
+                 upgrade the binary or use another data directory",
+                v.as_ref()
+            ))),
+        }
+    }
+
+    fn batch(&self) -> OwnedWriteBatch {
+        self.database.batch()
+    }
+
+    fn sync(&self, durable: bool) -> Result<()> {
+        let mode = if durable {
+            PersistMode::SyncData
+        } else {
+            PersistMode::Buffer
+        };
+        self.database.persist(mode).map_err(backend)
+    }
+
+    /// The message a `(sender, client_msg_id)` already stored, unless expired.
+    fn send_record(&self, sender: &str, client_msg_id: &str) -> Result<Option<SendRecord>> {
+        let Some(value) = self.sends.get(key(sender, client_msg_id.as_bytes()))? else {
+            return Ok(None);
+        };
+        let record: SendRecord = decode(&value)?;
+        let ttl_ms = u64::try_from(self.idempotency_ttl.as_millis()).unwrap_or(u64::MAX);
+        Ok((record.created_ms.saturating_add(ttl_ms) >= now_ms()).then_some(record))
+    }
+
+    fn load(&self, conversation: &str, id: u128) -> Result<Option<Message>> {
+        let Some(row) = self.messages.get(id_key(conversation, id))? else {
+            return Ok(None);
+        };
+        let stored: StoredMessage = decode(&row)?;
+        self.keys
+            .open_message(
+                Uuid::from_u128(id),
+                conversation,
+                stored.from,
+                &stored.sealed,
+            )
+            .map(Some)
+    }
+}
+
 impl EmbeddedStore {
-    /// Opens (creating if needed) the store in `config.data_dir`. Fails with a clear
-    /// message if another process has it open.
+    /// Opens (creating if needed) the store in `config.data_dir`, migrating a store of an
+    /// earlier version found there. Fails with a clear message if another process has it
+    /// open.
     pub async fn open(config: EmbeddedConfig) -> Result<Self> {
         tokio::task::spawn_blocking(move || Self::open_blocking(config))
             .await
@@ -194,356 +335,140 @@ impl EmbeddedStore {
             source,
         })?;
         let keys = Keyring::load(&config.keys, dir)?;
-        let path = dir.join("store.redb");
-        let db = Database::create(&path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => Error::Unavailable(format!(
-                "{} is already open in another process",
-                path.display()
-            )),
-            other => Error::Backend(format!("opening {}: {other}", path.display())),
-        })?;
-        init_schema(&db)?;
-        let db = Arc::new(db);
-        let (jobs, rx) = std_mpsc::channel();
-        let writer_db = db.clone();
-        let ttl = config.idempotency_ttl;
-        let writer = std::thread::Builder::new()
-            .name("store-writer".into())
-            .spawn(move || writer_loop(&writer_db, &rx, ttl))
-            .map_err(|source| Error::Io {
-                path: "store-writer thread".into(),
-                source,
-            })?;
+        let path = dir.join(STORE_DIR);
+        let db = Db::open(&path, keys.clone(), config.idempotency_ttl)?;
+        migrate::from_redb_if_present(dir, &db)?;
+        db.check_schema()?;
+        let writer = GroupCommit::start("store-writer", db.clone(), |db: &Db| db.sync(true))?;
         tracing::info!(path = %path.display(), primary_key = keys.primary(), "embedded store open");
         Ok(EmbeddedStore {
-            inner: Arc::new(Inner {
-                claims: Mutex::new(Claims::default()),
-                db,
-                keys,
-                path,
-                jobs: Some(jobs),
-                writer: Some(writer),
-            }),
+            inner: Arc::new(Inner { writer, db, path }),
         })
     }
 
-    /// Runs `f` inside the next group commit and resolves once that commit is durable.
-    /// `f` must check before it writes: a non-backend error it returns leaves the rest of
-    /// the group untouched, so it must not have written anything.
-    async fn write<T, F>(&self, f: F) -> Result<T>
+    /// Runs `f` on the writer thread (see the module doc); `durable` writes resolve after
+    /// the group's sync.
+    async fn write<T, F>(&self, durable: bool, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&WriteTransaction) -> Result<T> + Send + 'static,
+        F: FnOnce(&Db) -> Result<T> + Send + 'static,
     {
-        let (reply, rx) = oneshot::channel();
-        let job: Job = Box::new(move |txn| {
-            let result = txn.and_then(f);
-            match result {
-                Ok(value) => (
-                    false,
-                    Box::new(move |commit: Result<()>| {
-                        let _ = reply.send(commit.map(|()| value));
-                    }),
-                ),
-                Err(e) => {
-                    let abort = e.is_backend();
-                    (
-                        abort,
-                        Box::new(move |_| {
-                            let _ = reply.send(Err(e));
-                        }),
-                    )
-                }
-            }
-        });
-        let sender = self
-            .inner
-            .jobs
-            .as_ref()
-            .ok_or_else(|| Error::Unavailable("the embedded store is closing".into()))?;
-        sender
-            .send(job)
-            .map_err(|_| Error::Unavailable("the embedded store writer has stopped".into()))?;
-        rx.await
-            .map_err(|_| Error::Unavailable("the embedded store writer has stopped".into()))?
+        self.inner.writer.run(durable, f).await
     }
 
-    fn claims(&self) -> std::sync::MutexGuard<'_, Claims> {
-        self.inner.claims.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Runs `f` on a read snapshot, on the blocking pool.
+    /// Runs `f` on the blocking pool.
     async fn read<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&ReadTransaction, &Keyring) -> Result<T> + Send + 'static,
+        F: FnOnce(&Db) -> Result<T> + Send + 'static,
     {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let txn = inner.db.begin_read()?;
-            f(&txn, &inner.keys)
-        })
-        .await
-        .map_err(|e| Error::Backend(format!("embedded store read task: {e}")))?
+        let db = self.inner.db.clone();
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(|e| Error::Backend(format!("embedded store read task: {e}")))?
     }
 }
 
-fn init_schema(db: &Database) -> Result<()> {
-    let txn = db.begin_write()?;
-    {
-        txn.open_table(MESSAGES)?;
-        txn.open_table(MESSAGE_CONVERSATION)?;
-        txn.open_table(PENDING)?;
-        txn.open_table(IDEMPOTENCY)?;
-        txn.open_table(RECEIPTS)?;
-        txn.open_table(READ_MARKERS)?;
-        txn.open_table(GROUPS)?;
-        let mut meta = txn.open_table(META)?;
-        let version = meta.get("schema_version")?.map(|v| v.value());
-        match version {
-            None => {
-                meta.insert("schema_version", SCHEMA_VERSION)?;
-            }
-            Some(v) if v == SCHEMA_VERSION => {}
-            Some(v) => {
-                return Err(Error::Backend(format!(
-                    "the data directory has schema version {v}, this build knows {SCHEMA_VERSION}: \
-                     upgrade the binary or use another data directory"
-                )))
-            }
-        }
-    }
-    txn.commit()?;
-    Ok(())
-}
-
-fn writer_loop(db: &Database, jobs: &std_mpsc::Receiver<Job>, idempotency_ttl: Duration) {
-    let prune_every =
-        (idempotency_ttl / 24).clamp(Duration::from_secs(1), Duration::from_secs(3600));
-    let mut next_prune = Instant::now();
-    loop {
-        if Instant::now() >= next_prune {
-            if let Err(e) = prune_idempotency(db, idempotency_ttl) {
-                tracing::warn!(error = %e, "pruning idempotency records failed");
-            }
-            next_prune = Instant::now() + prune_every;
-        }
-        let wait = next_prune.saturating_duration_since(Instant::now());
-        let first = match jobs.recv_timeout(wait) {
-            Ok(job) => job,
-            Err(std_mpsc::RecvTimeoutError::Timeout) => continue,
-            Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
-        };
-        let mut batch = vec![first];
-        while batch.len() < MAX_GROUP_COMMIT {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        metrics::histogram!("storage_group_commit_size").record(batch.len() as f64);
-        commit_batch(db, batch);
-    }
-}
-
-fn commit_batch(db: &Database, batch: Vec<Job>) {
-    let txn = match db.begin_write() {
-        Ok(txn) => txn,
-        Err(e) => {
-            let message = format!("embedded store: {e}");
-            for job in batch {
-                let (_, finish) = job(Err(Error::Backend(message.clone())));
-                finish(Err(Error::Backend(message.clone())));
-            }
-            return;
-        }
-    };
-    let mut abort = false;
-    let mut finishes = Vec::with_capacity(batch.len());
-    for job in batch {
-        let (failed, finish) = job(Ok(&txn));
-        abort |= failed;
-        finishes.push(finish);
-    }
-    let started = Instant::now();
-    let outcome = if abort {
-        let _ = txn.abort();
-        Err("a write in the same group commit failed; nothing was written".to_owned())
-    } else {
-        txn.commit()
-            .map_err(|e| format!("embedded store commit: {e}"))
-    };
-    metrics::histogram!("storage_commit_seconds").record(started.elapsed().as_secs_f64());
-    for finish in finishes {
-        finish(outcome.clone().map_err(Error::Backend));
-    }
-}
-
-fn prune_idempotency(db: &Database, ttl: Duration) -> Result<()> {
-    let cutoff = now_ms().saturating_sub(ttl.as_millis() as u64);
-    let txn = db.begin_write()?;
-    let removed = {
-        let mut table = txn.open_table(IDEMPOTENCY)?;
-        let mut stale = Vec::new();
-        for row in table.iter()? {
-            let (key, value) = row?;
-            if value.value().1 < cutoff {
-                let (sender, cmid) = key.value();
-                stale.push((sender.to_owned(), cmid.to_owned()));
-            }
-        }
-        for (sender, cmid) in &stale {
-            table.remove((sender.as_str(), cmid.as_str()))?;
-        }
-        stale.len()
-    };
-    txn.commit()?;
-    if removed > 0 {
-        tracing::debug!(removed, "pruned idempotency records");
-    }
-    Ok(())
-}
-
-/// Decrypts one stored row into a [`Message`].
-fn open_message(keys: &Keyring, conversation: &str, id: u128, bytes: &[u8]) -> Result<Message> {
-    let stored: StoredMessage = decode(bytes)?;
-    keys.open_message(
-        Uuid::from_u128(id),
-        conversation,
-        stored.from,
-        &stored.sealed,
-    )
-}
-
+/// A message sealed and encoded on the caller's task, so the writer thread only writes.
 struct SealedRow {
+    new: NewMessage,
     id: u128,
-    conversation: String,
+    name: String,
     record: Vec<u8>,
-    recipients: Vec<String>,
-    /// `(sender, client_msg_id)` whose idempotency record is written with the message.
-    claim: Option<(String, String)>,
+    pending: Vec<u8>,
 }
 
 impl MessageStore for EmbeddedStore {
-    /// A claim is kept in memory until its message commits, and its record is written in
-    /// that same transaction, which commits before `sent`: durable whenever a `sent` was
-    /// given, at the cost of one write per send instead of two. The memory check, the
-    /// read of committed records and the insert happen under one lock, and a claim leaves
-    /// memory only after its record is committed, so a retry always finds one or the other.
-    async fn claim_send(&self, sender: &str, client_msg_id: &str, proposed: Uuid) -> Result<Uuid> {
-        let key = (sender.to_owned(), client_msg_id.to_owned());
-        let mut claims = self.claims();
-        if let Some((id, _)) = claims.pending.get(&key) {
-            return Ok(*id);
-        }
-        // A point read of cached pages: microseconds, so it is done here, under the lock.
-        let stored = {
-            let txn = self.inner.db.begin_read()?;
-            let table = txn.open_table(IDEMPOTENCY)?;
-            let found = table.get((key.0.as_str(), key.1.as_str()))?;
-            found.map(|v| Uuid::from_u128(v.value().0))
-        };
-        if let Some(id) = stored {
-            return Ok(id);
-        }
-        claims.sweep();
-        claims.pending.insert(key, (proposed, Instant::now()));
-        Ok(proposed)
-    }
-
     async fn append(&self, batch: Vec<NewMessage>) -> Result<Vec<Appended>> {
-        // Encrypt here, on the caller's task, so the single writer thread only writes.
+        let keys = &self.inner.db.keys;
         let mut rows = Vec::with_capacity(batch.len());
-        for NewMessage {
-            message,
-            recipients,
-            client_msg_id,
-        } in batch
-        {
-            let claim = client_msg_id.map(|c| (message.from.clone(), c));
-            let conversation = message.conversation.to_string();
-            let sealed = self.inner.keys.seal(
-                message.id,
-                &conversation,
-                &message.from,
-                message.body.as_bytes(),
-            )?;
+        for new in batch {
+            let message = &new.message;
+            let name = message.conversation.to_string();
+            let sealed = keys.seal(message.id, &name, &message.from, message.body.as_bytes())?;
+            let pending = encode(&PendingEntry {
+                conversation: name.clone(),
+                from: message.from.clone(),
+            })?;
             let record = encode(&StoredMessage {
-                from: message.from,
+                from: message.from.clone(),
                 sealed,
             })?;
             rows.push(SealedRow {
                 id: message.id.as_u128(),
-                conversation,
+                name,
                 record,
-                recipients,
-                claim,
+                pending,
+                new,
             });
         }
-        let claimed: Vec<(String, String)> = rows.iter().filter_map(|r| r.claim.clone()).collect();
-        let outcomes = self
-            .write(move |txn| {
-                let mut messages = txn.open_table(MESSAGES)?;
-                let mut index = txn.open_table(MESSAGE_CONVERSATION)?;
-                let mut pending = txn.open_table(PENDING)?;
-                let mut idempotency = txn.open_table(IDEMPOTENCY)?;
-                let mut outcomes = Vec::with_capacity(rows.len());
-                for row in rows {
-                    if index.get(row.id)?.is_some() {
-                        let mut still = Vec::new();
-                        for user in row.recipients {
-                            if pending.get((user.as_str(), row.id))?.is_some() {
-                                still.push(user);
-                            }
-                        }
-                        outcomes.push(Appended {
-                            inserted: false,
-                            pending_for: still,
-                        });
-                        continue;
-                    }
-                    messages.insert((row.conversation.as_str(), row.id), row.record.as_slice())?;
-                    index.insert(row.id, row.conversation.as_str())?;
-                    for user in &row.recipients {
-                        pending.insert((user.as_str(), row.id), row.conversation.as_str())?;
-                    }
-                    if let Some((sender, cmid)) = &row.claim {
-                        let key = (sender.as_str(), cmid.as_str());
-                        if idempotency.get(key)?.is_none() {
-                            idempotency.insert(key, (row.id, now_ms()))?;
+        self.write(true, move |db| {
+            let mut batch = db.batch();
+            let mut outcomes = Vec::with_capacity(rows.len());
+            let mut this_call = StoredThisCall::default();
+            for row in rows {
+                if let Some(outcome) = this_call.earlier(&row.new) {
+                    outcomes.push(outcome);
+                    continue;
+                }
+                let new = &row.new;
+                let earlier = match &new.client_msg_id {
+                    Some(cmid) => db
+                        .send_record(&new.message.from, cmid)?
+                        .map(|r| Ok::<_, Error>((r.id, parse_conversation(&r.conversation)?)))
+                        .transpose()?,
+                    None => db
+                        .messages
+                        .contains_key(id_key(&row.name, row.id))?
+                        .then(|| (row.id, new.message.conversation.clone())),
+                };
+                if let Some((id, conversation)) = earlier {
+                    let mut still = Vec::new();
+                    for user in &new.recipients {
+                        if db.pending.contains_key(id_key(user, id))? {
+                            still.push(user.clone());
                         }
                     }
                     outcomes.push(Appended {
-                        inserted: true,
-                        pending_for: row.recipients,
+                        id: Uuid::from_u128(id),
+                        conversation,
+                        inserted: false,
+                        pending_for: still,
                     });
+                    continue;
                 }
-                Ok(outcomes)
-            })
-            .await?;
-        // Committed: the records are readable now, the claims can leave memory.
-        if !claimed.is_empty() {
-            let mut claims = self.claims();
-            for key in &claimed {
-                claims.pending.remove(key);
+                batch.insert(&db.messages, id_key(&row.name, row.id), row.record);
+                for user in &new.recipients {
+                    // Written once per (user, message) and removed once by its ack: a
+                    // weak tombstone then suffices (see `ack`).
+                    batch.insert(&db.pending, id_key(user, row.id), row.pending.clone());
+                }
+                if let Some(cmid) = &new.client_msg_id {
+                    let record = encode(&SendRecord {
+                        id: row.id,
+                        conversation: row.name.clone(),
+                        created_ms: now_ms(),
+                    })?;
+                    batch.insert(&db.sends, key(&new.message.from, cmid.as_bytes()), record);
+                }
+                this_call.stored(new);
+                outcomes.push(Appended {
+                    id: Uuid::from_u128(row.id),
+                    conversation: new.message.conversation.clone(),
+                    inserted: true,
+                    pending_for: new.recipients.clone(),
+                });
             }
-        }
-        Ok(outcomes)
-    }
-
-    async fn message(&self, id: Uuid) -> Result<Option<Message>> {
-        self.read(move |txn, keys| {
-            let index = txn.open_table(MESSAGE_CONVERSATION)?;
-            let Some(conversation) = index.get(id.as_u128())? else {
-                return Ok(None);
-            };
-            let conversation = conversation.value().to_owned();
-            let messages = txn.open_table(MESSAGES)?;
-            let row = messages.get((conversation.as_str(), id.as_u128()))?;
-            row.map(|r| open_message(keys, &conversation, id.as_u128(), r.value()))
-                .transpose()
+            batch.commit()?;
+            Ok(outcomes)
         })
         .await
+    }
+
+    async fn message(&self, c: &Conversation, id: Uuid) -> Result<Option<Message>> {
+        let conversation = c.to_string();
+        self.read(move |db| db.load(&conversation, id.as_u128()))
+            .await
     }
 
     async fn history(
@@ -553,21 +478,19 @@ impl MessageStore for EmbeddedStore {
         limit: usize,
     ) -> Result<Vec<Message>> {
         let conversation = c.to_string();
-        self.read(move |txn, keys| {
-            let messages = txn.open_table(MESSAGES)?;
-            let end = before.map_or(u128::MAX, |b| b.as_u128());
+        self.read(move |db| {
+            let start = id_key(&conversation, 0);
+            let end = id_key(&conversation, before.map_or(u128::MAX, |b| b.as_u128()));
             let mut page = Vec::with_capacity(limit.min(128));
-            for row in messages
-                .range((conversation.as_str(), 0u128)..(conversation.as_str(), end))?
-                .rev()
-                .take(limit)
-            {
-                let (key, value) = row?;
-                page.push(open_message(
-                    keys,
+            for row in db.messages.range(start..end).rev().take(limit) {
+                let (key, value) = row.into_inner()?;
+                let id = id_of(&key)?;
+                let stored: StoredMessage = decode(&value)?;
+                page.push(db.keys.open_message(
+                    Uuid::from_u128(id),
                     &conversation,
-                    key.value().1,
-                    value.value(),
+                    stored.from,
+                    &stored.sealed,
                 )?);
             }
             Ok(page)
@@ -577,20 +500,15 @@ impl MessageStore for EmbeddedStore {
 
     async fn pending(&self, user: &str, after: Option<Uuid>, limit: usize) -> Result<Vec<Message>> {
         let user = user.to_owned();
-        self.read(move |txn, keys| {
-            let pending = txn.open_table(PENDING)?;
-            let messages = txn.open_table(MESSAGES)?;
-            let start = after.map_or(0, |a| a.as_u128().saturating_add(1));
+        self.read(move |db| {
+            let start = id_key(&user, after.map_or(0, |a| a.as_u128().saturating_add(1)));
+            let end = id_key(&user, u128::MAX);
             let mut out = Vec::with_capacity(limit.min(128));
-            for row in pending
-                .range((user.as_str(), start)..=(user.as_str(), u128::MAX))?
-                .take(limit)
-            {
-                let (key, conversation) = row?;
-                let id = key.value().1;
-                let conversation = conversation.value();
-                if let Some(stored) = messages.get((conversation, id))? {
-                    out.push(open_message(keys, conversation, id, stored.value())?);
+            for row in db.pending.range(start..=end).take(limit) {
+                let (key, value) = row.into_inner()?;
+                let entry: PendingEntry = decode(&value)?;
+                if let Some(message) = db.load(&entry.conversation, id_of(&key)?)? {
+                    out.push(message);
                 }
             }
             Ok(out)
@@ -598,30 +516,33 @@ impl MessageStore for EmbeddedStore {
         .await
     }
 
+    /// Not synced: an ack lost to a power cut only means the message comes again.
     async fn ack(&self, user: &str, ids: &[Uuid]) -> Result<Vec<AckedMessage>> {
         let user = user.to_owned();
         let ids: Vec<u128> = ids.iter().map(|id| id.as_u128()).collect();
-        self.write(move |txn| {
-            let mut pending = txn.open_table(PENDING)?;
-            let messages = txn.open_table(MESSAGES)?;
+        self.write(false, move |db| {
+            let mut batch = db.batch();
             let mut acked = Vec::new();
+            let mut seen = BTreeSet::new();
             for id in ids {
-                let Some(conversation) = pending.remove((user.as_str(), id))? else {
+                let key = id_key(&user, id);
+                if !seen.insert(id) {
+                    continue;
+                }
+                let Some(value) = db.pending.get(&key)? else {
                     continue;
                 };
-                let conversation = conversation.value().to_owned();
-                let Some(row) = messages.get((conversation.as_str(), id))? else {
-                    continue;
-                };
-                let stored: StoredMessage = decode(row.value())?;
+                let entry: PendingEntry = decode(&value)?;
+                // A pending key is written once and deleted once, so a weak tombstone
+                // (dropped with the entry when compaction meets them) is enough.
+                batch.remove_weak(&db.pending, key);
                 acked.push(AckedMessage {
                     id: Uuid::from_u128(id),
-                    conversation: conversation
-                        .parse()
-                        .map_err(|e| Error::Backend(format!("pending entry: {e}")))?,
-                    from: stored.from,
+                    conversation: parse_conversation(&entry.conversation)?,
+                    from: entry.from,
                 });
             }
+            batch.commit()?;
             Ok(acked)
         })
         .await
@@ -629,36 +550,33 @@ impl MessageStore for EmbeddedStore {
 
     async fn mark_read(&self, reader: &str, c: &Conversation, upto: Uuid) -> Result<Vec<String>> {
         let (reader, conversation) = (reader.to_owned(), c.to_string());
-        self.write(move |txn| {
-            let messages = txn.open_table(MESSAGES)?;
+        self.write(true, move |db| {
             let upto = upto.as_u128();
-            if messages.get((conversation.as_str(), upto))?.is_none() {
+            if !db.messages.contains_key(id_key(&conversation, upto))? {
                 return Err(Error::NotFound(format!(
                     "message {} in {conversation}",
                     Uuid::from_u128(upto)
                 )));
             }
-            let mut markers = txn.open_table(READ_MARKERS)?;
-            let previous = markers
-                .get((conversation.as_str(), reader.as_str()))?
-                .map(|m| m.value());
+            let marker = key(&conversation, reader.as_bytes());
+            let previous = db.markers.get(&marker)?.map(|v| id_value(&v)).transpose()?;
             if previous.is_some_and(|p| p >= upto) {
                 return Ok(Vec::new());
             }
-            let start = previous.map_or(0, |p| p.saturating_add(1));
+            let start = id_key(&conversation, previous.map_or(0, |p| p.saturating_add(1)));
             let mut senders = BTreeSet::new();
-            for row in messages
-                .range((conversation.as_str(), start)..=(conversation.as_str(), upto))?
+            for row in db
+                .messages
+                .range(start..=id_key(&conversation, upto))
                 .rev()
                 .take(READ_SCAN_LIMIT)
             {
-                let (_, value) = row?;
-                let stored: StoredMessage = decode(value.value())?;
+                let stored: StoredMessage = decode(&row.value()?)?;
                 if stored.from != reader {
                     senders.insert(stored.from);
                 }
             }
-            markers.insert((conversation.as_str(), reader.as_str()), upto)?;
+            db.markers.insert(marker, upto.to_be_bytes())?;
             Ok(senders.into_iter().collect())
         })
         .await
@@ -668,13 +586,14 @@ impl MessageStore for EmbeddedStore {
         let user = user.to_owned();
         let rows = receipts
             .iter()
-            .map(|r| Ok((Uuid::now_v7().as_u128(), encode(r)?)))
+            .map(|r| Ok((id_key(&user, Uuid::now_v7().as_u128()), encode(r)?)))
             .collect::<Result<Vec<_>>>()?;
-        self.write(move |txn| {
-            let mut table = txn.open_table(RECEIPTS)?;
-            for (key, bytes) in &rows {
-                table.insert((user.as_str(), *key), bytes.as_slice())?;
+        self.write(true, move |db| {
+            let mut batch = db.batch();
+            for (key, bytes) in rows {
+                batch.insert(&db.receipts, key, bytes);
             }
+            batch.commit()?;
             Ok(())
         })
         .await
@@ -682,15 +601,15 @@ impl MessageStore for EmbeddedStore {
 
     async fn receipts(&self, user: &str, limit: usize) -> Result<Vec<(Uuid, Receipt)>> {
         let user = user.to_owned();
-        self.read(move |txn, _| {
-            let table = txn.open_table(RECEIPTS)?;
+        self.read(move |db| {
             let mut out = Vec::new();
-            for row in table
-                .range((user.as_str(), 0u128)..=(user.as_str(), u128::MAX))?
+            for row in db
+                .receipts
+                .range(id_key(&user, 0)..=id_key(&user, u128::MAX))
                 .take(limit)
             {
-                let (key, value) = row?;
-                out.push((Uuid::from_u128(key.value().1), decode(value.value())?));
+                let (key, value) = row.into_inner()?;
+                out.push((Uuid::from_u128(id_of(&key)?), decode(&value)?));
             }
             Ok(out)
         })
@@ -699,15 +618,15 @@ impl MessageStore for EmbeddedStore {
 
     async fn clear_receipts(&self, user: &str, upto: Uuid) -> Result<()> {
         let user = user.to_owned();
-        self.write(move |txn| {
-            let mut table = txn.open_table(RECEIPTS)?;
-            let keys: Vec<u128> = table
-                .range((user.as_str(), 0u128)..=(user.as_str(), upto.as_u128()))?
-                .map(|row| row.map(|(k, _)| k.value().1))
-                .collect::<Result<_, _>>()?;
-            for key in keys {
-                table.remove((user.as_str(), key))?;
+        self.write(false, move |db| {
+            let mut batch = db.batch();
+            for row in db
+                .receipts
+                .range(id_key(&user, 0)..=id_key(&user, upto.as_u128()))
+            {
+                batch.remove(&db.receipts, row.key()?);
             }
+            batch.commit()?;
             Ok(())
         })
         .await
@@ -716,22 +635,23 @@ impl MessageStore for EmbeddedStore {
     async fn create_group(&self, group: Group) -> Result<()> {
         group.check_size()?;
         let bytes = encode(&group)?;
-        self.write(move |txn| {
-            let mut groups = txn.open_table(GROUPS)?;
-            if groups.get(group.id.as_u128())?.is_some() {
+        self.write(true, move |db| {
+            let key = group.id.as_u128().to_be_bytes();
+            if db.groups.contains_key(key)? {
                 return Err(Error::Invalid(format!("group {} already exists", group.id)));
             }
-            groups.insert(group.id.as_u128(), bytes.as_slice())?;
+            db.groups.insert(key, bytes)?;
             Ok(())
         })
         .await
     }
 
     async fn group(&self, id: Uuid) -> Result<Option<Group>> {
-        self.read(move |txn, _| {
-            let groups = txn.open_table(GROUPS)?;
-            let row = groups.get(id.as_u128())?;
-            row.map(|r| decode(r.value())).transpose()
+        self.read(move |db| {
+            db.groups
+                .get(id.as_u128().to_be_bytes())?
+                .map(|v| decode(&v))
+                .transpose()
         })
         .await
     }
@@ -742,10 +662,10 @@ impl MessageStore for EmbeddedStore {
         add: Vec<String>,
         remove: Vec<String>,
     ) -> Result<Group> {
-        self.write(move |txn| {
-            let mut groups = txn.open_table(GROUPS)?;
-            let mut group: Group = match groups.get(id.as_u128())? {
-                Some(row) => decode(row.value())?,
+        self.write(true, move |db| {
+            let key = id.as_u128().to_be_bytes();
+            let mut group: Group = match db.groups.get(key)? {
+                Some(row) => decode(&row)?,
                 None => return Err(Error::NotFound(format!("group g:{id}"))),
             };
             group.members.extend(add);
@@ -753,15 +673,15 @@ impl MessageStore for EmbeddedStore {
                 group.members.remove(member);
             }
             group.check_size()?;
-            groups.insert(id.as_u128(), encode(&group)?.as_slice())?;
+            db.groups.insert(key, encode(&group)?)?;
             Ok(group)
         })
         .await
     }
 
     async fn ping(&self) -> Result<()> {
-        self.read(|txn, _| {
-            txn.open_table(META)?;
+        self.read(|db| {
+            db.meta.get("schema_version")?;
             Ok(())
         })
         .await

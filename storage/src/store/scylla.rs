@@ -6,25 +6,31 @@
 //! |---|---|---|---|
 //! | `messages` | `(conversation, bucket)` | `id DESC` | sealed bodies; a bucket is 10 days of a conversation, so no partition grows without bound |
 //! | `conversation_buckets` | `conversation` | `bucket DESC` | which buckets hold messages, for paging across them |
-//! | `message_index` | `id` | — | a message's conversation; written last by `append`, so it marks a complete append |
-//! | `pending` | `user` | `id ASC` | each user's undelivered messages, 30-day TTL, short `gc_grace_seconds` (deleted often) |
-//! | `idempotency` | `(sender, client_msg_id)` | — | the first message id of a send, LWT at claim time, 48 h TTL |
+//! | `pending` | `user` | `id ASC` | each user's undelivered messages with their conversation and sender, 30-day TTL, short `gc_grace_seconds` (deleted often) |
+//! | `idempotency` | `(sender, client_msg_id)` | — | the message a send stored, 48 h TTL; written after the message, so its presence means "completely appended" |
 //! | `receipt_outbox` | `user` | `key ASC` | receipts kept for an offline sender, 30-day TTL |
 //! | `read_markers` | `conversation` | `reader` | how far each member has read |
 //! | `groups` | `id` | — | name and members (a set of at most 1024) |
 //! | `schema_migrations` | `version` | — | which migrations ran |
+//! | `message_index` | `id` | — | written by schema version 1 only; unused since version 2 |
 //!
-//! Every statement is prepared, routed token-aware by the driver, run at the configured
-//! consistency (LOCAL_QUORUM by default; LOCAL_SERIAL for LWTs), under a timeout and the
-//! backend's circuit breaker; idempotent statements are marked so and retried with
-//! backoff. Message bodies are sealed exactly as in the embedded store ([`Keyring`]).
+//! Reads are prepared statements run at the configured consistency (LOCAL_QUORUM by
+//! default; LOCAL_SERIAL for LWTs), token-aware, under a timeout and the backend's circuit
+//! breaker, retried with backoff (every statement is idempotent). Writes go through the
+//! [`batcher`], which sends what concurrent callers write as one unlogged batch. No send
+//! takes a lightweight transaction: a retried send is recognised when it is appended,
+//! by the dispatcher that owns its conversation's partition of the inbound log. Message
+//! bodies are sealed exactly as in the embedded store ([`Keyring`]).
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+mod batcher;
+mod schema;
+mod statements;
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::try_join_all;
-use futures_util::FutureExt as _;
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
@@ -34,7 +40,9 @@ use scylla::statement::{Consistency, SerialConsistency};
 use scylla::value::{CqlValue, Row};
 use uuid::Uuid;
 
-use super::MessageStore;
+use self::batcher::{Batcher, Limits, Write};
+use self::statements::Statements;
+use super::{MessageStore, StoredThisCall};
 use crate::crypto::Keyring;
 use crate::error::{Error, Result};
 use crate::model::{
@@ -82,6 +90,13 @@ impl ScyllaConfig {
     }
 }
 
+/// Most statements, and bytes, of one batched write request: below ScyllaDB's and
+/// Cassandra's default `batch_size_fail_threshold` (50 KiB).
+const BATCH_STATEMENTS: usize = 128;
+const BATCH_BYTES: usize = 32 * 1024;
+/// Conversation buckets known to exist, remembered so their row is written once.
+const KNOWN_BUCKETS: usize = 100_000;
+
 /// A cheap-clone handle to the ScyllaDB store.
 #[derive(Clone)]
 pub struct ScyllaStore {
@@ -99,83 +114,13 @@ impl std::fmt::Debug for ScyllaStore {
 
 struct Inner {
     config: ScyllaConfig,
-    session: Session,
+    session: Arc<Session>,
     breaker: Breaker,
     s: Statements,
-}
-
-struct Statements {
-    claim: PreparedStatement,
-    index_get: PreparedStatement,
-    index_put: PreparedStatement,
-    message_put: PreparedStatement,
-    message_get: PreparedStatement,
-    bucket_put: PreparedStatement,
-    buckets_upto: PreparedStatement,
-    history_before: PreparedStatement,
-    history_all: PreparedStatement,
-    read_range: PreparedStatement,
-    pending_put: PreparedStatement,
-    pending_get: PreparedStatement,
-    pending_after: PreparedStatement,
-    pending_delete: PreparedStatement,
-    marker_get: PreparedStatement,
-    marker_put: PreparedStatement,
-    receipt_put: PreparedStatement,
-    receipts_get: PreparedStatement,
-    receipts_clear: PreparedStatement,
-    group_create: PreparedStatement,
-    group_get: PreparedStatement,
-    group_add: PreparedStatement,
-    group_remove: PreparedStatement,
-    ping: PreparedStatement,
-}
-
-/// The schema, in order. A migration's statements are idempotent (`IF NOT EXISTS`), so
-/// one interrupted half-way is simply run again; its version row is written last.
-fn migrations(ks: &str) -> Vec<(i32, &'static str, Vec<String>)> {
-    vec![(
-        1,
-        "initial schema",
-        vec![
-            format!(
-                "CREATE TABLE IF NOT EXISTS {ks}.messages (conversation text, bucket int, \
-                 id uuid, sender text, sealed blob, PRIMARY KEY ((conversation, bucket), id)) \
-                 WITH CLUSTERING ORDER BY (id DESC)"
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {ks}.conversation_buckets (conversation text, \
-                 bucket int, PRIMARY KEY (conversation, bucket)) \
-                 WITH CLUSTERING ORDER BY (bucket DESC)"
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {ks}.message_index (id uuid PRIMARY KEY, \
-                 conversation text)"
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {ks}.pending (user text, id uuid, \
-                 conversation text, PRIMARY KEY (user, id)) \
-                 WITH CLUSTERING ORDER BY (id ASC) AND gc_grace_seconds = 10800"
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {ks}.idempotency (sender text, cmid text, \
-                 id uuid, PRIMARY KEY ((sender, cmid)))"
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {ks}.receipt_outbox (user text, key uuid, \
-                 receipt blob, PRIMARY KEY (user, key)) \
-                 WITH CLUSTERING ORDER BY (key ASC) AND gc_grace_seconds = 10800"
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {ks}.read_markers (conversation text, \
-                 reader text, upto uuid, PRIMARY KEY (conversation, reader))"
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {ks}.groups (id uuid PRIMARY KEY, name text, \
-                 members set<text>)"
-            ),
-        ],
-    )]
+    writes: Batcher,
+    /// `(conversation, bucket)` rows this process has written: a bucket row is written once
+    /// per process, not once per message. Cleared when full.
+    buckets: Mutex<HashSet<(String, i32)>>,
 }
 
 fn bucket_of(id: Uuid) -> i32 {
@@ -186,7 +131,7 @@ fn ttl_secs(d: Duration) -> i32 {
     i32::try_from(d.as_secs()).unwrap_or(i32::MAX).max(1)
 }
 
-fn exec_error(e: ExecutionError) -> Error {
+pub(super) fn exec_error(e: ExecutionError) -> Error {
     match e {
         ExecutionError::BadQuery(e) => Error::Backend(format!("ScyllaDB refused a query: {e}")),
         ExecutionError::PrepareError(e) => Error::Backend(format!("ScyllaDB prepare: {e}")),
@@ -225,6 +170,21 @@ fn validate_keyspace(ks: &str) -> Result<()> {
     }
 }
 
+/// The `[applied]` column of an LWT's answer.
+fn applied(result: scylla::response::query_result::QueryResult) -> Result<bool> {
+    let rows = result.into_rows_result().map_err(rows_error)?;
+    let row: Option<Row> = rows.maybe_first_row::<Row>().map_err(rows_error)?;
+    Ok(matches!(
+        row.and_then(|r| r.columns.into_iter().next().flatten()),
+        Some(CqlValue::Boolean(true))
+    ))
+}
+
+/// Size of a sealed row for the batch bound.
+fn row_bytes(parts: &[&str], blob: usize) -> usize {
+    parts.iter().map(|p| p.len()).sum::<usize>() + blob + 16
+}
+
 impl ScyllaStore {
     /// Connects, creates the keyspace when missing, runs pending migrations (one process
     /// at a time, under an LWT lease) and prepares every statement.
@@ -253,20 +213,33 @@ impl ScyllaStore {
             ))
         })?
         .map_err(|e| Error::Unavailable(format!("connecting to {:?}: {e}", config.nodes)))?;
-        migrate(&session, &config).await?;
+        schema::migrate(&session, &config).await?;
         let s = Statements::prepare(&session, &config).await?;
         tracing::info!(nodes = ?config.nodes, keyspace = %config.keyspace, "ScyllaDB store ready");
+        let session = Arc::new(session);
+        let breaker = Breaker::new("scylla", config.timeout + Duration::from_secs(1));
+        let writes = Batcher::start(
+            session.clone(),
+            breaker.clone(),
+            Limits {
+                statements: BATCH_STATEMENTS,
+                bytes: BATCH_BYTES,
+            },
+        );
         Ok(ScyllaStore {
             inner: Arc::new(Inner {
-                breaker: Breaker::new("scylla", config.timeout + Duration::from_secs(1)),
+                breaker,
                 config,
                 session,
                 s,
+                writes,
+                buckets: Mutex::new(HashSet::new()),
             }),
         })
     }
 
-    /// Runs a prepared statement under the breaker; idempotent ones are retried.
+    /// Runs a prepared statement under the breaker, retried (every statement is
+    /// idempotent).
     async fn run(
         &self,
         statement: &PreparedStatement,
@@ -283,16 +256,9 @@ impl ScyllaStore {
                     .map_err(exec_error)
             }
         };
-        let call = async {
-            if statement.get_is_idempotent() {
-                retry(is_unavailable, once).await
-            } else {
-                once().await
-            }
-        };
         inner
             .breaker
-            .call(is_unavailable, call)
+            .call(is_unavailable, retry(is_unavailable, once))
             .await
             .map_err(guarded)
     }
@@ -334,12 +300,44 @@ impl ScyllaStore {
             .transpose()
     }
 
-    async fn conversation_of(&self, id: Uuid) -> Result<Option<String>> {
-        let rows: Vec<(String,)> = self.rows(&self.inner.s.index_get, (id,)).await?;
-        Ok(rows.into_iter().next().map(|(c,)| c))
+    /// The message an earlier attempt of this send stored, if any.
+    async fn stored_send(&self, new: &NewMessage) -> Result<Option<(Uuid, Conversation)>> {
+        let s = &self.inner.s;
+        let message = &new.message;
+        match &new.client_msg_id {
+            Some(cmid) => {
+                let rows: Vec<(Uuid, Option<String>)> = self
+                    .rows(&s.send_get, (message.from.as_str(), cmid.as_str()))
+                    .await?;
+                let Some((id, conversation)) = rows.into_iter().next() else {
+                    return Ok(None);
+                };
+                let conversation = match conversation {
+                    Some(name) => name
+                        .parse()
+                        .map_err(|e| Error::Backend(format!("stored send record: {e}")))?,
+                    // Written by schema version 1, which recorded no conversation: the
+                    // retry names it (the first attempt's `to` is what it was meant for).
+                    None => message.conversation.clone(),
+                };
+                Ok(Some((id, conversation)))
+            }
+            None => {
+                let name = message.conversation.to_string();
+                let rows: Vec<(String, Vec<u8>)> = self
+                    .rows(
+                        &s.message_get,
+                        (name.as_str(), bucket_of(message.id), message.id),
+                    )
+                    .await?;
+                Ok((!rows.is_empty()).then(|| (message.id, message.conversation.clone())))
+            }
+        }
     }
 
-    async fn insert_new(&self, message: &Message, recipients: &[String]) -> Result<()> {
+    /// The rows of a new message: the message, the bucket (once per process), a pending
+    /// entry per recipient.
+    fn message_writes(&self, message: &Message, recipients: &[String]) -> Result<Vec<Write>> {
         let s = &self.inner.s;
         let conversation = message.conversation.to_string();
         let sealed = self.inner.config.keys.seal(
@@ -349,358 +347,48 @@ impl ScyllaStore {
             message.body.as_bytes(),
         )?;
         let bucket = bucket_of(message.id);
-        let pending_ttl = ttl_secs(self.inner.config.pending_ttl);
         let mut writes = Vec::with_capacity(recipients.len() + 2);
-        writes.push(
-            self.run(
-                &s.message_put,
-                (
-                    conversation.as_str(),
-                    bucket,
-                    message.id,
-                    message.from.as_str(),
-                    sealed.as_slice(),
-                ),
-            )
-            .boxed(),
-        );
-        writes.push(
-            self.run(&s.bucket_put, (conversation.as_str(), bucket))
-                .boxed(),
-        );
-        for user in recipients {
-            writes.push(
-                self.run(
-                    &s.pending_put,
-                    (
-                        user.as_str(),
-                        message.id,
-                        conversation.as_str(),
-                        pending_ttl,
-                    ),
-                )
-                .boxed(),
-            );
-        }
-        try_join_all(writes).await?;
-        // Last: the index marks the append as complete (a replay finds it and changes
-        // nothing; a crash before it makes the replay write everything again).
-        self.run(&s.index_put, (message.id, conversation.as_str()))
-            .await?;
-        Ok(())
-    }
-
-    async fn append_one(&self, new: NewMessage) -> Result<Appended> {
-        let s = &self.inner.s;
-        let NewMessage {
-            message,
-            recipients,
-            ..
-        } = new;
-        if self.conversation_of(message.id).await?.is_some() {
-            let checks = recipients.iter().map(|user| async move {
-                let rows: Vec<(String,)> = self
-                    .rows(&s.pending_get, (user.as_str(), message.id))
-                    .await?;
-                Ok::<_, Error>((!rows.is_empty()).then(|| user.clone()))
-            });
-            let still = try_join_all(checks).await?.into_iter().flatten().collect();
-            return Ok(Appended {
-                inserted: false,
-                pending_for: still,
-            });
-        }
-        self.insert_new(&message, &recipients).await?;
-        Ok(Appended {
-            inserted: true,
-            pending_for: recipients,
-        })
-    }
-}
-
-async fn migrate(session: &Session, config: &ScyllaConfig) -> Result<()> {
-    let ks = &config.keyspace;
-    let ddl = |cql: String| async move {
-        // Schema changes are slow on a busy node: they get a minute, not the request timeout.
-        let mut statement = scylla::statement::Statement::new(cql.as_str());
-        statement.set_request_timeout(Some(Duration::from_secs(60)));
-        session
-            .query_unpaged(statement, ())
-            .await
-            .map_err(|e| Error::Backend(format!("schema: {e}: {cql}")))
-    };
-    let replication = config.replication.unwrap_or_else(|| {
-        let nodes = session.get_cluster_state().get_nodes_info().len();
-        u32::try_from(nodes.clamp(1, 3)).unwrap_or(1)
-    });
-    ddl(format!(
-        "CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = \
-         {{'class': 'NetworkTopologyStrategy', 'replication_factor': {}}}",
-        replication.max(1)
-    ))
-    .await?;
-    ddl(format!(
-        "CREATE TABLE IF NOT EXISTS {ks}.schema_migrations (version int PRIMARY KEY, \
-         description text, applied_at timestamp)"
-    ))
-    .await?;
-    ddl(format!(
-        "CREATE TABLE IF NOT EXISTS {ks}.schema_lock (id int PRIMARY KEY, owner uuid)"
-    ))
-    .await?;
-    let _ = session.await_schema_agreement().await;
-
-    // One migrator at a time: an LWT lease that expires by itself if its holder dies.
-    let me = Uuid::new_v4();
-    let lease = session
-        .prepare(format!(
-            "INSERT INTO {ks}.schema_lock (id, owner) VALUES (0, ?) IF NOT EXISTS USING TTL 60"
-        ))
-        .await
-        .map_err(|e| Error::Backend(format!("schema lock: {e}")))?;
-    let release = session
-        .prepare(format!(
-            "DELETE FROM {ks}.schema_lock WHERE id = 0 IF owner = ?"
-        ))
-        .await
-        .map_err(|e| Error::Backend(format!("schema lock: {e}")))?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    loop {
-        let result = session
-            .execute_unpaged(&lease, (me,))
-            .await
-            .map_err(exec_error)?;
-        if applied(result)? {
-            break;
-        }
-        if tokio::time::Instant::now() > deadline {
-            return Err(Error::Unavailable(
-                "another process has held the schema lock for 90 s".into(),
+        let fresh_bucket = {
+            let mut known = self.inner.buckets.lock().unwrap_or_else(|e| e.into_inner());
+            if known.len() >= KNOWN_BUCKETS {
+                known.clear();
+            }
+            known.insert((conversation.clone(), bucket))
+        };
+        if fresh_bucket {
+            let bytes = conversation.len();
+            writes.push(Write::new(
+                &s.bucket_put,
+                (conversation.clone(), bucket),
+                bytes,
             ));
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    let outcome = run_migrations(session, ks, &ddl).await;
-    let _ = session.execute_unpaged(&release, (me,)).await;
-    outcome
-}
-
-async fn run_migrations<F, Fut>(session: &Session, ks: &str, ddl: &F) -> Result<()>
-where
-    F: Fn(String) -> Fut,
-    Fut: std::future::Future<Output = Result<scylla::response::query_result::QueryResult>>,
-{
-    let done: BTreeSet<i32> = session
-        .query_unpaged(format!("SELECT version FROM {ks}.schema_migrations"), ())
-        .await
-        .map_err(exec_error)?
-        .into_rows_result()
-        .map_err(rows_error)?
-        .rows::<(i32,)>()
-        .map_err(rows_error)?
-        .filter_map(|r| r.ok().map(|(v,)| v))
-        .collect();
-    for (version, description, statements) in migrations(ks) {
-        if done.contains(&version) {
-            continue;
+        for user in recipients {
+            let bytes = row_bytes(&[user, &conversation, &message.from], 16);
+            writes.push(Write::new(
+                &s.pending_put,
+                (
+                    user.clone(),
+                    message.id,
+                    conversation.clone(),
+                    message.from.clone(),
+                ),
+                bytes,
+            ));
         }
-        tracing::info!(version, description, "applying schema migration");
-        for cql in statements {
-            ddl(cql).await?;
-        }
-        let _ = session.await_schema_agreement().await;
-        session
-            .query_unpaged(
-                format!(
-                    "INSERT INTO {ks}.schema_migrations (version, description, applied_at) \
-                     VALUES (?, ?, toTimestamp(now()))"
-                ),
-                (version, description),
-            )
-            .await
-            .map_err(exec_error)?;
-    }
-    Ok(())
-}
-
-/// The `[applied]` column of an LWT's answer.
-fn applied(result: scylla::response::query_result::QueryResult) -> Result<bool> {
-    let rows = result.into_rows_result().map_err(rows_error)?;
-    let row: Option<Row> = rows.maybe_first_row::<Row>().map_err(rows_error)?;
-    Ok(matches!(
-        row.and_then(|r| r.columns.into_iter().next().flatten()),
-        Some(CqlValue::Boolean(true))
-    ))
-}
-
-impl Statements {
-    async fn prepare(session: &Session, config: &ScyllaConfig) -> Result<Self> {
-        let ks = &config.keyspace;
-        let prepare = |cql: String, idempotent: bool| async move {
-            let mut statement = session
-                .prepare(cql.as_str())
-                .await
-                .map_err(|e| Error::Backend(format!("preparing {cql}: {e}")))?;
-            statement.set_is_idempotent(idempotent);
-            Ok::<_, Error>(statement)
-        };
-        Ok(Statements {
-            claim: prepare(
-                format!(
-                    "INSERT INTO {ks}.idempotency (sender, cmid, id) VALUES (?, ?, ?) \
-                     IF NOT EXISTS USING TTL {}",
-                    ttl_secs(config.idempotency_ttl)
-                ),
-                // Repeating it answers the same id: the first insert won either way.
-                true,
-            )
-            .await?,
-            index_get: prepare(
-                format!("SELECT conversation FROM {ks}.message_index WHERE id = ?"),
-                true,
-            )
-            .await?,
-            index_put: prepare(
-                format!("INSERT INTO {ks}.message_index (id, conversation) VALUES (?, ?)"),
-                true,
-            )
-            .await?,
-            message_put: prepare(
-                format!(
-                    "INSERT INTO {ks}.messages (conversation, bucket, id, sender, sealed) \
-                     VALUES (?, ?, ?, ?, ?)"
-                ),
-                true,
-            )
-            .await?,
-            message_get: prepare(
-                format!(
-                    "SELECT sender, sealed FROM {ks}.messages \
-                     WHERE conversation = ? AND bucket = ? AND id = ?"
-                ),
-                true,
-            )
-            .await?,
-            bucket_put: prepare(
-                format!(
-                    "INSERT INTO {ks}.conversation_buckets (conversation, bucket) VALUES (?, ?)"
-                ),
-                true,
-            )
-            .await?,
-            buckets_upto: prepare(
-                format!(
-                    "SELECT bucket FROM {ks}.conversation_buckets \
-                     WHERE conversation = ? AND bucket <= ? AND bucket >= ?"
-                ),
-                true,
-            )
-            .await?,
-            history_before: prepare(
-                format!(
-                    "SELECT id, sender, sealed FROM {ks}.messages \
-                     WHERE conversation = ? AND bucket = ? AND id < ? LIMIT ?"
-                ),
-                true,
-            )
-            .await?,
-            history_all: prepare(
-                format!(
-                    "SELECT id, sender, sealed FROM {ks}.messages \
-                     WHERE conversation = ? AND bucket = ? LIMIT ?"
-                ),
-                true,
-            )
-            .await?,
-            read_range: prepare(
-                format!(
-                    "SELECT sender FROM {ks}.messages WHERE conversation = ? AND bucket = ? \
-                     AND id <= ? AND id > ? LIMIT ?"
-                ),
-                true,
-            )
-            .await?,
-            pending_put: prepare(
-                format!(
-                    "INSERT INTO {ks}.pending (user, id, conversation) VALUES (?, ?, ?) \
-                     USING TTL ?"
-                ),
-                true,
-            )
-            .await?,
-            pending_get: prepare(
-                format!("SELECT conversation FROM {ks}.pending WHERE user = ? AND id = ?"),
-                true,
-            )
-            .await?,
-            pending_after: prepare(
-                format!(
-                    "SELECT id, conversation FROM {ks}.pending WHERE user = ? AND id > ? \
-                     LIMIT ?"
-                ),
-                true,
-            )
-            .await?,
-            pending_delete: prepare(
-                format!("DELETE FROM {ks}.pending WHERE user = ? AND id = ?"),
-                true,
-            )
-            .await?,
-            marker_get: prepare(
-                format!("SELECT upto FROM {ks}.read_markers WHERE conversation = ? AND reader = ?"),
-                true,
-            )
-            .await?,
-            marker_put: prepare(
-                format!(
-                    "INSERT INTO {ks}.read_markers (conversation, reader, upto) VALUES (?, ?, ?)"
-                ),
-                true,
-            )
-            .await?,
-            receipt_put: prepare(
-                format!(
-                    "INSERT INTO {ks}.receipt_outbox (user, key, receipt) VALUES (?, ?, ?) \
-                     USING TTL {}",
-                    ttl_secs(config.pending_ttl)
-                ),
-                true,
-            )
-            .await?,
-            receipts_get: prepare(
-                format!("SELECT key, receipt FROM {ks}.receipt_outbox WHERE user = ? LIMIT ?"),
-                true,
-            )
-            .await?,
-            receipts_clear: prepare(
-                format!("DELETE FROM {ks}.receipt_outbox WHERE user = ? AND key <= ?"),
-                true,
-            )
-            .await?,
-            group_create: prepare(
-                format!(
-                    "INSERT INTO {ks}.groups (id, name, members) VALUES (?, ?, ?) IF NOT EXISTS"
-                ),
-                true,
-            )
-            .await?,
-            group_get: prepare(
-                format!("SELECT name, members FROM {ks}.groups WHERE id = ?"),
-                true,
-            )
-            .await?,
-            group_add: prepare(
-                format!("UPDATE {ks}.groups SET members = members + ? WHERE id = ?"),
-                true,
-            )
-            .await?,
-            group_remove: prepare(
-                format!("UPDATE {ks}.groups SET members = members - ? WHERE id = ?"),
-                true,
-            )
-            .await?,
-            ping: prepare("SELECT release_version FROM system.local".into(), true).await?,
-        })
+        let bytes = row_bytes(&[&conversation, &message.from], sealed.len());
+        writes.push(Write::new(
+            &s.message_put,
+            (
+                conversation,
+                bucket,
+                message.id,
+                message.from.clone(),
+                sealed,
+            ),
+            bytes,
+        ));
+        Ok(writes)
     }
 }
 
@@ -709,40 +397,68 @@ fn limit_i32(limit: usize) -> i32 {
 }
 
 impl MessageStore for ScyllaStore {
-    /// An LWT at claim time: the record is durable before any message carries the id.
-    async fn claim_send(&self, sender: &str, client_msg_id: &str, proposed: Uuid) -> Result<Uuid> {
-        let result = self
-            .run(&self.inner.s.claim, (sender, client_msg_id, proposed))
-            .await?;
-        let rows = result.into_rows_result().map_err(rows_error)?;
-        let row: Option<Row> = rows.maybe_first_row::<Row>().map_err(rows_error)?;
-        let Some(row) = row else {
-            return Err(Error::Backend("an LWT answered no row".into()));
-        };
-        let mut columns = row.columns.into_iter().flatten();
-        match columns.next() {
-            Some(CqlValue::Boolean(true)) => Ok(proposed),
-            Some(CqlValue::Boolean(false)) => columns
-                .find_map(|c| match c {
-                    CqlValue::Uuid(id) => Some(id),
-                    _ => None,
-                })
-                .ok_or_else(|| Error::Backend("an LWT did not return the existing id".into())),
-            other => Err(Error::Backend(format!("unexpected LWT answer {other:?}"))),
-        }
-    }
-
-    /// Messages of one batch are appended concurrently (each is idempotent by id); the
-    /// outcomes keep the batch's order.
+    /// Looks up every send's earlier attempt (concurrently), writes the new messages with
+    /// their pending entries, and only then their send records: a send record therefore
+    /// means "completely appended", and a crash in between makes the replay write the
+    /// message again (the same rows) before recording it.
     async fn append(&self, batch: Vec<NewMessage>) -> Result<Vec<Appended>> {
-        try_join_all(batch.into_iter().map(|new| self.append_one(new))).await
+        let s = &self.inner.s;
+        let earlier = try_join_all(batch.iter().map(|new| self.stored_send(new))).await?;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut rows = Vec::new();
+        let mut records = Vec::new();
+        let mut this_call = StoredThisCall::default();
+        for (new, earlier) in batch.into_iter().zip(earlier) {
+            if let Some(outcome) = this_call.earlier(&new) {
+                outcomes.push(outcome);
+                continue;
+            }
+            if let Some((id, conversation)) = earlier {
+                // A replay or a retry: report who still has it pending (not acked yet).
+                let checks = new.recipients.iter().map(|user| async move {
+                    let rows: Vec<(String,)> =
+                        self.rows(&s.pending_get, (user.as_str(), id)).await?;
+                    Ok::<_, Error>((!rows.is_empty()).then(|| user.clone()))
+                });
+                let still = try_join_all(checks).await?.into_iter().flatten().collect();
+                outcomes.push(Appended {
+                    id,
+                    conversation,
+                    inserted: false,
+                    pending_for: still,
+                });
+                continue;
+            }
+            rows.extend(self.message_writes(&new.message, &new.recipients)?);
+            if let Some(cmid) = &new.client_msg_id {
+                let conversation = new.message.conversation.to_string();
+                let bytes = row_bytes(&[&new.message.from, cmid, &conversation], 16);
+                records.push(Write::new(
+                    &s.send_put,
+                    (
+                        new.message.from.clone(),
+                        cmid.clone(),
+                        new.message.id,
+                        conversation,
+                    ),
+                    bytes,
+                ));
+            }
+            this_call.stored(&new);
+            outcomes.push(Appended {
+                id: new.message.id,
+                conversation: new.message.conversation,
+                inserted: true,
+                pending_for: new.recipients,
+            });
+        }
+        self.inner.writes.write(rows).await?;
+        self.inner.writes.write(records).await?;
+        Ok(outcomes)
     }
 
-    async fn message(&self, id: Uuid) -> Result<Option<Message>> {
-        match self.conversation_of(id).await? {
-            Some(conversation) => self.load(&conversation, id).await,
-            None => Ok(None),
-        }
+    async fn message(&self, c: &Conversation, id: Uuid) -> Result<Option<Message>> {
+        self.load(&c.to_string(), id).await
     }
 
     async fn history(
@@ -793,30 +509,49 @@ impl MessageStore for ScyllaStore {
         Ok(loaded.into_iter().flatten().collect())
     }
 
+    /// One read of the pending entries named (they carry conversation and sender), then
+    /// one delete of those found. A user's acks are serialised by the inbound log (one
+    /// partition per user), so no two acks of the same entry read it at once.
     async fn ack(&self, user: &str, ids: &[Uuid]) -> Result<Vec<AckedMessage>> {
         let s = &self.inner.s;
-        let acks = ids.iter().map(|id| async move {
-            // The pending row names the conversation: no index lookup.
-            let rows: Vec<(String,)> = self.rows(&s.pending_get, (user, *id)).await?;
-            let Some((conversation,)) = rows.into_iter().next() else {
-                return Ok::<_, Error>(None);
+        let mut wanted: Vec<Uuid> = ids.to_vec();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let rows: Vec<(Uuid, String, Option<String>)> =
+            self.rows(&s.pending_some, (user, wanted)).await?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let found: Vec<Uuid> = rows.iter().map(|(id, _, _)| *id).collect();
+        self.inner
+            .writes
+            .write(vec![Write::new(
+                &s.pending_delete,
+                (user.to_owned(), found.clone()),
+                user.len() + 16 * found.len(),
+            )])
+            .await?;
+        let mut acked = Vec::with_capacity(rows.len());
+        for (id, conversation, sender) in rows {
+            let from = match sender {
+                Some(from) => from,
+                // An entry of schema version 1 does not name its sender: the message does.
+                None => match self.load(&conversation, id).await? {
+                    Some(message) => message.from,
+                    None => continue,
+                },
             };
-            self.run(&s.pending_delete, (user, *id)).await?;
-            let sender: Vec<(String, Vec<u8>)> = self
-                .rows(&s.message_get, (conversation.as_str(), bucket_of(*id), *id))
-                .await?;
-            let Some((from, _)) = sender.into_iter().next() else {
-                return Ok(None);
-            };
-            Ok(Some(AckedMessage {
-                id: *id,
+            acked.push(AckedMessage {
+                id,
                 conversation: conversation
                     .parse()
                     .map_err(|e| Error::Backend(format!("pending entry: {e}")))?,
                 from,
-            }))
-        });
-        Ok(try_join_all(acks).await?.into_iter().flatten().collect())
+            });
+        }
+        // Report in the order asked.
+        acked.sort_by_key(|a| ids.iter().position(|id| *id == a.id));
+        Ok(acked)
     }
 
     /// A reader's reads are serialised by the inbound log (one partition per user), so the
@@ -824,7 +559,7 @@ impl MessageStore for ScyllaStore {
     async fn mark_read(&self, reader: &str, c: &Conversation, upto: Uuid) -> Result<Vec<String>> {
         let s = &self.inner.s;
         let conversation = c.to_string();
-        if self.conversation_of(upto).await?.as_deref() != Some(conversation.as_str()) {
+        if self.load(&conversation, upto).await?.is_none() {
             return Err(Error::NotFound(format!("message {upto} in {conversation}")));
         }
         let previous: Vec<(Uuid,)> = self
@@ -871,13 +606,17 @@ impl MessageStore for ScyllaStore {
 
     async fn push_receipts(&self, user: &str, receipts: Vec<Receipt>) -> Result<()> {
         let s = &self.inner.s;
-        let writes = receipts.iter().map(|r| async move {
+        let mut writes = Vec::with_capacity(receipts.len());
+        for r in &receipts {
             let bytes = postcard::to_allocvec(r).map_err(|e| Error::Backend(e.to_string()))?;
-            self.run(&s.receipt_put, (user, Uuid::now_v7(), bytes))
-                .await
-        });
-        try_join_all(writes).await?;
-        Ok(())
+            let size = user.len() + bytes.len() + 16;
+            writes.push(Write::new(
+                &s.receipt_put,
+                (user.to_owned(), Uuid::now_v7(), bytes),
+                size,
+            ));
+        }
+        self.inner.writes.write(writes).await
     }
 
     async fn receipts(&self, user: &str, limit: usize) -> Result<Vec<(Uuid, Receipt)>> {

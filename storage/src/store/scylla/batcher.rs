@@ -1,0 +1,201 @@
+//! Group commit for CQL writes: what concurrent callers write goes to the cluster together.
+//!
+//! Each caller hands over the statements of one logical write and waits for them. A task
+//! keeps at most [`MAX_IN_FLIGHT`] requests outstanding; whatever arrives meanwhile is sent
+//! as one unlogged batch as soon as a request slot frees up. Under light load every write
+//! goes out at once; under heavy load each request carries many writes, which is what a CQL
+//! node spends its CPU on (per request, far more than per row). Batches are bounded in
+//! statements and bytes (below the server's `batch_size_fail_threshold`); a write too large
+//! for a batch runs as single statements.
+//!
+//! A batch is not atomic: each write is idempotent and its caller orders what must be
+//! ordered by awaiting one write before handing over the next.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use scylla::client::session::Session;
+use scylla::serialize::row::SerializeRow;
+use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::prepared::PreparedStatement;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{exec_error, guarded, is_unavailable};
+use crate::error::{Error, Result};
+use crate::resilience::{retry, Breaker};
+
+/// Requests outstanding at once.
+const MAX_IN_FLIGHT: usize = 2;
+
+/// Bound values of one statement.
+pub(super) type Values = Box<dyn SerializeRow + Send + Sync>;
+
+/// One statement to run, with its values and their approximate size.
+pub(super) struct Write {
+    statement: PreparedStatement,
+    values: Values,
+    bytes: usize,
+}
+
+impl Write {
+    pub(super) fn new(
+        statement: &PreparedStatement,
+        values: impl SerializeRow + Send + Sync + 'static,
+        bytes: usize,
+    ) -> Self {
+        Write {
+            statement: statement.clone(),
+            values: Box::new(values),
+            bytes: bytes + 32,
+        }
+    }
+}
+
+/// How big one request may get.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Limits {
+    pub(super) statements: usize,
+    pub(super) bytes: usize,
+}
+
+struct Job {
+    writes: Vec<Write>,
+    bytes: usize,
+    done: oneshot::Sender<Result<()>>,
+}
+
+/// A handle to the batching task; it stops when the last handle is dropped.
+pub(super) struct Batcher {
+    jobs: mpsc::UnboundedSender<Job>,
+}
+
+impl Batcher {
+    pub(super) fn start(session: Arc<Session>, breaker: Breaker, limits: Limits) -> Self {
+        let (jobs, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(rx, session, breaker, limits));
+        Batcher { jobs }
+    }
+
+    /// Runs `writes` and resolves once all of them are applied.
+    pub(super) async fn write(&self, writes: Vec<Write>) -> Result<()> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let bytes = writes.iter().map(|w| w.bytes).sum();
+        let (done, answer) = oneshot::channel();
+        let stopped = || Error::Unavailable("the ScyllaDB write batcher has stopped".into());
+        self.jobs
+            .send(Job {
+                writes,
+                bytes,
+                done,
+            })
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+async fn run(
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+    session: Arc<Session>,
+    breaker: Breaker,
+    limits: Limits,
+) {
+    let mut waiting: VecDeque<Job> = VecDeque::new();
+    let mut in_flight = FuturesUnordered::new();
+    let mut open = true;
+    while open || !waiting.is_empty() || !in_flight.is_empty() {
+        tokio::select! {
+            job = jobs.recv(), if open => match job {
+                Some(job) => waiting.push_back(job),
+                None => open = false,
+            },
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+        }
+        while let Ok(job) = jobs.try_recv() {
+            waiting.push_back(job);
+        }
+        while in_flight.len() < MAX_IN_FLIGHT && !waiting.is_empty() {
+            let group = take_group(&mut waiting, limits);
+            in_flight.push(send(group, &session, &breaker, limits));
+        }
+    }
+}
+
+/// The next jobs that fit one request (always at least one).
+fn take_group(waiting: &mut VecDeque<Job>, limits: Limits) -> Vec<Job> {
+    let mut group = Vec::new();
+    let (mut statements, mut bytes) = (0, 0);
+    while let Some(job) = waiting.front() {
+        let fits =
+            statements + job.writes.len() <= limits.statements && bytes + job.bytes <= limits.bytes;
+        if !group.is_empty() && !fits {
+            break;
+        }
+        statements += job.writes.len();
+        bytes += job.bytes;
+        if let Some(job) = waiting.pop_front() {
+            group.push(job);
+        }
+    }
+    group
+}
+
+async fn send(group: Vec<Job>, session: &Session, breaker: &Breaker, limits: Limits) {
+    let statements: usize = group.iter().map(|j| j.writes.len()).sum();
+    let bytes: usize = group.iter().map(|j| j.bytes).sum();
+    metrics::histogram!("storage_batch_statements").record(statements as f64);
+    // One statement needs no batch; a lone job too large for one runs statement by statement.
+    let alone = statements == 1 || bytes > limits.bytes;
+    let outcome = if alone {
+        singly(&group, session, breaker).await
+    } else {
+        batched(&group, session, breaker).await
+    };
+    for job in group {
+        let _ = job.done.send(match &outcome {
+            Ok(()) => Ok(()),
+            Err(e) => Err(Error::Unavailable(e.clone())),
+        });
+    }
+}
+
+async fn batched(group: &[Job], session: &Session, breaker: &Breaker) -> Result<(), String> {
+    let mut batch = Batch::new(BatchType::Unlogged);
+    batch.set_is_idempotent(true);
+    let mut values: Vec<&(dyn SerializeRow + Send + Sync)> = Vec::new();
+    for write in group.iter().flat_map(|j| &j.writes) {
+        batch.append_statement(write.statement.clone());
+        values.push(write.values.as_ref());
+    }
+    let call = retry(is_unavailable, || async {
+        session
+            .batch(&batch, &values)
+            .await
+            .map(|_| ())
+            .map_err(exec_error)
+    });
+    breaker
+        .call(is_unavailable, call)
+        .await
+        .map_err(guarded)
+        .map_err(|e| e.to_string())
+}
+
+async fn singly(group: &[Job], session: &Session, breaker: &Breaker) -> Result<(), String> {
+    let calls = group.iter().flat_map(|j| &j.writes).map(|write| {
+        let call = retry(is_unavailable, || async {
+            session
+                .execute_unpaged(&write.statement, write.values.as_ref())
+                .await
+                .map(|_| ())
+                .map_err(exec_error)
+        });
+        async move { breaker.call(is_unavailable, call).await.map_err(guarded) }
+    });
+    futures_util::future::try_join_all(calls)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,183 @@
+//! The schema of the ScyllaDB store: versioned migrations, run by the binaries
+//! themselves, one process at a time under an LWT lease.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use scylla::client::session::Session;
+use uuid::Uuid;
+
+use super::{applied, exec_error, rows_error, ScyllaConfig};
+use crate::error::{Error, Result};
+
+/// The schema, in order. A migration's statements are idempotent (`IF NOT EXISTS`; an
+/// `ADD` of a column that is there already counts as done), so one interrupted half-way is
+/// simply run again; its version row is written last.
+fn migrations(ks: &str) -> Vec<(i32, &'static str, Vec<String>)> {
+    vec![
+        (
+            1,
+            "initial schema",
+            vec![
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {ks}.messages (conversation text, bucket int, \
+                 id uuid, sender text, sealed blob, PRIMARY KEY ((conversation, bucket), id)) \
+                 WITH CLUSTERING ORDER BY (id DESC)"
+                ),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {ks}.conversation_buckets (conversation text, \
+                 bucket int, PRIMARY KEY (conversation, bucket)) \
+                 WITH CLUSTERING ORDER BY (bucket DESC)"
+                ),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {ks}.message_index (id uuid PRIMARY KEY, \
+                 conversation text)"
+                ),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {ks}.pending (user text, id uuid, \
+                 conversation text, PRIMARY KEY (user, id)) \
+                 WITH CLUSTERING ORDER BY (id ASC) AND gc_grace_seconds = 10800"
+                ),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {ks}.idempotency (sender text, cmid text, \
+                 id uuid, PRIMARY KEY ((sender, cmid)))"
+                ),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {ks}.receipt_outbox (user text, key uuid, \
+                 receipt blob, PRIMARY KEY (user, key)) \
+                 WITH CLUSTERING ORDER BY (key ASC) AND gc_grace_seconds = 10800"
+                ),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {ks}.read_markers (conversation text, \
+                 reader text, upto uuid, PRIMARY KEY (conversation, reader))"
+                ),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {ks}.groups (id uuid PRIMARY KEY, name text, \
+                 members set<text>)"
+                ),
+            ],
+        ),
+        (
+            2,
+            "sends resolved by the dispatcher: pending entries name their sender, send \
+             records their conversation (message_index is no longer written)",
+            vec![
+                format!("ALTER TABLE {ks}.pending ADD sender text"),
+                format!("ALTER TABLE {ks}.idempotency ADD conversation text"),
+            ],
+        ),
+    ]
+}
+
+pub(super) async fn migrate(session: &Session, config: &ScyllaConfig) -> Result<()> {
+    let ks = &config.keyspace;
+    let ddl = |cql: String| async move {
+        // Schema changes are slow on a busy node: they get a minute, not the request timeout.
+        let mut statement = scylla::statement::Statement::new(cql.as_str());
+        statement.set_request_timeout(Some(Duration::from_secs(60)));
+        match session.query_unpaged(statement, ()).await {
+            Ok(result) => Ok(Some(result)),
+            // An interrupted migration runs again: a column it added is there already.
+            Err(e) if cql.contains(" ADD ") && column_exists(&e.to_string()) => Ok(None),
+            Err(e) => Err(Error::Backend(format!("schema: {e}: {cql}"))),
+        }
+    };
+    let replication = config.replication.unwrap_or_else(|| {
+        let nodes = session.get_cluster_state().get_nodes_info().len();
+        u32::try_from(nodes.clamp(1, 3)).unwrap_or(1)
+    });
+    ddl(format!(
+        "CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = \
+         {{'class': 'NetworkTopologyStrategy', 'replication_factor': {}}}",
+        replication.max(1)
+    ))
+    .await?;
+    ddl(format!(
+        "CREATE TABLE IF NOT EXISTS {ks}.schema_migrations (version int PRIMARY KEY, \
+         description text, applied_at timestamp)"
+    ))
+    .await?;
+    ddl(format!(
+        "CREATE TABLE IF NOT EXISTS {ks}.schema_lock (id int PRIMARY KEY, owner uuid)"
+    ))
+    .await?;
+    let _ = session.await_schema_agreement().await;
+
+    // One migrator at a time: an LWT lease that expires by itself if its holder dies.
+    let me = Uuid::new_v4();
+    let lease = session
+        .prepare(format!(
+            "INSERT INTO {ks}.schema_lock (id, owner) VALUES (0, ?) IF NOT EXISTS USING TTL 60"
+        ))
+        .await
+        .map_err(|e| Error::Backend(format!("schema lock: {e}")))?;
+    let release = session
+        .prepare(format!(
+            "DELETE FROM {ks}.schema_lock WHERE id = 0 IF owner = ?"
+        ))
+        .await
+        .map_err(|e| Error::Backend(format!("schema lock: {e}")))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let result = session
+            .execute_unpaged(&lease, (me,))
+            .await
+            .map_err(exec_error)?;
+        if applied(result)? {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(Error::Unavailable(
+                "another process has held the schema lock for 90 s".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let outcome = run_migrations(session, ks, &ddl).await;
+    let _ = session.execute_unpaged(&release, (me,)).await;
+    outcome
+}
+
+async fn run_migrations<F, Fut>(session: &Session, ks: &str, ddl: &F) -> Result<()>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Result<Option<scylla::response::query_result::QueryResult>>>,
+{
+    let done: BTreeSet<i32> = session
+        .query_unpaged(format!("SELECT version FROM {ks}.schema_migrations"), ())
+        .await
+        .map_err(exec_error)?
+        .into_rows_result()
+        .map_err(rows_error)?
+        .rows::<(i32,)>()
+        .map_err(rows_error)?
+        .filter_map(|r| r.ok().map(|(v,)| v))
+        .collect();
+    for (version, description, statements) in migrations(ks) {
+        if done.contains(&version) {
+            continue;
+        }
+        tracing::info!(version, description, "applying schema migration");
+        for cql in statements {
+            ddl(cql).await?;
+        }
+        let _ = session.await_schema_agreement().await;
+        session
+            .query_unpaged(
+                format!(
+                    "INSERT INTO {ks}.schema_migrations (version, description, applied_at) \
+                     VALUES (?, ?, toTimestamp(now()))"
+                ),
+                (version, description),
+            )
+            .await
+            .map_err(exec_error)?;
+    }
+    Ok(())
+}
+
+/// Whether a refused `ALTER TABLE … ADD` says the column is there already (Cassandra and
+/// ScyllaDB word it differently).
+fn column_exists(error: &str) -> bool {
+    error.contains("conflicts with an existing column") || error.contains("already exist")
+}

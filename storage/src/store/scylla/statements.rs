@@ -1,0 +1,156 @@
+//! Every statement the ScyllaDB store runs, prepared once at start. All of them are
+//! idempotent (upserts, deletes of named rows, reads, and LWTs whose repetition answers the
+//! same) and marked so, which lets the driver and [`crate::resilience::retry`] repeat them.
+
+use scylla::client::session::Session;
+use scylla::statement::prepared::PreparedStatement;
+
+use super::{ttl_secs, ScyllaConfig};
+use crate::error::{Error, Result};
+
+pub(super) struct Statements {
+    pub(super) send_get: PreparedStatement,
+    pub(super) send_put: PreparedStatement,
+    pub(super) message_put: PreparedStatement,
+    pub(super) message_get: PreparedStatement,
+    pub(super) bucket_put: PreparedStatement,
+    pub(super) buckets_upto: PreparedStatement,
+    pub(super) history_before: PreparedStatement,
+    pub(super) history_all: PreparedStatement,
+    pub(super) read_range: PreparedStatement,
+    pub(super) pending_put: PreparedStatement,
+    pub(super) pending_get: PreparedStatement,
+    pub(super) pending_some: PreparedStatement,
+    pub(super) pending_after: PreparedStatement,
+    pub(super) pending_delete: PreparedStatement,
+    pub(super) marker_get: PreparedStatement,
+    pub(super) marker_put: PreparedStatement,
+    pub(super) receipt_put: PreparedStatement,
+    pub(super) receipts_get: PreparedStatement,
+    pub(super) receipts_clear: PreparedStatement,
+    pub(super) group_create: PreparedStatement,
+    pub(super) group_get: PreparedStatement,
+    pub(super) group_add: PreparedStatement,
+    pub(super) group_remove: PreparedStatement,
+    pub(super) ping: PreparedStatement,
+}
+
+impl Statements {
+    pub(super) async fn prepare(session: &Session, config: &ScyllaConfig) -> Result<Self> {
+        let ks = &config.keyspace;
+        let prepare = |cql: String| async move {
+            let mut statement = session
+                .prepare(cql.as_str())
+                .await
+                .map_err(|e| Error::Backend(format!("preparing {cql}: {e}")))?;
+            statement.set_is_idempotent(true);
+            Ok::<_, Error>(statement)
+        };
+        let pending_ttl = ttl_secs(config.pending_ttl);
+        Ok(Statements {
+            send_get: prepare(format!(
+                "SELECT id, conversation FROM {ks}.idempotency WHERE sender = ? AND cmid = ?"
+            ))
+            .await?,
+            send_put: prepare(format!(
+                "INSERT INTO {ks}.idempotency (sender, cmid, id, conversation) \
+                 VALUES (?, ?, ?, ?) USING TTL {}",
+                ttl_secs(config.idempotency_ttl)
+            ))
+            .await?,
+            message_put: prepare(format!(
+                "INSERT INTO {ks}.messages (conversation, bucket, id, sender, sealed) \
+                 VALUES (?, ?, ?, ?, ?)"
+            ))
+            .await?,
+            message_get: prepare(format!(
+                "SELECT sender, sealed FROM {ks}.messages \
+                 WHERE conversation = ? AND bucket = ? AND id = ?"
+            ))
+            .await?,
+            bucket_put: prepare(format!(
+                "INSERT INTO {ks}.conversation_buckets (conversation, bucket) VALUES (?, ?)"
+            ))
+            .await?,
+            buckets_upto: prepare(format!(
+                "SELECT bucket FROM {ks}.conversation_buckets \
+                 WHERE conversation = ? AND bucket <= ? AND bucket >= ?"
+            ))
+            .await?,
+            history_before: prepare(format!(
+                "SELECT id, sender, sealed FROM {ks}.messages \
+                 WHERE conversation = ? AND bucket = ? AND id < ? LIMIT ?"
+            ))
+            .await?,
+            history_all: prepare(format!(
+                "SELECT id, sender, sealed FROM {ks}.messages \
+                 WHERE conversation = ? AND bucket = ? LIMIT ?"
+            ))
+            .await?,
+            read_range: prepare(format!(
+                "SELECT sender FROM {ks}.messages WHERE conversation = ? AND bucket = ? \
+                 AND id <= ? AND id > ? LIMIT ?"
+            ))
+            .await?,
+            pending_put: prepare(format!(
+                "INSERT INTO {ks}.pending (user, id, conversation, sender) VALUES (?, ?, ?, ?) \
+                 USING TTL {pending_ttl}"
+            ))
+            .await?,
+            pending_get: prepare(format!(
+                "SELECT conversation FROM {ks}.pending WHERE user = ? AND id = ?"
+            ))
+            .await?,
+            pending_some: prepare(format!(
+                "SELECT id, conversation, sender FROM {ks}.pending WHERE user = ? AND id IN ?"
+            ))
+            .await?,
+            pending_after: prepare(format!(
+                "SELECT id, conversation FROM {ks}.pending WHERE user = ? AND id > ? LIMIT ?"
+            ))
+            .await?,
+            pending_delete: prepare(format!(
+                "DELETE FROM {ks}.pending WHERE user = ? AND id IN ?"
+            ))
+            .await?,
+            marker_get: prepare(format!(
+                "SELECT upto FROM {ks}.read_markers WHERE conversation = ? AND reader = ?"
+            ))
+            .await?,
+            marker_put: prepare(format!(
+                "INSERT INTO {ks}.read_markers (conversation, reader, upto) VALUES (?, ?, ?)"
+            ))
+            .await?,
+            receipt_put: prepare(format!(
+                "INSERT INTO {ks}.receipt_outbox (user, key, receipt) VALUES (?, ?, ?) \
+                 USING TTL {pending_ttl}"
+            ))
+            .await?,
+            receipts_get: prepare(format!(
+                "SELECT key, receipt FROM {ks}.receipt_outbox WHERE user = ? LIMIT ?"
+            ))
+            .await?,
+            receipts_clear: prepare(format!(
+                "DELETE FROM {ks}.receipt_outbox WHERE user = ? AND key <= ?"
+            ))
+            .await?,
+            group_create: prepare(format!(
+                "INSERT INTO {ks}.groups (id, name, members) VALUES (?, ?, ?) IF NOT EXISTS"
+            ))
+            .await?,
+            group_get: prepare(format!(
+                "SELECT name, members FROM {ks}.groups WHERE id = ?"
+            ))
+            .await?,
+            group_add: prepare(format!(
+                "UPDATE {ks}.groups SET members = members + ? WHERE id = ?"
+            ))
+            .await?,
+            group_remove: prepare(format!(
+                "UPDATE {ks}.groups SET members = members - ? WHERE id = ?"
+            ))
+            .await?,
+            ping: prepare("SELECT release_version FROM system.local".into()).await?,
+        })
+    }
+}
