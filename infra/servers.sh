@@ -128,7 +128,7 @@ auto_snapshot: false
 YAML
     fi
     local opts=(
-        -Xms1g -Xmx1g -XX:+UseG1GC -Xss512k
+        -Xms2g -Xmx2g -XX:+UseG1GC -Xss512k
         -Dcassandra.config="file://$dir/cassandra.yaml"
         -Dcassandra.storagedir="$dir"
         -Dcassandra-foreground=yes

@@ -8,6 +8,7 @@ use storage::{
     AckedMessage, Appended, Conversation, Message, MessageStore, NewMessage, Receipt,
     ReceiptStatus, Store,
 };
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -17,9 +18,83 @@ use crate::bus::{Bus, Commit, InboundLog, Partition, Record};
 use crate::envelope::{Envelope, PushEvent};
 use crate::error::Result;
 
-/// Most records taken from a partition at once; consecutive messages among them are
-/// persisted in one store call, and everything they cause is routed together.
+/// Most records taken from a partition at once.
 const MAX_BATCH: usize = 256;
+/// Most records handled together, from all partitions: consecutive messages among them
+/// are persisted in one store call, and everything they cause is routed together.
+const MAX_COMBINED: usize = 1024;
+
+/// Pending entries remembered per partition assignment, most.
+const RECENT_PER_ASSIGNMENT: usize = 65_536;
+
+/// What a partition's task hands over to the combining task.
+enum Handoff {
+    /// A batch, to be handled with the others'; `done` fires once it is handled (stored,
+    /// routed and committed).
+    Batch {
+        assignment: u64,
+        records: Vec<Record>,
+        done: oneshot::Sender<()>,
+    },
+    /// The partition was taken away (or the log closed): forget what was remembered of it.
+    Ended { assignment: u64 },
+}
+
+/// Feeds one partition's records, in order, to the combining task. `assignment` tells this
+/// assignment of the partition from earlier and later ones.
+async fn consume(
+    mut partition: Partition,
+    assignment: u64,
+    handoff: mpsc::Sender<Handoff>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let records = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            records = partition.next_batch(MAX_BATCH) => records,
+        };
+        let Some(records) = records else { break };
+        let (done, handled) = oneshot::channel();
+        let batch = Handoff::Batch {
+            assignment,
+            records,
+            done,
+        };
+        if handoff.send(batch).await.is_err() {
+            return;
+        }
+        // The next batch waits for this one: a partition's records are handled in order.
+        let _ = handled.await;
+    }
+    let _ = handoff.send(Handoff::Ended { assignment }).await;
+}
+
+/// Pending entries this dispatcher appended for direct messages, by the assignment of the
+/// recipient's partition (a direct message and its recipient's acks share a partition), so
+/// that acking them needs no read. True only while that assignment lasts: once the
+/// partition goes, another dispatcher may ack them, so they are forgotten.
+#[derive(Default)]
+struct Recent(HashMap<u64, HashMap<(String, Uuid), AckedMessage>>);
+
+impl Recent {
+    fn remember(&mut self, assignment: u64, user: &str, message: AckedMessage) {
+        let entries = self.0.entry(assignment).or_default();
+        if entries.len() >= RECENT_PER_ASSIGNMENT {
+            // Forgetting costs a read per ack, nothing more.
+            entries.clear();
+        }
+        entries.insert((user.to_owned(), message.id), message);
+    }
+
+    fn take(&mut self, assignment: u64, user: &str, id: Uuid) -> Option<AckedMessage> {
+        self.0.get_mut(&assignment)?.remove(&(user.to_owned(), id))
+    }
+
+    fn forget(&mut self, assignment: u64) {
+        self.0.remove(&assignment);
+    }
+}
 
 /// The dispatcher: a cheap-clone handle over the three backends.
 #[derive(Clone, Debug)]
@@ -59,9 +134,11 @@ enum Event {
 struct Outcome {
     events: Vec<Event>,
     commits: Vec<(Commit, std::result::Result<(), String>)>,
-    /// A record failed that the log delivers again: the rest of the batch is left
-    /// uncommitted, to be read again after it, so that nothing overtakes it.
+    /// A record failed that the log delivers again: the rest of the batch is not handled
+    /// but committed as failed, to be read again after it, so that nothing overtakes it.
     stopped: bool,
+    /// Records set aside for a run that was not handled because the batch stopped.
+    unhandled: Vec<Record>,
 }
 
 impl Dispatcher {
@@ -73,95 +150,133 @@ impl Dispatcher {
         }
     }
 
-    /// Consumes every partition assigned to this dispatcher until `shutdown`, one ordered
-    /// task per partition.
+    /// Consumes every partition assigned to this dispatcher until `shutdown`: one task per
+    /// partition keeps its order (it hands over its next batch only once the previous one
+    /// is done), and one task handles what all partitions handed over meanwhile as a
+    /// single batch, so that the backends see few, large requests instead of many small
+    /// ones (group commit across partitions).
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let mut assigned = self.bus.subscribe().await?;
         let tracker = TaskTracker::new();
+        let (handoff, batches) = mpsc::channel::<Handoff>(1024);
+        tracker.spawn(self.clone().combine(batches).in_current_span());
+        let mut assignments = 0u64;
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
                 partition = assigned.recv() => match partition {
                     Some(partition) => {
+                        assignments += 1;
                         let span = tracing::info_span!("partition", id = partition.id);
-                        tracker.spawn(self.clone().consume(partition, shutdown.clone()).instrument(span));
+                        let feed = consume(partition, assignments, handoff.clone(), shutdown.clone());
+                        tracker.spawn(feed.instrument(span));
                     }
                     None => break,
                 },
             }
         }
+        drop(handoff);
         tracker.close();
         tracker.wait().await;
         Ok(())
     }
 
-    async fn consume(self, mut partition: Partition, shutdown: CancellationToken) {
-        loop {
-            let batch = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return,
-                batch = partition.next_batch(MAX_BATCH) => batch,
-            };
-            let Some(batch) = batch else { return };
-            metrics::histogram!("dispatcher_batch_size").record(batch.len() as f64);
-            self.handle(batch).await;
+    /// Handles the batches handed over by the partitions, as many together as are waiting.
+    async fn combine(self, mut handoffs: mpsc::Receiver<Handoff>) {
+        let mut recent = Recent::default();
+        while let Some(first) = handoffs.recv().await {
+            let mut records = Vec::new();
+            let mut done = Vec::new();
+            let mut next = Some(first);
+            while let Some(handoff) = next.take() {
+                match handoff {
+                    Handoff::Batch {
+                        assignment,
+                        records: batch,
+                        done: fired,
+                    } => {
+                        records.extend(batch.into_iter().map(|r| (assignment, r)));
+                        done.push(fired);
+                    }
+                    Handoff::Ended { assignment } => recent.forget(assignment),
+                }
+                if records.len() < MAX_COMBINED {
+                    next = handoffs.try_recv().ok();
+                }
+            }
+            if records.is_empty() {
+                continue;
+            }
+            metrics::histogram!("dispatcher_batch_size").record(records.len() as f64);
+            self.handle(records, &mut recent).await;
+            for done in done {
+                let _ = done.send(());
+            }
         }
     }
 
-    /// Handles records in log order, in three steps: store what they say (a run of
-    /// consecutive messages in one store call; a run of acks merged per user, so that a
-    /// message acked twice in the run is reported once); route everything the batch caused
-    /// (one presence lookup, one publish per node with its deliveries in log order); then
-    /// commit each record. Nothing is routed before it is stored, and nothing is committed
-    /// before it is routed: a dispatcher that dies in between has the records read again
-    /// (a duplicate delivery at worst, never a lost one).
-    pub async fn handle(&self, batch: Vec<Record>) {
+    /// Handles a batch of records (from one partition or several) in three steps: store
+    /// what they say — all messages in one store call (in log order), then all acks merged
+    /// per user (so that a message acked twice is reported once), then the reads; route
+    /// everything the batch caused (one presence lookup, one publish per node with its
+    /// deliveries in log order); then commit each record. Acks and reads may be taken after
+    /// later messages of their partition: they concern messages their user has received,
+    /// which were stored by an earlier batch. Nothing is routed before it is stored, and
+    /// nothing is committed before it is routed: a dispatcher that dies in between has the
+    /// records read again (a duplicate delivery at worst, never a lost one).
+    async fn handle(&self, batch: Vec<(u64, Record)>, recent: &mut Recent) {
         let mut outcome = Outcome::default();
-        let mut messages = Vec::new();
-        let mut acks = Vec::new();
-        for record in batch {
-            if outcome.stopped {
-                break;
-            }
+        let (mut messages, mut acks, mut reads) = (Vec::new(), Vec::new(), Vec::new());
+        for (assignment, record) in batch {
             match &record.envelope {
-                Envelope::Message { .. } => {
-                    self.apply_acks(std::mem::take(&mut acks), &mut outcome)
-                        .await;
-                    messages.push(record);
-                }
-                Envelope::Ack { .. } => {
-                    self.persist_messages(std::mem::take(&mut messages), &mut outcome)
-                        .await;
-                    acks.push(record);
-                }
-                Envelope::Read { .. } => {
-                    self.persist_messages(std::mem::take(&mut messages), &mut outcome)
-                        .await;
-                    self.apply_acks(std::mem::take(&mut acks), &mut outcome)
-                        .await;
-                    if !outcome.stopped {
-                        self.read(record, &mut outcome).await;
-                    }
-                }
+                Envelope::Message { .. } => messages.push((assignment, record)),
+                Envelope::Ack { .. } => acks.push((assignment, record)),
+                Envelope::Read { .. } => reads.push(record),
             }
         }
-        self.persist_messages(messages, &mut outcome).await;
-        self.apply_acks(acks, &mut outcome).await;
+        self.persist_messages(messages, &mut outcome, recent).await;
+        self.apply_acks(acks, &mut outcome, recent).await;
+        for record in reads {
+            if outcome.stopped {
+                outcome.unhandled.push(record);
+            } else {
+                self.read(record, &mut outcome).await;
+            }
+        }
+        for record in outcome.unhandled.drain(..) {
+            // A record failed that the log delivers again: every partition with a record
+            // here reads it again, in order.
+            outcome.commits.push((
+                record.into_parts().1,
+                Err("an earlier record failed".into()),
+            ));
+        }
         self.route(outcome.events).await;
         for (commit, result) in outcome.commits {
             commit(result);
         }
     }
 
-    async fn persist_messages(&self, records: Vec<Record>, outcome: &mut Outcome) {
-        if records.is_empty() || outcome.stopped {
+    async fn persist_messages(
+        &self,
+        records: Vec<(u64, Record)>,
+        outcome: &mut Outcome,
+        recent: &mut Recent,
+    ) {
+        if outcome.stopped {
+            outcome
+                .unhandled
+                .extend(records.into_iter().map(|(_, r)| r));
+            return;
+        }
+        if records.is_empty() {
             return;
         }
         let mut batch = Vec::with_capacity(records.len());
         let mut pending = Vec::with_capacity(records.len());
         let mut groups: HashMap<Uuid, Vec<String>> = HashMap::new();
-        for record in records {
+        for (assignment, record) in records {
             let redelivered = record.is_redelivered();
             let (envelope, commit) = record.into_parts();
             let Envelope::Message {
@@ -193,18 +308,37 @@ impl Dispatcher {
                 recipients,
                 client_msg_id: client_msg_id.clone(),
             });
-            pending.push((message, origin, client_msg_id, commit, redelivered));
+            pending.push((
+                message,
+                origin,
+                client_msg_id,
+                commit,
+                redelivered,
+                assignment,
+            ));
         }
         if batch.is_empty() {
             return;
         }
         match self.store.append(batch).await {
             Ok(appended) => {
-                for ((message, origin, client_msg_id, commit), appended) in pending
+                for ((message, origin, client_msg_id, commit, assignment), appended) in pending
                     .into_iter()
-                    .map(|(m, o, c, commit, _)| (m, o, c, commit))
+                    .map(|(m, o, c, commit, _, a)| (m, o, c, commit, a))
                     .zip(appended)
                 {
+                    if appended.inserted {
+                        if let Conversation::Direct(..) = &appended.conversation {
+                            for user in &appended.pending_for {
+                                let entry = AckedMessage {
+                                    id: appended.id,
+                                    conversation: appended.conversation.clone(),
+                                    from: message.from.clone(),
+                                };
+                                recent.remember(assignment, user, entry);
+                            }
+                        }
+                    }
                     let kind = if appended.inserted {
                         "inserted"
                     } else {
@@ -235,7 +369,7 @@ impl Dispatcher {
             Err(e) => {
                 tracing::error!(error = %e, "persisting messages failed");
                 let reason = e.to_string();
-                for (message, origin, client_msg_id, commit, redelivered) in pending {
+                for (message, origin, client_msg_id, commit, redelivered, _) in pending {
                     self.failed(
                         outcome,
                         commit,
@@ -312,33 +446,56 @@ impl Dispatcher {
         Ok(members.into_iter().filter(|m| *m != message.from).collect())
     }
 
-    async fn apply_acks(&self, records: Vec<Record>, outcome: &mut Outcome) {
-        if records.is_empty() || outcome.stopped {
+    async fn apply_acks(
+        &self,
+        records: Vec<(u64, Record)>,
+        outcome: &mut Outcome,
+        recent: &mut Recent,
+    ) {
+        if outcome.stopped {
+            outcome
+                .unhandled
+                .extend(records.into_iter().map(|(_, r)| r));
             return;
         }
-        // One store call per user: a message acked by two devices in this run is removed
-        // (and receipted) once.
-        let mut users: Vec<(String, Vec<Uuid>, Vec<Commit>)> = Vec::new();
-        for record in records {
+        if records.is_empty() {
+            return;
+        }
+        // One store call per user: a message acked by two devices in this batch is removed
+        // (and receipted) once. Entries remembered from their append need no read.
+        type UserAcks = (String, Vec<Uuid>, Vec<AckedMessage>, Vec<Commit>);
+        let mut users: Vec<UserAcks> = Vec::new();
+        for (assignment, record) in records {
             let (envelope, commit) = record.into_parts();
             let Envelope::Ack { user, message_ids } = envelope else {
                 outcome.commits.push((commit, Ok(())));
                 continue;
             };
-            match users.iter_mut().find(|(u, _, _)| *u == user) {
-                Some((_, ids, commits)) => {
-                    ids.extend(message_ids);
-                    commits.push(commit);
+            let at = match users.iter().position(|(u, ..)| *u == user) {
+                Some(at) => at,
+                None => {
+                    users.push((user, Vec::new(), Vec::new(), Vec::new()));
+                    users.len() - 1
                 }
-                None => users.push((user, message_ids, vec![commit])),
+            };
+            let (user, ids, known, commits) = &mut users[at];
+            for id in message_ids {
+                match recent.take(assignment, user, id) {
+                    Some(entry) => known.push(entry),
+                    None if !ids.contains(&id) && !known.iter().any(|k| k.id == id) => ids.push(id),
+                    None => {}
+                }
             }
+            commits.push(commit);
         }
         let results = futures_util::future::join_all(
-            users.iter().map(|(user, ids, _)| self.store.ack(user, ids)),
+            users
+                .iter_mut()
+                .map(|(user, ids, known, _)| self.store.ack(user, ids, std::mem::take(known))),
         )
         .await;
         let ts = now_ms();
-        for ((user, _, commits), result) in users.into_iter().zip(results) {
+        for ((user, _, _, commits), result) in users.into_iter().zip(results) {
             let result = match result {
                 Ok(acked) => {
                     let mut by_sender: Vec<(String, Vec<Receipt>)> = Vec::new();
@@ -567,15 +724,17 @@ impl Dispatcher {
                 tracing::warn!(error = %e, "push event failed");
             }
         });
+        // Receipts for offline senders are kept first: once a batch's answers are out,
+        // everything the batch caused is in place.
         let kept = keep.into_iter().map(|(to, receipts)| async move {
             if let Err(e) = self.store.push_receipts(&to, receipts).await {
                 tracing::warn!(error = %e, %to, "keeping receipts failed");
             }
         });
+        futures_util::future::join_all(kept).await;
         tokio::join!(
             futures_util::future::join_all(publishes),
             futures_util::future::join_all(pushes),
-            futures_util::future::join_all(kept),
         );
     }
 

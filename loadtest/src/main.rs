@@ -92,6 +92,9 @@ enum Command {
         /// Deliver every n-th message after the next one.
         #[arg(long, default_value_t = 0)]
         reorder_every: u64,
+        /// Deliver every message this many milliseconds late.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
     },
     /// Embedded gateway against the relay, interleaved: max rates, ratio, memory, p99.
     Bench {
@@ -125,6 +128,29 @@ enum Command {
         body_bytes: usize,
         #[arg(long)]
         quiet: bool,
+        /// Also measure the distributed mode: start the real servers with the servers
+        /// script, one distributed gateway and one dispatcher (release builds next to
+        /// this binary), and put them through the same ladder.
+        #[arg(long)]
+        cluster: bool,
+        /// The dispatcher binary (default: next to this one).
+        #[arg(long)]
+        dispatcher_bin: Option<PathBuf>,
+        /// The script that starts and stops the real servers (`up <dir>` / `down <dir>`).
+        #[arg(long, default_value = "infra/servers.sh")]
+        servers_script: PathBuf,
+        /// The cluster's light rate, for plain latency (msgs/s).
+        #[arg(long, default_value_t = 100.0)]
+        light_rate: f64,
+        /// The rate at which the cluster's CPU per message is reported (msgs/s).
+        #[arg(long, default_value_t = 1000.0)]
+        cpu_rate: f64,
+        /// Seconds of the light and CPU runs.
+        #[arg(long, default_value_t = 10.0)]
+        measure_secs: f64,
+        /// Seconds of traffic the cluster gets before anything is measured.
+        #[arg(long, default_value_t = 30.0)]
+        warm_up_secs: f64,
     },
 }
 
@@ -226,6 +252,7 @@ async fn main() -> anyhow::Result<()> {
             drop_every,
             duplicate_every,
             reorder_every,
+            delay_ms,
         } => {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
@@ -236,6 +263,7 @@ async fn main() -> anyhow::Result<()> {
                 drop_every,
                 duplicate_every,
                 reorder_every,
+                delay: Duration::from_millis(delay_ms),
             };
             let serving = tokio::spawn(loadtest::relay::serve(listener, faults, stop.clone()));
             let _ = tokio::signal::ctrl_c().await;
@@ -254,9 +282,24 @@ async fn main() -> anyhow::Result<()> {
             idle_conns,
             body_bytes,
             quiet,
+            cluster,
+            dispatcher_bin,
+            servers_script,
+            light_rate,
+            cpu_rate,
+            measure_secs,
+            warm_up_secs,
         } => {
+            let cluster = cluster.then(|| bench::ClusterConfig {
+                dispatcher_bin: dispatcher_bin.unwrap_or_else(|| bench::sibling_bin("dispatcher")),
+                servers_script,
+                light_rate,
+                cpu_rate,
+                measure: Duration::from_secs_f64(measure_secs),
+                warm_up: Duration::from_secs_f64(warm_up_secs),
+            });
             let config = BenchConfig {
-                gateway_bin: gateway_bin.unwrap_or_else(bench::default_gateway_bin),
+                gateway_bin: gateway_bin.unwrap_or_else(|| bench::sibling_bin("gateway")),
                 users,
                 rounds,
                 step: Duration::from_secs_f64(step_secs),
@@ -265,6 +308,7 @@ async fn main() -> anyhow::Result<()> {
                 idle_conns,
                 body_bytes,
                 progress: !quiet,
+                cluster,
             };
             let command_line = std::env::args().collect::<Vec<_>>().join(" ");
             let result = bench::run(&config, &command_line).await?;

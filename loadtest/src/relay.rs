@@ -23,12 +23,14 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// Deliberate misbehaviour, each "every n-th delivery" (0: never).
+/// Deliberate misbehaviour, each "every n-th delivery" (0: never), and a delay of every
+/// delivery (a backlog that drains after the senders stop).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Faults {
     pub drop_every: u64,
     pub duplicate_every: u64,
     pub reorder_every: u64,
+    pub delay: std::time::Duration,
 }
 
 /// A user's connections: connection number and outbound queue.
@@ -234,7 +236,8 @@ impl Relay {
         {
             let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
             let pair = (recipient.to_owned(), sender.to_owned());
-            if f.reorder_every > 0 && n.is_multiple_of(f.reorder_every) && !held.contains_key(&pair) {
+            if f.reorder_every > 0 && n.is_multiple_of(f.reorder_every) && !held.contains_key(&pair)
+            {
                 held.insert(pair, message);
                 return;
             }
@@ -246,11 +249,30 @@ impl Relay {
         if f.duplicate_every > 0 && n.is_multiple_of(f.duplicate_every) {
             frames.push(message);
         }
-        let users = self.users.lock().unwrap_or_else(|e| e.into_inner());
-        for (_, conn) in users.get(recipient).into_iter().flatten() {
-            for frame in &frames {
-                let _ = conn.try_send(frame.clone());
+        let conns: Vec<mpsc::Sender<Utf8Bytes>> = self
+            .users
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(recipient)
+            .into_iter()
+            .flatten()
+            .map(|(_, conn)| conn.clone())
+            .collect();
+        let deliver = move || {
+            for conn in &conns {
+                for frame in &frames {
+                    let _ = conn.try_send(frame.clone());
+                }
             }
+        };
+        if f.delay.is_zero() {
+            deliver();
+        } else {
+            let delay = f.delay;
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                deliver();
+            });
         }
     }
 }

@@ -66,7 +66,12 @@ pub struct Report {
     pub offered: u64,
     pub accepted: u64,
     pub offered_per_sec: f64,
+    /// Sustained: first deliveries before the send schedule ended, per second of it.
     pub delivered_per_sec: f64,
+    /// First deliveries after the send schedule ended (the backlog drained), and how long
+    /// the last of them took.
+    pub delivered_after_window: u64,
+    pub drain_secs: f64,
     pub sent_latency: Percentiles,
     pub delivery_latency: Percentiles,
     pub connect_latency: Percentiles,
@@ -107,7 +112,9 @@ impl Report {
             offered: stats.offered,
             accepted: stats.accepted,
             offered_per_sec: stats.offered as f64 / secs,
-            delivered_per_sec: verdict.delivered as f64 / secs,
+            delivered_per_sec: stats.delivered_in_window as f64 / secs,
+            delivered_after_window: stats.deliveries.saturating_sub(stats.delivered_in_window),
+            drain_secs: stats.drain_ms as f64 / 1000.0,
             sent_latency: Percentiles::of(&stats.sent),
             delivery_latency: Percentiles::of(&stats.delivered),
             connect_latency: Percentiles::of(&stats.connect),
@@ -144,8 +151,16 @@ impl Report {
                 &mut out,
                 "delivered",
                 format!(
-                    "{} of {} owed = {:.0} msgs/s",
+                    "{} of {} owed; sustained {:.0} msgs/s",
                     self.verdict.delivered, self.verdict.expected, self.delivered_per_sec
+                ),
+            );
+            line(
+                &mut out,
+                "after the send window",
+                format!(
+                    "{} delivered while draining, the last {:.2} s after",
+                    self.delivered_after_window, self.drain_secs
                 ),
             );
         }

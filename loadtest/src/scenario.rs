@@ -146,6 +146,8 @@ struct Collector {
     in_flight: HashMap<Key, (Vec<u32>, u64)>,
     /// Wall-clock µs of the start of the send phase (the timeline's zero).
     origin_us: u64,
+    /// Wall-clock µs of the end of the send schedule, once it ended.
+    schedule_end_us: Option<u64>,
 }
 
 impl Collector {
@@ -301,6 +303,7 @@ pub async fn run(
                 )
                 .await;
                 send_secs = origin.elapsed().as_secs_f64();
+                shared.collector().schedule_end_us = Some(now_us());
                 if let Some(churn) = churn {
                     churn.abort();
                 }
@@ -681,6 +684,13 @@ async fn read_loop(
                         let latency = now.saturating_sub(body.intended_us).max(1);
                         let _ = c.stats.delivered.record(latency);
                         c.stats.deliveries += 1;
+                        match c.schedule_end_us {
+                            None => c.stats.delivered_in_window += 1,
+                            Some(end) => {
+                                let after = now.saturating_sub(end) / 1000;
+                                c.stats.drain_ms = c.stats.drain_ms.max(after);
+                            }
+                        }
                         let second = c.second_of(now);
                         let s = c.stats.second(second);
                         s.delivered += 1;

@@ -38,6 +38,14 @@ pub struct Stats {
     pub offered: u64,
     pub accepted: u64,
     pub deliveries: u64,
+    /// Deliveries (first arrivals) before the send schedule ended: what the system kept up
+    /// with. The rest arrived while draining.
+    #[serde(default)]
+    pub delivered_in_window: u64,
+    /// Milliseconds from the end of the send schedule to the last delivery (0 if none came
+    /// after it).
+    #[serde(default)]
+    pub drain_ms: u64,
     pub connected: u64,
     pub errors: BTreeMap<String, u64>,
     /// By second since the start of the send phase.
@@ -53,6 +61,8 @@ impl Default for Stats {
             offered: 0,
             accepted: 0,
             deliveries: 0,
+            delivered_in_window: 0,
+            drain_ms: 0,
             connected: 0,
             errors: BTreeMap::new(),
             timeline: BTreeMap::new(),
@@ -80,6 +90,8 @@ impl Stats {
         self.offered += other.offered;
         self.accepted += other.accepted;
         self.deliveries += other.deliveries;
+        self.delivered_in_window += other.delivered_in_window;
+        self.drain_ms = self.drain_ms.max(other.drain_ms);
         self.connected += other.connected;
         for (code, n) in other.errors {
             *self.errors.entry(code).or_default() += n;

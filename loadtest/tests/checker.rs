@@ -68,6 +68,7 @@ async fn a_relay_that_drops_duplicates_and_reorders_is_caught() {
         drop_every: 50,
         duplicate_every: 40,
         reorder_every: 30,
+        ..Faults::default()
     };
     let (url, stop) = start_relay(faults).await;
     let (verdict, _) = run(&url, Tokens::Secret("x".into()), 10, direct(400.0, 1.5)).await;
@@ -96,6 +97,62 @@ async fn a_faithful_relay_passes() {
         400,
         "one latency sample per delivery"
     );
+}
+
+/// What arrives only after the senders stopped is a backlog drained, not a rate sustained:
+/// a relay that delivers everything 1.5 s late sustains nothing during a 1 s run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_drained_after_the_run_is_not_a_sustained_rate() {
+    let faults = Faults {
+        delay: Duration::from_millis(1500),
+        ..Faults::default()
+    };
+    let (url, stop) = start_relay(faults).await;
+    let outcome = scenario::run(
+        &fleet(&url, Tokens::Secret("x".into()), 10),
+        &direct(200.0, 1.0),
+        &options(),
+        None,
+    )
+    .await
+    .expect("run");
+    stop.cancel();
+    let verdict = outcome.ledger.verdict();
+    assert_eq!(verdict.delivered, 200, "{verdict:?}");
+    let report = loadtest::report::Report::new(
+        "direct",
+        vec![url],
+        10,
+        1,
+        &outcome.stats,
+        verdict,
+        outcome.send_secs,
+    );
+    assert_eq!(report.delivered_per_sec, 0.0, "{report:?}");
+    assert_eq!(report.delivered_after_window, 200);
+    assert!(report.drain_secs >= 0.4, "{}", report.drain_secs);
+
+    // Without the delay, what is delivered is sustained.
+    let (url, stop) = start_relay(Faults::default()).await;
+    let outcome = scenario::run(
+        &fleet(&url, Tokens::Secret("x".into()), 10),
+        &direct(200.0, 1.0),
+        &options(),
+        None,
+    )
+    .await
+    .expect("run");
+    stop.cancel();
+    let report = loadtest::report::Report::new(
+        "direct",
+        vec![url],
+        10,
+        1,
+        &outcome.stats,
+        outcome.ledger.verdict(),
+        outcome.send_secs,
+    );
+    assert!(report.delivered_per_sec > 150.0, "{report:?}");
 }
 
 async fn start_gateway() -> (gateway::Running, tempfile::TempDir) {

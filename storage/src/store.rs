@@ -61,10 +61,15 @@ pub trait MessageStore: Send + Sync + 'static {
     /// (ids that were not are ignored, so a repeated ack returns nothing). Acks of one
     /// user must not run concurrently with each other (the inbound log orders them) for
     /// each message to be reported once.
+    ///
+    /// `known` are entries the caller knows to be pending (it appended them, and nothing
+    /// else acks this user's messages meanwhile): a backend may remove and report them
+    /// without reading them first. They are reported with the others.
     fn ack(
         &self,
         user: &str,
         ids: &[Uuid],
+        known: Vec<AckedMessage>,
     ) -> impl Future<Output = Result<Vec<AckedMessage>>> + Send;
 
     /// Moves `reader`'s read marker in a conversation up to `upto` (a message of that
@@ -166,8 +171,13 @@ impl MessageStore for Store {
     async fn pending(&self, user: &str, after: Option<Uuid>, limit: usize) -> Result<Vec<Message>> {
         observed!(self, "pending", |s| s.pending(user, after, limit))
     }
-    async fn ack(&self, user: &str, ids: &[Uuid]) -> Result<Vec<AckedMessage>> {
-        observed!(self, "ack", |s| s.ack(user, ids))
+    async fn ack(
+        &self,
+        user: &str,
+        ids: &[Uuid],
+        known: Vec<AckedMessage>,
+    ) -> Result<Vec<AckedMessage>> {
+        observed!(self, "ack", |s| s.ack(user, ids, known))
     }
     async fn mark_read(&self, reader: &str, c: &Conversation, upto: Uuid) -> Result<Vec<String>> {
         observed!(self, "mark_read", |s| s.mark_read(reader, c, upto))

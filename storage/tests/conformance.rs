@@ -172,7 +172,10 @@ async fn retried_sends_resolve_to_the_first<S: MessageStore>(store: S) {
     );
     assert_eq!(out[1].pending_for, vec!["bob".to_string()]);
     // Once acked, a retry is pending for nobody (it is not delivered again).
-    store.ack("bob", &[first.id]).await.expect("ack");
+    store
+        .ack("bob", &[first.id], Vec::new())
+        .await
+        .expect("ack");
     let late = message("alice", &c, "late retry");
     let out = append_with(&store, &late, &["bob"], "c1").await;
     assert_eq!((out.id, out.inserted), (first.id, false));
@@ -198,7 +201,7 @@ async fn append_is_idempotent_by_message_id<S: MessageStore>(store: S) {
         1
     );
 
-    store.ack("bob", &[m.id]).await.expect("ack");
+    store.ack("bob", &[m.id], Vec::new()).await.expect("ack");
     let replay = append_one(&store, &m, &["bob"]).await;
     assert!(
         replay.pending_for.is_empty(),
@@ -292,7 +295,7 @@ async fn pending_is_oldest_first_until_acked<S: MessageStore>(store: S) {
         .is_empty());
 
     let acked = store
-        .ack("bob", &[ms[0].id, ms[3].id, Uuid::now_v7()])
+        .ack("bob", &[ms[0].id, ms[3].id, Uuid::now_v7()], Vec::new())
         .await
         .expect("ack");
     let acked_ids: Vec<_> = acked.iter().map(|a| a.id).collect();
@@ -301,7 +304,11 @@ async fn pending_is_oldest_first_until_acked<S: MessageStore>(store: S) {
         .iter()
         .all(|a| a.from == "alice" && a.conversation == c));
     assert!(
-        store.ack("bob", &[ms[0].id]).await.expect("ack").is_empty(),
+        store
+            .ack("bob", &[ms[0].id], Vec::new())
+            .await
+            .expect("ack")
+            .is_empty(),
         "acks are idempotent"
     );
     let left: Vec<_> = store
@@ -312,6 +319,37 @@ async fn pending_is_oldest_first_until_acked<S: MessageStore>(store: S) {
         .map(|m| m.id)
         .collect();
     assert_eq!(left, vec![ms[1].id, ms[2].id, ms[4].id]);
+}
+
+/// Entries the caller knows to be pending (it appended them) are acked and reported like
+/// the others.
+async fn known_pending_entries_are_acked_like_the_others<S: MessageStore>(store: S) {
+    let c = dm("alice", "bob");
+    let (m1, m2, m3) = (
+        message("alice", &c, "1"),
+        message("alice", &c, "2"),
+        message("alice", &c, "3"),
+    );
+    for m in [&m1, &m2, &m3] {
+        append_one(&store, m, &["bob"]).await;
+    }
+    let known = storage::AckedMessage {
+        id: m1.id,
+        conversation: c.clone(),
+        from: "alice".into(),
+    };
+    let acked = store
+        .ack("bob", &[m1.id, m2.id], vec![known])
+        .await
+        .expect("ack");
+    let mut ids: Vec<_> = acked.iter().map(|a| a.id).collect();
+    ids.sort();
+    assert_eq!(ids, vec![m1.id, m2.id]);
+    assert!(acked
+        .iter()
+        .all(|a| a.from == "alice" && a.conversation == c));
+    let left = store.pending("bob", None, 10).await.expect("pending");
+    assert_eq!(left, vec![m3]);
 }
 
 async fn read_markers_cover_earlier_messages<S: MessageStore>(store: S) {
@@ -553,6 +591,7 @@ conformance!(
     messages_round_trip_decrypted,
     history_pages_newest_first,
     pending_is_oldest_first_until_acked,
+    known_pending_entries_are_acked_like_the_others,
     read_markers_cover_earlier_messages,
     receipts_are_kept_until_cleared,
     groups_and_membership,

@@ -318,7 +318,7 @@ async fn a_version_1_data_directory_is_migrated() {
         store.pending("bob", None, 10).await.expect("pending"),
         vec![m1.clone()]
     );
-    let acked = store.ack("bob", &[m1.id]).await.expect("ack");
+    let acked = store.ack("bob", &[m1.id], Vec::new()).await.expect("ack");
     assert_eq!(acked.len(), 1);
     assert_eq!(acked[0].from, "alice", "the pending entry names its sender");
     let retry = message("retried after the upgrade");

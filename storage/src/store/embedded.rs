@@ -516,10 +516,21 @@ impl MessageStore for EmbeddedStore {
         .await
     }
 
-    /// Not synced: an ack lost to a power cut only means the message comes again.
-    async fn ack(&self, user: &str, ids: &[Uuid]) -> Result<Vec<AckedMessage>> {
+    /// Not synced: an ack lost to a power cut only means the message comes again. Reads
+    /// are cheap here, so `known` entries are read like the others.
+    async fn ack(
+        &self,
+        user: &str,
+        ids: &[Uuid],
+        known: Vec<AckedMessage>,
+    ) -> Result<Vec<AckedMessage>> {
         let user = user.to_owned();
-        let ids: Vec<u128> = ids.iter().map(|id| id.as_u128()).collect();
+        let ids: Vec<u128> = known
+            .iter()
+            .map(|k| k.id)
+            .chain(ids.iter().copied())
+            .map(|id| id.as_u128())
+            .collect();
         self.write(false, move |db| {
             let mut batch = db.batch();
             let mut acked = Vec::new();

@@ -7,12 +7,12 @@
 //! | `messages` | `(conversation, bucket)` | `id DESC` | sealed bodies; a bucket is 10 days of a conversation, so no partition grows without bound |
 //! | `conversation_buckets` | `conversation` | `bucket DESC` | which buckets hold messages, for paging across them |
 //! | `pending` | `user` | `id ASC` | each user's undelivered messages with their conversation and sender, 30-day TTL, short `gc_grace_seconds` (deleted often) |
-//! | `idempotency` | `(sender, client_msg_id)` | — | the message a send stored, 48 h TTL; written after the message, so its presence means "completely appended" |
+//! | `sends` | `sender:client_msg_id` | — | the message a send stored, 48 h TTL; written after the message, so its presence means "completely appended"; read many keys at a time |
 //! | `receipt_outbox` | `user` | `key ASC` | receipts kept for an offline sender, 30-day TTL |
 //! | `read_markers` | `conversation` | `reader` | how far each member has read |
 //! | `groups` | `id` | — | name and members (a set of at most 1024) |
 //! | `schema_migrations` | `version` | — | which migrations ran |
-//! | `message_index` | `id` | — | written by schema version 1 only; unused since version 2 |
+//! | `message_index`, `idempotency` | — | — | written by schema version 1 only (`idempotency` is still read for 48 hours after an upgrade) |
 //!
 //! Reads are prepared statements run at the configured consistency (LOCAL_QUORUM by
 //! default; LOCAL_SERIAL for LWTs), token-aware, under a timeout and the backend's circuit
@@ -26,7 +26,7 @@ mod batcher;
 mod schema;
 mod statements;
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -96,6 +96,13 @@ const BATCH_STATEMENTS: usize = 128;
 const BATCH_BYTES: usize = 32 * 1024;
 /// Conversation buckets known to exist, remembered so their row is written once.
 const KNOWN_BUCKETS: usize = 100_000;
+/// Send records looked up by one read.
+const SENDS_PER_READ: usize = 100;
+
+/// A send record's key: user ids never contain `:`, so the split is unambiguous.
+fn send_key(sender: &str, client_msg_id: &str) -> String {
+    format!("{sender}:{client_msg_id}")
+}
 
 /// A cheap-clone handle to the ScyllaDB store.
 #[derive(Clone)]
@@ -121,6 +128,9 @@ struct Inner {
     /// `(conversation, bucket)` rows this process has written: a bucket row is written once
     /// per process, not once per message. Cleared when full.
     buckets: Mutex<HashSet<(String, i32)>>,
+    /// Until when send records of schema version 1 may still answer a retry (48 hours
+    /// after an upgrade from it), if the keyspace was upgraded.
+    legacy_until: Option<std::time::SystemTime>,
 }
 
 fn bucket_of(id: Uuid) -> i32 {
@@ -213,7 +223,8 @@ impl ScyllaStore {
             ))
         })?
         .map_err(|e| Error::Unavailable(format!("connecting to {:?}: {e}", config.nodes)))?;
-        schema::migrate(&session, &config).await?;
+        let upgraded = schema::migrate(&session, &config).await?;
+        let legacy_until = upgraded.map(|at| at + config.idempotency_ttl);
         let s = Statements::prepare(&session, &config).await?;
         tracing::info!(nodes = ?config.nodes, keyspace = %config.keyspace, "ScyllaDB store ready");
         let session = Arc::new(session);
@@ -234,6 +245,7 @@ impl ScyllaStore {
                 s,
                 writes,
                 buckets: Mutex::new(HashSet::new()),
+                legacy_until,
             }),
         })
     }
@@ -300,39 +312,75 @@ impl ScyllaStore {
             .transpose()
     }
 
-    /// The message an earlier attempt of this send stored, if any.
-    async fn stored_send(&self, new: &NewMessage) -> Result<Option<(Uuid, Conversation)>> {
+    /// The message an earlier attempt of each send stored, if any: one read for the whole
+    /// call (a multi-key read of the send records), plus, for a while after an upgrade
+    /// from schema version 1, a read of the old records for each send not found.
+    async fn stored_sends(
+        &self,
+        batch: &[NewMessage],
+    ) -> Result<Vec<Option<(Uuid, Conversation)>>> {
         let s = &self.inner.s;
-        let message = &new.message;
-        match &new.client_msg_id {
-            Some(cmid) => {
-                let rows: Vec<(Uuid, Option<String>)> = self
-                    .rows(&s.send_get, (message.from.as_str(), cmid.as_str()))
-                    .await?;
-                let Some((id, conversation)) = rows.into_iter().next() else {
-                    return Ok(None);
-                };
-                let conversation = match conversation {
-                    Some(name) => name
-                        .parse()
-                        .map_err(|e| Error::Backend(format!("stored send record: {e}")))?,
-                    // Written by schema version 1, which recorded no conversation: the
-                    // retry names it (the first attempt's `to` is what it was meant for).
-                    None => message.conversation.clone(),
-                };
-                Ok(Some((id, conversation)))
-            }
-            None => {
-                let name = message.conversation.to_string();
-                let rows: Vec<(String, Vec<u8>)> = self
-                    .rows(
-                        &s.message_get,
-                        (name.as_str(), bucket_of(message.id), message.id),
-                    )
-                    .await?;
-                Ok((!rows.is_empty()).then(|| (message.id, message.conversation.clone())))
-            }
+        let mut keys: Vec<String> = batch
+            .iter()
+            .filter_map(|new| {
+                new.client_msg_id
+                    .as_ref()
+                    .map(|c| send_key(&new.message.from, c))
+            })
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let mut found: HashMap<String, (Uuid, Option<String>)> = HashMap::new();
+        for chunk in keys.chunks(SENDS_PER_READ) {
+            let rows: Vec<(String, Uuid, Option<String>)> =
+                self.rows(&s.sends_get, (chunk.to_vec(),)).await?;
+            found.extend(rows.into_iter().map(|(key, id, c)| (key, (id, c))));
         }
+        let legacy = self
+            .inner
+            .legacy_until
+            .is_some_and(|until| std::time::SystemTime::now() < until);
+        let lookups = batch.iter().map(|new| {
+            let found = &found;
+            async move {
+                let message = &new.message;
+                let Some(cmid) = &new.client_msg_id else {
+                    // No key: the message id is the key (a replay of the same record).
+                    let name = message.conversation.to_string();
+                    let rows: Vec<(String, Vec<u8>)> = self
+                        .rows(
+                            &s.message_get,
+                            (name.as_str(), bucket_of(message.id), message.id),
+                        )
+                        .await?;
+                    return Ok(
+                        (!rows.is_empty()).then(|| (message.id, message.conversation.clone()))
+                    );
+                };
+                if let Some((id, conversation)) = found.get(&send_key(&message.from, cmid)) {
+                    let conversation = match conversation {
+                        Some(name) => name
+                            .parse()
+                            .map_err(|e| Error::Backend(format!("stored send record: {e}")))?,
+                        None => message.conversation.clone(),
+                    };
+                    return Ok(Some((*id, conversation)));
+                }
+                if !legacy {
+                    return Ok(None);
+                }
+                // A send of schema version 1 recorded no conversation: the retry names
+                // the one it was meant for.
+                let rows: Vec<(Uuid,)> = self
+                    .rows(&s.legacy_send_get, (message.from.as_str(), cmid.as_str()))
+                    .await?;
+                Ok(rows
+                    .into_iter()
+                    .next()
+                    .map(|(id,)| (id, message.conversation.clone())))
+            }
+        });
+        try_join_all(lookups).await
     }
 
     /// The rows of a new message: the message, the bucket (once per process), a pending
@@ -403,7 +451,7 @@ impl MessageStore for ScyllaStore {
     /// message again (the same rows) before recording it.
     async fn append(&self, batch: Vec<NewMessage>) -> Result<Vec<Appended>> {
         let s = &self.inner.s;
-        let earlier = try_join_all(batch.iter().map(|new| self.stored_send(new))).await?;
+        let earlier = self.stored_sends(&batch).await?;
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut rows = Vec::new();
         let mut records = Vec::new();
@@ -432,15 +480,11 @@ impl MessageStore for ScyllaStore {
             rows.extend(self.message_writes(&new.message, &new.recipients)?);
             if let Some(cmid) = &new.client_msg_id {
                 let conversation = new.message.conversation.to_string();
-                let bytes = row_bytes(&[&new.message.from, cmid, &conversation], 16);
+                let key = send_key(&new.message.from, cmid);
+                let bytes = row_bytes(&[&key, &conversation], 16);
                 records.push(Write::new(
                     &s.send_put,
-                    (
-                        new.message.from.clone(),
-                        cmid.clone(),
-                        new.message.id,
-                        conversation,
-                    ),
+                    (key, new.message.id, conversation),
                     bytes,
                 ));
             }
@@ -509,29 +553,30 @@ impl MessageStore for ScyllaStore {
         Ok(loaded.into_iter().flatten().collect())
     }
 
-    /// One read of the pending entries named (they carry conversation and sender), then
-    /// one delete of those found. A user's acks are serialised by the inbound log (one
-    /// partition per user), so no two acks of the same entry read it at once.
-    async fn ack(&self, user: &str, ids: &[Uuid]) -> Result<Vec<AckedMessage>> {
+    /// One read of the pending entries named (they carry conversation and sender) — none
+    /// for those the caller knows — then one delete of those found. A user's acks are
+    /// serialised by the inbound log (one partition per user), so no two acks of the same
+    /// entry read it at once.
+    async fn ack(
+        &self,
+        user: &str,
+        ids: &[Uuid],
+        known: Vec<AckedMessage>,
+    ) -> Result<Vec<AckedMessage>> {
         let s = &self.inner.s;
-        let mut wanted: Vec<Uuid> = ids.to_vec();
+        let mut wanted: Vec<Uuid> = ids
+            .iter()
+            .filter(|id| !known.iter().any(|k| k.id == **id))
+            .copied()
+            .collect();
         wanted.sort_unstable();
         wanted.dedup();
-        let rows: Vec<(Uuid, String, Option<String>)> =
-            self.rows(&s.pending_some, (user, wanted)).await?;
-        if rows.is_empty() {
-            return Ok(Vec::new());
-        }
-        let found: Vec<Uuid> = rows.iter().map(|(id, _, _)| *id).collect();
-        self.inner
-            .writes
-            .write(vec![Write::new(
-                &s.pending_delete,
-                (user.to_owned(), found.clone()),
-                user.len() + 16 * found.len(),
-            )])
-            .await?;
-        let mut acked = Vec::with_capacity(rows.len());
+        let rows: Vec<(Uuid, String, Option<String>)> = if wanted.is_empty() {
+            Vec::new()
+        } else {
+            self.rows(&s.pending_some, (user, wanted)).await?
+        };
+        let mut acked = known;
         for (id, conversation, sender) in rows {
             let from = match sender {
                 Some(from) => from,
@@ -549,6 +594,18 @@ impl MessageStore for ScyllaStore {
                 from,
             });
         }
+        if acked.is_empty() {
+            return Ok(acked);
+        }
+        let found: Vec<Uuid> = acked.iter().map(|a| a.id).collect();
+        self.inner
+            .writes
+            .write(vec![Write::new(
+                &s.pending_delete,
+                (user.to_owned(), found.clone()),
+                user.len() + 16 * found.len(),
+            )])
+            .await?;
         // Report in the order asked.
         acked.sort_by_key(|a| ids.iter().position(|id| *id == a.id));
         Ok(acked)

@@ -59,17 +59,26 @@ fn migrations(ks: &str) -> Vec<(i32, &'static str, Vec<String>)> {
         ),
         (
             2,
-            "sends resolved by the dispatcher: pending entries name their sender, send \
-             records their conversation (message_index is no longer written)",
+            "sends resolved by the dispatcher: one send record per key, read many at a time; \
+             pending entries name their sender (message_index and idempotency are no longer \
+             written)",
             vec![
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {ks}.sends (key text PRIMARY KEY, id uuid, \
+                     conversation text)"
+                ),
                 format!("ALTER TABLE {ks}.pending ADD sender text"),
-                format!("ALTER TABLE {ks}.idempotency ADD conversation text"),
             ],
         ),
     ]
 }
 
-pub(super) async fn migrate(session: &Session, config: &ScyllaConfig) -> Result<()> {
+/// Runs the migrations; returns when version 2 was applied to a keyspace that version 1
+/// had been using (an upgrade), `None` for a keyspace that started at version 2 or later.
+pub(super) async fn migrate(
+    session: &Session,
+    config: &ScyllaConfig,
+) -> Result<Option<std::time::SystemTime>> {
     let ks = &config.keyspace;
     let ddl = |cql: String| async move {
         // Schema changes are slow on a busy node: they get a minute, not the request timeout.
@@ -135,7 +144,40 @@ pub(super) async fn migrate(session: &Session, config: &ScyllaConfig) -> Result<
     }
     let outcome = run_migrations(session, ks, &ddl).await;
     let _ = session.execute_unpaged(&release, (me,)).await;
-    outcome
+    outcome?;
+    upgraded_at(session, ks).await
+}
+
+/// When version 2 followed version 1 by more than a minute (version 1 was in use), the
+/// time of version 2.
+async fn upgraded_at(session: &Session, ks: &str) -> Result<Option<std::time::SystemTime>> {
+    let rows: Vec<(i32, Option<scylla::value::CqlTimestamp>)> = session
+        .query_unpaged(
+            format!(
+                "SELECT version, applied_at FROM {ks}.schema_migrations WHERE version IN (1, 2)"
+            ),
+            (),
+        )
+        .await
+        .map_err(exec_error)?
+        .into_rows_result()
+        .map_err(rows_error)?
+        .rows::<(i32, Option<scylla::value::CqlTimestamp>)>()
+        .map_err(rows_error)?
+        .collect::<std::result::Result<_, _>>()
+        .map_err(rows_error)?;
+    let at = |v: i32| {
+        rows.iter()
+            .find(|(version, _)| *version == v)
+            .and_then(|(_, at)| at.map(|t| t.0))
+    };
+    Ok(match (at(1), at(2)) {
+        (Some(v1), Some(v2)) if v2 - v1 > 60_000 => {
+            let ms = u64::try_from(v2).unwrap_or_default();
+            Some(std::time::UNIX_EPOCH + Duration::from_millis(ms))
+        }
+        _ => None,
+    })
 }
 
 async fn run_migrations<F, Fut>(session: &Session, ks: &str, ddl: &F) -> Result<()>

@@ -9,8 +9,9 @@ use super::{ttl_secs, ScyllaConfig};
 use crate::error::{Error, Result};
 
 pub(super) struct Statements {
-    pub(super) send_get: PreparedStatement,
+    pub(super) sends_get: PreparedStatement,
     pub(super) send_put: PreparedStatement,
+    pub(super) legacy_send_get: PreparedStatement,
     pub(super) message_put: PreparedStatement,
     pub(super) message_get: PreparedStatement,
     pub(super) bucket_put: PreparedStatement,
@@ -48,14 +49,17 @@ impl Statements {
         };
         let pending_ttl = ttl_secs(config.pending_ttl);
         Ok(Statements {
-            send_get: prepare(format!(
-                "SELECT id, conversation FROM {ks}.idempotency WHERE sender = ? AND cmid = ?"
+            sends_get: prepare(format!(
+                "SELECT key, id, conversation FROM {ks}.sends WHERE key IN ?"
             ))
             .await?,
             send_put: prepare(format!(
-                "INSERT INTO {ks}.idempotency (sender, cmid, id, conversation) \
-                 VALUES (?, ?, ?, ?) USING TTL {}",
+                "INSERT INTO {ks}.sends (key, id, conversation) VALUES (?, ?, ?) USING TTL {}",
                 ttl_secs(config.idempotency_ttl)
+            ))
+            .await?,
+            legacy_send_get: prepare(format!(
+                "SELECT id FROM {ks}.idempotency WHERE sender = ? AND cmid = ?"
             ))
             .await?,
             message_put: prepare(format!(
