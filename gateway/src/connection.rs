@@ -109,22 +109,33 @@ async fn serve_inner<S>(
 
     let writer =
         tokio::spawn(write_loop(sink, outbound, conn.clone(), app.clone()).in_current_span());
-    let replay = tokio::spawn(replay(conn.clone(), app.clone()).in_current_span());
-    let mut replay = replay;
+    // The replay's end is signalled by dropping `replayed`, not by its JoinHandle: a task
+    // whose handle is held stays allocated, at its future's size, until the handle goes.
+    let (replayed, mut replay_done) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(
+        {
+            let (conn, app) = (conn.clone(), app.clone());
+            async move {
+                replay(conn, app).await;
+                drop(replayed);
+            }
+        }
+        .in_current_span(),
+    );
     read_loop(stream, &conn, &app).await;
     // The client left on its own: let the replay finish its bookkeeping (clearing the
     // receipts it delivered) before the close completes. Bounded, and skipped when the
     // server is closing the connection.
-    let mut replay_done = false;
+    let mut finished = false;
     if !conn.closed().is_cancelled() {
-        replay_done = Box::pin(timeout(Duration::from_secs(5), &mut replay))
+        finished = Box::pin(timeout(Duration::from_secs(5), &mut replay_done))
             .await
             .is_ok();
     }
     // Whatever ended the reader, the writer and the replay end too.
     conn.close(u16::from(CloseCode::Normal));
-    if !replay_done {
-        let _ = replay.await;
+    if !finished {
+        let _ = replay_done.await;
     }
     let _ = writer.await;
 
@@ -209,7 +220,9 @@ async fn write_loop<S>(
             _ = conn.closed().cancelled() => break,
             frame = outbound.recv_async() => {
                 let Ok(frame) = frame else { break };
-                let write = async {
+                // Boxed: a write is short-lived, and inline its state would be part of
+                // every idle connection's task.
+                let mut write = Box::pin(async {
                     sink.feed(WsMessage::Text(frame)).await?;
                     for _ in 1..MAX_WRITE_BATCH {
                         match outbound.try_recv() {
@@ -218,8 +231,7 @@ async fn write_loop<S>(
                         }
                     }
                     sink.flush().await
-                };
-                tokio::pin!(write);
+                });
                 let written = tokio::select! {
                     written = &mut write => written,
                     _ = conn.closed().cancelled() => {
@@ -277,13 +289,17 @@ async fn write_loop<S>(
 
 /// Pushes the user's pending messages, oldest first, then the receipts kept while they
 /// were away, then releases the live messages that arrived meanwhile.
+///
+/// Its task lives (allocated at its future's size) as long as the connection, whose end
+/// awaits it: every store call is boxed, so that the future holds pointers, not the
+/// backends' request state machines (inline, those cost ~13 KiB per idle connection).
 async fn replay(conn: Arc<ConnHandle>, app: Arc<App>) {
     let mut replayed: HashSet<Uuid> = HashSet::new();
     let mut after = None;
     loop {
         let page = match timeout(
             app.config.backend_timeout(),
-            app.store.pending(&conn.user, after, REPLAY_PAGE),
+            Box::pin(app.store.pending(&conn.user, after, REPLAY_PAGE)),
         )
         .await
         {
@@ -314,7 +330,7 @@ async fn replay(conn: Arc<ConnHandle>, app: Arc<App>) {
     loop {
         let kept = match timeout(
             app.config.backend_timeout(),
-            app.store.receipts(&conn.user, REPLAY_PAGE),
+            Box::pin(app.store.receipts(&conn.user, REPLAY_PAGE)),
         )
         .await
         {
@@ -334,7 +350,7 @@ async fn replay(conn: Arc<ConnHandle>, app: Arc<App>) {
                 return;
             }
         }
-        if let Err(e) = app.store.clear_receipts(&conn.user, last).await {
+        if let Err(e) = Box::pin(app.store.clear_receipts(&conn.user, last)).await {
             tracing::warn!(error = %e, "clearing delivered receipts failed");
             break;
         }

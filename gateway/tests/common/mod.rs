@@ -1,6 +1,8 @@
 //! A test gateway on loopback and a small WebSocket client that speaks the protocol.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -1,0 +1,63 @@
+//! Memory: an idle connection stays small. 2,000 idle connections to a real gateway
+//! process (its own data dir, nothing else connected) may grow its resident memory by at
+//! most 8 KiB each. Memory is not noisy the way time is, so this is a test, not a bench.
+
+mod common;
+
+use std::time::Duration;
+
+use common::process::embedded_gateway;
+use tokio::sync::Semaphore;
+
+const CONNECTIONS: usize = 2_000;
+const MAX_KIB_PER_CONNECTION: f64 = 8.0;
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("a VmRSS line")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_idle_connections_cost_at_most_8_kib_each() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = embedded_gateway(dir.path()).await;
+    let pid = gateway.pid();
+    // One connection first, so that what every connection shares is already allocated.
+    let auth = gateway::auth::Auth::new(common::SECRET.as_bytes());
+    let url = format!("ws://{}/ws", gateway.addr);
+    let warm =
+        common::connect_url(&url, &auth.mint("warm", Duration::from_secs(600)), "warm").await;
+    let before = rss_kib(pid);
+
+    let limit = std::sync::Arc::new(Semaphore::new(200));
+    let mut opening = Vec::new();
+    for i in 0..CONNECTIONS {
+        let (url, limit) = (url.clone(), limit.clone());
+        let token = auth.mint(&format!("idle{i}"), Duration::from_secs(600));
+        opening.push(tokio::spawn(async move {
+            let _permit = limit.acquire().await.expect("semaphore");
+            common::connect_url(&url, &token, "idle").await
+        }));
+    }
+    let mut clients = Vec::new();
+    for task in opening {
+        clients.push(task.await.expect("connect"));
+    }
+    // Every connection has its `welcome`; a ping round trip on each lets the server finish
+    // the work of connecting it before memory is read.
+    for client in &mut clients {
+        client.barrier().await;
+    }
+    let after = rss_kib(pid);
+    let per_connection = after.saturating_sub(before) as f64 / CONNECTIONS as f64;
+    eprintln!("{per_connection:.2} KiB of resident memory per idle connection");
+    assert!(
+        per_connection <= MAX_KIB_PER_CONNECTION,
+        "{per_connection:.2} KiB per idle connection, the bound is {MAX_KIB_PER_CONNECTION}"
+    );
+    drop((warm, clients));
+}
