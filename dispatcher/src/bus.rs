@@ -1,7 +1,6 @@
 //! The inbound log contract and the enum of backends that is what actually runs.
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -76,47 +75,9 @@ impl Record {
     }
 }
 
-/// What a publisher holds once its envelope is queued in the log: resolves when the log
-/// holds it durably. The in-process log holds nothing durably (it has no storage): its
-/// publishers learn of durability from the dispatcher, which answers the sending
-/// connection once the message is stored.
-pub struct Accepted(Option<Pin<Box<dyn Future<Output = Result<()>> + Send>>>);
-
-impl std::fmt::Debug for Accepted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("Accepted")
-            .field(&if self.0.is_some() {
-                "pending"
-            } else {
-                "queued"
-            })
-            .finish()
-    }
-}
-
-impl Accepted {
-    /// Nothing more to wait for from the log itself.
-    pub fn queued() -> Self {
-        Accepted(None)
-    }
-
-    pub fn pending(until: impl Future<Output = Result<()>> + Send + 'static) -> Self {
-        Accepted(Some(Box::pin(until)))
-    }
-
-    /// True when there is nothing to wait for (no task needs to watch it).
-    pub fn is_settled(&self) -> bool {
-        self.0.is_none()
-    }
-
-    /// Resolves once the log holds the envelope durably, or fails.
-    pub async fn durable(self) -> Result<()> {
-        match self.0 {
-            Some(until) => until.await,
-            None => Ok(()),
-        }
-    }
-}
+/// Told when the log could not hold an envelope it had queued (Kafka: the broker never
+/// acknowledged it). It runs on a thread of the log's, so it must be quick.
+pub type Failed = Box<dyn FnOnce(Error) + Send + Sync>;
 
 /// One partition assigned to this consumer: records in log order.
 #[derive(Debug)]
@@ -163,9 +124,15 @@ impl Partition {
 pub trait InboundLog: Send + Sync + 'static {
     /// Appends an envelope to the partition of its key, behind everything the same caller
     /// published before (await this before publishing the next one to keep their order).
-    /// Resolves once the envelope is queued; the [`Accepted`] it returns resolves once the
-    /// log holds it durably (Kafka: the broker's acknowledgement, acks=all).
-    fn publish(&self, envelope: Envelope) -> impl Future<Output = Result<Accepted>> + Send;
+    /// Resolves once the envelope is queued. Should the log fail to hold it durably after
+    /// that (Kafka: no acknowledgement from the broker, acks=all, within the publish
+    /// timeout), `failed` is told. Success is not reported: the dispatcher's answer to the
+    /// sending connection is what confirms a message, and nothing else waits for one.
+    fn publish(
+        &self,
+        envelope: Envelope,
+        failed: Option<Failed>,
+    ) -> impl Future<Output = Result<()>> + Send;
 
     /// Emits a push-notification event for an offline recipient.
     fn publish_push(&self, event: PushEvent) -> impl Future<Output = Result<()>> + Send;
@@ -194,10 +161,10 @@ impl Bus {
 }
 
 impl InboundLog for Bus {
-    async fn publish(&self, envelope: Envelope) -> Result<Accepted> {
+    async fn publish(&self, envelope: Envelope, failed: Option<Failed>) -> Result<()> {
         let result = match self {
-            Bus::Memory(log) => log.publish(envelope).await,
-            Bus::Kafka(log) => log.publish(envelope).await,
+            Bus::Memory(log) => log.publish(envelope, failed).await,
+            Bus::Kafka(log) => log.publish(envelope, failed).await,
         };
         let outcome = match &result {
             Ok(_) => "ok",

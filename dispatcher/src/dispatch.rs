@@ -304,29 +304,25 @@ impl Dispatcher {
                 }
             };
             batch.push(NewMessage {
-                message: message.clone(),
-                recipients,
-                client_msg_id: client_msg_id.clone(),
-            });
-            pending.push((
                 message,
-                origin,
+                recipients,
                 client_msg_id,
-                commit,
-                redelivered,
-                assignment,
-            ));
+            });
+            pending.push((origin, commit, redelivered, assignment));
         }
         if batch.is_empty() {
             return;
         }
-        match self.store.append(batch).await {
+        match self.store.append(&batch).await {
             Ok(appended) => {
-                for ((message, origin, client_msg_id, commit, assignment), appended) in pending
-                    .into_iter()
-                    .map(|(m, o, c, commit, _, a)| (m, o, c, commit, a))
-                    .zip(appended)
+                for ((new, (origin, commit, _, assignment)), appended) in
+                    batch.into_iter().zip(pending).zip(appended)
                 {
+                    let NewMessage {
+                        message,
+                        client_msg_id,
+                        ..
+                    } = new;
                     if appended.inserted {
                         if let Conversation::Direct(..) = &appended.conversation {
                             for user in &appended.pending_for {
@@ -369,7 +365,8 @@ impl Dispatcher {
             Err(e) => {
                 tracing::error!(error = %e, "persisting messages failed");
                 let reason = e.to_string();
-                for (message, origin, client_msg_id, commit, redelivered, _) in pending {
+                for (new, (origin, commit, redelivered, _)) in batch.into_iter().zip(pending) {
+                    let (message, client_msg_id) = (new.message, new.client_msg_id);
                     self.failed(
                         outcome,
                         commit,

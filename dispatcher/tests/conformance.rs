@@ -103,14 +103,18 @@ async fn one_key_is_one_ordered_partition<B: Backend>() {
     let users: Vec<String> = (0..8).map(|i| format!("user{i}")).collect();
     let mut sent: HashMap<String, Vec<Envelope>> = HashMap::new();
     let mut publishers = Vec::new();
+    let lost = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for user in &users {
         let envelopes: Vec<Envelope> = (0..25).map(|_| ack(user)).collect();
         sent.insert(user.clone(), envelopes.clone());
-        let bus = bus.clone();
+        let (bus, lost) = (bus.clone(), lost.clone());
         publishers.push(tokio::spawn(async move {
             for e in envelopes {
-                let accepted = bus.publish(e).await.expect("publish");
-                accepted.durable().await.expect("held by the log");
+                let lost = lost.clone();
+                let failed: dispatcher::Failed = Box::new(move |_| {
+                    lost.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                });
+                bus.publish(e, Some(failed)).await.expect("publish");
             }
         }));
     }
@@ -118,6 +122,11 @@ async fn one_key_is_one_ordered_partition<B: Backend>() {
     for p in publishers {
         p.await.expect("publisher");
     }
+    assert_eq!(
+        lost.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "records the log did not hold"
+    );
     for user in &users {
         let mine: Vec<_> = got.iter().filter(|(_, e)| e.key() == *user).collect();
         let partitions: std::collections::BTreeSet<u32> = mine.iter().map(|(p, _)| *p).collect();
@@ -158,7 +167,7 @@ async fn a_record_not_persisted_is_not_lost<B: Backend>() {
         }
     });
     let envelope = ack("zoe");
-    bus.publish(envelope.clone()).await.expect("publish");
+    bus.publish(envelope.clone(), None).await.expect("publish");
     let (first, redelivered, got) = timeout(Duration::from_secs(30), seen.recv())
         .await
         .expect("the record within 30 s")

@@ -98,7 +98,7 @@ async fn publish_message(h: &mut Harness, message: Message, client_msg_id: &str)
         }),
         client_msg_id: Some(client_msg_id.into()),
     };
-    h.bus.publish(envelope).await.expect("publish");
+    h.bus.publish(envelope, None).await.expect("publish");
     answer(h, client_msg_id).await
 }
 
@@ -168,7 +168,7 @@ async fn the_senders_other_devices_get_an_echo_but_not_the_sending_one() {
         origin: Some(origin.clone()),
         client_msg_id: Some("e1".into()),
     };
-    h.bus.publish(envelope).await.expect("publish");
+    h.bus.publish(envelope, None).await.expect("publish");
     // One publish to n1: the answer to the sending connection, then the echo to the
     // others, which leaves the sending one out.
     let batch = next(&mut node).await;
@@ -210,10 +210,13 @@ async fn a_replayed_message_is_stored_once_and_not_redelivered_after_ack() {
         1
     );
     h.bus
-        .publish(Envelope::Ack {
-            user: "bob".into(),
-            message_ids: vec![m.id],
-        })
+        .publish(
+            Envelope::Ack {
+                user: "bob".into(),
+                message_ids: vec![m.id],
+            },
+            None,
+        )
         .await
         .expect("ack");
     barrier(&mut h, "bob").await;
@@ -242,10 +245,13 @@ async fn two_acks_of_one_message_make_one_receipt() {
     // (one ordered partition for bob), and only the first finds the message pending.
     for _ in 0..2 {
         h.bus
-            .publish(Envelope::Ack {
-                user: "bob".into(),
-                message_ids: vec![m.id],
-            })
+            .publish(
+                Envelope::Ack {
+                    user: "bob".into(),
+                    message_ids: vec![m.id],
+                },
+                None,
+            )
             .await
             .expect("ack");
     }
@@ -270,10 +276,13 @@ async fn receipts_reach_online_senders_and_wait_for_offline_ones() {
     publish_message(&mut h, m2.clone(), "m2").await;
     // Alice is offline: the delivered receipt is kept for her.
     h.bus
-        .publish(Envelope::Ack {
-            user: "bob".into(),
-            message_ids: vec![m1.id],
-        })
+        .publish(
+            Envelope::Ack {
+                user: "bob".into(),
+                message_ids: vec![m1.id],
+            },
+            None,
+        )
         .await
         .expect("ack");
     barrier(&mut h, "bob").await;
@@ -288,11 +297,14 @@ async fn receipts_reach_online_senders_and_wait_for_offline_ones() {
     let mut node = h.presence.deliveries("n1").await.expect("deliveries");
     online(&h, "alice", "n1", "phone", 1).await;
     h.bus
-        .publish(Envelope::Read {
-            user: "bob".into(),
-            conversation: m2.conversation.clone(),
-            message_id: m2.id,
-        })
+        .publish(
+            Envelope::Read {
+                user: "bob".into(),
+                conversation: m2.conversation.clone(),
+                message_id: m2.id,
+            },
+            None,
+        )
         .await
         .expect("read");
     let delivery = next(&mut node).await.remove(0);

@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use dispatcher::{Envelope, InboundLog};
+use dispatcher::{Envelope, Failed, InboundLog};
 use governor::DefaultDirectRateLimiter;
 use presence::{ConnRef, NodeDelivery, Payload, PresenceService};
 use serde_json::Value;
@@ -392,42 +392,33 @@ impl Session {
             client_msg_id.clone(),
             self.app.config.backend_timeout(),
         );
-        let accepted = match self.call(self.app.bus.publish(envelope)).await {
-            Ok(accepted) => accepted,
-            Err(refusal) => {
-                self.conn.take_answer(&client_msg_id);
-                return Err(refusal);
-            }
+        let failed: Failed = {
+            let (conn, client_msg_id) = (self.conn.clone(), client_msg_id.clone());
+            Box::new(move |e| conn.fail_send(&client_msg_id, &e.to_string()))
         };
-        if !accepted.is_settled() {
-            let conn = self.conn.clone();
-            tokio::spawn(async move {
-                if let Err(e) = accepted.durable().await {
-                    conn.fail_send(&client_msg_id, &e.to_string());
-                }
-            });
+        if let Err(refusal) = self
+            .call(self.app.bus.publish(envelope, Some(failed)))
+            .await
+        {
+            self.conn.take_answer(&client_msg_id);
+            return Err(refusal);
         }
         Ok(())
     }
 
-    /// Publishes an ack or a read: answered only when refused. The log's confirmation is
-    /// awaited apart from the connection, which goes on reading meanwhile.
+    /// Publishes an ack or a read: answered only when refused, also when the log fails to
+    /// take it after it was queued.
     async fn publish(&self, envelope: Envelope) -> Result<(), Refusal> {
-        let accepted = self.call(self.app.bus.publish(envelope)).await?;
-        if !accepted.is_settled() {
+        let failed: Failed = {
             let conn = self.conn.clone();
-            tokio::spawn(async move {
-                if let Err(e) = accepted.durable().await {
-                    let refusal = Refusal::from(e);
-                    metrics::counter!("gateway_errors_total", "code" => "unavailable").increment(1);
-                    conn.deliver(
-                        Utf8Bytes::from(refusal.into_frame().to_json()),
-                        Class::Reliable,
-                    );
-                }
-            });
-        }
-        Ok(())
+            Box::new(move |e| {
+                metrics::counter!("gateway_errors_total", "code" => "unavailable").increment(1);
+                let frame = Refusal::from(e).into_frame().to_json();
+                conn.deliver(Utf8Bytes::from(frame), Class::Reliable);
+            })
+        };
+        self.call(self.app.bus.publish(envelope, Some(failed)))
+            .await
     }
 
     async fn typing(&self, name: &str) -> Result<(), Refusal> {

@@ -142,6 +142,19 @@ pub struct Message {
     pub ts: i64,
 }
 
+impl Message {
+    /// The message without its body (which may be large), for bookkeeping.
+    pub fn clone_header(&self) -> Message {
+        Message {
+            id: self.id,
+            conversation: self.conversation.clone(),
+            from: self.from.clone(),
+            body: String::new(),
+            ts: self.ts,
+        }
+    }
+}
+
 /// A message to append, with the users whose pending queues receive it.
 #[derive(Clone, Debug)]
 pub struct NewMessage {

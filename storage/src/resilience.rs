@@ -64,6 +64,16 @@ impl Breaker {
         self.machine.is_call_permitted()
     }
 
+    /// Counts the outcome of a call made without [`Breaker::call`] (one whose answer comes
+    /// by callback).
+    pub fn record(&self, ok: bool) {
+        if ok {
+            self.machine.on_success();
+        } else {
+            self.machine.on_error();
+        }
+    }
+
     /// Runs one call under the timeout and the breaker. Only failures for which
     /// `counts(&error)` holds (the backend's own failures, not answers about the request)
     /// and timeouts count towards opening it.

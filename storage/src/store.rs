@@ -32,7 +32,7 @@ pub trait MessageStore: Send + Sync + 'static {
     /// Callers that append the same key concurrently from two places get no such promise:
     /// the inbound log routes every message of a conversation through one ordered
     /// partition, so a retry meets its first attempt there.
-    fn append(&self, batch: Vec<NewMessage>) -> impl Future<Output = Result<Vec<Appended>>> + Send;
+    fn append(&self, batch: &[NewMessage]) -> impl Future<Output = Result<Vec<Appended>>> + Send;
 
     /// One message of a conversation by id.
     fn message(
@@ -154,7 +154,7 @@ impl Store {
 }
 
 impl MessageStore for Store {
-    async fn append(&self, batch: Vec<NewMessage>) -> Result<Vec<Appended>> {
+    async fn append(&self, batch: &[NewMessage]) -> Result<Vec<Appended>> {
         observed!(self, "append", |s| s.append(batch))
     }
     async fn message(&self, c: &Conversation, id: Uuid) -> Result<Option<Message>> {
@@ -215,24 +215,28 @@ impl MessageStore for Store {
 /// the same idempotency key resolves to the earlier one (the backends' reads do not see
 /// writes of the call they are part of).
 #[derive(Default)]
-pub(crate) struct StoredThisCall(HashMap<(String, String), (Uuid, Conversation, Vec<String>)>);
+pub(crate) struct StoredThisCall<'a>(HashMap<SendKey<'a>, (Uuid, &'a Conversation, &'a [String])>);
 
-impl StoredThisCall {
-    /// The key a send is resolved by: its sender's `client_msg_id`, else its id.
-    fn key(new: &NewMessage) -> (String, String) {
-        let key = match &new.client_msg_id {
-            Some(cmid) => format!("c:{cmid}"),
-            None => format!("i:{}", new.message.id),
-        };
-        (new.message.from.clone(), key)
+/// The key a send is resolved by: its sender's `client_msg_id`, else its id.
+#[derive(PartialEq, Eq, Hash)]
+struct SendKey<'a>(&'a str, Result<&'a str, Uuid>);
+
+impl<'a> SendKey<'a> {
+    fn of(new: &'a NewMessage) -> Self {
+        SendKey(
+            &new.message.from,
+            new.client_msg_id.as_deref().ok_or(new.message.id),
+        )
     }
+}
 
+impl<'a> StoredThisCall<'a> {
     /// The outcome for `new` if this call already stored its key.
-    pub(crate) fn earlier(&self, new: &NewMessage) -> Option<Appended> {
-        let (id, conversation, queued) = self.0.get(&Self::key(new))?;
+    pub(crate) fn earlier(&self, new: &'a NewMessage) -> Option<Appended> {
+        let (id, conversation, queued) = self.0.get(&SendKey::of(new))?;
         Some(Appended {
             id: *id,
-            conversation: conversation.clone(),
+            conversation: (*conversation).clone(),
             inserted: false,
             pending_for: new
                 .recipients
@@ -243,14 +247,10 @@ impl StoredThisCall {
         })
     }
 
-    pub(crate) fn stored(&mut self, new: &NewMessage) {
+    pub(crate) fn stored(&mut self, new: &'a NewMessage) {
         self.0.insert(
-            Self::key(new),
-            (
-                new.message.id,
-                new.message.conversation.clone(),
-                new.recipients.clone(),
-            ),
+            SendKey::of(new),
+            (new.message.id, &new.message.conversation, &new.recipients),
         );
     }
 }

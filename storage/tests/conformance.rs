@@ -95,7 +95,7 @@ async fn append_one<S: MessageStore>(
     recipients: &[&str],
 ) -> storage::Appended {
     let mut out = store
-        .append(vec![NewMessage {
+        .append(&[NewMessage {
             message: m.clone(),
             recipients: recipients.iter().map(|r| r.to_string()).collect(),
             client_msg_id: None,
@@ -112,7 +112,7 @@ async fn append_with(
     client_msg_id: &str,
 ) -> storage::Appended {
     let mut out = store
-        .append(vec![NewMessage {
+        .append(&[NewMessage {
             message: m.clone(),
             recipients: recipients.iter().map(|r| r.to_string()).collect(),
             client_msg_id: Some(client_msg_id.into()),
@@ -153,19 +153,15 @@ async fn retried_sends_resolve_to_the_first<S: MessageStore>(store: S) {
     assert!(append_with(&store, &bobs, &["alice"], "c1").await.inserted);
     // Within one call, a later message with the key of an earlier one is the earlier one.
     let (a, b) = (message("alice", &c, "a"), message("alice", &c, "b"));
-    let out = store
-        .append(
-            [&a, &b]
-                .into_iter()
-                .map(|m| NewMessage {
-                    message: m.clone(),
-                    recipients: vec!["bob".into()],
-                    client_msg_id: Some("c2".into()),
-                })
-                .collect(),
-        )
-        .await
-        .expect("append");
+    let both: Vec<NewMessage> = [&a, &b]
+        .into_iter()
+        .map(|m| NewMessage {
+            message: m.clone(),
+            recipients: vec!["bob".into()],
+            client_msg_id: Some("c2".into()),
+        })
+        .collect();
+    let out = store.append(&both).await.expect("append");
     assert_eq!(
         out.iter().map(|o| (o.id, o.inserted)).collect::<Vec<_>>(),
         vec![(a.id, true), (a.id, false)]

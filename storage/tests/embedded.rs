@@ -44,7 +44,7 @@ async fn data_survives_reopening_and_the_directory_is_exclusive() {
         let busy = open(dir.path(), KeySource::DevGenerated).await;
         assert!(matches!(busy, Err(Error::Unavailable(_))), "{busy:?}");
         store
-            .append(vec![NewMessage {
+            .append(&[NewMessage {
                 message: m.clone(),
                 recipients: vec!["bob".into()],
                 client_msg_id: None,
@@ -70,7 +70,7 @@ async fn bodies_are_not_on_disk_in_clear_and_keys_rotate() {
             .await
             .expect("open");
         store
-            .append(vec![NewMessage {
+            .append(&[NewMessage {
                 message: old.clone(),
                 recipients: vec![],
                 client_msg_id: None,
@@ -104,7 +104,7 @@ async fn bodies_are_not_on_disk_in_clear_and_keys_rotate() {
             Some(old.clone())
         );
         store
-            .append(vec![NewMessage {
+            .append(&[NewMessage {
                 message: new.clone(),
                 recipients: vec![],
                 client_msg_id: None,
@@ -173,17 +173,14 @@ async fn a_send_record_is_durable_with_its_message() {
         let store = open(dir.path(), KeySource::DevGenerated)
             .await
             .expect("open");
-        let out = store
-            .append(vec![new(&first, "c-1")])
-            .await
-            .expect("append");
+        let out = store.append(&[new(&first, "c-1")]).await.expect("append");
         assert!(out[0].inserted);
     }
     let store = open(dir.path(), KeySource::DevGenerated)
         .await
         .expect("reopen");
     let retry = message("second attempt");
-    let out = store.append(vec![new(&retry, "c-1")]).await.expect("retry");
+    let out = store.append(&[new(&retry, "c-1")]).await.expect("retry");
     assert_eq!((out[0].id, out[0].inserted), (first.id, false));
     assert_eq!(out[0].pending_for, vec!["bob".to_string()]);
 }
@@ -195,17 +192,11 @@ async fn send_records_expire_after_their_time() {
     config.idempotency_ttl = std::time::Duration::from_millis(300);
     let store = EmbeddedStore::open(config).await.expect("open");
     let first = message("first");
-    store
-        .append(vec![new(&first, "c-1")])
-        .await
-        .expect("append");
+    store.append(&[new(&first, "c-1")]).await.expect("append");
     // The record's age is what expires it: this wait is the thing under test.
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     let later = message("a new message under an old key");
-    let out = store
-        .append(vec![new(&later, "c-1")])
-        .await
-        .expect("append");
+    let out = store.append(&[new(&later, "c-1")]).await.expect("append");
     assert_eq!((out[0].id, out[0].inserted), (later.id, true));
 }
 
@@ -322,10 +313,7 @@ async fn a_version_1_data_directory_is_migrated() {
     assert_eq!(acked.len(), 1);
     assert_eq!(acked[0].from, "alice", "the pending entry names its sender");
     let retry = message("retried after the upgrade");
-    let out = store
-        .append(vec![new(&retry, "c-old")])
-        .await
-        .expect("retry");
+    let out = store.append(&[new(&retry, "c-old")]).await.expect("retry");
     assert_eq!((out[0].id, out[0].inserted), (m1.id, false));
     assert_eq!(store.group(group.id).await.expect("group"), Some(group));
     let kept = store.receipts("alice", 10).await.expect("receipts");

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-use super::{Accepted, InboundLog, Partition, Record};
+use super::{Failed, InboundLog, Partition, Record};
 use crate::envelope::{Envelope, PushEvent};
 use crate::error::{Error, Result};
 
@@ -57,13 +57,14 @@ impl MemoryLog {
 }
 
 impl InboundLog for MemoryLog {
-    async fn publish(&self, envelope: Envelope) -> Result<Accepted> {
+    /// Once queued, a record cannot fail here: a failure to store it is answered by the
+    /// dispatcher, so `failed` is never called.
+    async fn publish(&self, envelope: Envelope, _failed: Option<Failed>) -> Result<()> {
         let partition = self.partition_of(&envelope.key());
         self.shared.senders[partition]
             .send(Record::once(envelope))
             .await
-            .map_err(|_| Error::Unavailable("the in-process dispatcher has stopped".into()))?;
-        Ok(Accepted::queued())
+            .map_err(|_| Error::Unavailable("the in-process dispatcher has stopped".into()))
     }
 
     async fn publish_push(&self, event: PushEvent) -> Result<()> {

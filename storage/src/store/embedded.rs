@@ -4,14 +4,16 @@
 //! Every write runs on one writer thread ([`writer::GroupCommit`]): each write commits to
 //! the journal and the memtables at once (visible to readers from then on), and one
 //! `fdatasync` of the journal then covers every write of the group. A write that needs
-//! durability (a message, a group change) resolves only after that sync; acks and the
-//! clearing of delivered receipts are only handed to the operating system, because losing
-//! one to a power cut costs a repeated delivery, never a message. Reads run on the
+//! durability (a message, a group change) resolves only after that sync; a group of acks
+//! and clearings of delivered receipts only is handed to the operating system (so it
+//! survives `kill -9`), not synced, because losing one to a power cut costs a repeated
+//! delivery, never a message. Reads run on the
 //! blocking pool.
 //!
 //! Keys are byte strings that sort the way the data is read: `conversation ␀ id` for
 //! history, `user ␀ id` for pending queues (user ids and conversation names never contain a
-//! zero byte), message ids as 16 big-endian bytes (UUIDv7: time order).
+//! zero byte), message ids as 16 big-endian bytes (UUIDv7: time order), each behind an
+//! 8-byte hash of its name (see [`key`]).
 //!
 //! This backend serves a single process; for several gateway nodes use the distributed
 //! store.
@@ -153,9 +155,13 @@ fn now_ms() -> u64 {
         .unwrap_or_default()
 }
 
-/// `prefix ␀ rest`.
+/// `hash(prefix) prefix ␀ rest`. The 8-byte hash first (xxh3, stable across builds and
+/// platforms) makes keys of different names differ in their first bytes: the memtables'
+/// skip lists compare keys all the time, and names share long prefixes (`dm:…`). Keys of
+/// one name still sort together, by `rest`.
 fn key(prefix: &str, rest: &[u8]) -> Vec<u8> {
-    let mut key = Vec::with_capacity(prefix.len() + 1 + rest.len());
+    let mut key = Vec::with_capacity(8 + prefix.len() + 1 + rest.len());
+    key.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(prefix.as_bytes()).to_be_bytes());
     key.extend_from_slice(prefix.as_bytes());
     key.push(0);
     key.extend_from_slice(rest);
@@ -339,7 +345,7 @@ impl EmbeddedStore {
         let db = Db::open(&path, keys.clone(), config.idempotency_ttl)?;
         migrate::from_redb_if_present(dir, &db)?;
         db.check_schema()?;
-        let writer = GroupCommit::start("store-writer", db.clone(), |db: &Db| db.sync(true))?;
+        let writer = GroupCommit::start("store-writer", db.clone(), Db::sync)?;
         tracing::info!(path = %path.display(), primary_key = keys.primary(), "embedded store open");
         Ok(EmbeddedStore {
             inner: Arc::new(Inner { writer, db, path }),
@@ -369,19 +375,20 @@ impl EmbeddedStore {
     }
 }
 
-/// A message sealed and encoded on the caller's task, so the writer thread only writes.
+/// A message sealed and encoded on the caller's task, so the writer thread only writes
+/// (its body is in the sealed record, which travels beside it).
 struct SealedRow {
     new: NewMessage,
     id: u128,
     name: String,
-    record: Vec<u8>,
     pending: Vec<u8>,
 }
 
 impl MessageStore for EmbeddedStore {
-    async fn append(&self, batch: Vec<NewMessage>) -> Result<Vec<Appended>> {
+    async fn append(&self, batch: &[NewMessage]) -> Result<Vec<Appended>> {
         let keys = &self.inner.db.keys;
         let mut rows = Vec::with_capacity(batch.len());
+        let mut records = Vec::with_capacity(batch.len());
         for new in batch {
             let message = &new.message;
             let name = message.conversation.to_string();
@@ -394,19 +401,25 @@ impl MessageStore for EmbeddedStore {
                 from: message.from.clone(),
                 sealed,
             })?;
+            // What the writer thread needs of the message, the body aside (it is sealed).
+            let new = NewMessage {
+                message: message.clone_header(),
+                recipients: new.recipients.clone(),
+                client_msg_id: new.client_msg_id.clone(),
+            };
             rows.push(SealedRow {
                 id: message.id.as_u128(),
                 name,
-                record,
                 pending,
                 new,
             });
+            records.push(record);
         }
         self.write(true, move |db| {
             let mut batch = db.batch();
             let mut outcomes = Vec::with_capacity(rows.len());
             let mut this_call = StoredThisCall::default();
-            for row in rows {
+            for (row, record) in rows.iter().zip(records) {
                 if let Some(outcome) = this_call.earlier(&row.new) {
                     outcomes.push(outcome);
                     continue;
@@ -437,7 +450,7 @@ impl MessageStore for EmbeddedStore {
                     });
                     continue;
                 }
-                batch.insert(&db.messages, id_key(&row.name, row.id), row.record);
+                batch.insert(&db.messages, id_key(&row.name, row.id), record);
                 for user in &new.recipients {
                     // Written once per (user, message) and removed once by its ack: a
                     // weak tombstone then suffices (see `ack`).

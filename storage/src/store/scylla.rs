@@ -449,15 +449,15 @@ impl MessageStore for ScyllaStore {
     /// their pending entries, and only then their send records: a send record therefore
     /// means "completely appended", and a crash in between makes the replay write the
     /// message again (the same rows) before recording it.
-    async fn append(&self, batch: Vec<NewMessage>) -> Result<Vec<Appended>> {
+    async fn append(&self, batch: &[NewMessage]) -> Result<Vec<Appended>> {
         let s = &self.inner.s;
-        let earlier = self.stored_sends(&batch).await?;
+        let earlier = self.stored_sends(batch).await?;
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut rows = Vec::new();
         let mut records = Vec::new();
         let mut this_call = StoredThisCall::default();
-        for (new, earlier) in batch.into_iter().zip(earlier) {
-            if let Some(outcome) = this_call.earlier(&new) {
+        for (new, earlier) in batch.iter().zip(earlier) {
+            if let Some(outcome) = this_call.earlier(new) {
                 outcomes.push(outcome);
                 continue;
             }
@@ -488,12 +488,12 @@ impl MessageStore for ScyllaStore {
                     bytes,
                 ));
             }
-            this_call.stored(&new);
+            this_call.stored(new);
             outcomes.push(Appended {
                 id: new.message.id,
-                conversation: new.message.conversation,
+                conversation: new.message.conversation.clone(),
                 inserted: true,
-                pending_for: new.recipients,
+                pending_for: new.recipients.clone(),
             });
         }
         self.inner.writes.write(rows).await?;

@@ -3,8 +3,9 @@
 //!
 //! Callers hand the writer a job; the thread takes whatever jobs are waiting (up to
 //! [`MAX_GROUP`]), runs each against the shared context (each job commits its own changes,
-//! not yet durably), then syncs once if any job of the group asked for durability, and only
-//! then completes the jobs. While one group syncs, the next one gathers, so under load one
+//! not yet durably), then syncs once — durably if any job of the group asked for
+//! durability, else only as far as the operating system — and only then completes the
+//! jobs. While one group syncs, the next one gathers, so under load one
 //! sync covers many writes and the cost of a sync is shared.
 //!
 //! A job's own error concerns that job only. A failed sync fails every durable job of its
@@ -42,12 +43,12 @@ impl<C> std::fmt::Debug for GroupCommit<C> {
 }
 
 impl<C: Send + 'static> GroupCommit<C> {
-    /// Starts the writer thread over `context`; `sync` makes everything the jobs committed
-    /// durable.
+    /// Starts the writer thread over `context`; `sync(context, durable)` hands everything
+    /// the jobs committed to the operating system, and makes it durable when asked.
     pub(crate) fn start(
         name: &str,
         context: C,
-        sync: impl Fn(&C) -> Result<()> + Send + 'static,
+        sync: impl Fn(&C, bool) -> Result<()> + Send + 'static,
     ) -> Result<Self> {
         let (jobs, rx) = mpsc::channel::<Job<C>>();
         let thread = std::thread::Builder::new()
@@ -105,7 +106,7 @@ impl<C> Drop for GroupCommit<C> {
     }
 }
 
-fn run<C>(context: &C, jobs: &mpsc::Receiver<Job<C>>, sync: &impl Fn(&C) -> Result<()>) {
+fn run<C>(context: &C, jobs: &mpsc::Receiver<Job<C>>, sync: &impl Fn(&C, bool) -> Result<()>) {
     let mut finishes: Vec<(bool, Finish)> = Vec::new();
     while let Ok(first) = jobs.recv() {
         finishes.push(first(context));
@@ -116,14 +117,12 @@ fn run<C>(context: &C, jobs: &mpsc::Receiver<Job<C>>, sync: &impl Fn(&C) -> Resu
             }
         }
         metrics::histogram!("storage_group_commit_size").record(finishes.len() as f64);
-        let synced = if finishes.iter().any(|(durable, _)| *durable) {
-            let started = Instant::now();
-            let synced = sync(context).map_err(|e| e.to_string());
+        let durable = finishes.iter().any(|(durable, _)| *durable);
+        let started = Instant::now();
+        let synced = sync(context, durable).map_err(|e| e.to_string());
+        if durable {
             metrics::histogram!("storage_commit_seconds").record(started.elapsed().as_secs_f64());
-            synced
-        } else {
-            Ok(())
-        };
+        }
         for (durable, finish) in finishes.drain(..) {
             finish(match (&synced, durable) {
                 (Err(e), true) => Err(Error::Backend(format!(
@@ -152,7 +151,10 @@ mod tests {
     }
 
     fn start(log: Arc<Log>) -> GroupCommit<Arc<Log>> {
-        GroupCommit::start("test-writer", log, |log: &Arc<Log>| {
+        GroupCommit::start("test-writer", log, |log: &Arc<Log>, durable: bool| {
+            if !durable {
+                return Ok(());
+            }
             log.syncs.fetch_add(1, Ordering::SeqCst);
             if log.fail_sync.load(Ordering::SeqCst) {
                 return Err(Error::Backend("disk on fire".into()));

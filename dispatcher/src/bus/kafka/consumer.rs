@@ -1,0 +1,317 @@
+//! The consumer side of the Kafka log: the dispatchers' consumer group, rebalances, and
+//! one ordered feed per assigned partition.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message as _;
+use rdkafka::statistics::Statistics;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use super::offsets::{Offsets, Settled};
+use super::{unavailable, KafkaConfig};
+use crate::bus::{Partition, Record};
+use crate::envelope::Envelope;
+use crate::error::Result;
+
+/// Joins the consumer group and starts the task that feeds each assigned partition.
+pub(super) fn subscribe(config: &KafkaConfig) -> Result<mpsc::Receiver<Partition>> {
+    let (events, rebalances) = mpsc::unbounded_channel();
+    let context = GroupContext {
+        events,
+        topic: config.messages_topic(),
+    };
+    let consumer: StreamConsumer<GroupContext> = ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .set("group.id", &config.group)
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "500")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("statistics.interval.ms", "5000")
+        .set("reconnect.backoff.max.ms", "1000")
+        .set(
+            "fetch.wait.max.ms",
+            config.fetch_wait.as_millis().to_string(),
+        )
+        .set("fetch.min.bytes", "65536")
+        .create_with_context(context)
+        .map_err(unavailable)?;
+    consumer
+        .subscribe(&[&config.messages_topic()])
+        .map_err(unavailable)?;
+    let (tx, rx) = mpsc::channel(1024);
+    tokio::spawn(pump(
+        Arc::new(Detached(Some(consumer))),
+        rebalances,
+        tx,
+        config.messages_topic(),
+        config.partition_buffer.max(1),
+    ));
+    Ok(rx)
+}
+
+/// The consumer, closed on a thread of its own when the last handle goes: closing leaves
+/// the group, which waits for the broker, and a broker that is down must not hang the
+/// runtime (or the process's exit) with it.
+struct Detached(Option<StreamConsumer<GroupContext>>);
+
+impl std::ops::Deref for Detached {
+    type Target = StreamConsumer<GroupContext>;
+    fn deref(&self) -> &Self::Target {
+        match &self.0 {
+            Some(consumer) => consumer,
+            None => unreachable!("taken only in drop"),
+        }
+    }
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        if let Some(consumer) = self.0.take() {
+            let _ = std::thread::Builder::new()
+                .name("kafka-consumer-close".into())
+                .spawn(move || drop(consumer));
+        }
+    }
+}
+
+enum GroupEvent {
+    Assigned(Vec<i32>),
+    Revoked(Vec<i32>),
+}
+
+/// Turns rebalances into events for the pump, commits what is stored before partitions
+/// go, and publishes the consumer lag.
+struct GroupContext {
+    events: mpsc::UnboundedSender<GroupEvent>,
+    topic: String,
+}
+
+impl GroupContext {
+    fn partitions(&self, list: &TopicPartitionList) -> Vec<i32> {
+        list.elements()
+            .iter()
+            .filter(|e| e.topic() == self.topic)
+            .map(|e| e.partition())
+            .collect()
+    }
+}
+
+impl ClientContext for GroupContext {
+    fn stats(&self, statistics: Statistics) {
+        if let Some(topic) = statistics.topics.get(&self.topic) {
+            for (id, partition) in &topic.partitions {
+                if *id >= 0 && partition.consumer_lag >= 0 {
+                    metrics::gauge!("dispatcher_consumer_lag", "partition" => id.to_string())
+                        .set(partition.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            let revoked = self.partitions(list);
+            tracing::info!(?revoked, "partitions revoked");
+            // Commit what was stored before another consumer takes these partitions over.
+            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                if !matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) {
+                    tracing::warn!(error = %e, "commit on revoke failed");
+                }
+            }
+            let _ = self.events.send(GroupEvent::Revoked(revoked));
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(list) => {
+                let assigned = self.partitions(list);
+                tracing::info!(?assigned, "partitions assigned");
+                let _ = self.events.send(GroupEvent::Assigned(assigned));
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance failed"),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+struct Feed {
+    records: mpsc::Sender<Record>,
+    offsets: Arc<Mutex<Offsets>>,
+    revoked: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Feed {
+    fn revoke(&self) {
+        self.revoked
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+fn lock(offsets: &Mutex<Offsets>) -> MutexGuard<'_, Offsets> {
+    offsets.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Reads the consumer and feeds each assigned partition's records, in order, to its own
+/// [`Partition`]. Ends when the dispatcher drops the partition receiver.
+async fn pump(
+    consumer: Arc<Detached>,
+    mut rebalances: mpsc::UnboundedReceiver<GroupEvent>,
+    partitions: mpsc::Sender<Partition>,
+    topic: String,
+    buffer: usize,
+) {
+    let mut feeds: HashMap<i32, Feed> = HashMap::new();
+    // Applies a rebalance. Every assignment gets a fresh feed: its records start at the
+    // committed offset, whatever an earlier feed of the same partition had seen.
+    let apply = |event: GroupEvent, feeds: &mut HashMap<i32, Feed>| match event {
+        GroupEvent::Assigned(ids) => {
+            for id in ids {
+                let (tx, rx) = mpsc::channel(buffer);
+                let (partition, revoked) =
+                    Partition::revocable(u32::try_from(id).unwrap_or_default(), rx);
+                if partitions.try_send(partition).is_err() {
+                    continue;
+                }
+                let fresh = Feed {
+                    records: tx,
+                    offsets: Arc::new(Mutex::new(Offsets::new())),
+                    revoked,
+                };
+                if let Some(old) = feeds.insert(id, fresh) {
+                    old.revoke();
+                }
+            }
+        }
+        GroupEvent::Revoked(ids) => {
+            for id in ids {
+                // The dispatcher stops taking this partition's records; its next owner
+                // reads them again from the committed offset.
+                if let Some(feed) = feeds.remove(&id) {
+                    feed.revoke();
+                }
+            }
+        }
+    };
+    loop {
+        tokio::select! {
+            biased;
+            _ = partitions.closed() => break,
+            event = rebalances.recv() => match event {
+                Some(event) => apply(event, &mut feeds),
+                None => break,
+            },
+            message = consumer.recv() => {
+                // A rebalance callback runs inside `recv`: apply what it announced before
+                // looking at the record it returned.
+                while let Ok(event) = rebalances.try_recv() {
+                    apply(event, &mut feeds);
+                }
+                let message = match message {
+                    Ok(message) => message,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Kafka consumer error");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                };
+                let (id, offset) = (message.partition(), message.offset());
+                let Some(feed) = feeds.get(&id) else {
+                    // Fetched before the partition was revoked: its new owner reads it.
+                    metrics::counter!("dispatcher_stale_records_total").increment(1);
+                    continue;
+                };
+                let envelope = match message.payload().map(serde_json::from_slice::<Envelope>) {
+                    Some(Ok(envelope)) => envelope,
+                    other => {
+                        // Not ours to fix by replaying: skip it, loudly.
+                        tracing::error!(partition = id, offset, ?other, "undecodable record skipped");
+                        metrics::counter!("dispatcher_undecodable_records_total").increment(1);
+                        drop(message);
+                        let generation = lock(&feed.offsets).hand_out(offset);
+                        settle(&consumer, &topic, id, offset, generation, &feed.offsets, true);
+                        continue;
+                    }
+                };
+                drop(message);
+                let offsets = feed.offsets.clone();
+                let records = feed.records.clone();
+                let generation = lock(&offsets).hand_out(offset);
+                let commit = {
+                    let (consumer, topic, offsets) = (consumer.clone(), topic.clone(), offsets.clone());
+                    move |outcome: std::result::Result<(), String>| {
+                        if let Err(reason) = &outcome {
+                            metrics::counter!("dispatcher_redeliveries_total").increment(1);
+                            tracing::warn!(partition = id, offset, %reason, "record not persisted: it is read again");
+                        }
+                        settle(&consumer, &topic, id, offset, generation, &offsets, outcome.is_ok());
+                    }
+                };
+                if records.send(Record::new(envelope, commit)).await.is_err() {
+                    // The dispatcher let go of this partition: read it again if reassigned.
+                    if let Some(feed) = feeds.remove(&id) {
+                        feed.revoke();
+                    }
+                }
+            }
+        }
+    }
+    tracing::info!("Kafka consumer stopped");
+}
+
+/// Records the dispatcher's verdict on one record and does what it asks: store the offset
+/// below which every record is persisted, or read the partition again from a record that
+/// failed, after a jittered backoff.
+fn settle(
+    consumer: &Arc<Detached>,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    generation: u64,
+    offsets: &Arc<Mutex<Offsets>>,
+    persisted: bool,
+) {
+    let mut o = lock(offsets);
+    match o.settle(offset, generation, persisted) {
+        Settled::Nothing => {}
+        Settled::Store(safe) => match consumer.store_offset(topic, partition, safe) {
+            Ok(()) => o.stored(safe),
+            Err(e) => tracing::debug!(error = %e, partition, "offset not stored (revoked?)"),
+        },
+        Settled::Rewind { to, wait } => {
+            tracing::warn!(partition, offset = to, ?wait, "reading the partition again");
+            let (consumer, topic, offsets) = (consumer.clone(), topic.to_owned(), offsets.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                let seek = tokio::task::spawn_blocking(move || {
+                    consumer.seek(
+                        &topic,
+                        partition,
+                        Offset::Offset(to),
+                        Duration::from_secs(5),
+                    )
+                })
+                .await;
+                if let Ok(Err(e)) = seek {
+                    tracing::warn!(error = %e, partition, "seek back failed");
+                }
+                lock(&offsets).rewound();
+            });
+        }
+    }
+}

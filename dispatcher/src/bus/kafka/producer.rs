@@ -1,0 +1,173 @@
+//! The producer side of the Kafka log: gateways publish envelopes, dispatchers push events.
+//!
+//! Idempotent, `acks=all`, a short linger so that one request carries what arrived
+//! meanwhile, lz4. A record is queued in call order (librdkafka keeps a partition's
+//! records in order, and the idempotent producer keeps them so across retries); nothing
+//! waits for its acknowledgement — the dispatcher's answer to the sending connection is
+//! what confirms a message — so no task and no wake-up is spent per record on success. A
+//! record the broker did not take within the publish timeout is reported to its
+//! publisher's callback. Delivery reports are served by a timer task, and feed the
+//! backend's circuit breaker.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer as _, ProducerContext};
+use storage::resilience::Breaker;
+
+use super::{unavailable, KafkaConfig};
+use crate::bus::Failed;
+use crate::error::{Error, Result};
+
+/// How often delivery reports are served.
+const POLL_EVERY: Duration = Duration::from_millis(20);
+
+/// What a record carries to its delivery report: who to tell if it fails.
+struct Notice(Option<Failed>);
+
+/// Counts delivery reports for the breaker and passes failures on.
+struct Reports {
+    breaker: Breaker,
+}
+
+impl ClientContext for Reports {}
+
+impl ProducerContext for Reports {
+    type DeliveryOpaque = Box<Notice>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, notice: Box<Notice>) {
+        match result {
+            Ok(_) => self.breaker.record(true),
+            Err((e, _)) => {
+                self.breaker.record(false);
+                metrics::counter!("bus_delivery_failures_total").increment(1);
+                tracing::warn!(error = %e, "Kafka did not take a record");
+                if let Some(failed) = notice.0 {
+                    failed(produce_error(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+pub(super) fn produce_error(e: KafkaError) -> Error {
+    match e {
+        KafkaError::MessageProduction(code)
+            if matches!(
+                code,
+                RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessage
+            ) =>
+        {
+            Error::Rejected(format!("the broker refused the record: {code}"))
+        }
+        e => Error::Unavailable(format!("Kafka did not take the record: {e}")),
+    }
+}
+
+/// The producer; its delivery reports are served while it lives.
+pub(super) struct Producer {
+    inner: Arc<BaseProducer<Reports>>,
+    breaker: Breaker,
+    timeout: Duration,
+}
+
+impl Producer {
+    pub(super) fn new(config: &KafkaConfig, breaker: Breaker) -> Result<Self> {
+        let timeout_ms = config.publish_timeout.as_millis().to_string();
+        let inner: BaseProducer<Reports> = ClientConfig::new()
+            .set("bootstrap.servers", &config.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", config.linger.as_millis().to_string())
+            .set("compression.type", "lz4")
+            .set("message.timeout.ms", &timeout_ms)
+            .set("socket.connection.setup.timeout.ms", &timeout_ms)
+            .set("reconnect.backoff.max.ms", "1000")
+            .create_with_context(Reports {
+                breaker: breaker.clone(),
+            })
+            .map_err(unavailable)?;
+        let inner = Arc::new(inner);
+        tokio::spawn(serve_reports(Arc::downgrade(&inner)));
+        Ok(Producer {
+            inner,
+            breaker,
+            timeout: config.publish_timeout,
+        })
+    }
+
+    /// Queues a record; `failed` is told if the broker does not take it in time.
+    pub(super) async fn send(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+        failed: Option<Failed>,
+    ) -> Result<()> {
+        if !self.breaker.is_closed() {
+            metrics::counter!("backend_rejected_total", "backend" => "kafka").increment(1);
+            return Err(Error::Unavailable(
+                "circuit open: kafka failed repeatedly and is given a rest".into(),
+            ));
+        }
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut notice = Box::new(Notice(failed));
+        loop {
+            let record = BaseRecord::with_opaque_to(topic, notice)
+                .key(key)
+                .payload(payload);
+            match self.inner.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), record))
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    // The producer's queue is full: wait for the broker to drain it.
+                    notice = record.delivery_opaque;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Err((e, _)) => return Err(produce_error(e)),
+            }
+        }
+    }
+
+    /// How many brokers the cluster has (blocking: call it off the runtime).
+    pub(super) fn brokers(&self) -> Result<usize> {
+        self.inner
+            .client()
+            .fetch_metadata(None, self.timeout)
+            .map(|m| m.brokers().len())
+            .map_err(unavailable)
+    }
+
+    /// Answers when `topic`'s metadata can be read (blocking: call it off the runtime).
+    pub(super) fn ping(&self, topic: &str) -> Result<()> {
+        self.inner
+            .client()
+            .fetch_metadata(Some(topic), self.timeout)
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        // What is still queued goes out now, or is lost (its senders got no `sent`).
+        let _ = self.inner.flush(Duration::from_secs(2));
+    }
+}
+
+/// Serves delivery reports (and librdkafka's other callbacks) while the producer lives.
+async fn serve_reports(producer: Weak<BaseProducer<Reports>>) {
+    let mut tick = tokio::time::interval(POLL_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(producer) = producer.upgrade() else {
+            return;
+        };
+        producer.poll(Duration::ZERO);
+    }
+}
