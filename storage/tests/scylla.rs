@@ -1,0 +1,193 @@
+//! What only the ScyllaDB backend has to show: a keyspace written by schema version 1 keeps
+//! working after the upgrade to version 2 (its send records still answer retries, its
+//! pending entries still ack and replay). Runs on the real CQL node (`TEST_SCYLLA_NODES`).
+
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use storage::crypto::Keyring;
+use storage::{ts_of, Conversation, Message, MessageStore, NewMessage, ScyllaConfig, ScyllaStore};
+use uuid::Uuid;
+
+/// The CQL node, or `None` (skipped) when the suite runs without servers; `CI` demands it.
+fn nodes() -> Option<String> {
+    match std::env::var("TEST_SCYLLA_NODES") {
+        Ok(nodes) if !nodes.is_empty() => Some(nodes),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!(
+                "TEST_SCYLLA_NODES is not set: this suite needs its server (run ./infra/test.sh)"
+            )
+        }
+        _ => {
+            eprintln!("skipped: TEST_SCYLLA_NODES is not set (./infra/test.sh starts the servers)");
+            None
+        }
+    }
+}
+
+fn keys() -> Keyring {
+    Keyring::parse(&format!("1:{}", "cd".repeat(32))).expect("test key")
+}
+
+async fn run(session: &Session, cql: &str) {
+    let mut statement = scylla::statement::Statement::new(cql);
+    statement.set_request_timeout(Some(std::time::Duration::from_secs(60)));
+    session
+        .query_unpaged(statement, ())
+        .await
+        .unwrap_or_else(|e| panic!("{cql}: {e}"));
+}
+
+/// Schema version 1 as that version's binaries created it, applied an hour ago.
+async fn version_1_keyspace(session: &Session, ks: &str) {
+    for cql in [
+        format!(
+            "CREATE KEYSPACE {ks} WITH replication = \
+             {{'class': 'NetworkTopologyStrategy', 'replication_factor': 1}}"
+        ),
+        format!(
+            "CREATE TABLE {ks}.schema_migrations (version int PRIMARY KEY, description text, \
+             applied_at timestamp)"
+        ),
+        format!("CREATE TABLE {ks}.schema_lock (id int PRIMARY KEY, owner uuid)"),
+        format!(
+            "CREATE TABLE {ks}.messages (conversation text, bucket int, id uuid, sender text, \
+             sealed blob, PRIMARY KEY ((conversation, bucket), id)) \
+             WITH CLUSTERING ORDER BY (id DESC)"
+        ),
+        format!(
+            "CREATE TABLE {ks}.conversation_buckets (conversation text, bucket int, \
+             PRIMARY KEY (conversation, bucket)) WITH CLUSTERING ORDER BY (bucket DESC)"
+        ),
+        format!("CREATE TABLE {ks}.message_index (id uuid PRIMARY KEY, conversation text)"),
+        format!(
+            "CREATE TABLE {ks}.pending (user text, id uuid, conversation text, \
+             PRIMARY KEY (user, id)) WITH CLUSTERING ORDER BY (id ASC)"
+        ),
+        format!(
+            "CREATE TABLE {ks}.idempotency (sender text, cmid text, id uuid, \
+             PRIMARY KEY ((sender, cmid)))"
+        ),
+        format!(
+            "CREATE TABLE {ks}.receipt_outbox (user text, key uuid, receipt blob, \
+             PRIMARY KEY (user, key)) WITH CLUSTERING ORDER BY (key ASC)"
+        ),
+        format!(
+            "CREATE TABLE {ks}.read_markers (conversation text, reader text, upto uuid, \
+             PRIMARY KEY (conversation, reader))"
+        ),
+        format!("CREATE TABLE {ks}.groups (id uuid PRIMARY KEY, name text, members set<text>)"),
+    ] {
+        run(session, &cql).await;
+    }
+    let an_hour_ago = scylla::value::CqlTimestamp(
+        i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock")
+                .as_millis(),
+        )
+        .expect("ms")
+            - 3_600_000,
+    );
+    session
+        .query_unpaged(
+            format!(
+                "INSERT INTO {ks}.schema_migrations (version, description, applied_at) \
+                 VALUES (1, 'initial schema', ?)"
+            ),
+            (an_hour_ago,),
+        )
+        .await
+        .expect("version row");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_keyspace_keeps_working_after_the_upgrade() {
+    let Some(nodes) = nodes() else { return };
+    let ks = format!("t{}", Uuid::new_v4().simple());
+    let session = SessionBuilder::new()
+        .known_nodes(nodes.split(','))
+        .build()
+        .await
+        .expect("connect");
+    version_1_keyspace(&session, &ks).await;
+
+    // What a version-1 dispatcher left: a message pending for bob, its send record.
+    let conversation = Conversation::direct("alice", "bob");
+    let name = conversation.to_string();
+    let id = Uuid::now_v7();
+    let body = "sent before the upgrade";
+    let sealed = keys()
+        .seal(id, &name, "alice", body.as_bytes())
+        .expect("seal");
+    let bucket = i32::try_from(ts_of(id) / (10 * 24 * 3600 * 1000)).expect("bucket");
+    for (cql, values) in [
+        (
+            format!("INSERT INTO {ks}.messages (conversation, bucket, id, sender, sealed) VALUES (?, ?, ?, ?, ?)"),
+            0,
+        ),
+        (format!("INSERT INTO {ks}.conversation_buckets (conversation, bucket) VALUES (?, ?)"), 1),
+        (format!("INSERT INTO {ks}.pending (user, id, conversation) VALUES (?, ?, ?)"), 2),
+        (format!("INSERT INTO {ks}.idempotency (sender, cmid, id) VALUES (?, ?, ?)"), 3),
+    ] {
+        let result = match values {
+            0 => {
+                session
+                    .query_unpaged(cql, (name.as_str(), bucket, id, "alice", sealed.as_slice()))
+                    .await
+            }
+            1 => session.query_unpaged(cql, (name.as_str(), bucket)).await,
+            2 => session.query_unpaged(cql, ("bob", id, name.as_str())).await,
+            _ => session.query_unpaged(cql, ("alice", "c-old", id)).await,
+        };
+        result.expect("version-1 row");
+    }
+
+    let mut config = ScyllaConfig::new(nodes.split(',').map(str::to_owned).collect(), keys());
+    config.keyspace = ks.clone();
+    config.replication = Some(1);
+    let store = ScyllaStore::connect(config)
+        .await
+        .expect("connect and migrate");
+
+    let old = Message {
+        id,
+        conversation: conversation.clone(),
+        from: "alice".into(),
+        body: body.into(),
+        ts: ts_of(id),
+    };
+    // The pending entry replays, and a retry of the old send is still the old message.
+    assert_eq!(
+        store.pending("bob", None, 10).await.expect("pending"),
+        vec![old.clone()]
+    );
+    let retry = Message {
+        id: Uuid::now_v7(),
+        body: "retried after the upgrade".into(),
+        ..old.clone()
+    };
+    let out = store
+        .append(&[NewMessage {
+            message: retry,
+            recipients: vec!["bob".into()],
+            client_msg_id: Some("c-old".into()),
+        }])
+        .await
+        .expect("retry");
+    assert_eq!((out[0].id, out[0].inserted), (id, false));
+    assert_eq!(out[0].pending_for, vec!["bob".to_string()]);
+    // An entry without a sender (version 1) still acks with its sender.
+    let acked = store.ack("bob", &[id], Vec::new()).await.expect("ack");
+    assert_eq!(acked.len(), 1);
+    assert_eq!(acked[0].from, "alice");
+    assert!(store
+        .pending("bob", None, 10)
+        .await
+        .expect("pending")
+        .is_empty());
+
+    let _ = session
+        .query_unpaged(format!("DROP KEYSPACE {ks}"), ())
+        .await;
+}
