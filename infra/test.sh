@@ -11,25 +11,36 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
+# Each stage prints how long it took.
+stage_started=$SECONDS
+stage() { # <name of the stage that just ended>
+    echo "== stage '$1' took $((SECONDS - stage_started)) s" >&2
+    stage_started=$SECONDS
+}
+
 # Build every test binary once (while the servers start), then run them all; --locked
 # keeps CI on Cargo.lock.
 infra/servers.sh fetch
+stage "fetch servers"
 state="$(mktemp -d /tmp/chat-servers.XXXXXX)"
 trap 'infra/servers.sh down "$state"; rm -rf "$state"' EXIT
 infra/servers.sh up "$state" > "$state/up.log" 2>&1 &
 up_pid=$!
 cargo test --workspace --locked --no-run
+stage "build tests"
 if ! wait "$up_pid"; then
   cat "$state/up.log" >&2
   echo "test servers did not start (logs above)" >&2
   exit 1
 fi
 cat "$state/up.log" >&2
+stage "start servers (after the build)"
 set -a
 # shellcheck disable=SC1091
 . "$state/servers.env"
 set +a
 cargo test --workspace --locked "$@"
+stage "workspace tests"
 
 # The end-to-end protocol suite again, against a cluster of 2 gateways and 2 dispatchers
 # on the real servers (each test its own keyspace, topics, group and key prefix; two at a
@@ -37,7 +48,9 @@ cargo test --workspace --locked "$@"
 CHAT_TEST_CLUSTER=1 cargo test -p gateway --locked \
   --test connecting --test frames --test guarantees --test limits --test push \
   "$@" -- --test-threads=2
+stage "cluster suite"
 
 # Fault tests on the cluster: SIGKILLed dispatchers and gateways, a restarted Redis, a
 # stopped broker. One at a time: they start processes and servers of their own.
 CHAT_TEST_CLUSTER=1 cargo test -p gateway --locked --test faults "$@" -- --test-threads=1
+stage "fault tests"
