@@ -98,6 +98,9 @@ const BATCH_BYTES: usize = 32 * 1024;
 const KNOWN_BUCKETS: usize = 100_000;
 /// Send records looked up by one read.
 const SENDS_PER_READ: usize = 100;
+/// Requests (other than the batched writes) outstanding at once: past that, callers wait
+/// here rather than queue inside the cluster until their requests time out.
+const MAX_REQUESTS: usize = 32;
 
 /// A send record's key: user ids never contain `:`, so the split is unambiguous.
 fn send_key(sender: &str, client_msg_id: &str) -> String {
@@ -131,6 +134,8 @@ struct Inner {
     /// Until when send records of schema version 1 may still answer a retry (48 hours
     /// after an upgrade from it), if the keyspace was upgraded.
     legacy_until: Option<std::time::SystemTime>,
+    /// Bounds the requests in flight ([`MAX_REQUESTS`]).
+    requests: tokio::sync::Semaphore,
 }
 
 fn bucket_of(id: Uuid) -> i32 {
@@ -246,6 +251,7 @@ impl ScyllaStore {
                 writes,
                 buckets: Mutex::new(HashSet::new()),
                 legacy_until,
+                requests: tokio::sync::Semaphore::new(MAX_REQUESTS),
             }),
         })
     }
@@ -268,6 +274,12 @@ impl ScyllaStore {
                     .map_err(exec_error)
             }
         };
+        // The wait for a slot does not count against the request's timeout.
+        let _slot = inner
+            .requests
+            .acquire()
+            .await
+            .map_err(|_| Error::Unavailable("the ScyllaDB store is closing".into()))?;
         inner
             .breaker
             .call(is_unavailable, retry(is_unavailable, once))

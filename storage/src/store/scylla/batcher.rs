@@ -8,6 +8,11 @@
 //! statements and bytes (below the server's `batch_size_fail_threshold`); a write too large
 //! for a batch runs as single statements.
 //!
+//! A caller's write larger than one request is split into requests that fit, and a
+//! statement too large for any batch goes alone; either way at most [`MAX_IN_FLIGHT`]
+//! requests are outstanding, so a large write (a backlog being worked off) queues here
+//! instead of flooding the cluster into timeouts.
+//!
 //! A batch is not atomic: each write is idempotent and its caller orders what must be
 //! ordered by awaiting one write before handing over the next.
 
@@ -68,31 +73,51 @@ struct Job {
 /// A handle to the batching task; it stops when the last handle is dropped.
 pub(super) struct Batcher {
     jobs: mpsc::UnboundedSender<Job>,
+    limits: Limits,
 }
 
 impl Batcher {
     pub(super) fn start(session: Arc<Session>, breaker: Breaker, limits: Limits) -> Self {
         let (jobs, rx) = mpsc::unbounded_channel();
         tokio::spawn(run(rx, session, breaker, limits));
-        Batcher { jobs }
+        Batcher { jobs, limits }
     }
 
     /// Runs `writes` and resolves once all of them are applied.
     pub(super) async fn write(&self, writes: Vec<Write>) -> Result<()> {
-        if writes.is_empty() {
-            return Ok(());
+        let mut pieces = Vec::new();
+        let mut piece: Vec<Write> = Vec::new();
+        let mut bytes = 0;
+        for write in writes {
+            let full =
+                piece.len() >= self.limits.statements || bytes + write.bytes > self.limits.bytes;
+            if full && !piece.is_empty() {
+                pieces.push(self.submit(std::mem::take(&mut piece), bytes)?);
+                bytes = 0;
+            }
+            bytes += write.bytes;
+            piece.push(write);
         }
-        let bytes = writes.iter().map(|w| w.bytes).sum();
-        let (done, answer) = oneshot::channel();
+        if !piece.is_empty() {
+            pieces.push(self.submit(piece, bytes)?);
+        }
         let stopped = || Error::Unavailable("the ScyllaDB write batcher has stopped".into());
+        for answer in pieces {
+            answer.await.map_err(|_| stopped())??;
+        }
+        Ok(())
+    }
+
+    fn submit(&self, writes: Vec<Write>, bytes: usize) -> Result<oneshot::Receiver<Result<()>>> {
+        let (done, answer) = oneshot::channel();
         self.jobs
             .send(Job {
                 writes,
                 bytes,
                 done,
             })
-            .map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+            .map_err(|_| Error::Unavailable("the ScyllaDB write batcher has stopped".into()))?;
+        Ok(answer)
     }
 }
 
@@ -183,8 +208,10 @@ async fn batched(group: &[Job], session: &Session, breaker: &Breaker) -> Result<
         .map_err(|e| e.to_string())
 }
 
+/// A piece that is one statement (or one too large for a batch): its statements one after
+/// the other (a piece holds more than one only when each fits a batch on its own).
 async fn singly(group: &[Job], session: &Session, breaker: &Breaker) -> Result<(), String> {
-    let calls = group.iter().flat_map(|j| &j.writes).map(|write| {
+    for write in group.iter().flat_map(|j| &j.writes) {
         let call = retry(is_unavailable, || async {
             session
                 .execute_unpaged(&write.statement, write.values.as_ref())
@@ -192,10 +219,11 @@ async fn singly(group: &[Job], session: &Session, breaker: &Breaker) -> Result<(
                 .map(|_| ())
                 .map_err(exec_error)
         });
-        async move { breaker.call(is_unavailable, call).await.map_err(guarded) }
-    });
-    futures_util::future::try_join_all(calls)
-        .await
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+        breaker
+            .call(is_unavailable, call)
+            .await
+            .map_err(guarded)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
