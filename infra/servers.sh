@@ -125,6 +125,10 @@ memtable_offheap_space: 64MiB
 key_cache_size: 8MiB
 disk_access_mode: mmap_index_only
 auto_snapshot: false
+# The dispatchers write in unlogged batches that span partitions on purpose (one request
+# carries many writes); the default threshold of 10 would warn on every one.
+unlogged_batch_across_partitions_warn_threshold: 1000
+batch_size_warn_threshold: 64KiB
 YAML
     fi
     local opts=(

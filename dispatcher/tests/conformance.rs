@@ -224,3 +224,33 @@ conformance!(
     a_record_not_persisted_is_not_lost,
     ping_answers,
 );
+
+/// Kafka only: a record counts against the producer's queue bound until its delivery
+/// report is served, so reports must be served as they come. Records published one per
+/// millisecond go out in batches of one, each with a report of its own: with a bound of
+/// 200, 2,000 of them take two seconds; serving one report per 20 ms poll tick (as a bug
+/// once did) would stall the publisher at 50 records a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kafka_producer_keeps_going_far_past_its_queue_bound() {
+    let Some(brokers) = server_url("TEST_KAFKA_BROKERS") else {
+        return;
+    };
+    let mut config = KafkaConfig::new(brokers);
+    let tag = Uuid::new_v4().simple().to_string();
+    config.topic_prefix = format!("t{tag}.");
+    config.group = format!("g{tag}");
+    config.partitions = 4;
+    config.max_queued = 200;
+    let bus = Bus::Kafka(KafkaLog::connect(config).await.expect("kafka"));
+    let published = timeout(Duration::from_secs(20), async {
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        for i in 0..2_000 {
+            tick.tick().await;
+            bus.publish(ack(&format!("user{}", i % 50)), None)
+                .await
+                .expect("publish");
+        }
+    })
+    .await;
+    assert!(published.is_ok(), "the producer stalled on its queue bound");
+}

@@ -95,8 +95,19 @@ struct Target {
     pids: Vec<(String, u32)>,
 }
 
-/// Starts a process and waits for the log line that carries `field`.
-async fn spawn(mut command: Command, marker: &str, field: &str) -> anyhow::Result<Server> {
+/// Where the benchmark's server processes write their logs.
+fn log_dir() -> PathBuf {
+    std::env::temp_dir().join("loadtest-bench-logs")
+}
+
+/// Starts a process and waits for the log line that carries `field`; everything it prints
+/// goes on to `<temp>/loadtest-bench-logs/<name>.log`.
+async fn spawn(
+    mut command: Command,
+    name: &str,
+    marker: &str,
+    field: &str,
+) -> anyhow::Result<Server> {
     command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -120,8 +131,10 @@ async fn spawn(mut command: Command, marker: &str, field: &str) -> anyhow::Resul
                     let value = line
                         .split(field)
                         .nth(1)
-                        .and_then(|r| r.split_whitespace().next());
-                    return value.map(str::to_owned);
+                        .and_then(|r| r.split_whitespace().next())
+                        .map(str::to_owned);
+                    seen.push(line);
+                    return value;
                 }
                 Ok(Some(line)) => seen.push(line),
                 _ => return None,
@@ -141,9 +154,28 @@ async fn spawn(mut command: Command, marker: &str, field: &str) -> anyhow::Resul
             .collect::<Vec<_>>();
         anyhow::bail!("the server never printed {marker:?}; its last lines: {tail:#?}");
     };
-    // Keep draining both pipes so the server never blocks on a full one.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    tokio::spawn(async move { while let Ok(Some(_)) = errs.next_line().await {} });
+    // Keep draining both pipes so the server never blocks on a full one, into its log.
+    let _ = std::fs::create_dir_all(log_dir());
+    let mut log = std::fs::File::create(log_dir().join(format!("{name}.log"))).ok();
+    if let Some(file) = log.as_mut() {
+        use std::io::Write;
+        for line in &seen {
+            let _ = writeln!(file, "{line}");
+        }
+    }
+    tokio::spawn(async move {
+        use std::io::Write;
+        loop {
+            let line = tokio::select! {
+                l = lines.next_line() => l,
+                l = errs.next_line() => l,
+            };
+            let Ok(Some(line)) = line else { break };
+            if let Some(file) = log.as_mut() {
+                let _ = writeln!(file, "{line}");
+            }
+        }
+    });
     Ok(Server { child, value, pid })
 }
 
@@ -506,20 +538,25 @@ async fn start_cluster(
     dispatcher_cmd
         .args(["--admin-listen", "127.0.0.1:0"])
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())));
-    let dispatcher = spawn(dispatcher_cmd, "dispatcher ready", "admin=")
-        .await
-        .with_context(|| {
-            format!(
-                "starting the dispatcher at {} (build it with `cargo build --release -p dispatcher`)",
-                cluster.dispatcher_bin.display()
-            )
-        })?;
+    let dispatcher = spawn(
+        dispatcher_cmd,
+        "cluster-dispatcher",
+        "dispatcher ready",
+        "admin=",
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "starting the dispatcher at {} (build it with `cargo build --release -p dispatcher`)",
+            cluster.dispatcher_bin.display()
+        )
+    })?;
     let mut gateway_cmd = Command::new(&config.gateway_bin);
     gateway_cmd
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .args(unlimited())
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())));
-    let gateway = spawn(gateway_cmd, "gateway ready", "client=").await?;
+    let gateway = spawn(gateway_cmd, "cluster-gateway", "gateway ready", "client=").await?;
     Ok((gateway, dispatcher))
 }
 
@@ -554,7 +591,7 @@ pub async fn run(config: &BenchConfig, command_line: &str) -> anyhow::Result<Val
 
     let mut relay_cmd = Command::new(&exe);
     relay_cmd.args(["relay", "--listen", "127.0.0.1:0"]);
-    let mut relay = spawn(relay_cmd, "relay listening on", "on ").await?;
+    let mut relay = spawn(relay_cmd, "relay", "relay listening on", "on ").await?;
     let relay_target = Target {
         name: "relay",
         url: ws_url(&relay.value),
@@ -577,7 +614,7 @@ pub async fn run(config: &BenchConfig, command_line: &str) -> anyhow::Result<Val
         .arg(&data_dir)
         .env("GATEWAY_JWT_SECRET", SECRET)
         .env("RUST_LOG", "warn,gateway::server=info");
-    let mut gateway = spawn(gateway_cmd, "gateway ready", "client=")
+    let mut gateway = spawn(gateway_cmd, "gateway", "gateway ready", "client=")
         .await
         .with_context(|| {
             format!(

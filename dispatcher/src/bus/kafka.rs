@@ -57,6 +57,9 @@ pub struct KafkaConfig {
     pub linger: Duration,
     /// How long a fetch waits at the broker for records to gather.
     pub fetch_wait: Duration,
+    /// Records the producer holds at most (queued, in flight, or with their delivery
+    /// report not yet served): librdkafka's `queue.buffering.max.messages`.
+    pub max_queued: usize,
 }
 
 impl KafkaConfig {
@@ -71,6 +74,7 @@ impl KafkaConfig {
             partition_buffer: 1024,
             linger: Duration::from_millis(2),
             fetch_wait: Duration::from_millis(5),
+            max_queued: 100_000,
         }
     }
 

@@ -4,26 +4,27 @@
 //! meanwhile, lz4. A record is queued in call order (librdkafka keeps a partition's
 //! records in order, and the idempotent producer keeps them so across retries); nothing
 //! waits for its acknowledgement — the dispatcher's answer to the sending connection is
-//! what confirms a message — so no task and no wake-up is spent per record on success. A
-//! record the broker did not take within the publish timeout is reported to its
-//! publisher's callback. Delivery reports are served by a timer task, and feed the
+//! what confirms a message — so no task and no wake-up of the runtime is spent per record
+//! on success. A record the broker did not take within the publish timeout is reported to
+//! its publisher's callback. Delivery reports come by produce response (one event for many
+//! records); librdkafka's polling thread ([`ThreadedProducer`]) serves each as it comes —
+//! they must be served promptly, because librdkafka counts a record against its queue
+//! bound (`queue.buffering.max.messages`) until its report is served — and they feed the
 //! backend's circuit breaker.
 
-use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer as _, ProducerContext};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer,
+};
 use storage::resilience::Breaker;
 
 use super::{unavailable, KafkaConfig};
 use crate::bus::Failed;
 use crate::error::{Error, Result};
-
-/// How often delivery reports are served.
-const POLL_EVERY: Duration = Duration::from_millis(20);
 
 /// What a record carries to its delivery report: who to tell if it fails.
 struct Notice(Option<Failed>);
@@ -69,7 +70,7 @@ pub(super) fn produce_error(e: KafkaError) -> Error {
 
 /// The producer; its delivery reports are served while it lives.
 pub(super) struct Producer {
-    inner: Arc<BaseProducer<Reports>>,
+    inner: ThreadedProducer<Reports>,
     breaker: Breaker,
     timeout: Duration,
 }
@@ -77,11 +78,15 @@ pub(super) struct Producer {
 impl Producer {
     pub(super) fn new(config: &KafkaConfig, breaker: Breaker) -> Result<Self> {
         let timeout_ms = config.publish_timeout.as_millis().to_string();
-        let inner: BaseProducer<Reports> = ClientConfig::new()
+        let inner: ThreadedProducer<Reports> = ClientConfig::new()
             .set("bootstrap.servers", &config.brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", config.linger.as_millis().to_string())
+            .set(
+                "queue.buffering.max.messages",
+                config.max_queued.to_string(),
+            )
             .set("compression.type", "lz4")
             .set("message.timeout.ms", &timeout_ms)
             .set("socket.connection.setup.timeout.ms", &timeout_ms)
@@ -90,8 +95,6 @@ impl Producer {
                 breaker: breaker.clone(),
             })
             .map_err(unavailable)?;
-        let inner = Arc::new(inner);
-        tokio::spawn(serve_reports(Arc::downgrade(&inner)));
         Ok(Producer {
             inner,
             breaker,
@@ -156,18 +159,5 @@ impl Drop for Producer {
     fn drop(&mut self) {
         // What is still queued goes out now, or is lost (its senders got no `sent`).
         let _ = self.inner.flush(Duration::from_secs(2));
-    }
-}
-
-/// Serves delivery reports (and librdkafka's other callbacks) while the producer lives.
-async fn serve_reports(producer: Weak<BaseProducer<Reports>>) {
-    let mut tick = tokio::time::interval(POLL_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(producer) = producer.upgrade() else {
-            return;
-        };
-        producer.poll(Duration::ZERO);
     }
 }
