@@ -1,6 +1,6 @@
 //! Consume a partition in order: persist, route, commit.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use presence::{ConnRef, Location, NodeDelivery, Payload, Presence, PresenceService};
@@ -139,6 +139,9 @@ struct Outcome {
     stopped: bool,
     /// Records set aside for a run that was not handled because the batch stopped.
     unhandled: Vec<Record>,
+    /// Messages acked in this batch, by user: a replayed message (read again after a
+    /// crash) is not delivered again to whom acked it meanwhile.
+    acked: HashSet<(String, Uuid)>,
 }
 
 impl Dispatcher {
@@ -237,6 +240,17 @@ impl Dispatcher {
         }
         self.persist_messages(messages, &mut outcome, recent).await;
         self.apply_acks(acks, &mut outcome, recent).await;
+        if !outcome.acked.is_empty() {
+            let acked = std::mem::take(&mut outcome.acked);
+            for event in &mut outcome.events {
+                if let Event::Message { appended, .. } = event {
+                    let id = appended.id;
+                    appended
+                        .pending_for
+                        .retain(|user| !acked.contains(&(user.clone(), id)));
+                }
+            }
+        }
         for record in reads {
             if outcome.stopped {
                 outcome.unhandled.push(record);
@@ -502,6 +516,7 @@ impl Dispatcher {
                         from,
                     } in acked
                     {
+                        outcome.acked.insert((user.clone(), id));
                         if from == user {
                             continue;
                         }

@@ -15,6 +15,7 @@ use rdkafka::message::Message as _;
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
 
 use super::offsets::{Offsets, Settled};
 use super::{unavailable, KafkaConfig};
@@ -33,8 +34,10 @@ pub(super) fn subscribe(config: &KafkaConfig) -> Result<mpsc::Receiver<Partition
         .set("bootstrap.servers", &config.brokers)
         .set("group.id", &config.group)
         .set("partition.assignment.strategy", "cooperative-sticky")
+        // Stored offsets are committed right after each batch (see `committer`); the
+        // timer is only a backstop.
         .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "500")
+        .set("auto.commit.interval.ms", "5000")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "6000")
@@ -167,6 +170,28 @@ fn lock(offsets: &Mutex<Offsets>) -> MutexGuard<'_, Offsets> {
     offsets.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Least time between two offset commits: a commit follows each batch the dispatcher
+/// finishes, but a busy dispatcher finishing hundreds a second sends one per gap.
+const COMMIT_GAP: Duration = Duration::from_millis(20);
+
+/// Commits the stored offsets soon after each batch, so that a dispatcher that dies reads
+/// again only what it was handling then (each record read again is a duplicate delivery
+/// at worst), not everything since the last tick of a timer. Ends with the consumer.
+async fn committer(consumer: std::sync::Weak<Detached>, mut wanted: mpsc::Receiver<()>) {
+    while wanted.recv().await.is_some() {
+        let Some(consumer) = consumer.upgrade() else {
+            break;
+        };
+        if let Err(e) = consumer.commit_consumer_state(CommitMode::Async) {
+            if !matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) {
+                tracing::debug!(error = %e, "offset commit failed (the next one retries)");
+            }
+        }
+        drop(consumer);
+        tokio::time::sleep(COMMIT_GAP).await;
+    }
+}
+
 /// Reads the consumer and feeds each assigned partition's records, in order, to its own
 /// [`Partition`]. Ends when the dispatcher drops the partition receiver.
 async fn pump(
@@ -177,6 +202,13 @@ async fn pump(
     buffer: usize,
 ) {
     let mut feeds: HashMap<i32, Feed> = HashMap::new();
+    let (commit, wanted) = mpsc::channel(1);
+    tokio::spawn(committer(Arc::downgrade(&consumer), wanted));
+    let settler = Arc::new(Settler {
+        consumer: consumer.clone(),
+        topic: topic.clone(),
+        commit,
+    });
     // Applies a rebalance. Every assignment gets a fresh feed: its records start at the
     // committed offset, whatever an earlier feed of the same partition had seen.
     let apply = |event: GroupEvent, feeds: &mut HashMap<i32, Feed>| match event {
@@ -244,7 +276,7 @@ async fn pump(
                         metrics::counter!("dispatcher_undecodable_records_total").increment(1);
                         drop(message);
                         let generation = lock(&feed.offsets).hand_out(offset);
-                        settle(&consumer, &topic, id, offset, generation, &feed.offsets, true);
+                        settler.settle(id, offset, generation, &feed.offsets, true);
                         continue;
                     }
                 };
@@ -253,13 +285,13 @@ async fn pump(
                 let records = feed.records.clone();
                 let generation = lock(&offsets).hand_out(offset);
                 let commit = {
-                    let (consumer, topic, offsets) = (consumer.clone(), topic.clone(), offsets.clone());
+                    let (settler, offsets) = (settler.clone(), offsets.clone());
                     move |outcome: std::result::Result<(), String>| {
                         if let Err(reason) = &outcome {
                             metrics::counter!("dispatcher_redeliveries_total").increment(1);
                             tracing::warn!(partition = id, offset, %reason, "record not persisted: it is read again");
                         }
-                        settle(&consumer, &topic, id, offset, generation, &offsets, outcome.is_ok());
+                        settler.settle(id, offset, generation, &offsets, outcome.is_ok());
                     }
                 };
                 if records.send(Record::new(envelope, commit)).await.is_err() {
@@ -274,44 +306,61 @@ async fn pump(
     tracing::info!("Kafka consumer stopped");
 }
 
-/// Records the dispatcher's verdict on one record and does what it asks: store the offset
-/// below which every record is persisted, or read the partition again from a record that
-/// failed, after a jittered backoff.
-fn settle(
-    consumer: &Arc<Detached>,
-    topic: &str,
-    partition: i32,
-    offset: i64,
-    generation: u64,
-    offsets: &Arc<Mutex<Offsets>>,
-    persisted: bool,
-) {
-    let mut o = lock(offsets);
-    match o.settle(offset, generation, persisted) {
-        Settled::Nothing => {}
-        Settled::Store(safe) => match consumer.store_offset(topic, partition, safe) {
-            Ok(()) => o.stored(safe),
-            Err(e) => tracing::debug!(error = %e, partition, "offset not stored (revoked?)"),
-        },
-        Settled::Rewind { to, wait } => {
-            tracing::warn!(partition, offset = to, ?wait, "reading the partition again");
-            let (consumer, topic, offsets) = (consumer.clone(), topic.to_owned(), offsets.clone());
-            tokio::spawn(async move {
-                tokio::time::sleep(wait).await;
-                let seek = tokio::task::spawn_blocking(move || {
-                    consumer.seek(
-                        &topic,
-                        partition,
-                        Offset::Offset(to),
-                        Duration::from_secs(5),
-                    )
-                })
-                .await;
-                if let Ok(Err(e)) = seek {
-                    tracing::warn!(error = %e, partition, "seek back failed");
+/// What acting on the dispatcher's verdicts needs: the consumer, the topic, and the
+/// committer to wake once an offset is stored.
+struct Settler {
+    consumer: Arc<Detached>,
+    topic: String,
+    commit: mpsc::Sender<()>,
+}
+
+impl Settler {
+    /// Records the dispatcher's verdict on one record and does what it asks: store the offset
+    /// below which every record is persisted (and have it committed soon), or read the
+    /// partition again from a record that failed, after a jittered backoff.
+    fn settle(
+        &self,
+        partition: i32,
+        offset: i64,
+        generation: u64,
+        offsets: &Arc<Mutex<Offsets>>,
+        persisted: bool,
+    ) {
+        let (consumer, topic) = (&self.consumer, self.topic.as_str());
+        let mut o = lock(offsets);
+        match o.settle(offset, generation, persisted) {
+            Settled::Nothing => {}
+            Settled::Store(safe) => match consumer.store_offset(topic, partition, safe) {
+                Ok(()) => {
+                    o.stored(safe);
+                    // Full: a commit is already wanted, and it takes this offset too.
+                    if let Err(TrySendError::Closed(_)) = self.commit.try_send(()) {
+                        tracing::debug!("offset committer gone");
+                    }
                 }
-                lock(&offsets).rewound();
-            });
+                Err(e) => tracing::debug!(error = %e, partition, "offset not stored (revoked?)"),
+            },
+            Settled::Rewind { to, wait } => {
+                tracing::warn!(partition, offset = to, ?wait, "reading the partition again");
+                let (consumer, topic, offsets) =
+                    (consumer.clone(), topic.to_owned(), offsets.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    let seek = tokio::task::spawn_blocking(move || {
+                        consumer.seek(
+                            &topic,
+                            partition,
+                            Offset::Offset(to),
+                            Duration::from_secs(5),
+                        )
+                    })
+                    .await;
+                    if let Ok(Err(e)) = seek {
+                        tracing::warn!(error = %e, partition, "seek back failed");
+                    }
+                    lock(&offsets).rewound();
+                });
+            }
         }
     }
 }
