@@ -1,11 +1,18 @@
-//! Rate limits: a token bucket per user for sends, one per connection for other frames.
+//! Rate limits: a budget per user for sends, shared by every node, and one per connection
+//! for other frames.
 
 use std::num::NonZeroU32;
+use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use presence::{Presence, PresenceService};
 
-/// Sends per user on this node. Several devices of a user share one bucket.
+/// Sends per user. The budget lives in the presence backend, so that every device of a
+/// user, on whatever node, draws from one; while that backend cannot answer, each node
+/// falls back to a bucket of its own (counted in `gateway_rate_limit_fallbacks_total`).
 pub struct SendLimiter {
+    quota: presence::Quota,
+    /// The fallback.
     limiter: DefaultKeyedRateLimiter<String>,
 }
 
@@ -18,12 +25,22 @@ fn quota(per_second: u32, burst: u32) -> Quota {
 impl SendLimiter {
     pub fn new(per_second: u32, burst: u32) -> Self {
         SendLimiter {
+            quota: presence::Quota { per_second, burst },
             limiter: RateLimiter::keyed(quota(per_second, burst)),
         }
     }
 
-    /// Takes one token from the user's bucket; `false` when it is empty.
-    pub fn allow(&self, user: &str) -> bool {
+    /// Takes one send from the user's budget; `false` when it is spent. Waits at most
+    /// `wait` for the shared budget before using this node's own.
+    pub async fn allow(&self, presence: &Presence, user: &str, wait: Duration) -> bool {
+        let fallback = match tokio::time::timeout(wait, presence.take_send(user, self.quota)).await
+        {
+            Ok(Ok(allowed)) => return allowed,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {wait:?}"),
+        };
+        metrics::counter!("gateway_rate_limit_fallbacks_total").increment(1);
+        tracing::debug!(%fallback, "shared send budget unavailable: using this node's");
         self.limiter.check_key(&user.to_owned()).is_ok()
     }
 

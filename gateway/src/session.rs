@@ -356,7 +356,9 @@ impl Session {
                 ))
             }
         };
-        if !self.app.sends.allow(self.user()) {
+        let budget = &self.app.sends;
+        let wait = self.app.config.backend_timeout();
+        if !budget.allow(&self.app.presence, self.user(), wait).await {
             metrics::counter!("gateway_messages_total", "outcome" => "rate_limited").increment(1);
             return Err(Refusal::new(
                 ErrorCode::RateLimited,

@@ -262,3 +262,43 @@ async fn g8_the_senders_other_devices_see_the_message_too() {
     assert_eq!(on_phone["message_id"], second["message_id"]);
     assert_eq!(on_tablet["message_id"], second["message_id"]);
 }
+
+/// Reads your writes: once `sent` is answered, the message is in history on every
+/// gateway; once a recipient got it, it is in the recipient's history too.
+#[tokio::test]
+async fn g9_history_includes_a_message_once_it_is_sent_or_received_on_every_gateway() {
+    let gw = start(|_| {}).await;
+    // In a cluster: phone and bob on one gateway, laptop on the other.
+    let mut phone = gw.connect_device("alice", "phone").await;
+    let mut laptop = gw.connect_device("alice", "laptop").await;
+    let mut bob = gw.connect("bob").await;
+    let history =
+        |n: usize| json!({"type":"history","ref":n,"conversation":"dm:alice:bob","limit":100});
+    for n in 0..20 {
+        let sent = phone
+            .send_message("bob", &format!("m{n}"), &format!("c{n}"))
+            .await;
+        laptop.send(history(n)).await;
+        // The laptop also gets the message itself (guarantee 8), before or after.
+        let listed = loop {
+            let frame = laptop.recv_type_of(&["history", "message"]).await;
+            if frame["type"] == "history" {
+                break frame;
+            }
+        };
+        assert!(
+            ids(listed["messages"].as_array().expect("messages")).contains(&sent["message_id"]),
+            "round {n}: the other device's history misses what was sent: {listed}"
+        );
+        let got = bob.recv_type("message").await;
+        assert_eq!(got["message_id"], sent["message_id"]);
+        bob.send(history(n)).await;
+        let listed = bob.recv_type("history").await;
+        assert!(
+            ids(listed["messages"].as_array().expect("messages")).contains(&sent["message_id"]),
+            "round {n}: the recipient's history misses what it received: {listed}"
+        );
+        bob.send(json!({"type":"ack","message_ids":[got["message_id"]]}))
+            .await;
+    }
+}

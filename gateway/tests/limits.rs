@@ -175,6 +175,46 @@ async fn sending_too_fast_is_refused_per_message_and_nothing_is_dropped() {
 }
 
 #[tokio::test]
+async fn a_users_send_budget_is_shared_by_all_their_devices_on_every_gateway() {
+    let gw = start(|c| {
+        c.rate_per_sec = 5;
+        c.rate_burst = 10;
+    })
+    .await;
+    // In a cluster, the two devices sit on different gateways.
+    let mut phone = gw.connect_device("alice", "phone").await;
+    let mut laptop = gw.connect_device("alice", "laptop").await;
+    let started = std::time::Instant::now();
+    for i in 0..40 {
+        for (device, client) in [("p", &mut phone), ("l", &mut laptop)] {
+            client
+                .send(json!({"type":"send","client_msg_id":format!("{device}{i}"),"to":"bob","body":"hi"}))
+                .await;
+        }
+    }
+    let mut accepted = 0;
+    for client in [&mut phone, &mut laptop] {
+        let mut answered = 0;
+        while answered < 40 {
+            // The other device's accepted messages come too (guarantee 8).
+            let frame = client.recv_type_of(&["sent", "error", "message"]).await;
+            match frame["type"].as_str() {
+                Some("sent") => accepted += 1,
+                Some("message") => continue,
+                _ => assert_eq!(frame["code"], "rate_limited", "{frame}"),
+            }
+            answered += 1;
+        }
+    }
+    // The burst, plus what refilled while the 80 sends were being answered.
+    let refilled = (started.elapsed().as_secs_f64() * 5.0).ceil() as usize;
+    assert!(
+        (10..=10 + refilled).contains(&accepted),
+        "{accepted} of 80 accepted with a budget of 10 + {refilled}"
+    );
+}
+
+#[tokio::test]
 async fn a_client_that_cannot_keep_up_is_closed_with_1008_and_gets_everything_on_reconnect() {
     let gw = start(|c| {
         c.outbound_queue = 8;

@@ -12,6 +12,6 @@ pub mod presence;
 
 pub use error::{Error, Result};
 pub use presence::{
-    ConnRef, Location, MemoryPresence, NodeDelivery, Payload, Presence, PresenceService,
+    ConnRef, Location, MemoryPresence, NodeDelivery, Payload, Presence, PresenceService, Quota,
     RedisConfig, RedisPresence, Status,
 };

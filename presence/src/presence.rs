@@ -75,6 +75,13 @@ pub enum Payload {
     },
 }
 
+/// A send budget: `per_second` sends on average, up to `burst` at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Quota {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
 /// What every presence backend does. Exactly two implementations exist:
 /// [`MemoryPresence`] (one process) and the Redis one; one conformance suite
 /// (`tests/conformance.rs`) runs against both.
@@ -115,6 +122,12 @@ pub trait PresenceService: Send + Sync + 'static {
 
     /// Every online/offline transition of every user, from now on.
     fn changes(&self) -> broadcast::Receiver<Status>;
+
+    /// Takes one send from `user`'s budget, which every node shares: `true` when the
+    /// budget had one (the generic cell rate algorithm: a burst of `quota.burst`, then one
+    /// every `1/quota.per_second` s). One round trip; a user who stops sending costs
+    /// nothing once the budget is full again.
+    fn take_send(&self, user: &str, quota: Quota) -> impl Future<Output = Result<bool>> + Send;
 
     /// Answers when the backend is reachable (for `/readyz`).
     fn ping(&self) -> impl Future<Output = Result<()>> + Send;
@@ -173,6 +186,9 @@ impl PresenceService for Presence {
     }
     async fn deliveries(&self, node: &str) -> Result<mpsc::UnboundedReceiver<Vec<NodeDelivery>>> {
         observed!(self, "deliveries", |p| p.deliveries(node))
+    }
+    async fn take_send(&self, user: &str, quota: Quota) -> Result<bool> {
+        observed!(self, "take_send", |p| p.take_send(user, quota))
     }
     fn changes(&self) -> broadcast::Receiver<Status> {
         match self {

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use presence::{
-    ConnRef, Location, MemoryPresence, NodeDelivery, Payload, Presence, PresenceService,
+    ConnRef, Location, MemoryPresence, NodeDelivery, Payload, Presence, PresenceService, Quota,
     RedisConfig, RedisPresence, Status,
 };
 use storage::Conversation;
@@ -229,6 +229,45 @@ async fn heartbeats_keep_devices_alive<B: Backend>() {
     assert!(p.status(&["erin".into()]).await.expect("status")[0].online);
 }
 
+async fn a_send_budget_allows_a_burst_then_refills<B: Backend>() {
+    let p = B::make(Duration::from_secs(30)).await;
+    let quota = Quota {
+        per_second: 4,
+        burst: 5,
+    };
+    for i in 0..5 {
+        assert!(
+            p.take_send("fay", quota).await.expect("take"),
+            "send {i} of the burst"
+        );
+    }
+    assert!(
+        !p.take_send("fay", quota).await.expect("take"),
+        "the burst is spent"
+    );
+    assert!(
+        !p.take_send("fay", quota).await.expect("take"),
+        "and stays spent"
+    );
+    assert!(
+        p.take_send("gus", quota).await.expect("take"),
+        "another user has a budget of their own"
+    );
+    // One send comes back every 250 ms: poll until it has.
+    let started = std::time::Instant::now();
+    while !p.take_send("fay", quota).await.expect("take") {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the budget never refilled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !p.take_send("fay", quota).await.expect("take"),
+        "it refills one send at a time"
+    );
+}
+
 /// One test per scenario for one backend.
 macro_rules! instantiate {
     ($module:ident => $backend:ident: $($scenario:ident),* $(,)?) => {
@@ -260,4 +299,5 @@ conformance!(
     deliveries_reach_the_node_channel,
     devices_expire_without_heartbeats,
     heartbeats_keep_devices_alive,
+    a_send_budget_allows_a_burst_then_refills,
 );

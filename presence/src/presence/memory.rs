@@ -5,12 +5,15 @@
 //! backend, where a node that stops heartbeating loses its users.
 
 use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{broadcast, mpsc};
 
-use super::{Location, NodeDelivery, PresenceService, Status};
+use governor::{DefaultKeyedRateLimiter, RateLimiter};
+
+use super::{Location, NodeDelivery, PresenceService, Quota, Status};
 use crate::error::Result;
 
 /// A cheap-clone handle to the in-memory presence state.
@@ -38,6 +41,8 @@ struct Shared {
 struct State {
     users: HashMap<String, UserEntry>,
     nodes: HashMap<String, mpsc::UnboundedSender<Vec<NodeDelivery>>>,
+    /// Send budgets per user, one limiter per quota asked for (in practice, one).
+    sends: HashMap<Quota, DefaultKeyedRateLimiter<String>>,
 }
 
 #[derive(Default)]
@@ -104,6 +109,13 @@ async fn sweep(shared: Weak<Shared>, every: Duration) {
                         last_seen: entry.last_seen,
                     });
                 }
+            }
+        }
+        {
+            // Budgets that are full again cost nothing.
+            let state = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            for limiter in state.sends.values() {
+                limiter.retain_recent();
             }
         }
         for status in offline {
@@ -242,6 +254,16 @@ impl PresenceService for MemoryPresence {
 
     fn changes(&self) -> broadcast::Receiver<Status> {
         self.shared.changes.subscribe()
+    }
+
+    async fn take_send(&self, user: &str, quota: Quota) -> Result<bool> {
+        let mut state = self.state();
+        let limiter = state.sends.entry(quota).or_insert_with(|| {
+            let per_second = NonZeroU32::new(quota.per_second).unwrap_or(NonZeroU32::MIN);
+            let burst = NonZeroU32::new(quota.burst).unwrap_or(NonZeroU32::MIN);
+            RateLimiter::keyed(governor::Quota::per_second(per_second).allow_burst(burst))
+        });
+        Ok(limiter.check_key(&user.to_owned()).is_ok())
     }
 
     async fn ping(&self) -> Result<()> {

@@ -32,7 +32,7 @@ use tokio::sync::{broadcast, mpsc};
 
 use storage::resilience::{Breaker, Guarded};
 
-use super::{Location, NodeDelivery, PresenceService, Status};
+use super::{Location, NodeDelivery, PresenceService, Quota, Status};
 use crate::error::{Error, Result};
 
 /// How to reach Redis and how long things live there.
@@ -152,6 +152,20 @@ if removed == 0 then return 0 end
 if redis.call('ZCOUNT', KEYS[1], '(' .. ARGV[2], '+inf') > 0 then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+return 1
+";
+
+/// GCRA on the server's clock (every gateway shares it): KEYS[1] holds the theoretical
+/// arrival time in µs; ARGV: µs per send, burst. Returns 1 when the send may go.
+const TAKE_SEND: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+local next_tat = tat + interval
+if next_tat - now > interval * tonumber(ARGV[2]) then return 0 end
+redis.call('SET', KEYS[1], string.format('%.0f', next_tat), 'PX', math.ceil((next_tat - now) / 1000) + 1)
 return 1
 ";
 
@@ -301,6 +315,9 @@ impl Shared {
     }
     fn seen_key(&self, user: &str) -> String {
         format!("{{{}:u:{user}}}:seen", self.config.prefix)
+    }
+    fn sends_key(&self, user: &str) -> String {
+        format!("{{{}:u:{user}}}:sends", self.config.prefix)
     }
     fn node_key(&self, node: &str, what: &str) -> String {
         format!("{{{}:n:{node}}}:{what}", self.config.prefix)
@@ -786,6 +803,24 @@ impl RedisPresence {
         Ok(rx)
     }
 
+    async fn take_send_unguarded(&self, user: &str, quota: Quota) -> Result<bool> {
+        let s = &self.shared;
+        let interval = 1_000_000 / i64::from(quota.per_second.max(1));
+        let allowed: i64 = s
+            .client
+            .eval(
+                TAKE_SEND,
+                vec![s.sends_key(user)],
+                vec![
+                    Value::from(interval),
+                    Value::from(i64::from(quota.burst.max(1))),
+                ],
+            )
+            .await
+            .map_err(fail)?;
+        Ok(allowed == 1)
+    }
+
     async fn ping_unguarded(&self) -> Result<()> {
         let _: String = self.shared.client.ping(None).await.map_err(fail)?;
         Ok(())
@@ -848,6 +883,13 @@ impl PresenceService for RedisPresence {
     }
     fn changes(&self) -> broadcast::Receiver<Status> {
         self.shared.changes.subscribe()
+    }
+    async fn take_send(&self, user: &str, quota: Quota) -> Result<bool> {
+        let breaker = &self.shared.breaker;
+        breaker
+            .call(counts, self.take_send_unguarded(user, quota))
+            .await
+            .map_err(opened)
     }
     async fn ping(&self) -> Result<()> {
         let breaker = &self.shared.breaker;
