@@ -488,3 +488,245 @@ async fn with_the_broker_down_sends_fail_fast_and_succeed_once_it_is_back() {
         "the message sent after the restart arrived"
     );
 }
+
+/// The gateways that are up, as a load balancer in front of them knows them.
+type Upstream = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// Connects to one of the gateways that are up, trying the next one after a failure (a
+/// gateway that was just taken out of the list may still be closing).
+async fn connect_any(up: &Upstream, user: &str, turn: &mut usize) -> Client {
+    let token = gateway::auth::Auth::new(SECRET.as_bytes()).mint(user, Duration::from_secs(3600));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let addr = {
+            let up = up.lock().unwrap_or_else(|e| e.into_inner());
+            up.get(*turn % up.len().max(1)).cloned()
+        };
+        *turn += 1;
+        if let Some(addr) = addr {
+            let url = format!("ws://{addr}/ws?device=phone");
+            match common::try_connect_url(&url, &token, user).await {
+                Ok(client) => return client,
+                Err(e) => assert!(Instant::now() < deadline, "{user}: no gateway took us: {e}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sends 10 messages a second to `to` until `stop`, through whichever gateway is up,
+/// resending (same `client_msg_id`) whatever a closed connection left unanswered. Returns
+/// the accepted ones: `client_msg_id` → `message_id`.
+async fn send_through_restarts(
+    user: String,
+    to: String,
+    up: Upstream,
+    stop: tokio_util::sync::CancellationToken,
+) -> HashMap<String, String> {
+    let mut accepted = HashMap::new();
+    let mut waiting: BTreeSet<String> = BTreeSet::new();
+    let (mut next, mut turn) = (0, user.len());
+    let frame = |cmid: &str| json!({"type":"send","client_msg_id":cmid,"to":to,"body":cmid});
+    let mut deadline = None;
+    'connect: loop {
+        let mut client = connect_any(&up, &user, &mut turn).await;
+        for cmid in &waiting {
+            if !client.try_send(frame(cmid)).await {
+                continue 'connect;
+            }
+        }
+        let mut due = Instant::now();
+        loop {
+            if stop.is_cancelled() {
+                if waiting.is_empty() {
+                    return accepted;
+                }
+                let until =
+                    *deadline.get_or_insert_with(|| Instant::now() + Duration::from_secs(60));
+                assert!(
+                    Instant::now() < until,
+                    "{user}: {waiting:?} unanswered after 60 s"
+                );
+            } else if Instant::now() >= due {
+                let cmid = format!("c{next}");
+                next += 1;
+                due += Duration::from_millis(100);
+                waiting.insert(cmid.clone());
+                if !client.try_send(frame(&cmid)).await {
+                    continue 'connect;
+                }
+            }
+            let answer = match client.try_recv(Duration::from_millis(20)).await {
+                Ok(Some(answer)) => answer,
+                Ok(None) => continue,
+                Err(_) => continue 'connect,
+            };
+            let cmid = answer["client_msg_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            match answer["type"].as_str() {
+                Some("sent") => {
+                    waiting.remove(&cmid);
+                    let id = answer["message_id"].as_str().unwrap_or_default().to_owned();
+                    if let Some(first) = accepted.insert(cmid.clone(), id.clone()) {
+                        assert_eq!(first, id, "{cmid} answered two ids");
+                    }
+                }
+                Some("error") => {
+                    // A gateway shutting down refuses what it can no longer see through.
+                    assert_eq!(answer["code"], "unavailable", "{answer}");
+                    if !client.try_send(frame(&cmid)).await {
+                        continue 'connect;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Receives (and acks) messages through whichever gateway is up until every id of
+/// `expected` (once known) has arrived, or 60 s after that.
+async fn receive_through_restarts(
+    user: String,
+    up: Upstream,
+    mut expected: tokio::sync::watch::Receiver<Option<HashMap<String, BTreeSet<String>>>>,
+) -> BTreeSet<String> {
+    let mut got = BTreeSet::new();
+    let mut turn = user.len() + 1;
+    let mut deadline = None;
+    'connect: loop {
+        let mut client = connect_any(&up, &user, &mut turn).await;
+        loop {
+            if let Some(all) = expected.borrow_and_update().as_ref() {
+                let until =
+                    *deadline.get_or_insert_with(|| Instant::now() + Duration::from_secs(60));
+                let mine = all.get(&user).is_none_or(|ids| ids.is_subset(&got));
+                if mine || Instant::now() > until {
+                    return got;
+                }
+            }
+            match client.try_recv(Duration::from_millis(200)).await {
+                Ok(Some(frame)) if frame["type"] == "message" => {
+                    let id = frame["message_id"].as_str().unwrap_or_default().to_owned();
+                    got.insert(id.clone());
+                    if !client
+                        .try_send(json!({"type":"ack","message_ids":[id]}))
+                        .await
+                    {
+                        continue 'connect;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => continue 'connect,
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_each_gateway_under_load_delivers_every_accepted_message() {
+    if !common::cluster_mode() {
+        return;
+    }
+    const PAIRS: usize = 10;
+    let tag = tag();
+    let env = cluster_env(&cluster_config(&tag, |_| {}));
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--drain-secs",
+        "2",
+    ];
+    let mut gateways = vec![
+        spawn("gateway", &env, &args).await,
+        spawn("gateway", &env, &args).await,
+    ];
+    let dispatcher_args = ["--admin-listen", "127.0.0.1:0"];
+    let _dispatchers = [
+        spawn("dispatcher", &env, &dispatcher_args).await,
+        spawn("dispatcher", &env, &dispatcher_args).await,
+    ];
+    let up: Upstream = std::sync::Arc::new(std::sync::Mutex::new(
+        gateways.iter().map(|g| g.addr.clone()).collect(),
+    ));
+
+    // Ten pairs at 10 msgs/s each: 100 msgs/s over both gateways.
+    let (expected_tx, expected_rx) = tokio::sync::watch::channel(None);
+    let mut recipients = Vec::new();
+    for i in 0..PAIRS {
+        let (expected, up) = (expected_rx.clone(), up.clone());
+        recipients.push(tokio::spawn(receive_through_restarts(
+            format!("r{i}"),
+            up,
+            expected,
+        )));
+    }
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut senders = Vec::new();
+    for i in 0..PAIRS {
+        let (up, stop) = (up.clone(), stop.clone());
+        senders.push(tokio::spawn(send_through_restarts(
+            format!("s{i}"),
+            format!("r{i}"),
+            up,
+            stop,
+        )));
+    }
+
+    // Each gateway in turn: out of the load balancer, SIGTERM (its clients are closed with
+    // 1012 and come back on the other one), a new process in its place.
+    for turn in 0..2 {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let old = gateways.remove(0);
+        up.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|a| *a != old.addr);
+        old.sigterm().await;
+        let new = spawn("gateway", &env, &args).await;
+        up.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(new.addr.clone());
+        gateways.push(new);
+        eprintln!("gateway {turn} restarted");
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.cancel();
+
+    let mut accepted = Vec::new();
+    for sender in senders {
+        accepted.push(sender.await.expect("sender"));
+    }
+    let per_recipient: HashMap<String, BTreeSet<String>> = accepted
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (format!("r{i}"), a.values().cloned().collect()))
+        .collect();
+    let expected: BTreeSet<String> = per_recipient.values().flatten().cloned().collect();
+    let _ = expected_tx.send(Some(per_recipient));
+    let mut delivered = BTreeSet::new();
+    for recipient in recipients {
+        delivered.extend(recipient.await.expect("recipient"));
+    }
+    let missing: Vec<_> = expected.difference(&delivered).collect();
+    eprintln!(
+        "accepted {}, delivered {}, missing {}",
+        expected.len(),
+        delivered.len(),
+        missing.len()
+    );
+    assert!(
+        expected.len() >= 1000,
+        "the load ran: {} accepted",
+        expected.len()
+    );
+    assert!(
+        missing.is_empty(),
+        "{} accepted messages never delivered: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+}

@@ -307,6 +307,34 @@ pub async fn connect_url(url: &str, token: &str, user: &str) -> Client {
     client
 }
 
+/// Like [`connect_url`], but a failure to connect is returned, not a panic (for clients
+/// that try another gateway).
+pub async fn try_connect_url(url: &str, token: &str, user: &str) -> Result<Client, String> {
+    let mut request = url.into_client_request().map_err(|e| e.to_string())?;
+    let bearer = format!("Bearer {token}")
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    request.headers_mut().insert("authorization", bearer);
+    let (ws, _) = timeout(WAIT, tokio_tungstenite::connect_async(request))
+        .await
+        .map_err(|_| format!("{url}: no handshake within {WAIT:?}"))?
+        .map_err(|e| format!("{url}: {e}"))?;
+    let mut client = Client {
+        ws,
+        user: user.into(),
+        welcome: Value::Null,
+        seen: Default::default(),
+        duplicates: 0,
+    };
+    match client.try_recv(WAIT).await {
+        Ok(Some(welcome)) if welcome["type"] == "welcome" => {
+            client.welcome = welcome;
+            Ok(client)
+        }
+        other => Err(format!("{url}: no welcome: {other:?}")),
+    }
+}
+
 /// The HTTP status a WebSocket handshake was refused with.
 pub async fn refused_status(request: impl IntoClientRequest + Unpin) -> u16 {
     match timeout(WAIT, tokio_tungstenite::connect_async(request))
@@ -369,6 +397,40 @@ impl Client {
             }
             return frame;
         }
+    }
+
+    /// The next text frame within `wait` (repeated messages dropped, as in [`Client::recv`]):
+    /// `Ok(None)` when none came, `Err` once the connection ended.
+    pub async fn try_recv(&mut self, wait: Duration) -> Result<Option<Value>, Ended> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let next = match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return Ok(None),
+                Ok(next) => next,
+            };
+            let frame = match next {
+                None => return Err(Ended::Dropped("end of stream".into())),
+                Some(Err(e)) => return Err(Ended::Dropped(e.to_string())),
+                Some(Ok(Message::Close(frame))) => return Err(Ended::Closed(frame)),
+                Some(Ok(Message::Text(text))) => {
+                    serde_json::from_str::<Value>(&text).expect("JSON frame")
+                }
+                Some(Ok(_)) => continue,
+            };
+            if frame["type"] == "message" {
+                let id = frame["message_id"].as_str().unwrap_or_default().to_owned();
+                if !self.seen.insert(id) {
+                    self.duplicates += 1;
+                    continue;
+                }
+            }
+            return Ok(Some(frame));
+        }
+    }
+
+    /// Sends a frame; `false` when the connection is gone.
+    pub async fn try_send(&mut self, frame: Value) -> bool {
+        self.ws.send(Message::text(frame.to_string())).await.is_ok()
     }
 
     /// The next text frame, as JSON, repeats included.

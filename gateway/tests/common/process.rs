@@ -113,6 +113,19 @@ impl Process {
         let _ = self.child.wait().await;
     }
 
+    /// SIGTERM (a graceful drain), then waits for the process to exit.
+    pub async fn sigterm(mut self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .await
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {}", self.pid());
+        let _ = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
+            .await
+            .expect("exited within 60 s of SIGTERM");
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id().unwrap_or(0)
     }
