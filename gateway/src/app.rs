@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Auth;
 use crate::config::Config;
-use crate::hub::{Deadlines, Hub};
+use crate::hub::{Deadlines, Hub, Unlocated};
 use crate::limits::SendLimiter;
 
 pub struct App {
@@ -26,6 +26,8 @@ pub struct App {
     /// Sends waiting for the dispatcher's answer, to be refused when it is late.
     pub deadlines: Deadlines,
     pub sends: SendLimiter,
+    /// Connections to catch up once presence knows of them.
+    pub unlocated: Unlocated,
     pub metrics: PrometheusHandle,
     /// Every connection task, so that a drain can wait for them.
     pub tracker: TaskTracker,
@@ -55,6 +57,7 @@ impl App {
             hub: Hub::default(),
             deadlines: Deadlines::default(),
             sends,
+            unlocated: Unlocated::default(),
             metrics,
             tracker: TaskTracker::new(),
             draining: AtomicBool::new(false),

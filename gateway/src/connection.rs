@@ -103,8 +103,11 @@ async fn serve_inner<S>(
     .await
     {
         Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "presence connect failed"),
-        Err(_) => tracing::warn!("presence connect timed out"),
+        failed => {
+            // Registered by the node's next heartbeat, and then caught up.
+            tracing::warn!(?failed, "presence connect failed");
+            app.unlocated.push(&conn);
+        }
     }
 
     let writer =
@@ -285,6 +288,17 @@ async fn write_loop<S>(
         .await;
     }
     let _ = Box::pin(timeout(Duration::from_secs(2), sink.close())).await;
+}
+
+/// Replays the pending queue again on a live connection. For after presence was restored:
+/// a message stored while its recipient could not be located was not delivered live, and
+/// nothing else would bring it before the next connect. What the connection got live and
+/// has not acked yet comes again (clients drop repeats by `message_id`).
+pub async fn catch_up(conn: Arc<ConnHandle>, app: Arc<App>) {
+    if conn.begin_replay() {
+        metrics::counter!("gateway_catch_ups_total").increment(1);
+        replay(conn, app).await;
+    }
 }
 
 /// Pushes the user's pending messages, oldest first, then the receipts kept while they

@@ -145,6 +145,17 @@ impl ConnHandle {
         }
     }
 
+    /// Starts another replay of the pending queue on a live connection (a catch-up): live
+    /// messages wait again until it ends. `false` when a replay is running already.
+    pub fn begin_replay(&self) -> bool {
+        let mut held = lock(&self.held);
+        if held.is_some() {
+            return false;
+        }
+        *held = Some(Vec::new());
+        true
+    }
+
     /// Ends the replay: releases held live messages, except those the replay already sent.
     pub fn finish_replay(&self, replayed: &HashSet<Uuid>) {
         let mut held = lock(&self.held);
@@ -444,4 +455,24 @@ fn answered(conn: &ConnHandle, client_msg_id: &str, payload: &Payload) -> bool {
         }
     }
     true
+}
+
+/// Connections whose registration with presence failed: until the node's next successful
+/// heartbeat registers them, messages to them are not delivered live.
+#[derive(Default)]
+pub struct Unlocated(Mutex<Vec<std::sync::Weak<ConnHandle>>>);
+
+impl Unlocated {
+    pub fn push(&self, conn: &Arc<ConnHandle>) {
+        lock(&self.0).push(Arc::downgrade(conn));
+    }
+
+    /// The ones still open, forgetting them all.
+    pub fn take(&self) -> Vec<Arc<ConnHandle>> {
+        std::mem::take(&mut *lock(&self.0))
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .filter(|c| !c.closed().is_cancelled())
+            .collect()
+    }
 }

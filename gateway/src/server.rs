@@ -267,13 +267,39 @@ async fn run(
             let every = (app.config.presence_ttl() / 3)
                 .clamp(Duration::from_millis(100), Duration::from_secs(30));
             let mut tick = tokio::time::interval(every);
+            let mut failing = false;
+            let mut restorations = presence::PresenceService::restorations(&app.presence);
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
+                    Ok(()) = restorations.changed() => {
+                        // Presence lost this node's devices and has them again.
+                        let all = app.hub.all();
+                        tracing::info!(connections = all.len(), "catching up after presence was restored");
+                        tokio::spawn(catch_up_all(all, app.clone()));
+                    }
                     _ = tick.tick() => {
                         let users = app.hub.users();
-                        if let Err(e) = presence::PresenceService::heartbeat(&app.presence, &app.node, &users).await {
-                            tracing::warn!(error = %e, "presence heartbeat failed");
+                        match presence::PresenceService::heartbeat(&app.presence, &app.node, &users).await {
+                            Err(e) => {
+                                tracing::warn!(error = %e, "presence heartbeat failed");
+                                failing = true;
+                            }
+                            Ok(()) => {
+                                // The heartbeat registered every device of this node again:
+                                // whatever was stored for them while they could not be
+                                // located is delivered now, not on their next connect.
+                                let behind = if std::mem::take(&mut failing) {
+                                    app.unlocated.take();
+                                    app.hub.all()
+                                } else {
+                                    app.unlocated.take()
+                                };
+                                if !behind.is_empty() {
+                                    tracing::info!(connections = behind.len(), "catching up after presence was restored");
+                                    tokio::spawn(catch_up_all(behind, app.clone()));
+                                }
+                            }
                         }
                         app.sends.forget_idle();
                         app.metrics.run_upkeep();
@@ -544,4 +570,13 @@ async fn dev_token(State(app): State<Arc<App>>, body: Bytes) -> Response {
     }
     let token = app.auth.mint(&request.user, Duration::from_secs(24 * 3600));
     Json(json!({ "token": token, "user": request.user })).into_response()
+}
+
+/// Catches up connections after presence was restored, a few at a time: each reads its
+/// user's pending queue from the store.
+async fn catch_up_all(conns: Vec<Arc<crate::hub::ConnHandle>>, app: Arc<App>) {
+    use futures_util::StreamExt;
+    futures_util::stream::iter(conns)
+        .for_each_concurrent(32, |conn| crate::connection::catch_up(conn, app.clone()))
+        .await;
 }

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use storage::{Conversation, Message, Receipt};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use uuid::Uuid;
 
 use crate::error::Result;
@@ -123,6 +123,11 @@ pub trait PresenceService: Send + Sync + 'static {
     /// Every online/offline transition of every user, from now on.
     fn changes(&self) -> broadcast::Receiver<Status>;
 
+    /// Counts the times this process registered its devices again after the backend had
+    /// lost them (Redis restarted, or was unreachable). Messages stored meanwhile found
+    /// their recipients offline: a node catches its connections up when this moves.
+    fn restorations(&self) -> watch::Receiver<u64>;
+
     /// Takes one send from `user`'s budget, which every node shares: `true` when the
     /// budget had one (the generic cell rate algorithm: a burst of `quota.burst`, then one
     /// every `1/quota.per_second` s). One round trip; a user who stops sending costs
@@ -194,6 +199,12 @@ impl PresenceService for Presence {
         match self {
             Presence::Memory(p) => p.changes(),
             Presence::Redis(p) => p.changes(),
+        }
+    }
+    fn restorations(&self) -> watch::Receiver<u64> {
+        match self {
+            Presence::Memory(p) => p.restorations(),
+            Presence::Redis(p) => p.restorations(),
         }
     }
     async fn ping(&self) -> Result<()> {

@@ -9,7 +9,7 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 
 use governor::{DefaultKeyedRateLimiter, RateLimiter};
 
@@ -35,6 +35,8 @@ struct Shared {
     // A std mutex: every critical section is a few map operations and never awaits.
     state: Mutex<State>,
     changes: broadcast::Sender<Status>,
+    /// Never moves: this state is never lost while the process lives.
+    restorations: watch::Sender<u64>,
 }
 
 #[derive(Default)]
@@ -70,6 +72,7 @@ impl MemoryPresence {
             ttl,
             state: Mutex::new(State::default()),
             changes,
+            restorations: watch::Sender::new(0),
         });
         let weak = Arc::downgrade(&shared);
         let every = (ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
@@ -254,6 +257,10 @@ impl PresenceService for MemoryPresence {
 
     fn changes(&self) -> broadcast::Receiver<Status> {
         self.shared.changes.subscribe()
+    }
+
+    fn restorations(&self) -> watch::Receiver<u64> {
+        self.shared.restorations.subscribe()
     }
 
     async fn take_send(&self, user: &str, quota: Quota) -> Result<bool> {

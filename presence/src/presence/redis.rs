@@ -28,7 +28,7 @@ use fred::prelude::{
     SortedSetsInterface,
 };
 use fred::types::Value;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 
 use storage::resilience::{Breaker, Guarded};
 
@@ -82,6 +82,8 @@ struct Shared {
     client: fred::clients::Client,
     subscriber: SubscriberClient,
     changes: broadcast::Sender<Status>,
+    /// Bumped after each rewrite of what this process registered.
+    restorations: watch::Sender<u64>,
     local: Mutex<Local>,
     /// Fails fast while Redis is down; bounds every guarded operation.
     breaker: Breaker,
@@ -249,6 +251,7 @@ impl RedisPresence {
             client,
             subscriber,
             changes,
+            restorations: watch::Sender::new(0),
             local: Mutex::new(Local::default()),
             resubscriber: Mutex::new(None),
             breaker: Breaker::new("redis", timeout * 2),
@@ -466,6 +469,7 @@ impl Shared {
             }
         }
         tracing::info!(restored, "presence written again after a Redis reconnect");
+        self.restorations.send_modify(|n| *n += 1);
     }
 }
 
@@ -613,6 +617,20 @@ async fn keep_alive(shared: Weak<Shared>, node: String) {
 
 /// The operations themselves; [`PresenceService`] runs each under the breaker.
 impl RedisPresence {
+    /// Remembers a device this process registers: its heartbeats and the rewrite after a
+    /// reconnect write it (again), also when registering it failed.
+    fn remember(&self, user: &str, at: &Location) {
+        let mut local = self.shared.local();
+        let devices = local
+            .devices
+            .entry(at.node.clone())
+            .or_default()
+            .entry(user.to_owned())
+            .or_default();
+        devices.retain(|l| l.conn != at.conn);
+        devices.push(at.clone());
+    }
+
     async fn connect_unguarded(&self, user: &str, at: &Location) -> Result<bool> {
         let s = &self.shared;
         let ttl = millis(s.config.ttl);
@@ -636,17 +654,6 @@ impl RedisPresence {
             )
             .await
             .map_err(fail)?;
-        {
-            let mut local = s.local();
-            let devices = local
-                .devices
-                .entry(at.node.clone())
-                .or_default()
-                .entry(user.to_owned())
-                .or_default();
-            devices.retain(|l| l.conn != at.conn);
-            devices.push(at.clone());
-        }
         if came_online == 1 {
             s.announce(&Status {
                 user: user.to_owned(),
@@ -840,6 +847,9 @@ fn opened(e: Guarded<Error>) -> Error {
 
 impl PresenceService for RedisPresence {
     async fn connect(&self, user: &str, at: &Location) -> Result<bool> {
+        // First, so that a device whose registration fails (or is not tried, the breaker
+        // being open) is registered by the node's next heartbeat.
+        self.remember(user, at);
         let breaker = &self.shared.breaker;
         breaker
             .call(counts, self.connect_unguarded(user, at))
@@ -884,6 +894,10 @@ impl PresenceService for RedisPresence {
     fn changes(&self) -> broadcast::Receiver<Status> {
         self.shared.changes.subscribe()
     }
+    fn restorations(&self) -> watch::Receiver<u64> {
+        self.shared.restorations.subscribe()
+    }
+
     async fn take_send(&self, user: &str, quota: Quota) -> Result<bool> {
         let breaker = &self.shared.breaker;
         breaker
