@@ -119,8 +119,12 @@ enum Event {
         origin: Option<ConnRef>,
         appended: Appended,
     },
-    /// Receipts for the sender of the messages they name.
-    Receipts { to: String, receipts: Vec<Receipt> },
+    /// Receipts for the sender of the messages they name, each with the id it is kept
+    /// under until one of the sender's devices confirms it.
+    Receipts {
+        to: String,
+        receipts: Vec<(Uuid, Receipt)>,
+    },
     /// An answer to the connection that sent a message.
     Answer {
         sender: String,
@@ -509,7 +513,7 @@ impl Dispatcher {
         for ((user, _, _, commits), result) in users.into_iter().zip(results) {
             let result = match result {
                 Ok(acked) => {
-                    let mut by_sender: Vec<(String, Vec<Receipt>)> = Vec::new();
+                    let mut by_sender: Vec<(String, Vec<(Uuid, Receipt)>)> = Vec::new();
                     for AckedMessage {
                         id,
                         conversation,
@@ -527,6 +531,7 @@ impl Dispatcher {
                             status: ReceiptStatus::Delivered,
                             ts,
                         };
+                        let receipt = (Uuid::now_v7(), receipt);
                         match by_sender.iter_mut().find(|(s, _)| *s == from) {
                             Some((_, receipts)) => receipts.push(receipt),
                             None => by_sender.push((from, vec![receipt])),
@@ -572,7 +577,7 @@ impl Dispatcher {
                     };
                     outcome.events.push(Event::Receipts {
                         to,
-                        receipts: vec![receipt],
+                        receipts: vec![(Uuid::now_v7(), receipt)],
                     });
                 }
                 Ok(())
@@ -628,7 +633,7 @@ impl Dispatcher {
 
         let mut out = NodeBatches::default();
         let mut pushes = Vec::new();
-        let mut keep: Vec<(String, Vec<Receipt>)> = Vec::new();
+        let mut keep: Vec<(String, Vec<(Uuid, Receipt)>)> = Vec::new();
         for event in events {
             match event {
                 Event::Message {
@@ -689,26 +694,29 @@ impl Dispatcher {
                     }
                 }
                 Event::Receipts { to, receipts } => {
-                    let at = located.as_ref().and_then(|l| l.get(&to));
-                    let Some(at) = at else {
-                        keep.push((to, receipts));
-                        continue;
-                    };
-                    let mut nodes: Vec<&str> = at.iter().map(|l| l.node.as_str()).collect();
-                    nodes.sort_unstable();
-                    nodes.dedup();
-                    for node in nodes {
-                        for receipt in &receipts {
-                            out.push(
-                                node,
-                                NodeDelivery {
-                                    users: vec![to.clone()],
-                                    except: None,
-                                    payload: Payload::Receipt(receipt.clone()),
-                                },
-                            );
+                    // Kept in every case (until a device of `to` confirms them), and
+                    // pushed to the devices online now.
+                    if let Some(at) = located.as_ref().and_then(|l| l.get(&to)) {
+                        let mut nodes: Vec<&str> = at.iter().map(|l| l.node.as_str()).collect();
+                        nodes.sort_unstable();
+                        nodes.dedup();
+                        for node in nodes {
+                            for (id, receipt) in &receipts {
+                                out.push(
+                                    node,
+                                    NodeDelivery {
+                                        users: vec![to.clone()],
+                                        except: None,
+                                        payload: Payload::Receipt {
+                                            id: *id,
+                                            receipt: receipt.clone(),
+                                        },
+                                    },
+                                );
+                            }
                         }
                     }
+                    keep.push((to, receipts));
                 }
                 Event::Answer {
                     sender,
@@ -736,8 +744,8 @@ impl Dispatcher {
                 tracing::warn!(error = %e, "push event failed");
             }
         });
-        // Receipts for offline senders are kept first: once a batch's answers are out,
-        // everything the batch caused is in place.
+        // Receipts are kept first: a receipt pushed to a node that dies in that instant
+        // comes again on the sender's next connect.
         let kept = keep.into_iter().map(|(to, receipts)| async move {
             if let Err(e) = self.store.push_receipts(&to, receipts).await {
                 tracing::warn!(error = %e, %to, "keeping receipts failed");

@@ -261,14 +261,14 @@ async fn two_acks_of_one_message_make_one_receipt() {
         receipts.extend(
             batch
                 .into_iter()
-                .filter(|d| matches!(d.payload, Payload::Receipt(_))),
+                .filter(|d| matches!(d.payload, Payload::Receipt { .. })),
         );
     }
     assert_eq!(receipts.len(), 1, "{receipts:?}");
 }
 
 #[tokio::test]
-async fn receipts_reach_online_senders_and_wait_for_offline_ones() {
+async fn receipts_are_kept_until_confirmed_and_pushed_to_online_senders() {
     let mut h = start().await;
     let m1 = message("alice", "bob", "one");
     let m2 = message("alice", "bob", "two");
@@ -286,7 +286,7 @@ async fn receipts_reach_online_senders_and_wait_for_offline_ones() {
         .await
         .expect("ack");
     barrier(&mut h, "bob").await;
-    let kept = h.store.receipts("alice", 10).await.expect("receipts");
+    let kept = h.store.receipts("alice", None, 10).await.expect("receipts");
     assert_eq!(kept.len(), 1);
     assert_eq!(
         (kept[0].1.message_id, kept[0].1.status),
@@ -308,11 +308,18 @@ async fn receipts_reach_online_senders_and_wait_for_offline_ones() {
         .await
         .expect("read");
     let delivery = next(&mut node).await.remove(0);
-    let Payload::Receipt(receipt) = delivery.payload else {
+    let Payload::Receipt { id, receipt } = delivery.payload else {
         panic!("not a receipt: {delivery:?}")
     };
     assert_eq!(
         (receipt.message_id, receipt.status, receipt.by.as_str()),
         (m2.id, ReceiptStatus::Read, "bob")
     );
+    // Pushed live and kept too, under the id it was pushed with, until a device confirms
+    // it: a node that died with it in flight loses nothing.
+    let kept = h.store.receipts("alice", None, 10).await.expect("receipts");
+    let ids: Vec<_> = kept.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids.len(), 2, "{kept:?}");
+    assert_eq!(ids[1], id);
+    assert_eq!(kept[1].1, receipt);
 }

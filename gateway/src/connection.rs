@@ -114,7 +114,7 @@ async fn serve_inner<S>(
         tokio::spawn(write_loop(sink, outbound, conn.clone(), app.clone()).in_current_span());
     // The replay's end is signalled by dropping `replayed`, not by its JoinHandle: a task
     // whose handle is held stays allocated, at its future's size, until the handle goes.
-    let (replayed, mut replay_done) = tokio::sync::oneshot::channel::<()>();
+    let (replayed, replay_done) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(
         {
             let (conn, app) = (conn.clone(), app.clone());
@@ -126,20 +126,9 @@ async fn serve_inner<S>(
         .in_current_span(),
     );
     read_loop(stream, &conn, &app).await;
-    // The client left on its own: let the replay finish its bookkeeping (clearing the
-    // receipts it delivered) before the close completes. Bounded, and skipped when the
-    // server is closing the connection.
-    let mut finished = false;
-    if !conn.closed().is_cancelled() {
-        finished = Box::pin(timeout(Duration::from_secs(5), &mut replay_done))
-            .await
-            .is_ok();
-    }
     // Whatever ended the reader, the writer and the replay end too.
     conn.close(u16::from(CloseCode::Normal));
-    if !finished {
-        let _ = replay_done.await;
-    }
+    let _ = replay_done.await;
     let _ = writer.await;
 
     app.hub.unregister(&conn);
@@ -301,8 +290,8 @@ pub async fn catch_up(conn: Arc<ConnHandle>, app: Arc<App>) {
     }
 }
 
-/// Pushes the user's pending messages, oldest first, then the receipts kept while they
-/// were away, then releases the live messages that arrived meanwhile.
+/// Pushes the user's pending messages, oldest first, then the receipts kept for them
+/// (not yet confirmed by any of their devices), then releases the live messages that arrived meanwhile.
 ///
 /// Its task lives (allocated at its future's size) as long as the connection, whose end
 /// awaits it: every store call is boxed, so that the future holds pointers, not the
@@ -341,10 +330,12 @@ async fn replay(conn: Arc<ConnHandle>, app: Arc<App>) {
             break;
         }
     }
+    // Then the receipts kept for this user: all of them, until a device confirms them.
+    let mut after = None;
     loop {
         let kept = match timeout(
             app.config.backend_timeout(),
-            Box::pin(app.store.receipts(&conn.user, REPLAY_PAGE)),
+            Box::pin(app.store.receipts(&conn.user, after, REPLAY_PAGE)),
         )
         .await
         {
@@ -354,19 +345,16 @@ async fn replay(conn: Arc<ConnHandle>, app: Arc<App>) {
                 break;
             }
         };
-        let Some((last, _)) = kept.last() else { break };
-        let last = *last;
-        for (_, receipt) in &kept {
+        after = kept.last().map(|(id, _)| *id).or(after);
+        for (id, receipt) in &kept {
             if !conn
-                .send_waiting(Utf8Bytes::from(ServerFrame::receipt(receipt).to_json()))
+                .send_waiting(Utf8Bytes::from(
+                    ServerFrame::receipt(*id, receipt).to_json(),
+                ))
                 .await
             {
                 return;
             }
-        }
-        if let Err(e) = Box::pin(app.store.clear_receipts(&conn.user, last)).await {
-            tracing::warn!(error = %e, "clearing delivered receipts failed");
-            break;
         }
         if kept.len() < REPLAY_PAGE {
             break;

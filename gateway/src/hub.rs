@@ -347,14 +347,15 @@ impl Hub {
         lock(&self.conns).values().map(Vec::len).sum()
     }
 
-    /// Hands a delivery from the node channel to the local connections it names. Returns
-    /// the users a receipt reached no live connection of, so the caller can keep it for
-    /// their next connect instead of losing it to a connection that was just closing.
-    pub fn dispatch(&self, node: &str, delivery: NodeDelivery) -> Vec<String> {
+    /// Hands a delivery from the node channel to the local connections it names. (A
+    /// receipt that reaches none is not lost: it is kept in the store until confirmed.)
+    pub fn dispatch(&self, node: &str, delivery: NodeDelivery) {
         // Answers go to the one connection that sent the message.
         let (frame, class, only) = match &delivery.payload {
             Payload::Message(m) => (ServerFrame::message(m), Class::Message(m.id), None),
-            Payload::Receipt(r) => (ServerFrame::receipt(r), Class::Reliable, None),
+            Payload::Receipt { id, receipt } => {
+                (ServerFrame::receipt(*id, receipt), Class::Reliable, None)
+            }
             Payload::Typing { conversation, user } => (
                 ServerFrame::Typing {
                     conversation: conversation.to_string(),
@@ -400,9 +401,7 @@ impl Hub {
             .filter(|e| e.node == node)
             .map(|e| e.conn);
         let conns = lock(&self.conns);
-        let mut missed = Vec::new();
         for user in &delivery.users {
-            let mut reached = false;
             for conn in conns.get(user).into_iter().flatten() {
                 if Some(conn.id) == except || only.is_some_and(|only| only != conn.id) {
                     continue;
@@ -417,13 +416,9 @@ impl Hub {
                         continue;
                     }
                 }
-                reached |= conn.deliver(frame.clone(), class);
-            }
-            if !reached && matches!(delivery.payload, Payload::Receipt(_)) {
-                missed.push(user.clone());
+                conn.deliver(frame.clone(), class);
             }
         }
-        missed
     }
 
     /// Tells this node's subscribers about a presence change.

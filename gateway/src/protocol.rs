@@ -67,7 +67,10 @@ pub enum ClientFrame {
         body: String,
     },
     Ack {
+        #[serde(default)]
         message_ids: Vec<String>,
+        #[serde(default)]
+        receipt_ids: Vec<String>,
     },
     Read {
         conversation: String,
@@ -209,6 +212,7 @@ pub enum ServerFrame {
         ts: i64,
     },
     Receipt {
+        receipt_id: String,
         message_id: String,
         conversation: String,
         by: String,
@@ -263,8 +267,9 @@ impl ServerFrame {
         }
     }
 
-    pub fn receipt(r: &Receipt) -> Self {
+    pub fn receipt(id: uuid::Uuid, r: &Receipt) -> Self {
         ServerFrame::Receipt {
+            receipt_id: id.to_string(),
             message_id: r.message_id.to_string(),
             conversation: r.conversation.to_string(),
             by: r.by.clone(),

@@ -208,14 +208,7 @@ async fn run(
                     batch = deliveries.recv() => match batch {
                         Some(batch) => {
                             for delivery in batch {
-                                let receipt = match &delivery.payload {
-                                    presence::Payload::Receipt(r) => Some(r.clone()),
-                                    _ => None,
-                                };
-                                let missed = app.hub.dispatch(&app.node, delivery);
-                                if let Some(receipt) = receipt {
-                                    keep_receipts(&app, missed, receipt);
-                                }
+                                app.hub.dispatch(&app.node, delivery);
                             }
                         }
                         None => return,
@@ -365,21 +358,6 @@ async fn run(
     admin_stop.cancel();
     let _ = admin_server.await;
     tracing::info!("gateway stopped");
-}
-
-/// Keeps a receipt that reached none of a user's connections (they were closing) for the
-/// user's next connect.
-fn keep_receipts(app: &Arc<App>, users: Vec<String>, receipt: storage::Receipt) {
-    for user in users {
-        let app = app.clone();
-        let receipt = receipt.clone();
-        tokio::spawn(async move {
-            use storage::MessageStore;
-            if let Err(e) = app.store.push_receipts(&user, vec![receipt]).await {
-                tracing::warn!(error = %e, %user, "keeping an undelivered receipt failed");
-            }
-        });
-    }
 }
 
 async fn serve_http(stream: TcpStream, router: Router, app: Arc<App>, shutdown: CancellationToken) {

@@ -192,16 +192,36 @@ impl Session {
                 conversation,
                 body,
             } => self.send(client_msg_id, to, conversation, body).await,
-            ClientFrame::Ack { message_ids } => {
-                if message_ids.is_empty() || message_ids.len() > 100 {
+            ClientFrame::Ack {
+                message_ids,
+                receipt_ids,
+            } => {
+                if message_ids.len() > 100 || receipt_ids.len() > 100 {
                     return Err(Refusal::bad_request(
-                        "`message_ids` takes 1-100 message ids",
+                        "`message_ids` and `receipt_ids` take at most 100 ids each",
+                    ));
+                }
+                if message_ids.is_empty() && receipt_ids.is_empty() {
+                    return Err(Refusal::bad_request(
+                        "give `message_ids`, `receipt_ids` or both (1-100 ids each)",
                     ));
                 }
                 let ids = message_ids
                     .iter()
                     .map(|id| parse_id(id, "message_ids"))
                     .collect::<Result<Vec<_>, _>>()?;
+                let receipts = receipt_ids
+                    .iter()
+                    .map(|id| parse_id(id, "receipt_ids"))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if !receipts.is_empty() {
+                    // Confirmed: no longer kept for this user's next connect.
+                    self.call(self.app.store.drop_receipts(self.user(), &receipts))
+                        .await?;
+                }
+                if ids.is_empty() {
+                    return Ok(());
+                }
                 let envelope = Envelope::Ack {
                     user: self.user().to_owned(),
                     message_ids: ids,

@@ -302,3 +302,46 @@ async fn g9_history_includes_a_message_once_it_is_sent_or_received_on_every_gate
             .await;
     }
 }
+
+/// A receipt is kept until a device of its recipient confirms it (`ack` with
+/// `receipt_ids`): pushed live, and again on every connect until then, so that one pushed
+/// to a connection (or a node) that died in that instant is not lost.
+#[tokio::test]
+async fn g6_a_receipt_comes_again_on_every_connect_until_confirmed() {
+    let gw = start(|_| {}).await;
+    let mut alice = gw.connect_device("alice", "phone").await;
+    let mut bob = gw.connect("bob").await;
+    let sent = alice.send_message("bob", "hi", "c1").await;
+    let got = bob.recv_type("message").await;
+    bob.send(json!({"type":"ack","message_ids":[got["message_id"]]}))
+        .await;
+    let live = alice.recv_type("receipt").await;
+    assert_eq!(
+        (&live["message_id"], live["status"].as_str()),
+        (&sent["message_id"], Some("delivered"))
+    );
+    assert!(
+        live["receipt_id"].as_str().is_some_and(|id| !id.is_empty()),
+        "{live}"
+    );
+
+    // Not confirmed: the next connection gets it again, with the same id.
+    alice.close().await;
+    let mut alice = gw.connect_device("alice", "phone").await;
+    let again = alice.recv_type("receipt").await;
+    assert_eq!(again["receipt_id"], live["receipt_id"]);
+    assert_eq!(again["message_id"], sent["message_id"]);
+    alice
+        .send(json!({"type":"ack","receipt_ids":[again["receipt_id"]]}))
+        .await;
+    assert!(alice.barrier().await.is_empty(), "the ack is not answered");
+    alice.close().await;
+
+    // Confirmed: gone, for every device of alice.
+    let mut laptop = gw.connect_device("alice", "laptop").await;
+    let after = laptop.barrier().await;
+    assert!(
+        after.iter().all(|f| f["type"] != "receipt"),
+        "a confirmed receipt came again: {after:?}"
+    );
+}

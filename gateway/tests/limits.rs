@@ -89,6 +89,8 @@ async fn bad_frames_get_bad_request_and_the_connection_stays_open() {
         ),
         (r#"{"type":"ack","message_ids":[]}"#, None),
         (r#"{"type":"ack","message_ids":["not-a-uuid"]}"#, None),
+        (r#"{"type":"ack"}"#, None),
+        (r#"{"type":"ack","receipt_ids":["not-a-uuid"]}"#, None),
         (
             r#"{"type":"history","ref":"h","conversation":"dm:alice:bob","before":"nope"}"#,
             Some(("ref", "h")),

@@ -51,8 +51,12 @@ pub enum ClientFrame {
         conversation: Option<String>,
         body: String,
     },
+    /// Confirms messages (stored on this device) and receipts (shown).
     Ack {
+        #[serde(skip_serializing_if = "Vec::is_empty")]
         message_ids: Vec<String>,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        receipt_ids: Vec<String>,
     },
     Read {
         conversation: String,
@@ -131,6 +135,7 @@ pub enum ServerFrame {
     },
     Message(MessageFrame),
     Receipt {
+        receipt_id: String,
         message_id: String,
         conversation: String,
         by: String,

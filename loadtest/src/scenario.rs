@@ -572,7 +572,7 @@ async fn agent_loop(
             agent.ready.notify_one();
         }
 
-        let (acks, mut ack_inbox) = mpsc::unbounded_channel::<String>();
+        let (acks, mut ack_inbox) = mpsc::unbounded_channel::<Confirm>();
         let reading = tokio::spawn(read_loop(agent.index, reader, acks, shared.clone()));
         let mut dropped = false;
         loop {
@@ -590,9 +590,8 @@ async fn agent_loop(
                     }
                     if write_all(&mut writer, batch).await.is_err() { break; }
                 }
-                ids = recv_acks(&mut ack_inbox) => {
-                    let Some(ids) = ids else { break };
-                    let frame = ClientFrame::Ack { message_ids: ids };
+                frame = recv_acks(&mut ack_inbox) => {
+                    let Some(frame) = frame else { break };
                     if writer.send(&frame).await.is_err() { break; }
                 }
             }
@@ -630,12 +629,29 @@ async fn write_all(writer: &mut client::Writer, batch: Vec<String>) -> client::R
     writer.flush().await
 }
 
-async fn recv_acks(inbox: &mut mpsc::UnboundedReceiver<String>) -> Option<Vec<String>> {
-    let mut ids = Vec::new();
-    match inbox.recv_many(&mut ids, 100).await {
-        0 => None,
-        _ => Some(ids),
+/// What a connection confirms to the server.
+enum Confirm {
+    Message(String),
+    Receipt(String),
+}
+
+/// The next `ack` frame: what is waiting, up to 100 ids of each kind.
+async fn recv_acks(inbox: &mut mpsc::UnboundedReceiver<Confirm>) -> Option<ClientFrame> {
+    let mut waiting = Vec::new();
+    if inbox.recv_many(&mut waiting, 100).await == 0 {
+        return None;
     }
+    let (mut message_ids, mut receipt_ids) = (Vec::new(), Vec::new());
+    for confirm in waiting {
+        match confirm {
+            Confirm::Message(id) => message_ids.push(id),
+            Confirm::Receipt(id) => receipt_ids.push(id),
+        }
+    }
+    Some(ClientFrame::Ack {
+        message_ids,
+        receipt_ids,
+    })
 }
 
 fn connect_error_kind(e: &client::Error) -> String {
@@ -651,7 +667,7 @@ fn connect_error_kind(e: &client::Error) -> String {
 async fn read_loop(
     me: u32,
     mut reader: client::Reader,
-    acks: mpsc::UnboundedSender<String>,
+    acks: mpsc::UnboundedSender<Confirm>,
     shared: Arc<Shared>,
 ) {
     loop {
@@ -697,7 +713,11 @@ async fn read_loop(
                         let _ = s.latency.record(latency);
                     }
                 }
-                let _ = acks.send(m.message_id);
+                let _ = acks.send(Confirm::Message(m.message_id));
+            }
+            ServerFrame::Receipt { receipt_id, .. } => {
+                // Shown: no longer kept for this user's next connect.
+                let _ = acks.send(Confirm::Receipt(receipt_id));
             }
             ServerFrame::Error {
                 code,

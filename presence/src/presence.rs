@@ -52,7 +52,12 @@ pub struct NodeDelivery {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Payload {
     Message(Message),
-    Receipt(Receipt),
+    /// A receipt for the delivery's user, kept in the store under `id` until one of their
+    /// devices confirms it.
+    Receipt {
+        id: Uuid,
+        receipt: Receipt,
+    },
     Typing {
         conversation: Conversation,
         user: String,

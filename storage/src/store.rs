@@ -82,22 +82,25 @@ pub trait MessageStore: Send + Sync + 'static {
         upto: Uuid,
     ) -> impl Future<Output = Result<Vec<String>>> + Send;
 
-    /// Keeps receipts for a user who was offline when they were produced.
+    /// Keeps receipts for a user, each under its id (time-ordered), until a device of the
+    /// user confirms it ([`MessageStore::drop_receipts`]). Keeping one again is harmless.
     fn push_receipts(
         &self,
         user: &str,
-        receipts: Vec<Receipt>,
+        receipts: Vec<(Uuid, Receipt)>,
     ) -> impl Future<Output = Result<()>> + Send;
 
-    /// A user's kept receipts, oldest first, each with the key that `clear_receipts` takes.
+    /// A user's kept receipts with ids after `after`, oldest first.
     fn receipts(
         &self,
         user: &str,
+        after: Option<Uuid>,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<(Uuid, Receipt)>>> + Send;
 
-    /// Forgets a user's kept receipts up to and including `upto`.
-    fn clear_receipts(&self, user: &str, upto: Uuid) -> impl Future<Output = Result<()>> + Send;
+    /// Forgets a user's kept receipts by id (a device confirmed them). Unknown ids are
+    /// ignored.
+    fn drop_receipts(&self, user: &str, ids: &[Uuid]) -> impl Future<Output = Result<()>> + Send;
 
     /// Creates a group; its id must be new.
     fn create_group(&self, group: Group) -> impl Future<Output = Result<()>> + Send;
@@ -182,14 +185,19 @@ impl MessageStore for Store {
     async fn mark_read(&self, reader: &str, c: &Conversation, upto: Uuid) -> Result<Vec<String>> {
         observed!(self, "mark_read", |s| s.mark_read(reader, c, upto))
     }
-    async fn push_receipts(&self, user: &str, receipts: Vec<Receipt>) -> Result<()> {
+    async fn push_receipts(&self, user: &str, receipts: Vec<(Uuid, Receipt)>) -> Result<()> {
         observed!(self, "push_receipts", |s| s.push_receipts(user, receipts))
     }
-    async fn receipts(&self, user: &str, limit: usize) -> Result<Vec<(Uuid, Receipt)>> {
-        observed!(self, "receipts", |s| s.receipts(user, limit))
+    async fn receipts(
+        &self,
+        user: &str,
+        after: Option<Uuid>,
+        limit: usize,
+    ) -> Result<Vec<(Uuid, Receipt)>> {
+        observed!(self, "receipts", |s| s.receipts(user, after, limit))
     }
-    async fn clear_receipts(&self, user: &str, upto: Uuid) -> Result<()> {
-        observed!(self, "clear_receipts", |s| s.clear_receipts(user, upto))
+    async fn drop_receipts(&self, user: &str, ids: &[Uuid]) -> Result<()> {
+        observed!(self, "drop_receipts", |s| s.drop_receipts(user, ids))
     }
     async fn create_group(&self, group: Group) -> Result<()> {
         observed!(self, "create_group", |s| s.create_group(group))

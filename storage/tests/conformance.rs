@@ -380,14 +380,17 @@ async fn read_markers_cover_earlier_messages<S: MessageStore>(store: S) {
     assert!(matches!(wrong_conversation, Err(Error::NotFound(_))));
 }
 
-async fn receipts_are_kept_until_cleared<S: MessageStore>(store: S) {
+async fn receipts_are_kept_until_dropped<S: MessageStore>(store: S) {
     let c = dm("alice", "bob");
-    let receipt = |status| Receipt {
-        message_id: Uuid::now_v7(),
-        conversation: c.clone(),
-        by: "bob".into(),
-        status,
-        ts: 1,
+    let receipt = |status| {
+        let r = Receipt {
+            message_id: Uuid::now_v7(),
+            conversation: c.clone(),
+            by: "bob".into(),
+            status,
+            ts: 1,
+        };
+        (Uuid::now_v7(), r)
     };
     let (r1, r2, r3) = (
         receipt(ReceiptStatus::Delivered),
@@ -402,24 +405,42 @@ async fn receipts_are_kept_until_cleared<S: MessageStore>(store: S) {
         .push_receipts("alice", vec![r3.clone()])
         .await
         .expect("push");
-    let kept = store.receipts("alice", 100).await.expect("receipts");
-    assert_eq!(
-        kept.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(),
-        vec![r1, r2, r3.clone()]
-    );
+    // Kept again (a retried batch): still once.
+    store
+        .push_receipts("alice", vec![r1.clone()])
+        .await
+        .expect("push again");
+    let kept = store.receipts("alice", None, 100).await.expect("receipts");
+    assert_eq!(kept, vec![r1.clone(), r2.clone(), r3.clone()]);
+    // Paged by id.
+    let first = store.receipts("alice", None, 2).await.expect("page");
+    assert_eq!(first, vec![r1.clone(), r2.clone()]);
+    let rest = store.receipts("alice", Some(r2.0), 2).await.expect("page");
+    assert_eq!(rest, vec![r3.clone()]);
     assert!(store
-        .receipts("bob", 100)
+        .receipts("bob", None, 100)
         .await
         .expect("receipts")
         .is_empty());
+    // Dropped by id, in any order; unknown ids are ignored.
     store
-        .clear_receipts("alice", kept[1].0)
+        .drop_receipts("alice", &[r3.0, r1.0, Uuid::now_v7()])
         .await
-        .expect("clear");
-    let left = store.receipts("alice", 100).await.expect("receipts");
+        .expect("drop");
+    let left = store.receipts("alice", None, 100).await.expect("receipts");
+    assert_eq!(left, vec![r2]);
+    store
+        .drop_receipts("bob", &[left[0].0])
+        .await
+        .expect("drop");
     assert_eq!(
-        left.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(),
-        vec![r3]
+        store
+            .receipts("alice", None, 100)
+            .await
+            .expect("receipts")
+            .len(),
+        1,
+        "another user's drop leaves alice's receipts alone"
     );
 }
 
@@ -589,7 +610,7 @@ conformance!(
     pending_is_oldest_first_until_acked,
     known_pending_entries_are_acked_like_the_others,
     read_markers_cover_earlier_messages,
-    receipts_are_kept_until_cleared,
+    receipts_are_kept_until_dropped,
     groups_and_membership,
     groups_are_bounded,
     concurrent_writes_all_land,

@@ -316,7 +316,7 @@ async fn a_version_1_data_directory_is_migrated() {
     let out = store.append(&[new(&retry, "c-old")]).await.expect("retry");
     assert_eq!((out[0].id, out[0].inserted), (m1.id, false));
     assert_eq!(store.group(group.id).await.expect("group"), Some(group));
-    let kept = store.receipts("alice", 10).await.expect("receipts");
+    let kept = store.receipts("alice", None, 10).await.expect("receipts");
     assert_eq!(kept.len(), 1);
     assert_eq!(kept[0].1, receipt);
     assert!(

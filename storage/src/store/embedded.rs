@@ -5,7 +5,7 @@
 //! the journal and the memtables at once (visible to readers from then on), and one
 //! `fdatasync` of the journal then covers every write of the group. A write that needs
 //! durability (a message, a group change) resolves only after that sync; a group of acks
-//! and clearings of delivered receipts only is handed to the operating system (so it
+//! and kept or dropped receipts only is handed to the operating system (so it
 //! survives `kill -9`), not synced, because losing one to a power cut costs a repeated
 //! delivery, never a message. Reads run on the
 //! blocking pool.
@@ -606,13 +606,15 @@ impl MessageStore for EmbeddedStore {
         .await
     }
 
-    async fn push_receipts(&self, user: &str, receipts: Vec<Receipt>) -> Result<()> {
+    /// Not waiting for the journal's sync: a receipt is status, and the journal survives
+    /// a crash of the process; the next group commit makes it durable.
+    async fn push_receipts(&self, user: &str, receipts: Vec<(Uuid, Receipt)>) -> Result<()> {
         let user = user.to_owned();
         let rows = receipts
             .iter()
-            .map(|r| Ok((id_key(&user, Uuid::now_v7().as_u128()), encode(r)?)))
+            .map(|(id, r)| Ok((id_key(&user, id.as_u128()), encode(r)?)))
             .collect::<Result<Vec<_>>>()?;
-        self.write(true, move |db| {
+        self.write(false, move |db| {
             let mut batch = db.batch();
             for (key, bytes) in rows {
                 batch.insert(&db.receipts, key, bytes);
@@ -623,13 +625,22 @@ impl MessageStore for EmbeddedStore {
         .await
     }
 
-    async fn receipts(&self, user: &str, limit: usize) -> Result<Vec<(Uuid, Receipt)>> {
+    async fn receipts(
+        &self,
+        user: &str,
+        after: Option<Uuid>,
+        limit: usize,
+    ) -> Result<Vec<(Uuid, Receipt)>> {
         let user = user.to_owned();
         self.read(move |db| {
+            let from = match after {
+                Some(after) => after.as_u128().saturating_add(1),
+                None => 0,
+            };
             let mut out = Vec::new();
             for row in db
                 .receipts
-                .range(id_key(&user, 0)..=id_key(&user, u128::MAX))
+                .range(id_key(&user, from)..=id_key(&user, u128::MAX))
                 .take(limit)
             {
                 let (key, value) = row.into_inner()?;
@@ -640,15 +651,12 @@ impl MessageStore for EmbeddedStore {
         .await
     }
 
-    async fn clear_receipts(&self, user: &str, upto: Uuid) -> Result<()> {
-        let user = user.to_owned();
+    async fn drop_receipts(&self, user: &str, ids: &[Uuid]) -> Result<()> {
+        let keys: Vec<_> = ids.iter().map(|id| id_key(user, id.as_u128())).collect();
         self.write(false, move |db| {
             let mut batch = db.batch();
-            for row in db
-                .receipts
-                .range(id_key(&user, 0)..=id_key(&user, upto.as_u128()))
-            {
-                batch.remove(&db.receipts, row.key()?);
+            for key in keys {
+                batch.remove(&db.receipts, key);
             }
             batch.commit()?;
             Ok(())

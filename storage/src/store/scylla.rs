@@ -673,25 +673,35 @@ impl MessageStore for ScyllaStore {
         Ok(senders.into_iter().collect())
     }
 
-    async fn push_receipts(&self, user: &str, receipts: Vec<Receipt>) -> Result<()> {
+    async fn push_receipts(&self, user: &str, receipts: Vec<(Uuid, Receipt)>) -> Result<()> {
         let s = &self.inner.s;
         let mut writes = Vec::with_capacity(receipts.len());
-        for r in &receipts {
+        for (id, r) in &receipts {
             let bytes = postcard::to_allocvec(r).map_err(|e| Error::Backend(e.to_string()))?;
             let size = user.len() + bytes.len() + 16;
             writes.push(Write::new(
                 &s.receipt_put,
-                (user.to_owned(), Uuid::now_v7(), bytes),
+                (user.to_owned(), *id, bytes),
                 size,
             ));
         }
         self.inner.writes.write(writes).await
     }
 
-    async fn receipts(&self, user: &str, limit: usize) -> Result<Vec<(Uuid, Receipt)>> {
-        let rows: Vec<(Uuid, Vec<u8>)> = self
-            .rows(&self.inner.s.receipts_get, (user, limit_i32(limit)))
-            .await?;
+    async fn receipts(
+        &self,
+        user: &str,
+        after: Option<Uuid>,
+        limit: usize,
+    ) -> Result<Vec<(Uuid, Receipt)>> {
+        let s = &self.inner.s;
+        let rows: Vec<(Uuid, Vec<u8>)> = match after {
+            Some(after) => {
+                self.rows(&s.receipts_after, (user, after, limit_i32(limit)))
+                    .await?
+            }
+            None => self.rows(&s.receipts_get, (user, limit_i32(limit))).await?,
+        };
         rows.into_iter()
             .map(|(key, bytes)| {
                 let receipt = postcard::from_bytes(&bytes)
@@ -701,9 +711,13 @@ impl MessageStore for ScyllaStore {
             .collect()
     }
 
-    async fn clear_receipts(&self, user: &str, upto: Uuid) -> Result<()> {
-        self.run(&self.inner.s.receipts_clear, (user, upto)).await?;
-        Ok(())
+    async fn drop_receipts(&self, user: &str, ids: &[Uuid]) -> Result<()> {
+        let s = &self.inner.s;
+        let writes = ids
+            .iter()
+            .map(|id| Write::new(&s.receipt_drop, (user.to_owned(), *id), user.len() + 16))
+            .collect();
+        self.inner.writes.write(writes).await
     }
 
     async fn create_group(&self, group: Group) -> Result<()> {

@@ -28,7 +28,8 @@ pub(super) struct Statements {
     pub(super) marker_put: PreparedStatement,
     pub(super) receipt_put: PreparedStatement,
     pub(super) receipts_get: PreparedStatement,
-    pub(super) receipts_clear: PreparedStatement,
+    pub(super) receipts_after: PreparedStatement,
+    pub(super) receipt_drop: PreparedStatement,
     pub(super) group_create: PreparedStatement,
     pub(super) group_get: PreparedStatement,
     pub(super) group_add: PreparedStatement,
@@ -134,8 +135,12 @@ impl Statements {
                 "SELECT key, receipt FROM {ks}.receipt_outbox WHERE user = ? LIMIT ?"
             ))
             .await?,
-            receipts_clear: prepare(format!(
-                "DELETE FROM {ks}.receipt_outbox WHERE user = ? AND key <= ?"
+            receipts_after: prepare(format!(
+                "SELECT key, receipt FROM {ks}.receipt_outbox WHERE user = ? AND key > ? LIMIT ?"
+            ))
+            .await?,
+            receipt_drop: prepare(format!(
+                "DELETE FROM {ks}.receipt_outbox WHERE user = ? AND key = ?"
             ))
             .await?,
             group_create: prepare(format!(
