@@ -746,12 +746,20 @@ impl Dispatcher {
         });
         // Receipts are kept first: a receipt pushed to a node that dies in that instant
         // comes again on the sender's next connect.
-        let kept = keep.into_iter().map(|(to, receipts)| async move {
-            if let Err(e) = self.store.push_receipts(&to, receipts).await {
-                tracing::warn!(error = %e, %to, "keeping receipts failed");
+        let keep: Vec<(String, Uuid, Receipt)> = keep
+            .into_iter()
+            .flat_map(|(to, receipts)| {
+                receipts
+                    .into_iter()
+                    .map(move |(id, receipt)| (to.clone(), id, receipt))
+            })
+            .collect();
+        if !keep.is_empty() {
+            // One store call for the whole batch's receipts: they are written together.
+            if let Err(e) = self.store.push_receipts(keep).await {
+                tracing::warn!(error = %e, "keeping receipts failed");
             }
-        });
-        futures_util::future::join_all(kept).await;
+        }
         tokio::join!(
             futures_util::future::join_all(publishes),
             futures_util::future::join_all(pushes),

@@ -14,6 +14,7 @@ use crate::auth::Auth;
 use crate::config::Config;
 use crate::hub::{Deadlines, Hub, Unlocated};
 use crate::limits::SendLimiter;
+use crate::receipts::ReceiptDrops;
 
 pub struct App {
     pub config: Config,
@@ -28,6 +29,8 @@ pub struct App {
     pub sends: SendLimiter,
     /// Connections to catch up once presence knows of them.
     pub unlocated: Unlocated,
+    /// Confirmed receipts, forgotten in batches.
+    pub receipt_drops: ReceiptDrops,
     pub metrics: PrometheusHandle,
     /// Every connection task, so that a drain can wait for them.
     pub tracker: TaskTracker,
@@ -47,6 +50,7 @@ impl App {
         metrics: PrometheusHandle,
     ) -> Self {
         let sends = SendLimiter::new(config.rate_per_sec, config.rate_burst);
+        let receipt_drops = ReceiptDrops::start(store.clone());
         App {
             config,
             node,
@@ -58,6 +62,7 @@ impl App {
             deadlines: Deadlines::default(),
             sends,
             unlocated: Unlocated::default(),
+            receipt_drops,
             metrics,
             tracker: TaskTracker::new(),
             draining: AtomicBool::new(false),

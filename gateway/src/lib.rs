@@ -16,6 +16,7 @@ pub mod hub;
 pub mod limits;
 pub mod metrics;
 pub mod protocol;
+pub mod receipts;
 pub mod server;
 pub mod session;
 

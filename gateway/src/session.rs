@@ -216,7 +216,7 @@ impl Session {
                     .collect::<Result<Vec<_>, _>>()?;
                 if !receipts.is_empty() {
                     // Confirmed: no longer kept for this user's next connect.
-                    self.call(self.app.store.drop_receipts(self.user(), &receipts))
+                    self.call(self.app.receipt_drops.confirm(self.user(), receipts))
                         .await?;
                 }
                 if ids.is_empty() {

@@ -82,12 +82,12 @@ pub trait MessageStore: Send + Sync + 'static {
         upto: Uuid,
     ) -> impl Future<Output = Result<Vec<String>>> + Send;
 
-    /// Keeps receipts for a user, each under its id (time-ordered), until a device of the
-    /// user confirms it ([`MessageStore::drop_receipts`]). Keeping one again is harmless.
+    /// Keeps receipts, each for its user under its id (time-ordered), until a device of
+    /// the user confirms it ([`MessageStore::drop_receipts`]). Keeping one again is
+    /// harmless. One call for many users: the writes go together.
     fn push_receipts(
         &self,
-        user: &str,
-        receipts: Vec<(Uuid, Receipt)>,
+        receipts: Vec<(String, Uuid, Receipt)>,
     ) -> impl Future<Output = Result<()>> + Send;
 
     /// A user's kept receipts with ids after `after`, oldest first.
@@ -98,9 +98,10 @@ pub trait MessageStore: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<(Uuid, Receipt)>>> + Send;
 
-    /// Forgets a user's kept receipts by id (a device confirmed them). Unknown ids are
+    /// Forgets kept receipts by user and id (a device confirmed them). Unknown ids are
     /// ignored.
-    fn drop_receipts(&self, user: &str, ids: &[Uuid]) -> impl Future<Output = Result<()>> + Send;
+    fn drop_receipts(&self, receipts: &[(String, Uuid)])
+        -> impl Future<Output = Result<()>> + Send;
 
     /// Creates a group; its id must be new.
     fn create_group(&self, group: Group) -> impl Future<Output = Result<()>> + Send;
@@ -185,8 +186,8 @@ impl MessageStore for Store {
     async fn mark_read(&self, reader: &str, c: &Conversation, upto: Uuid) -> Result<Vec<String>> {
         observed!(self, "mark_read", |s| s.mark_read(reader, c, upto))
     }
-    async fn push_receipts(&self, user: &str, receipts: Vec<(Uuid, Receipt)>) -> Result<()> {
-        observed!(self, "push_receipts", |s| s.push_receipts(user, receipts))
+    async fn push_receipts(&self, receipts: Vec<(String, Uuid, Receipt)>) -> Result<()> {
+        observed!(self, "push_receipts", |s| s.push_receipts(receipts))
     }
     async fn receipts(
         &self,
@@ -196,8 +197,8 @@ impl MessageStore for Store {
     ) -> Result<Vec<(Uuid, Receipt)>> {
         observed!(self, "receipts", |s| s.receipts(user, after, limit))
     }
-    async fn drop_receipts(&self, user: &str, ids: &[Uuid]) -> Result<()> {
-        observed!(self, "drop_receipts", |s| s.drop_receipts(user, ids))
+    async fn drop_receipts(&self, receipts: &[(String, Uuid)]) -> Result<()> {
+        observed!(self, "drop_receipts", |s| s.drop_receipts(receipts))
     }
     async fn create_group(&self, group: Group) -> Result<()> {
         observed!(self, "create_group", |s| s.create_group(group))

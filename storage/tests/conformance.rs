@@ -397,17 +397,20 @@ async fn receipts_are_kept_until_dropped<S: MessageStore>(store: S) {
         receipt(ReceiptStatus::Read),
         receipt(ReceiptStatus::Delivered),
     );
+    let alice = |(id, r): &(Uuid, Receipt)| ("alice".to_string(), *id, r.clone());
+    let carol_receipt = receipt(ReceiptStatus::Read);
     store
-        .push_receipts("alice", vec![r1.clone(), r2.clone()])
+        .push_receipts(vec![
+            alice(&r1),
+            ("carol".into(), carol_receipt.0, carol_receipt.1.clone()),
+            alice(&r2),
+        ])
         .await
         .expect("push");
-    store
-        .push_receipts("alice", vec![r3.clone()])
-        .await
-        .expect("push");
+    store.push_receipts(vec![alice(&r3)]).await.expect("push");
     // Kept again (a retried batch): still once.
     store
-        .push_receipts("alice", vec![r1.clone()])
+        .push_receipts(vec![alice(&r1)])
         .await
         .expect("push again");
     let kept = store.receipts("alice", None, 100).await.expect("receipts");
@@ -422,15 +425,29 @@ async fn receipts_are_kept_until_dropped<S: MessageStore>(store: S) {
         .await
         .expect("receipts")
         .is_empty());
-    // Dropped by id, in any order; unknown ids are ignored.
+    // Dropped by user and id, in any order; unknown ids are ignored.
+    assert_eq!(
+        store.receipts("carol", None, 100).await.expect("receipts"),
+        vec![carol_receipt.clone()]
+    );
     store
-        .drop_receipts("alice", &[r3.0, r1.0, Uuid::now_v7()])
+        .drop_receipts(&[
+            ("alice".into(), r3.0),
+            ("carol".into(), carol_receipt.0),
+            ("alice".into(), r1.0),
+            ("alice".into(), Uuid::now_v7()),
+        ])
         .await
         .expect("drop");
     let left = store.receipts("alice", None, 100).await.expect("receipts");
     assert_eq!(left, vec![r2]);
+    assert!(store
+        .receipts("carol", None, 100)
+        .await
+        .expect("receipts")
+        .is_empty());
     store
-        .drop_receipts("bob", &[left[0].0])
+        .drop_receipts(&[("bob".into(), left[0].0)])
         .await
         .expect("drop");
     assert_eq!(

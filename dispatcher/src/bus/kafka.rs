@@ -148,9 +148,14 @@ impl KafkaLog {
                 i32::try_from(brokers.clamp(1, 3)).unwrap_or(1)
             }
         };
+        // A write is acknowledged (acks=all) once in sync on a majority of the replicas, so
+        // that losing one broker of three loses nothing acknowledged and stops nothing.
+        let min_insync = (replication / 2 + 1).to_string();
         let topics = [
-            NewTopic::new(&messages, partitions, TopicReplication::Fixed(replication)),
-            NewTopic::new(&push, partitions, TopicReplication::Fixed(replication)),
+            NewTopic::new(&messages, partitions, TopicReplication::Fixed(replication))
+                .set("min.insync.replicas", &min_insync),
+            NewTopic::new(&push, partitions, TopicReplication::Fixed(replication))
+                .set("min.insync.replicas", &min_insync),
         ];
         let options = AdminOptions::new().operation_timeout(Some(config.publish_timeout));
         let results = tokio::time::timeout(

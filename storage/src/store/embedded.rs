@@ -608,11 +608,10 @@ impl MessageStore for EmbeddedStore {
 
     /// Not waiting for the journal's sync: a receipt is status, and the journal survives
     /// a crash of the process; the next group commit makes it durable.
-    async fn push_receipts(&self, user: &str, receipts: Vec<(Uuid, Receipt)>) -> Result<()> {
-        let user = user.to_owned();
+    async fn push_receipts(&self, receipts: Vec<(String, Uuid, Receipt)>) -> Result<()> {
         let rows = receipts
             .iter()
-            .map(|(id, r)| Ok((id_key(&user, id.as_u128()), encode(r)?)))
+            .map(|(user, id, r)| Ok((id_key(user, id.as_u128()), encode(r)?)))
             .collect::<Result<Vec<_>>>()?;
         self.write(false, move |db| {
             let mut batch = db.batch();
@@ -651,8 +650,11 @@ impl MessageStore for EmbeddedStore {
         .await
     }
 
-    async fn drop_receipts(&self, user: &str, ids: &[Uuid]) -> Result<()> {
-        let keys: Vec<_> = ids.iter().map(|id| id_key(user, id.as_u128())).collect();
+    async fn drop_receipts(&self, receipts: &[(String, Uuid)]) -> Result<()> {
+        let keys: Vec<_> = receipts
+            .iter()
+            .map(|(user, id)| id_key(user, id.as_u128()))
+            .collect();
         self.write(false, move |db| {
             let mut batch = db.batch();
             for key in keys {

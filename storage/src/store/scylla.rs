@@ -673,10 +673,10 @@ impl MessageStore for ScyllaStore {
         Ok(senders.into_iter().collect())
     }
 
-    async fn push_receipts(&self, user: &str, receipts: Vec<(Uuid, Receipt)>) -> Result<()> {
+    async fn push_receipts(&self, receipts: Vec<(String, Uuid, Receipt)>) -> Result<()> {
         let s = &self.inner.s;
         let mut writes = Vec::with_capacity(receipts.len());
-        for (id, r) in &receipts {
+        for (user, id, r) in &receipts {
             let bytes = postcard::to_allocvec(r).map_err(|e| Error::Backend(e.to_string()))?;
             let size = user.len() + bytes.len() + 16;
             writes.push(Write::new(
@@ -711,11 +711,11 @@ impl MessageStore for ScyllaStore {
             .collect()
     }
 
-    async fn drop_receipts(&self, user: &str, ids: &[Uuid]) -> Result<()> {
+    async fn drop_receipts(&self, receipts: &[(String, Uuid)]) -> Result<()> {
         let s = &self.inner.s;
-        let writes = ids
+        let writes = receipts
             .iter()
-            .map(|id| Write::new(&s.receipt_drop, (user.to_owned(), *id), user.len() + 16))
+            .map(|(user, id)| Write::new(&s.receipt_drop, (user.clone(), *id), user.len() + 16))
             .collect();
         self.inner.writes.write(writes).await
     }
