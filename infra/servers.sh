@@ -11,6 +11,10 @@
 #                                               wait until the server answers a real request
 #   infra/servers.sh up <state-dir>             start all three on free loopback ports, wait
 #                                               for them, write <state-dir>/servers.env
+#   infra/servers.sh up-replicated <state-dir>  3 Kafka brokers (KRaft, 3 voters) on 127.0.0.1
+#                                               and 3 Cassandra nodes on 127.0.0.1/.2/.3 (one
+#                                               after the other), one Redis; the same
+#                                               servers.env, plus TEST_REPLICATION=3
 #   infra/servers.sh down <state-dir>           stop what `up` started
 set -euo pipefail
 
@@ -92,20 +96,26 @@ PROPS
 
 run_cassandra() { # <dir> <port>
     local dir="$1" port="$2" storage
+    # A node of a replicated cluster finds its address, token and heap in its directory.
+    local address=127.0.0.1 token=0 heap=2g seed="" num_tokens=16 bootstrap=true
+    storage=""
+    # shellcheck disable=SC1091
+    [ -f "$dir/node.env" ] && . "$dir/node.env"
     mkdir -p "$dir"
     if [ ! -f "$dir/cassandra.yaml" ]; then
-        storage="$(free_port)"
+        [ -n "$storage" ] || storage="$(free_port)"
         cat > "$dir/cassandra.yaml" <<YAML
 cluster_name: chat-test
-num_tokens: 16
+num_tokens: $num_tokens
+auto_bootstrap: $bootstrap
 partitioner: org.apache.cassandra.dht.Murmur3Partitioner
 endpoint_snitch: SimpleSnitch
 seed_provider:
   - class_name: org.apache.cassandra.locator.SimpleSeedProvider
     parameters:
-      - seeds: "127.0.0.1:$storage"
-listen_address: 127.0.0.1
-rpc_address: 127.0.0.1
+      - seeds: "${seed:-$address}:$storage"
+listen_address: $address
+rpc_address: $address
 storage_port: $storage
 native_transport_port: $port
 start_native_transport: true
@@ -132,13 +142,13 @@ batch_size_warn_threshold: 64KiB
 YAML
     fi
     local opts=(
-        -Xms2g -Xmx2g -XX:+UseG1GC -Xss512k
+        "-Xms$heap" "-Xmx$heap" -XX:+UseG1GC -Xss512k
         -Dcassandra.config="file://$dir/cassandra.yaml"
         -Dcassandra.storagedir="$dir"
         -Dcassandra-foreground=yes
         -Dcassandra.skip_wait_for_gossip_to_settle=0
         -Dcassandra.ring_delay_ms=0
-        -Dcassandra.initial_token=0
+        "-Dcassandra.initial_token=$token"
         -Dcassandra.jmx.local.port=0
         -Dlogback.configurationFile=logback-none.xml
         -Djdk.attach.allowAttachSelf=true
@@ -175,9 +185,9 @@ YAML
 }
 
 # Waits until the server answers a real request, not merely until its port is open.
-wait_for() { # <kind> <port> [seconds]
+wait_for() { # <kind> <port> [seconds] [host]
     local kind="$1" port="$2" deadline=$((SECONDS + ${3:-180}))
-    until answers "$kind" "$port"; do
+    until answers "$kind" "$port" "${4:-127.0.0.1}"; do
         if [ $SECONDS -ge $deadline ]; then
             log "$kind on port $port did not answer in time"
             return 1
@@ -186,7 +196,8 @@ wait_for() { # <kind> <port> [seconds]
     done
 }
 
-answers() { # <kind> <port>
+answers() { # <kind> <port> [host]
+    local host="${3:-127.0.0.1}"
     case "$1" in
     redis) [ "$(redis-cli -h 127.0.0.1 -p "$2" ping 2>/dev/null)" = PONG ] ;;
     kafka) python3 - "$2" <<'PY'
@@ -210,11 +221,11 @@ except (OSError, struct.error):
     sys.exit(1)
 PY
     ;;
-    cassandra) python3 - "$2" <<'PY'
+    cassandra) python3 - "$2" "$host" <<'PY'
 import socket, struct, sys
 # A CQL OPTIONS request (protocol v4); a running node answers SUPPORTED (opcode 6).
 try:
-    s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=2)
+    s = socket.create_connection((sys.argv[2], int(sys.argv[1])), timeout=2)
     s.sendall(struct.pack(">BBhBi", 4, 0, 0, 5, 0))
     head = s.recv(9)
     sys.exit(0 if len(head) == 9 and head[4] == 6 else 1)
@@ -236,7 +247,7 @@ up() { # <state dir>
         echo "$! $kind $port" >> "$state/pids"
         log "started $kind on 127.0.0.1:$port (pid $!, log $state/$kind.log)"
     done
-    while read -r pid kind port; do
+    while read -r pid kind port _; do
         if ! wait_for "$kind" "$port" 240; then
             tail -n 40 "$state/$kind.log" >&2 || true
             return 1
@@ -250,14 +261,101 @@ up() { # <state dir>
     done < "$state/pids" > "$state/servers.env"
 }
 
+# Kafka node <n> of three (combined broker and controller, static voters), its
+# server.properties and formatted log dir; run by `run kafka` like a single node.
+prepare_kafka_node() { # <dir> <n> <port> <voters> <cluster id>
+    local dir="$1" n="$2" port="$3" voters="$4" id="$5" controller
+    controller="$(echo "$voters" | tr ',' '\n' | sed -n "${n}p" | sed 's/.*://')"
+    mkdir -p "$dir"
+    cat > "$dir/server.properties" <<PROPS
+process.roles=broker,controller
+node.id=$n
+controller.quorum.voters=$voters
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+log.dirs=$dir/data
+num.partitions=1
+default.replication.factor=3
+min.insync.replicas=2
+auto.create.topics.enable=false
+offsets.topic.replication.factor=3
+offsets.topic.num.partitions=8
+transaction.state.log.replication.factor=3
+transaction.state.log.min.isr=2
+share.coordinator.state.topic.replication.factor=3
+share.coordinator.state.topic.min.isr=2
+group.initial.rebalance.delay.ms=0
+replica.lag.time.max.ms=10000
+PROPS
+    java -cp "$KAFKA_LIBS/*" kafka.tools.StorageTool format -t "$id" \
+        -c "$dir/server.properties" >&2
+}
+
+# Three Kafka brokers and three Cassandra nodes (each line of <state>/pids names the
+# node's directory, so a test can kill one and start it again with `run`), one Redis.
+up_replicated() { # <state dir>
+    local state="$1" i port id voters="" kafka_ports=() pid
+    mkdir -p "$state"
+    : > "$state/pids"
+    port="$(free_port)"
+    "$0" run redis "$state/redis" "$port" > "$state/redis.log" 2>&1 &
+    echo "$! redis $port $state/redis" >> "$state/pids"
+    for i in 1 2 3; do
+        voters="$voters${voters:+,}$i@127.0.0.1:$(free_port)"
+        kafka_ports+=("$(free_port)")
+    done
+    id="$(java -cp "$KAFKA_LIBS/*" kafka.tools.StorageTool random-uuid 2>/dev/null)"
+    for i in 1 2 3; do
+        prepare_kafka_node "$state/kafka$i" "$i" "${kafka_ports[$((i - 1))]}" "$voters" "$id"
+        "$0" run kafka "$state/kafka$i" "${kafka_ports[$((i - 1))]}" > "$state/kafka$i.log" 2>&1 &
+        echo "$! kafka ${kafka_ports[$((i - 1))]} $state/kafka$i" >> "$state/pids"
+        log "started kafka node $i on 127.0.0.1:${kafka_ports[$((i - 1))]} (pid $!)"
+    done
+    # Cassandra nodes join one at a time: tokens spread evenly, one per node.
+    port="$(free_port)"
+    local tokens=(-9223372036854775808 -3074457345618258603 3074457345618258602)
+    local storage
+    storage="$(free_port)"
+    for i in 1 2 3; do
+        mkdir -p "$state/cassandra$i"
+        # The same ports on every node (each has its own address); node 1 is the seed.
+        printf 'address=127.0.0.%s\ntoken=%s\nheap=768m\nstorage=%s\nseed=127.0.0.1\nnum_tokens=1\nbootstrap=false\n' \
+            "$i" "${tokens[$((i - 1))]}" "$storage" > "$state/cassandra$i/node.env"
+        "$0" run cassandra "$state/cassandra$i" "$port" > "$state/cassandra$i.log" 2>&1 &
+        pid=$!
+        echo "$pid cassandra $port $state/cassandra$i 127.0.0.$i" >> "$state/pids"
+        log "started cassandra node $i on 127.0.0.$i:$port (pid $pid)"
+        if ! wait_for cassandra "$port" 300 "127.0.0.$i"; then
+            tail -n 40 "$state/cassandra$i.log" >&2 || true
+            return 1
+        fi
+        log "cassandra node $i answers"
+    done
+    wait_for redis "$(awk '$2 == "redis" {print $3}' "$state/pids")" 60
+    for port in "${kafka_ports[@]}"; do
+        wait_for kafka "$port" 240 || { tail -n 40 "$state"/kafka*.log >&2; return 1; }
+    done
+    log "replicated servers answer"
+    {
+        echo "TEST_REDIS_URL=redis://127.0.0.1:$(awk '$2 == "redis" {print $3}' "$state/pids")"
+        echo "TEST_KAFKA_BROKERS=$(IFS=,; echo "${kafka_ports[*]/#/127.0.0.1:}")"
+        echo "TEST_SCYLLA_NODES=$(awk '$2 == "cassandra" {printf "%s%s:%s", sep, $5, $3; sep=","}' "$state/pids")"
+        echo "TEST_REPLICATION=3"
+        echo "TEST_SERVERS_STATE=$state"
+    } > "$state/servers.env"
+}
+
 down() { # <state dir>
     local state="$1" pid kind port
     [ -f "$state/pids" ] || return 0
-    while read -r pid kind port; do
+    while read -r pid _; do
         kill "$pid" 2>/dev/null || true
     done < "$state/pids"
     sleep 1
-    while read -r pid kind port; do
+    while read -r pid _; do
         kill -9 "$pid" 2>/dev/null || true
     done < "$state/pids"
     rm -f "$state/pids"
@@ -270,6 +368,7 @@ fetch) fetch ;;
 run) "run_$1" "$2" "$3" ;;
 wait) wait_for "$@" ;;
 up) fetch; up "$1" ;;
+up-replicated) fetch; up_replicated "$1" ;;
 down) down "$1" ;;
 *) sed -n '2,16p' "$0" >&2; exit 2 ;;
 esac

@@ -54,3 +54,25 @@ stage "cluster suite"
 # stopped broker. One at a time: they start processes and servers of their own.
 CHAT_TEST_CLUSTER=1 cargo test -p gateway --locked --test faults "$@" -- --test-threads=1
 stage "fault tests"
+
+# The replicated stage: its own servers (three Kafka brokers, three Cassandra nodes on
+# 127.0.0.1/.2/.3, one Redis), after the single-node ones are stopped (memory and CPU are
+# tight on two cores). The cluster's protocol guarantees again on them, then a broker and
+# a Cassandra node SIGKILLed under load.
+infra/servers.sh down "$state"
+replicated="$(mktemp -d /tmp/chat-replicated.XXXXXX)"
+trap 'infra/servers.sh down "$state"; infra/servers.sh down "$replicated"; rm -rf "$state" "$replicated"' EXIT
+if ! infra/servers.sh up-replicated "$replicated" > "$replicated/up.log" 2>&1; then
+  cat "$replicated/up.log" >&2
+  echo "replicated test servers did not start (logs above)" >&2
+  exit 1
+fi
+cat "$replicated/up.log" >&2
+stage "start replicated servers"
+set -a
+# shellcheck disable=SC1091
+. "$replicated/servers.env"
+set +a
+CHAT_TEST_CLUSTER=1 cargo test -p gateway --locked --test guarantees "$@" -- --test-threads=1
+CHAT_TEST_CLUSTER=1 cargo test -p gateway --locked --test replicated "$@" -- --test-threads=1
+stage "replicated suite"

@@ -60,20 +60,29 @@ pub fn server(var: &str) -> String {
 /// The shared key ring of a test cluster.
 pub const CLUSTER_KEYS: &str = "1:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 
+/// The replication factor of the test servers: 3 on the replicated ones
+/// (`TEST_REPLICATION`, set by `infra/servers.sh up-replicated`), else 1.
+pub fn replication() -> i32 {
+    std::env::var("TEST_REPLICATION")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1)
+}
+
 /// Points a configuration at the test servers, under names of its own (`tag`).
 pub fn distributed(config: &mut Config, tag: &str) {
     let b = &mut config.backends;
     b.kafka_brokers = Some(server("TEST_KAFKA_BROKERS"));
     b.kafka_topic_prefix = format!("{tag}.");
     b.kafka_partitions = 4;
-    b.kafka_replication = Some(1);
+    b.kafka_replication = Some(replication());
     b.kafka_group = format!("{tag}-dispatchers");
     b.scylla_nodes = server("TEST_SCYLLA_NODES")
         .split(',')
         .map(str::to_owned)
         .collect();
     b.scylla_keyspace = tag.replace('-', "_");
-    b.scylla_replication = Some(1);
+    b.scylla_replication = Some(replication() as u32);
     b.redis_url = Some(server("TEST_REDIS_URL"));
     b.redis_prefix = tag.to_owned();
     b.node_ttl_secs = 3;
