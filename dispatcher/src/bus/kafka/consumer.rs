@@ -172,7 +172,7 @@ fn lock(offsets: &Mutex<Offsets>) -> MutexGuard<'_, Offsets> {
 
 /// Least time between two offset commits: a commit follows each batch the dispatcher
 /// finishes, but a busy dispatcher finishing hundreds a second sends one per gap.
-const COMMIT_GAP: Duration = Duration::from_millis(20);
+const COMMIT_GAP: Duration = Duration::from_millis(100);
 
 /// Commits the stored offsets soon after each batch, so that a dispatcher that dies reads
 /// again only what it was handling then (each record read again is a duplicate delivery
