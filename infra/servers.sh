@@ -4,17 +4,18 @@
 # fetch is cached under .cache/servers/ (git-ignored) and reused by later runs.
 #
 #   infra/servers.sh fetch                      install / download what is missing
-#   infra/servers.sh run <redis|kafka|cassandra> <dir> <port>
+#   infra/servers.sh run <redis|redis-cluster|kafka|cassandra> <dir> <port>
 #                                               run one server in the foreground (tests use
 #                                               this to own, kill and restart a server)
 #   infra/servers.sh wait <redis|kafka|cassandra> <port> [seconds]
 #                                               wait until the server answers a real request
 #   infra/servers.sh up <state-dir>             start all three on free loopback ports, wait
 #                                               for them, write <state-dir>/servers.env
-#   infra/servers.sh up-replicated <state-dir>  3 Kafka brokers (KRaft, 3 voters) on 127.0.0.1
-#                                               and 3 Cassandra nodes on 127.0.0.1/.2/.3 (one
-#                                               after the other), one Redis; the same
-#                                               servers.env, plus TEST_REPLICATION=3
+#   infra/servers.sh up-replicated <state-dir>  3 Kafka brokers (KRaft, 3 voters) on 127.0.0.1,
+#                                               3 Cassandra nodes on 127.0.0.1/.2/.3 (one
+#                                               after the other), a Redis Cluster of 3
+#                                               masters; the same servers.env, plus
+#                                               TEST_REPLICATION=3
 #   infra/servers.sh down <state-dir>           stop what `up` started
 set -euo pipefail
 
@@ -57,6 +58,17 @@ free_port() {
 run_redis() { # <dir> <port>
     mkdir -p "$1"
     exec redis-server --bind 127.0.0.1 --port "$2" --dir "$1" --save '' --appendonly no \
+        --notify-keyspace-events Ex --protected-mode no --loglevel warning
+}
+
+run_redis_cluster() { # <dir> <port>: a node of a Redis Cluster
+    mkdir -p "$1"
+    # The cluster bus gets a port of its own (by default the port + 10,000, out of range
+    # for a high port), kept across restarts.
+    [ -f "$1/bus-port" ] || free_port > "$1/bus-port"
+    exec redis-server --bind 127.0.0.1 --port "$2" --dir "$1" --save '' --appendonly no \
+        --cluster-enabled yes --cluster-config-file "$1/nodes.conf" \
+        --cluster-port "$(cat "$1/bus-port")" \
         --notify-keyspace-events Ex --protected-mode no --loglevel warning
 }
 
@@ -300,9 +312,24 @@ up_replicated() { # <state dir>
     local state="$1" i port id voters="" kafka_ports=() pid
     mkdir -p "$state"
     : > "$state/pids"
-    port="$(free_port)"
-    "$0" run redis "$state/redis" "$port" > "$state/redis.log" 2>&1 &
-    echo "$! redis $port $state/redis" >> "$state/pids"
+    # A Redis Cluster of three masters (no replicas: a lost master's slots are down
+    # until it is back).
+    local redis_ports=()
+    for i in 1 2 3; do
+        port="$(free_port)"
+        redis_ports+=("$port")
+        "$0" run redis-cluster "$state/redis$i" "$port" > "$state/redis$i.log" 2>&1 &
+        echo "$! redis $port $state/redis$i" >> "$state/pids"
+    done
+    for port in "${redis_ports[@]}"; do wait_for redis "$port" 60; done
+    redis-cli --cluster create "${redis_ports[@]/#/127.0.0.1:}" --cluster-replicas 0 \
+        --cluster-yes > "$state/redis-cluster.log" 2>&1
+    local deadline=$((SECONDS + 60))
+    until redis-cli -p "${redis_ports[0]}" cluster info 2>/dev/null | grep -q 'cluster_state:ok'; do
+        [ $SECONDS -lt $deadline ] || { log "the Redis Cluster did not form"; cat "$state/redis-cluster.log" >&2; return 1; }
+        sleep 0.5
+    done
+    log "redis cluster of 3 masters on ports ${redis_ports[*]}"
     for i in 1 2 3; do
         voters="$voters${voters:+,}$i@127.0.0.1:$(free_port)"
         kafka_ports+=("$(free_port)")
@@ -334,13 +361,13 @@ up_replicated() { # <state dir>
         fi
         log "cassandra node $i answers"
     done
-    wait_for redis "$(awk '$2 == "redis" {print $3}' "$state/pids")" 60
     for port in "${kafka_ports[@]}"; do
         wait_for kafka "$port" 240 || { tail -n 40 "$state"/kafka*.log >&2; return 1; }
     done
     log "replicated servers answer"
     {
-        echo "TEST_REDIS_URL=redis://127.0.0.1:$(awk '$2 == "redis" {print $3}' "$state/pids")"
+        # Quoted: the file is sourced by a shell, and the URL has an `&`.
+        echo "TEST_REDIS_URL='redis-cluster://127.0.0.1:${redis_ports[0]}?node=127.0.0.1:${redis_ports[1]}&node=127.0.0.1:${redis_ports[2]}'"
         echo "TEST_KAFKA_BROKERS=$(IFS=,; echo "${kafka_ports[*]/#/127.0.0.1:}")"
         echo "TEST_SCYLLA_NODES=$(awk '$2 == "cassandra" {printf "%s%s:%s", sep, $5, $3; sep=","}' "$state/pids")"
         echo "TEST_REPLICATION=3"
@@ -365,7 +392,7 @@ cmd="${1:-}"
 shift || true
 case "$cmd" in
 fetch) fetch ;;
-run) "run_$1" "$2" "$3" ;;
+run) "run_${1//-/_}" "$2" "$3" ;;
 wait) wait_for "$@" ;;
 up) fetch; up "$1" ;;
 up-replicated) fetch; up_replicated "$1" ;;

@@ -266,7 +266,11 @@ impl RedisPresence {
             weak.clone(),
             shared.subscriber.keyspace_event_rx(),
         ));
-        tokio::spawn(reassert_on_reconnect(weak, shared.client.reconnect_rx()));
+        tokio::spawn(reassert_on_reconnect(
+            weak.clone(),
+            shared.client.reconnect_rx(),
+        ));
+        tokio::spawn(sweep(weak));
         shared
             .subscriber
             .subscribe(shared.changes_channel())
@@ -321,6 +325,10 @@ impl Shared {
     }
     fn sends_key(&self, user: &str) -> String {
         format!("{{{}:u:{user}}}:sends", self.config.prefix)
+    }
+    /// Every node that marked itself alive and was not reaped since.
+    fn nodes_key(&self) -> String {
+        format!("{{{}}}:nodes", self.config.prefix)
     }
     fn node_key(&self, node: &str, what: &str) -> String {
         format!("{{{}:n:{node}}}:{what}", self.config.prefix)
@@ -378,6 +386,35 @@ impl Shared {
             )
             .await
             .map_err(fail)?;
+        // After the liveness key: a sweep never finds a listed node without one.
+        let _: i64 = self
+            .client
+            .sadd(self.nodes_key(), node)
+            .await
+            .map_err(fail)?;
+        Ok(())
+    }
+
+    /// Reaps every listed node whose liveness key is gone: the path that needs no keyspace
+    /// notification (in a Redis Cluster those are per shard, and a subscriber hears only
+    /// its own shard's), and that catches a notification missed while disconnected.
+    async fn sweep_dead_nodes(&self) -> Result<()> {
+        let nodes: Vec<String> = self.client.smembers(self.nodes_key()).await.map_err(fail)?;
+        let checks = nodes.iter().map(|node| async move {
+            let alive: i64 = self
+                .client
+                .exists(self.node_key(node, "alive"))
+                .await
+                .map_err(fail)?;
+            Ok::<_, Error>((alive == 0).then_some(node))
+        });
+        for node in futures_util::future::try_join_all(checks)
+            .await?
+            .into_iter()
+            .flatten()
+        {
+            self.reap(node).await?;
+        }
         Ok(())
     }
 
@@ -434,6 +471,11 @@ impl Shared {
                 self.node_key(node, "users"),
                 self.node_key(node, "reap"),
             ])
+            .await
+            .map_err(fail)?;
+        let _: i64 = self
+            .client
+            .srem(self.nodes_key(), node)
             .await
             .map_err(fail)?;
         Ok(())
@@ -589,6 +631,24 @@ async fn reassert_on_reconnect(
             return;
         };
         shared.reassert().await;
+    }
+}
+
+/// Every half node TTL, reaps the nodes whose liveness key expired (see
+/// `sweep_dead_nodes`); ends with the last handle.
+async fn sweep(shared: Weak<Shared>) {
+    loop {
+        let every = match shared.upgrade() {
+            Some(s) => (s.config.node_ttl / 2).max(Duration::from_millis(500)),
+            None => return,
+        };
+        tokio::time::sleep(every).await;
+        let Some(strong) = shared.upgrade() else {
+            return;
+        };
+        if let Err(e) = strong.sweep_dead_nodes().await {
+            tracing::debug!(error = %e, "presence: sweeping dead nodes failed");
+        }
     }
 }
 
