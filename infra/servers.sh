@@ -319,7 +319,7 @@ up_replicated() { # <state dir>
         port="$(free_port)"
         redis_ports+=("$port")
         "$0" run redis-cluster "$state/redis$i" "$port" > "$state/redis$i.log" 2>&1 &
-        echo "$! redis $port $state/redis$i" >> "$state/pids"
+        echo "$! redis-cluster $port $state/redis$i" >> "$state/pids"
     done
     for port in "${redis_ports[@]}"; do wait_for redis "$port" 60; done
     redis-cli --cluster create "${redis_ports[@]/#/127.0.0.1:}" --cluster-replicas 0 \

@@ -74,7 +74,19 @@ async fn g3_pending_messages_come_oldest_first_then_live_and_stay_until_acked() 
     assert_eq!(ids(&again), expected);
     bob.send(json!({"type":"ack","message_ids":[expected[0], expected[1], expected[5]]}))
         .await;
-    bob.barrier().await;
+    // The acks have landed once alice has their `delivered` receipts (until then the
+    // messages may come again: guarantee 3).
+    let mut receipted = std::collections::BTreeSet::new();
+    while receipted.len() < 3 {
+        let receipt = alice.recv_type("receipt").await;
+        assert_eq!(receipt["status"], "delivered", "{receipt}");
+        receipted.insert(receipt["message_id"].to_string());
+    }
+    let acked: std::collections::BTreeSet<String> = [&expected[0], &expected[1], &expected[5]]
+        .iter()
+        .map(|id| id.to_string())
+        .collect();
+    assert_eq!(receipted, acked);
     bob.close().await;
 
     // Only the unacked three come back, and a new live message after them.

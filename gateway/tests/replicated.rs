@@ -301,3 +301,61 @@ async fn a_cassandra_node_killed_under_load_loses_nothing() {
     restart(victim);
     answers(&format!("127.0.0.3:{}", victim.port)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_master_lost_and_restarted_strands_nothing() {
+    if !replicated() {
+        return;
+    }
+    const PAIRS: usize = 6;
+    const PER_SENDER: usize = 60;
+    let masters = nodes("redis-cluster");
+    assert_eq!(masters.len(), 3, "three Redis masters");
+    let gw = start(|c| {
+        c.rate_per_sec = 100_000;
+        c.rate_burst = 100_000;
+    })
+    .await;
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    let mut expected = Vec::new();
+    for i in 0..PAIRS {
+        let sender = gw.connect(&format!("m{i}")).await;
+        let recipient = gw.connect(&format!("n{i}")).await;
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        expected.push(tx);
+        receivers.push(tokio::spawn(receive_all(recipient, rx)));
+        senders.push(sender);
+    }
+    // A master without replicas goes: its slots (presence, budgets and liveness of the
+    // users and nodes hashed there) are gone until it is back, empty. Messages keep being
+    // stored; once it is back, presence is written again and the recipients, connected all
+    // along, get everything (live, or by the catch-up).
+    let victim = &masters[1];
+    sigkill(victim);
+    let sending: Vec<_> = senders
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| tokio::spawn(send_all(s, format!("n{i}"), PER_SENDER)))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    restart(victim);
+    answers(&format!("127.0.0.1:{}", victim.port)).await;
+    let mut retried = 0;
+    for (i, ((sender, receiver), expected)) in
+        sending.into_iter().zip(receivers).zip(expected).enumerate()
+    {
+        let sent = sender.await.expect("sender");
+        retried += sent.retried;
+        let _ = expected.send(Some(sent.ids.clone()));
+        let got = receiver.await.expect("recipient");
+        let missing: Vec<_> = sent.ids.difference(&got).collect();
+        assert!(
+            missing.is_empty(),
+            "n{i} (connected all along) never got {} accepted messages: {:?}",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+    }
+    eprintln!("every accepted message reached its connected recipient; {retried} `unavailable` answers retried");
+}
