@@ -385,3 +385,45 @@ async fn g6_a_receipt_comes_again_on_every_connect_until_confirmed() {
         }
     }
 }
+
+/// Two devices of a recipient acking one message at once produce one `delivered` receipt
+/// (in a cluster the devices sit on different gateways).
+#[tokio::test]
+async fn g6_two_devices_acking_at_once_produce_one_delivered_receipt() {
+    let gw = start(|_| {}).await;
+    let mut alice = gw.connect("alice").await;
+    let mut phone = gw.connect_device("bob", "phone").await;
+    let mut tablet = gw.connect_device("bob", "tablet").await;
+    let sent = alice.send_message("bob", "hi", "c1").await;
+    let on_phone = phone.recv_type("message").await;
+    let on_tablet = tablet.recv_type("message").await;
+    // Both acks go out before either can have been applied.
+    phone
+        .send(json!({"type":"ack","message_ids":[on_phone["message_id"]]}))
+        .await;
+    tablet
+        .send(json!({"type":"ack","message_ids":[on_tablet["message_id"]]}))
+        .await;
+    let first = alice.recv_type("receipt").await;
+    assert_eq!(
+        (&first["message_id"], first["status"].as_str()),
+        (&sent["message_id"], Some("delivered"))
+    );
+    // A later message's receipt follows the acks in bob's partition: any second receipt
+    // for the first message would come before it.
+    let later = alice.send_message("bob", "later", "c2").await;
+    let again = phone.recv_type("message").await;
+    phone
+        .send(json!({"type":"ack","message_ids":[again["message_id"]]}))
+        .await;
+    loop {
+        let receipt = alice.recv_type("receipt").await;
+        if receipt["message_id"] == later["message_id"] {
+            break;
+        }
+        assert_eq!(
+            receipt["receipt_id"], first["receipt_id"],
+            "a second `delivered` receipt for one message: {receipt}"
+        );
+    }
+}

@@ -177,7 +177,7 @@ async fn receive_all(
 /// Five senders, 300 messages each, to five recipients on the other gateway; `fault`
 /// runs once the first messages are through. Every accepted message must be delivered
 /// and stored exactly once.
-async fn load_through(fault: impl FnOnce()) {
+async fn load_through(fault: impl FnOnce(&str)) {
     const PAIRS: usize = 5;
     const PER_SENDER: usize = 300;
     let gw = start(|c| {
@@ -208,7 +208,8 @@ async fn load_through(fault: impl FnOnce()) {
     // The fault once messages flow: after the first sender's first `sent`.
     let mut first = first_sender.expect("a sender");
     let probe = first.send_message("r0", "before the fault", "probe").await;
-    fault();
+    let node = gw.node();
+    fault(node.strip_suffix("-a").unwrap_or(&node));
     let started = Instant::now();
     senders.insert(
         0,
@@ -278,14 +279,48 @@ async fn a_kafka_broker_killed_under_load_loses_no_sent_message() {
     if !replicated() {
         return;
     }
-    // With 4 partitions over 3 brokers every broker leads at least one partition, and
-    // every partition is busy (the pairs are spread over them).
     let brokers = nodes("kafka");
     assert_eq!(brokers.len(), 3, "three brokers");
-    let victim = &brokers[0];
-    load_through(|| sigkill(victim)).await;
+    let restart_later = std::cell::Cell::new(None);
+    // The victim is chosen once the topics exist: the broker leading the most partitions
+    // of the messages topic (at least two of the four), every one of them busy.
+    load_through(|tag| {
+        let leader = busiest_leader(&format!("{tag}.messages"));
+        let victim = &brokers[usize::try_from(leader - 1).expect("broker ids are 1-3")];
+        sigkill(victim);
+        restart_later.set(Some(leader));
+    })
+    .await;
+    let leader = restart_later.get().expect("a broker was killed");
+    let victim = &brokers[usize::try_from(leader - 1).expect("broker ids are 1-3")];
     restart(victim);
     answers(&format!("127.0.0.1:{}", victim.port)).await;
+}
+
+/// The id (1-3, the node directory's number) of the broker that leads the most partitions
+/// of `topic`.
+fn busiest_leader(topic: &str) -> i32 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let client: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", common::server("TEST_KAFKA_BROKERS"))
+        .create()
+        .expect("a Kafka client");
+    let metadata = client
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("topic metadata");
+    let mut led: HashMap<i32, usize> = HashMap::new();
+    for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+        *led.entry(partition.leader()).or_default() += 1;
+    }
+    let (leader, count) = led
+        .into_iter()
+        .max_by_key(|(_, count)| *count)
+        .expect("the topic has partitions");
+    assert!(
+        count >= 2,
+        "{topic}: the busiest leader leads {count} partitions"
+    );
+    leader
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,7 +332,7 @@ async fn a_cassandra_node_killed_under_load_loses_nothing() {
     assert_eq!(cassandra.len(), 3, "three Cassandra nodes");
     // Not the seed: the others find each other through it when the victim comes back.
     let victim = &cassandra[2];
-    load_through(|| sigkill(victim)).await;
+    load_through(|_| sigkill(victim)).await;
     restart(victim);
     answers(&format!("127.0.0.3:{}", victim.port)).await;
 }
