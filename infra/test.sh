@@ -57,10 +57,9 @@ stage "fault tests"
 
 # The replicated stage: its own servers (three Kafka brokers, three Cassandra nodes on
 # 127.0.0.1/.2/.3, a Redis Cluster of three masters), after the single-node ones are
-# stopped (memory and CPU are tight on two cores). The cluster's protocol guarantees and
-# limits on all of them, then a broker, a Cassandra node and a Redis master SIGKILLed
-# under load. (Presence's conformance suite is not run on the Redis Cluster: a device's
-# expiry notification is heard only from the subscriber's shard; see ARCHITECTURE.md.)
+# stopped (memory and CPU are tight on two cores). Presence's conformance suite on the
+# Redis Cluster, the cluster's protocol guarantees and limits on all of them, then a
+# broker, a Cassandra node and a Redis master SIGKILLed under load.
 infra/servers.sh down "$state"
 replicated="$(mktemp -d /tmp/chat-replicated.XXXXXX)"
 trap 'infra/servers.sh down "$state"; infra/servers.sh down "$replicated"; rm -rf "$state" "$replicated"' EXIT
@@ -75,6 +74,7 @@ set -a
 # shellcheck disable=SC1091
 . "$replicated/servers.env"
 set +a
+cargo test -p presence --locked --test conformance "$@"
 CHAT_TEST_CLUSTER=1 cargo test -p gateway --locked --test guarantees --test limits "$@" -- --test-threads=1
 CHAT_TEST_CLUSTER=1 cargo test -p gateway --locked --test replicated "$@" -- --test-threads=1
 # Node liveness expiry on the Redis Cluster: a SIGKILLed gateway's users go offline.

@@ -102,6 +102,9 @@ impl Drop for Shared {
 /// What this process registered itself, to write again after Redis lost it.
 #[derive(Default)]
 struct Local {
+    /// In a Redis Cluster, one connection per primary, subscribed to its expiry
+    /// notifications.
+    shards: Vec<fred::clients::Client>,
     /// node → user → devices.
     devices: HashMap<String, HashMap<String, Vec<Location>>>,
     /// node → its delivery channel in this process.
@@ -276,12 +279,42 @@ impl RedisPresence {
             .subscribe(shared.changes_channel())
             .await
             .map_err(fail)?;
-        shared
-            .subscriber
-            .psubscribe("__keyevent@*__:expired")
-            .await
-            .map_err(fail)?;
+        if shared.client.is_clustered() {
+            // Keyspace notifications are per shard: one connection to each primary hears
+            // its shard's.
+            for shard in shared.client.split_cluster().map_err(fail)? {
+                let _connection = shard.init().await.map_err(fail)?;
+                tokio::spawn(expiries(Arc::downgrade(&shared), shard.keyspace_event_rx()));
+                tokio::spawn(resubscribe_shard(shard.clone()));
+                let _: () = shard
+                    .psubscribe("__keyevent@*__:expired")
+                    .await
+                    .map_err(fail)?;
+                shared.local().shards.push(shard);
+            }
+        } else {
+            shared
+                .subscriber
+                .psubscribe("__keyevent@*__:expired")
+                .await
+                .map_err(fail)?;
+        }
         Ok(RedisPresence { shared })
+    }
+}
+
+/// Subscribes a shard's connection to expiry notifications again after each reconnect
+/// (a plain client does not renew its subscriptions); ends when the connection is closed.
+async fn resubscribe_shard(shard: fred::clients::Client) {
+    let mut reconnects = shard.reconnect_rx();
+    loop {
+        match reconnects.recv().await {
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+        if let Err(e) = shard.psubscribe("__keyevent@*__:expired").await {
+            tracing::warn!(error = %e, "presence: expiry notifications of a shard not renewed");
+        }
     }
 }
 
