@@ -293,27 +293,9 @@ impl TestGateway {
 
 /// Connects to a gateway's WebSocket URL with a bearer token and reads the `welcome`.
 pub async fn connect_url(url: &str, token: &str, user: &str) -> Client {
-    let mut request = url.into_client_request().expect("request");
-    let bearer = format!("Bearer {token}").parse().expect("header");
-    request.headers_mut().insert("authorization", bearer);
-    let (ws, _) = timeout(WAIT, tokio_tungstenite::connect_async(request))
+    try_connect_url(url, token, user)
         .await
-        .expect("connect in time")
-        .expect("connect");
-    let mut client = Client {
-        ws,
-        user: user.into(),
-        welcome: Value::Null,
-        seen: Default::default(),
-        duplicates: 0,
-    };
-    client.welcome = client.recv().await;
-    assert_eq!(
-        client.welcome["type"], "welcome",
-        "first frame: {}",
-        client.welcome
-    );
-    client
+        .unwrap_or_else(|e| panic!("{user}: connect: {e}"))
 }
 
 /// Like [`connect_url`], but a failure to connect is returned, not a panic (for clients
