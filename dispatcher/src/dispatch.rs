@@ -616,6 +616,27 @@ impl Dispatcher {
                 Event::Answer { .. } => {}
             }
         }
+        // Receipts are kept before their senders are located: a sender whose device
+        // registers after the lookup finds them in its replay, and one that dies while a
+        // receipt is pushed to it gets it again on its next connect.
+        let keep: Vec<(String, Uuid, Receipt)> = events
+            .iter()
+            .filter_map(|event| match event {
+                Event::Receipts { to, receipts } => Some(
+                    receipts
+                        .iter()
+                        .map(move |(id, receipt)| (to.clone(), *id, receipt.clone())),
+                ),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        if !keep.is_empty() {
+            // One store call for the whole batch's receipts: they are written together.
+            if let Err(e) = self.store.push_receipts(keep).await {
+                tracing::warn!(error = %e, "keeping receipts failed");
+            }
+        }
         let wanted: Vec<String> = wanted.into_iter().collect();
         let located = if wanted.is_empty() {
             Some(HashMap::new())
@@ -633,7 +654,6 @@ impl Dispatcher {
 
         let mut out = NodeBatches::default();
         let mut pushes = Vec::new();
-        let mut keep: Vec<(String, Vec<(Uuid, Receipt)>)> = Vec::new();
         for event in events {
             match event {
                 Event::Message {
@@ -716,7 +736,6 @@ impl Dispatcher {
                             }
                         }
                     }
-                    keep.push((to, receipts));
                 }
                 Event::Answer {
                     sender,
@@ -744,22 +763,6 @@ impl Dispatcher {
                 tracing::warn!(error = %e, "push event failed");
             }
         });
-        // Receipts are kept first: a receipt pushed to a node that dies in that instant
-        // comes again on the sender's next connect.
-        let keep: Vec<(String, Uuid, Receipt)> = keep
-            .into_iter()
-            .flat_map(|(to, receipts)| {
-                receipts
-                    .into_iter()
-                    .map(move |(id, receipt)| (to.clone(), id, receipt))
-            })
-            .collect();
-        if !keep.is_empty() {
-            // One store call for the whole batch's receipts: they are written together.
-            if let Err(e) = self.store.push_receipts(keep).await {
-                tracing::warn!(error = %e, "keeping receipts failed");
-            }
-        }
         tokio::join!(
             futures_util::future::join_all(publishes),
             futures_util::future::join_all(pushes),
