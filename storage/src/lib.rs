@@ -16,7 +16,7 @@ pub mod store;
 pub use ::scylla::statement::Consistency;
 pub use error::{Error, Result};
 pub use model::{
-    is_valid_id, ts_of, AckedMessage, Appended, Conversation, Group, Message, NewMessage, Receipt,
-    ReceiptStatus, MAX_GROUP_MEMBERS,
+    is_valid_id, ts_of, AckedMessage, Appended, Conversation, Group, GroupChange, GroupChangeKind,
+    InboxEntry, Marker, Message, NewMessage, Notice, Receipt, ReceiptStatus, MAX_GROUP_MEMBERS,
 };
 pub use store::{EmbeddedConfig, EmbeddedStore, MessageStore, ScyllaConfig, ScyllaStore, Store};

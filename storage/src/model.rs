@@ -214,6 +214,70 @@ pub struct Receipt {
     pub ts: i64,
 }
 
+/// What a change did to a group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupChangeKind {
+    Created,
+    Members,
+}
+
+/// A group's creation or a change of its members, as told to everyone it concerns (the
+/// members after it, and those it removed).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupChange {
+    /// The group as the change left it.
+    pub group: Group,
+    pub change: GroupChangeKind,
+    /// Who made the change.
+    pub by: String,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub ts: i64,
+}
+
+/// What a user is told and keeps being told, on every connect, until one of their devices
+/// confirms it: a receipt for one of their messages, or a change of one of their groups.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Notice {
+    Receipt(Receipt),
+    Group(GroupChange),
+}
+
+impl Notice {
+    /// The stored form (postcard).
+    pub fn to_stored(&self) -> Result<Vec<u8>, crate::Error> {
+        postcard::to_allocvec(self)
+            .map_err(|e| crate::Error::Backend(format!("encoding a notice: {e}")))
+    }
+
+    /// Reads a stored notice. Rows written before notices existed hold a bare receipt;
+    /// its first byte (16, the length of its message id) is no notice variant, so the two
+    /// forms cannot be mistaken for each other.
+    pub fn from_stored(bytes: &[u8]) -> Result<Self, crate::Error> {
+        postcard::from_bytes(bytes)
+            .or_else(|_| postcard::from_bytes(bytes).map(Notice::Receipt))
+            .map_err(|e| crate::Error::Backend(format!("stored notice: {e}")))
+    }
+}
+
+/// A user's conversation in their inbox, by its latest activity (a message, or a change of
+/// the group): a time-ordered id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InboxEntry {
+    pub conversation: Conversation,
+    pub activity: Uuid,
+}
+
+/// How far one member of a conversation has got: the newest message of it they have read,
+/// and the newest one a device of theirs has stored (acked).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Marker {
+    pub user: String,
+    pub read: Option<Uuid>,
+    pub delivered: Option<Uuid>,
+}
+
 /// A group conversation and its members.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Group {

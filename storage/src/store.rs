@@ -7,7 +7,9 @@ use std::time::Instant;
 use uuid::Uuid;
 
 use crate::error::Result;
-use crate::model::{AckedMessage, Appended, Conversation, Group, Message, NewMessage, Receipt};
+use crate::model::{
+    AckedMessage, Appended, Conversation, Group, InboxEntry, Marker, Message, NewMessage, Notice,
+};
 
 mod embedded;
 mod scylla;
@@ -28,6 +30,9 @@ pub trait MessageStore: Send + Sync + 'static {
     /// reported with `inserted: false`, and changes nothing. Without a `client_msg_id` the
     /// message id is the key. Within one call, a later message with the key of an earlier
     /// one resolves to the earlier one.
+    ///
+    /// Each inserted message is also the latest activity of its conversation in the
+    /// inboxes of its sender and recipients ([`MessageStore::conversations`]).
     ///
     /// Callers that append the same key concurrently from two places get no such promise:
     /// the inbound log routes every message of a conversation through one ordered
@@ -58,7 +63,9 @@ pub trait MessageStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<Message>>> + Send;
 
     /// Removes messages from a user's pending queue and returns those that were pending
-    /// (ids that were not are ignored, so a repeated ack returns nothing). Acks of one
+    /// (ids that were not are ignored, so a repeated ack returns nothing), and moves the
+    /// user's delivered marker in each conversation up to the newest message acked there
+    /// that someone else sent (it never moves back). Acks of one
     /// user must not run concurrently with each other (the inbound log orders them) for
     /// each message to be reported once.
     ///
@@ -82,34 +89,49 @@ pub trait MessageStore: Send + Sync + 'static {
         upto: Uuid,
     ) -> impl Future<Output = Result<Vec<String>>> + Send;
 
-    /// Keeps receipts, each for its user under its id (time-ordered), until a device of
-    /// the user confirms it ([`MessageStore::drop_receipts`]). Keeping one again is
+    /// Keeps notices, each for its user under its id (time-ordered), until a device of
+    /// the user confirms it ([`MessageStore::drop_notices`]). Keeping one again is
     /// harmless. One call for many users: the writes go together.
-    fn push_receipts(
+    fn push_notices(
         &self,
-        receipts: Vec<(String, Uuid, Receipt)>,
+        notices: Vec<(String, Uuid, Notice)>,
     ) -> impl Future<Output = Result<()>> + Send;
 
-    /// A user's kept receipts with ids after `after`, oldest first.
-    fn receipts(
+    /// A user's kept notices with ids after `after`, oldest first.
+    fn notices(
         &self,
         user: &str,
         after: Option<Uuid>,
         limit: usize,
-    ) -> impl Future<Output = Result<Vec<(Uuid, Receipt)>>> + Send;
+    ) -> impl Future<Output = Result<Vec<(Uuid, Notice)>>> + Send;
 
-    /// Forgets kept receipts by user and id (a device confirmed them). Unknown ids are
+    /// Forgets kept notices by user and id (a device confirmed them). Unknown ids are
     /// ignored.
-    fn drop_receipts(&self, receipts: &[(String, Uuid)])
-        -> impl Future<Output = Result<()>> + Send;
+    fn drop_notices(&self, notices: &[(String, Uuid)]) -> impl Future<Output = Result<()>> + Send;
 
-    /// Creates a group; its id must be new.
+    /// A user's conversations, latest activity first, those with activity strictly older
+    /// than `before` when given.
+    fn conversations(
+        &self,
+        user: &str,
+        before: Option<Uuid>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<InboxEntry>>> + Send;
+
+    /// The read and delivered markers of a conversation's members (those who have one).
+    fn markers(
+        &self,
+        conversation: &Conversation,
+    ) -> impl Future<Output = Result<Vec<Marker>>> + Send;
+
+    /// Creates a group; its id must be new. It enters its members' inboxes.
     fn create_group(&self, group: Group) -> impl Future<Output = Result<()>> + Send;
 
     fn group(&self, id: Uuid) -> impl Future<Output = Result<Option<Group>>> + Send;
 
     /// Adds then removes members; `NotFound` for an unknown group, `Invalid` past
-    /// [`crate::MAX_GROUP_MEMBERS`].
+    /// [`crate::MAX_GROUP_MEMBERS`]. The change is the group's latest activity in its
+    /// members' inboxes; the removed lose it from theirs.
     fn update_members(
         &self,
         id: Uuid,
@@ -186,19 +208,31 @@ impl MessageStore for Store {
     async fn mark_read(&self, reader: &str, c: &Conversation, upto: Uuid) -> Result<Vec<String>> {
         observed!(self, "mark_read", |s| s.mark_read(reader, c, upto))
     }
-    async fn push_receipts(&self, receipts: Vec<(String, Uuid, Receipt)>) -> Result<()> {
-        observed!(self, "push_receipts", |s| s.push_receipts(receipts))
+    async fn push_notices(&self, notices: Vec<(String, Uuid, Notice)>) -> Result<()> {
+        observed!(self, "push_notices", |s| s.push_notices(notices))
     }
-    async fn receipts(
+    async fn notices(
         &self,
         user: &str,
         after: Option<Uuid>,
         limit: usize,
-    ) -> Result<Vec<(Uuid, Receipt)>> {
-        observed!(self, "receipts", |s| s.receipts(user, after, limit))
+    ) -> Result<Vec<(Uuid, Notice)>> {
+        observed!(self, "notices", |s| s.notices(user, after, limit))
     }
-    async fn drop_receipts(&self, receipts: &[(String, Uuid)]) -> Result<()> {
-        observed!(self, "drop_receipts", |s| s.drop_receipts(receipts))
+    async fn drop_notices(&self, notices: &[(String, Uuid)]) -> Result<()> {
+        observed!(self, "drop_notices", |s| s.drop_notices(notices))
+    }
+    async fn conversations(
+        &self,
+        user: &str,
+        before: Option<Uuid>,
+        limit: usize,
+    ) -> Result<Vec<InboxEntry>> {
+        observed!(self, "conversations", |s| s
+            .conversations(user, before, limit))
+    }
+    async fn markers(&self, c: &Conversation) -> Result<Vec<Marker>> {
+        observed!(self, "markers", |s| s.markers(c))
     }
     async fn create_group(&self, group: Group) -> Result<()> {
         observed!(self, "create_group", |s| s.create_group(group))

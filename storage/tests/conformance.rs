@@ -5,8 +5,9 @@ use std::collections::BTreeSet;
 use std::future::Future;
 
 use storage::{
-    ts_of, Conversation, EmbeddedConfig, EmbeddedStore, Error, Group, Message, MessageStore,
-    NewMessage, Receipt, ReceiptStatus, ScyllaConfig, ScyllaStore, Store,
+    ts_of, Conversation, EmbeddedConfig, EmbeddedStore, Error, Group, GroupChange, GroupChangeKind,
+    Message, MessageStore, NewMessage, Notice, Receipt, ReceiptStatus, ScyllaConfig, ScyllaStore,
+    Store,
 };
 use uuid::Uuid;
 
@@ -380,7 +381,7 @@ async fn read_markers_cover_earlier_messages<S: MessageStore>(store: S) {
     assert!(matches!(wrong_conversation, Err(Error::NotFound(_))));
 }
 
-async fn receipts_are_kept_until_dropped<S: MessageStore>(store: S) {
+async fn notices_are_kept_until_dropped<S: MessageStore>(store: S) {
     let c = dm("alice", "bob");
     let receipt = |status| {
         let r = Receipt {
@@ -390,48 +391,63 @@ async fn receipts_are_kept_until_dropped<S: MessageStore>(store: S) {
             status,
             ts: 1,
         };
-        (Uuid::now_v7(), r)
+        (Uuid::now_v7(), Notice::Receipt(r))
     };
-    let (r1, r2, r3) = (
+    let (r1, r2) = (
         receipt(ReceiptStatus::Delivered),
         receipt(ReceiptStatus::Read),
-        receipt(ReceiptStatus::Delivered),
     );
-    let alice = |(id, r): &(Uuid, Receipt)| ("alice".to_string(), *id, r.clone());
+    // A group change is kept the same way.
+    let r3 = (
+        Uuid::now_v7(),
+        Notice::Group(GroupChange {
+            group: Group {
+                id: Uuid::now_v7(),
+                name: "team".into(),
+                members: ["alice", "bob"].into_iter().map(String::from).collect(),
+            },
+            change: GroupChangeKind::Created,
+            by: "bob".into(),
+            added: vec!["alice".into()],
+            removed: vec![],
+            ts: 2,
+        }),
+    );
+    let alice = |(id, r): &(Uuid, Notice)| ("alice".to_string(), *id, r.clone());
     let carol_receipt = receipt(ReceiptStatus::Read);
     store
-        .push_receipts(vec![
+        .push_notices(vec![
             alice(&r1),
             ("carol".into(), carol_receipt.0, carol_receipt.1.clone()),
             alice(&r2),
         ])
         .await
         .expect("push");
-    store.push_receipts(vec![alice(&r3)]).await.expect("push");
+    store.push_notices(vec![alice(&r3)]).await.expect("push");
     // Kept again (a retried batch): still once.
     store
-        .push_receipts(vec![alice(&r1)])
+        .push_notices(vec![alice(&r1)])
         .await
         .expect("push again");
-    let kept = store.receipts("alice", None, 100).await.expect("receipts");
+    let kept = store.notices("alice", None, 100).await.expect("notices");
     assert_eq!(kept, vec![r1.clone(), r2.clone(), r3.clone()]);
     // Paged by id.
-    let first = store.receipts("alice", None, 2).await.expect("page");
+    let first = store.notices("alice", None, 2).await.expect("page");
     assert_eq!(first, vec![r1.clone(), r2.clone()]);
-    let rest = store.receipts("alice", Some(r2.0), 2).await.expect("page");
+    let rest = store.notices("alice", Some(r2.0), 2).await.expect("page");
     assert_eq!(rest, vec![r3.clone()]);
     assert!(store
-        .receipts("bob", None, 100)
+        .notices("bob", None, 100)
         .await
-        .expect("receipts")
+        .expect("notices")
         .is_empty());
     // Dropped by user and id, in any order; unknown ids are ignored.
     assert_eq!(
-        store.receipts("carol", None, 100).await.expect("receipts"),
+        store.notices("carol", None, 100).await.expect("notices"),
         vec![carol_receipt.clone()]
     );
     store
-        .drop_receipts(&[
+        .drop_notices(&[
             ("alice".into(), r3.0),
             ("carol".into(), carol_receipt.0),
             ("alice".into(), r1.0),
@@ -439,26 +455,131 @@ async fn receipts_are_kept_until_dropped<S: MessageStore>(store: S) {
         ])
         .await
         .expect("drop");
-    let left = store.receipts("alice", None, 100).await.expect("receipts");
+    let left = store.notices("alice", None, 100).await.expect("notices");
     assert_eq!(left, vec![r2]);
     assert!(store
-        .receipts("carol", None, 100)
+        .notices("carol", None, 100)
         .await
-        .expect("receipts")
+        .expect("notices")
         .is_empty());
     store
-        .drop_receipts(&[("bob".into(), left[0].0)])
+        .drop_notices(&[("bob".into(), left[0].0)])
         .await
         .expect("drop");
     assert_eq!(
         store
-            .receipts("alice", None, 100)
+            .notices("alice", None, 100)
             .await
-            .expect("receipts")
+            .expect("notices")
             .len(),
         1,
-        "another user's drop leaves alice's receipts alone"
+        "another user's drop leaves alice's notices alone"
     );
+}
+
+async fn inboxes_list_conversations_by_latest_activity<S: MessageStore>(store: S) {
+    let (ab, ac) = (dm("alice", "bob"), dm("alice", "carol"));
+    let group = Group {
+        id: Uuid::now_v7(),
+        name: "team".into(),
+        members: ["alice", "bob", "dave"]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+    };
+    let g = group.conversation();
+    let m1 = message("alice", &ab, "to bob");
+    append_one(&store, &m1, &["bob"]).await;
+    let m2 = message("carol", &ac, "to alice");
+    append_one(&store, &m2, &["alice"]).await;
+    store.create_group(group.clone()).await.expect("create");
+    let listed = |user: &'static str, before: Option<Uuid>, limit: usize| {
+        let store = &store;
+        async move {
+            store
+                .conversations(user, before, limit)
+                .await
+                .expect("conversations")
+                .into_iter()
+                .map(|e| (e.conversation, e.activity))
+                .collect::<Vec<_>>()
+        }
+    };
+    // Latest activity first: the group's creation, then carol's message, then alice's.
+    let all = listed("alice", None, 10).await;
+    let order: Vec<&Conversation> = all.iter().map(|(c, _)| c).collect();
+    assert_eq!(order, vec![&g, &ac, &ab]);
+    assert_eq!(all[1].1, m2.id);
+    assert_eq!(all[2].1, m1.id);
+    // The group is in every member's inbox, and the sender's message in both inboxes.
+    assert_eq!(listed("dave", None, 10).await.len(), 1);
+    let bobs: Vec<Conversation> = listed("bob", None, 10)
+        .await
+        .into_iter()
+        .map(|(c, _)| c)
+        .collect();
+    assert_eq!(bobs, vec![g.clone(), ab.clone()]);
+    // Paged by activity.
+    let first = listed("alice", None, 2).await;
+    assert_eq!(first.len(), 2);
+    let rest = listed("alice", Some(first[1].1), 2).await;
+    assert_eq!(rest, vec![(ab.clone(), m1.id)]);
+    // A new message moves its conversation up; a retry (not inserted) does not.
+    let m3 = message("bob", &ab, "back to alice");
+    append_one(&store, &m3, &["alice"]).await;
+    let top = listed("alice", None, 1).await;
+    assert_eq!(top, vec![(ab.clone(), m3.id)]);
+    append_one(&store, &m1, &["bob"]).await;
+    assert_eq!(listed("alice", None, 1).await, top);
+    // The removed lose the group; the others see the change as its latest activity.
+    store
+        .update_members(group.id, vec!["erin".into()], vec!["dave".into()])
+        .await
+        .expect("update");
+    assert!(listed("dave", None, 10).await.is_empty());
+    assert_eq!(listed("erin", None, 10).await.len(), 1);
+    assert_eq!(listed("alice", None, 1).await[0].0, g);
+    assert!(listed("nobody", None, 10).await.is_empty());
+}
+
+async fn markers_say_how_far_members_read_and_stored<S: MessageStore>(store: S) {
+    let c = dm("alice", "bob");
+    let a1 = message("alice", &c, "a1");
+    let a2 = message("alice", &c, "a2");
+    let b1 = message("bob", &c, "b1");
+    for (m, to) in [(&a1, "bob"), (&a2, "bob"), (&b1, "alice")] {
+        append_one(&store, m, &[to]).await;
+    }
+    assert!(store.markers(&c).await.expect("markers").is_empty());
+    // Acks out of order: the delivered marker stays at the newest.
+    store.ack("bob", &[a2.id], vec![]).await.expect("ack");
+    store.ack("bob", &[a1.id], vec![]).await.expect("ack");
+    store.mark_read("bob", &c, a1.id).await.expect("read");
+    // Acking one's own message (a note to self, an echo) moves no delivered marker.
+    let self_note = message("alice", &c, "note");
+    append_one(&store, &self_note, &["alice"]).await;
+    store
+        .ack("alice", &[self_note.id], vec![])
+        .await
+        .expect("ack");
+    let markers = store.markers(&c).await.expect("markers");
+    let bob = markers
+        .iter()
+        .find(|m| m.user == "bob")
+        .expect("bob's marker");
+    assert_eq!(bob.delivered, Some(a2.id));
+    assert_eq!(bob.read, Some(a1.id));
+    assert!(markers
+        .iter()
+        .filter(|m| m.user == "alice")
+        .all(|m| m.delivered.is_none() && m.read.is_none()));
+    store.ack("alice", &[b1.id], vec![]).await.expect("ack");
+    let markers = store.markers(&c).await.expect("markers");
+    let alice = markers
+        .iter()
+        .find(|m| m.user == "alice")
+        .expect("alice's marker");
+    assert_eq!((alice.delivered, alice.read), (Some(b1.id), None));
 }
 
 async fn groups_and_membership<S: MessageStore>(store: S) {
@@ -627,7 +748,9 @@ conformance!(
     pending_is_oldest_first_until_acked,
     known_pending_entries_are_acked_like_the_others,
     read_markers_cover_earlier_messages,
-    receipts_are_kept_until_dropped,
+    notices_are_kept_until_dropped,
+    inboxes_list_conversations_by_latest_activity,
+    markers_say_how_far_members_read_and_stored,
     groups_and_membership,
     groups_are_bounded,
     concurrent_writes_all_land,

@@ -315,10 +315,25 @@ async fn a_version_1_data_directory_is_migrated() {
     let retry = message("retried after the upgrade");
     let out = store.append(&[new(&retry, "c-old")]).await.expect("retry");
     assert_eq!((out[0].id, out[0].inserted), (m1.id, false));
-    assert_eq!(store.group(group.id).await.expect("group"), Some(group));
-    let kept = store.receipts("alice", None, 10).await.expect("receipts");
+    assert_eq!(store.group(group.id).await.expect("group"), Some(group.clone()));
+    // A receipt kept before notices existed reads as a receipt notice.
+    let kept = store.notices("alice", None, 10).await.expect("notices");
     assert_eq!(kept.len(), 1);
-    assert_eq!(kept[0].1, receipt);
+    assert_eq!(kept[0].1, storage::Notice::Receipt(receipt));
+    // Inboxes were filled from the messages and groups (schema version 3).
+    for user in ["alice", "bob"] {
+        let inbox = store.conversations(user, None, 10).await.expect("inbox");
+        let listed: Vec<_> = inbox
+            .iter()
+            .map(|e| (e.conversation.clone(), e.activity))
+            .collect();
+        let mut expected = vec![
+            (m1.conversation.clone(), m2.id),
+            (group.conversation(), group.id),
+        ];
+        expected.sort_by_key(|(_, at)| std::cmp::Reverse(*at));
+        assert_eq!(listed, expected, "{user}'s inbox");
+    }
     assert!(
         store
             .mark_read("bob", &m1.conversation, m2.id)

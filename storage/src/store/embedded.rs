@@ -36,12 +36,14 @@ use uuid::Uuid;
 use self::writer::GroupCommit;
 use crate::crypto::{KeySource, Keyring};
 use crate::error::{Error, Result};
-use crate::model::{AckedMessage, Appended, Conversation, Group, Message, NewMessage, Receipt};
+use crate::model::{
+    AckedMessage, Appended, Conversation, Group, InboxEntry, Marker, Message, NewMessage, Notice,
+};
 use crate::store::{MessageStore, StoredThisCall};
 
 /// The on-disk format this build writes. Version 1 was a redb file (`store.redb`), which
 /// is migrated on first open.
-const SCHEMA_VERSION: u64 = 2;
+const SCHEMA_VERSION: u64 = 3;
 /// Most messages `mark_read` scans to find the senders a read covers.
 const READ_SCAN_LIMIT: usize = 10_000;
 /// The store's directory inside the data directory.
@@ -124,6 +126,8 @@ struct Db {
     sends: Keyspace,
     receipts: Keyspace,
     markers: Keyspace,
+    delivered: Keyspace,
+    inbox: Keyspace,
     groups: Keyspace,
     meta: Keyspace,
     keys: Keyring,
@@ -258,6 +262,8 @@ impl Db {
             sends: open("sends", MEMTABLE_BYTES)?,
             receipts: open("receipt_outbox", SMALL_MEMTABLE_BYTES)?,
             markers: open("read_markers", SMALL_MEMTABLE_BYTES)?,
+            delivered: open("delivered_markers", SMALL_MEMTABLE_BYTES)?,
+            inbox: open("inbox", MEMTABLE_BYTES)?,
             groups: open("groups", SMALL_MEMTABLE_BYTES)?,
             meta: open("meta", SMALL_MEMTABLE_BYTES)?,
             database,
@@ -277,12 +283,91 @@ impl Db {
                 Ok(())
             }
             Some(v) if v.as_ref() == SCHEMA_VERSION.to_be_bytes() => Ok(()),
+            Some(v) if v.as_ref() == 2u64.to_be_bytes() => {
+                let conversations = self.fill_inboxes()?;
+                self.meta
+                    .insert("schema_version", SCHEMA_VERSION.to_be_bytes())?;
+                self.database.persist(PersistMode::SyncAll)?;
+                tracing::warn!(
+                    conversations,
+                    "upgraded the embedded store to schema version {SCHEMA_VERSION}: inboxes filled"
+                );
+                Ok(())
+            }
             Some(v) => Err(Error::Backend(format!(
                 "the data directory has schema version {:?}, this build knows {SCHEMA_VERSION}: \
                  upgrade the binary or use another data directory",
                 v.as_ref()
             ))),
         }
+    }
+
+    /// Version 3 added inboxes: each conversation enters its members' inboxes with its
+    /// latest message (a group with none, with its creation). Returns how many
+    /// conversations there were.
+    fn fill_inboxes(&self) -> Result<usize> {
+        let mut latest: std::collections::BTreeMap<String, u128> = Default::default();
+        for row in self.messages.iter() {
+            let key = row.key()?;
+            let id = id_of(&key)?;
+            let name = key
+                .get(8..key.len().saturating_sub(17))
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .ok_or_else(|| Error::Backend("a stored message key is malformed".into()))?;
+            let at = latest.entry(name.to_owned()).or_default();
+            *at = (*at).max(id);
+        }
+        let mut groups = std::collections::HashMap::new();
+        for row in self.groups.iter() {
+            let group: Group = decode(&row.value()?)?;
+            latest
+                .entry(group.conversation().to_string())
+                .or_insert(group.id.as_u128());
+            groups.insert(group.id, group.members);
+        }
+        let mut batch = self.batch();
+        for (name, activity) in &latest {
+            let members: Vec<String> = match parse_conversation(name)? {
+                Conversation::Direct(a, b) => vec![a, b],
+                Conversation::Group(id) => groups
+                    .get(&id)
+                    .map(|m| m.iter().cloned().collect())
+                    .unwrap_or_default(),
+            };
+            for member in members {
+                batch.insert(
+                    &self.inbox,
+                    key(&member, name.as_bytes()),
+                    activity.to_be_bytes(),
+                );
+            }
+        }
+        batch.commit()?;
+        Ok(latest.len())
+    }
+
+    /// Puts a conversation in users' inboxes with `activity` as its latest, unless they
+    /// have a later one there already.
+    fn touch_inboxes<'a>(
+        &self,
+        batch: &mut OwnedWriteBatch,
+        conversation: &str,
+        users: impl IntoIterator<Item = &'a String>,
+        activity: u128,
+    ) -> Result<()> {
+        for user in users {
+            let key = key(user, conversation.as_bytes());
+            let newer = self
+                .inbox
+                .get(&key)?
+                .map(|v| id_value(&v))
+                .transpose()?
+                .is_some_and(|at| at > activity);
+            if !newer {
+                batch.insert(&self.inbox, key, activity.to_be_bytes());
+            }
+        }
+        Ok(())
     }
 
     fn batch(&self) -> OwnedWriteBatch {
@@ -456,6 +541,12 @@ impl MessageStore for EmbeddedStore {
                     // weak tombstone then suffices (see `ack`).
                     batch.insert(&db.pending, id_key(user, row.id), row.pending.clone());
                 }
+                db.touch_inboxes(
+                    &mut batch,
+                    &row.name,
+                    std::iter::once(&new.message.from).chain(&new.recipients),
+                    row.id,
+                )?;
                 if let Some(cmid) = &new.client_msg_id {
                     let record = encode(&SendRecord {
                         id: row.id,
@@ -560,6 +651,16 @@ impl MessageStore for EmbeddedStore {
                 // A pending key is written once and deleted once, so a weak tombstone
                 // (dropped with the entry when compaction meets them) is enough.
                 batch.remove_weak(&db.pending, key);
+                if entry.from != user {
+                    let marker = self::key(&entry.conversation, user.as_bytes());
+                    let newer = match db.delivered.get(&marker)? {
+                        Some(v) => id_value(&v)? >= id,
+                        None => false,
+                    };
+                    if !newer {
+                        batch.insert(&db.delivered, marker, id.to_be_bytes());
+                    }
+                }
                 acked.push(AckedMessage {
                     id: Uuid::from_u128(id),
                     conversation: parse_conversation(&entry.conversation)?,
@@ -606,12 +707,12 @@ impl MessageStore for EmbeddedStore {
         .await
     }
 
-    /// Not waiting for the journal's sync: a receipt is status, and the journal survives
+    /// Not waiting for the journal's sync: a notice is status, and the journal survives
     /// a crash of the process; the next group commit makes it durable.
-    async fn push_receipts(&self, receipts: Vec<(String, Uuid, Receipt)>) -> Result<()> {
-        let rows = receipts
+    async fn push_notices(&self, notices: Vec<(String, Uuid, Notice)>) -> Result<()> {
+        let rows = notices
             .iter()
-            .map(|(user, id, r)| Ok((id_key(user, id.as_u128()), encode(r)?)))
+            .map(|(user, id, n)| Ok((id_key(user, id.as_u128()), n.to_stored()?)))
             .collect::<Result<Vec<_>>>()?;
         self.write(false, move |db| {
             let mut batch = db.batch();
@@ -624,12 +725,12 @@ impl MessageStore for EmbeddedStore {
         .await
     }
 
-    async fn receipts(
+    async fn notices(
         &self,
         user: &str,
         after: Option<Uuid>,
         limit: usize,
-    ) -> Result<Vec<(Uuid, Receipt)>> {
+    ) -> Result<Vec<(Uuid, Notice)>> {
         let user = user.to_owned();
         self.read(move |db| {
             let from = match after {
@@ -643,15 +744,15 @@ impl MessageStore for EmbeddedStore {
                 .take(limit)
             {
                 let (key, value) = row.into_inner()?;
-                out.push((Uuid::from_u128(id_of(&key)?), decode(&value)?));
+                out.push((Uuid::from_u128(id_of(&key)?), Notice::from_stored(&value)?));
             }
             Ok(out)
         })
         .await
     }
 
-    async fn drop_receipts(&self, receipts: &[(String, Uuid)]) -> Result<()> {
-        let keys: Vec<_> = receipts
+    async fn drop_notices(&self, notices: &[(String, Uuid)]) -> Result<()> {
+        let keys: Vec<_> = notices
             .iter()
             .map(|(user, id)| id_key(user, id.as_u128()))
             .collect();
@@ -666,6 +767,67 @@ impl MessageStore for EmbeddedStore {
         .await
     }
 
+    /// The user's whole inbox is read and sorted: one user's conversations are few
+    /// enough (thousands at most) for that.
+    async fn conversations(
+        &self,
+        user: &str,
+        before: Option<Uuid>,
+        limit: usize,
+    ) -> Result<Vec<InboxEntry>> {
+        let prefix = key(user, &[]);
+        self.read(move |db| {
+            let mut all = Vec::new();
+            for row in db.inbox.prefix(&prefix) {
+                let (key, value) = row.into_inner()?;
+                let activity = Uuid::from_u128(id_value(&value)?);
+                if before.is_some_and(|b| activity >= b) {
+                    continue;
+                }
+                let name = key
+                    .get(prefix.len()..)
+                    .and_then(|b| std::str::from_utf8(b).ok())
+                    .ok_or_else(|| Error::Backend("a stored inbox key is malformed".into()))?;
+                all.push(InboxEntry {
+                    conversation: parse_conversation(name)?,
+                    activity,
+                });
+            }
+            all.sort_by(|a, b| b.activity.cmp(&a.activity));
+            all.truncate(limit);
+            Ok(all)
+        })
+        .await
+    }
+
+    async fn markers(&self, c: &Conversation) -> Result<Vec<Marker>> {
+        let prefix = key(&c.to_string(), &[]);
+        self.read(move |db| {
+            let mut markers: std::collections::BTreeMap<String, Marker> = Default::default();
+            for (keyspace, read) in [(&db.markers, true), (&db.delivered, false)] {
+                for row in keyspace.prefix(&prefix) {
+                    let (key, value) = row.into_inner()?;
+                    let user = key
+                        .get(prefix.len()..)
+                        .and_then(|b| std::str::from_utf8(b).ok())
+                        .ok_or_else(|| Error::Backend("a stored marker key is malformed".into()))?;
+                    let id = Some(Uuid::from_u128(id_value(&value)?));
+                    let marker = markers.entry(user.to_owned()).or_insert_with(|| Marker {
+                        user: user.to_owned(),
+                        ..Marker::default()
+                    });
+                    if read {
+                        marker.read = id;
+                    } else {
+                        marker.delivered = id;
+                    }
+                }
+            }
+            Ok(markers.into_values().collect())
+        })
+        .await
+    }
+
     async fn create_group(&self, group: Group) -> Result<()> {
         group.check_size()?;
         let bytes = encode(&group)?;
@@ -674,7 +836,11 @@ impl MessageStore for EmbeddedStore {
             if db.groups.contains_key(key)? {
                 return Err(Error::Invalid(format!("group {} already exists", group.id)));
             }
-            db.groups.insert(key, bytes)?;
+            let mut batch = db.batch();
+            batch.insert(&db.groups, key, bytes);
+            let name = group.conversation().to_string();
+            db.touch_inboxes(&mut batch, &name, &group.members, Uuid::now_v7().as_u128())?;
+            batch.commit()?;
             Ok(())
         })
         .await
@@ -707,7 +873,14 @@ impl MessageStore for EmbeddedStore {
                 group.members.remove(member);
             }
             group.check_size()?;
-            db.groups.insert(key, encode(&group)?)?;
+            let mut batch = db.batch();
+            batch.insert(&db.groups, key, encode(&group)?);
+            let name = group.conversation().to_string();
+            for member in remove.iter().filter(|m| !group.members.contains(*m)) {
+                batch.remove(&db.inbox, self::key(member, name.as_bytes()));
+            }
+            db.touch_inboxes(&mut batch, &name, &group.members, Uuid::now_v7().as_u128())?;
+            batch.commit()?;
             Ok(group)
         })
         .await

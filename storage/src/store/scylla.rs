@@ -9,7 +9,8 @@
 //! | `pending` | `user` | `id ASC` | each user's undelivered messages with their conversation and sender, 30-day TTL, short `gc_grace_seconds` (deleted often) |
 //! | `sends` | `sender:client_msg_id` | — | the message a send stored, 48 h TTL; written after the message, so its presence means "completely appended"; read many keys at a time |
 //! | `receipt_outbox` | `user` | `key ASC` | receipts kept for an offline sender, 30-day TTL |
-//! | `read_markers` | `conversation` | `reader` | how far each member has read |
+//! | `read_markers` | `conversation` | `reader` | how far each member has read (`upto`) and has stored (`delivered`) |
+//! | `inbox` | `user` | `conversation` | each user's conversations and their latest activity |
 //! | `groups` | `id` | — | name and members (a set of at most 1024) |
 //! | `schema_migrations` | `version` | — | which migrations ran |
 //! | `message_index`, `idempotency` | — | — | written by schema version 1 only (`idempotency` is still read for 48 hours after an upgrade) |
@@ -46,7 +47,8 @@ use super::{MessageStore, StoredThisCall};
 use crate::crypto::Keyring;
 use crate::error::{Error, Result};
 use crate::model::{
-    ts_of, AckedMessage, Appended, Conversation, Group, Message, NewMessage, Receipt,
+    ts_of, AckedMessage, Appended, Conversation, Group, InboxEntry, Marker, Message, NewMessage,
+    Notice,
 };
 use crate::resilience::{retry, Breaker, Guarded};
 
@@ -436,6 +438,18 @@ impl ScyllaStore {
                 bytes,
             ));
         }
+        let at = write_time(message.id);
+        let mut inboxes: Vec<&String> = std::iter::once(&message.from).chain(recipients).collect();
+        inboxes.sort_unstable();
+        inboxes.dedup();
+        for user in inboxes {
+            let bytes = row_bytes(&[user, &conversation], 24);
+            writes.push(Write::new(
+                &s.inbox_put,
+                (user.clone(), conversation.clone(), message.id, at),
+                bytes,
+            ));
+        }
         let bytes = row_bytes(&[&conversation, &message.from], sealed.len());
         writes.push(Write::new(
             &s.message_put,
@@ -450,6 +464,36 @@ impl ScyllaStore {
         ));
         Ok(writes)
     }
+
+    /// Enters the group in its members' inboxes (or removes it from the removed ones'),
+    /// with `activity` as its latest.
+    async fn touch_inboxes(&self, group: &Group, removed: &[String], activity: Uuid) -> Result<()> {
+        let s = &self.inner.s;
+        let name = group.conversation().to_string();
+        let at = write_time(activity);
+        let mut writes = Vec::with_capacity(group.members.len() + removed.len());
+        for member in &group.members {
+            writes.push(Write::new(
+                &s.inbox_put,
+                (member.clone(), name.clone(), activity, at),
+                member.len() + name.len() + 24,
+            ));
+        }
+        for gone in removed.iter().filter(|m| !group.members.contains(*m)) {
+            writes.push(Write::new(
+                &s.inbox_delete,
+                (at, gone.clone(), name.clone()),
+                gone.len() + name.len() + 8,
+            ));
+        }
+        self.inner.writes.write(writes).await
+    }
+}
+
+/// The write time (microseconds) of a row that records an activity: the activity's own
+/// time, from its UUIDv7, so that of two writes the later activity wins.
+fn write_time(activity: Uuid) -> i64 {
+    ts_of(activity).saturating_mul(1000)
 }
 
 fn limit_i32(limit: usize) -> i32 {
@@ -610,14 +654,27 @@ impl MessageStore for ScyllaStore {
             return Ok(acked);
         }
         let found: Vec<Uuid> = acked.iter().map(|a| a.id).collect();
-        self.inner
-            .writes
-            .write(vec![Write::new(
-                &s.pending_delete,
-                (user.to_owned(), found.clone()),
-                user.len() + 16 * found.len(),
-            )])
-            .await?;
+        let mut writes = vec![Write::new(
+            &s.pending_delete,
+            (user.to_owned(), found.clone()),
+            user.len() + 16 * found.len(),
+        )];
+        // The delivered marker of each conversation, at its newest acked message.
+        let mut newest: HashMap<&Conversation, Uuid> = HashMap::new();
+        for a in acked.iter().filter(|a| a.from != user) {
+            let at = newest.entry(&a.conversation).or_insert(a.id);
+            *at = (*at).max(a.id);
+        }
+        for (conversation, id) in newest {
+            let name = conversation.to_string();
+            let bytes = row_bytes(&[user, &name], 24);
+            writes.push(Write::new(
+                &s.delivered_put,
+                (write_time(id), id, name, user.to_owned()),
+                bytes,
+            ));
+        }
+        self.inner.writes.write(writes).await?;
         // Report in the order asked.
         acked.sort_by_key(|a| ids.iter().position(|id| *id == a.id));
         Ok(acked)
@@ -631,10 +688,11 @@ impl MessageStore for ScyllaStore {
         if self.load(&conversation, upto).await?.is_none() {
             return Err(Error::NotFound(format!("message {upto} in {conversation}")));
         }
-        let previous: Vec<(Uuid,)> = self
+        // The row may hold only a delivered marker.
+        let previous: Vec<(Option<Uuid>,)> = self
             .rows(&s.marker_get, (conversation.as_str(), reader))
             .await?;
-        let previous = previous.into_iter().next().map(|(p,)| p);
+        let previous = previous.into_iter().next().and_then(|(p,)| p);
         if previous.is_some_and(|p| p.as_u128() >= upto.as_u128()) {
             return Ok(Vec::new());
         }
@@ -673,11 +731,11 @@ impl MessageStore for ScyllaStore {
         Ok(senders.into_iter().collect())
     }
 
-    async fn push_receipts(&self, receipts: Vec<(String, Uuid, Receipt)>) -> Result<()> {
+    async fn push_notices(&self, notices: Vec<(String, Uuid, Notice)>) -> Result<()> {
         let s = &self.inner.s;
-        let mut writes = Vec::with_capacity(receipts.len());
-        for (user, id, r) in &receipts {
-            let bytes = postcard::to_allocvec(r).map_err(|e| Error::Backend(e.to_string()))?;
+        let mut writes = Vec::with_capacity(notices.len());
+        for (user, id, notice) in &notices {
+            let bytes = notice.to_stored()?;
             let size = user.len() + bytes.len() + 16;
             writes.push(Write::new(
                 &s.receipt_put,
@@ -688,12 +746,12 @@ impl MessageStore for ScyllaStore {
         self.inner.writes.write(writes).await
     }
 
-    async fn receipts(
+    async fn notices(
         &self,
         user: &str,
         after: Option<Uuid>,
         limit: usize,
-    ) -> Result<Vec<(Uuid, Receipt)>> {
+    ) -> Result<Vec<(Uuid, Notice)>> {
         let s = &self.inner.s;
         let rows: Vec<(Uuid, Vec<u8>)> = match after {
             Some(after) => {
@@ -703,21 +761,58 @@ impl MessageStore for ScyllaStore {
             None => self.rows(&s.receipts_get, (user, limit_i32(limit))).await?,
         };
         rows.into_iter()
-            .map(|(key, bytes)| {
-                let receipt = postcard::from_bytes(&bytes)
-                    .map_err(|e| Error::Backend(format!("stored receipt: {e}")))?;
-                Ok((key, receipt))
-            })
+            .map(|(key, bytes)| Ok((key, Notice::from_stored(&bytes)?)))
             .collect()
     }
 
-    async fn drop_receipts(&self, receipts: &[(String, Uuid)]) -> Result<()> {
+    async fn drop_notices(&self, notices: &[(String, Uuid)]) -> Result<()> {
         let s = &self.inner.s;
-        let writes = receipts
+        let writes = notices
             .iter()
             .map(|(user, id)| Write::new(&s.receipt_drop, (user.clone(), *id), user.len() + 16))
             .collect();
         self.inner.writes.write(writes).await
+    }
+
+    /// One read of the user's inbox partition, sorted here: one user's conversations are
+    /// few enough (thousands at most) for that.
+    async fn conversations(
+        &self,
+        user: &str,
+        before: Option<Uuid>,
+        limit: usize,
+    ) -> Result<Vec<InboxEntry>> {
+        let rows: Vec<(String, Option<Uuid>)> = self.rows(&self.inner.s.inbox_get, (user,)).await?;
+        let mut all = Vec::with_capacity(rows.len());
+        for (name, activity) in rows {
+            let Some(activity) = activity else { continue };
+            if before.is_some_and(|b| activity.as_u128() >= b.as_u128()) {
+                continue;
+            }
+            all.push(InboxEntry {
+                conversation: name
+                    .parse()
+                    .map_err(|e| Error::Backend(format!("inbox row: {e}")))?,
+                activity,
+            });
+        }
+        all.sort_by(|a, b| b.activity.as_u128().cmp(&a.activity.as_u128()));
+        all.truncate(limit);
+        Ok(all)
+    }
+
+    async fn markers(&self, c: &Conversation) -> Result<Vec<Marker>> {
+        let rows: Vec<(String, Option<Uuid>, Option<Uuid>)> = self
+            .rows(&self.inner.s.markers_get, (c.to_string(),))
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(user, read, delivered)| Marker {
+                user,
+                read,
+                delivered,
+            })
+            .collect())
     }
 
     async fn create_group(&self, group: Group) -> Result<()> {
@@ -730,7 +825,7 @@ impl MessageStore for ScyllaStore {
             )
             .await?;
         if applied(result)? {
-            Ok(())
+            self.touch_inboxes(&group, &[], Uuid::now_v7()).await
         } else {
             Err(Error::Invalid(format!("group {} already exists", group.id)))
         }
@@ -767,8 +862,9 @@ impl MessageStore for ScyllaStore {
             self.run(&s.group_add, (add, id)).await?;
         }
         if !remove.is_empty() {
-            self.run(&s.group_remove, (remove, id)).await?;
+            self.run(&s.group_remove, (remove.clone(), id)).await?;
         }
+        self.touch_inboxes(&group, &remove, Uuid::now_v7()).await?;
         Ok(group)
     }
 

@@ -44,11 +44,11 @@ pub(super) fn from_redb_if_present(dir: &Path, db: &Db) -> Result<()> {
         return Ok(());
     }
     if db.meta.get(MIGRATED)?.is_none() {
-        tracing::warn!(from = %path.display(), "migrating the embedded store to schema version {SCHEMA_VERSION}");
+        tracing::warn!(from = %path.display(), "migrating the embedded store to schema version 2, then {SCHEMA_VERSION}");
         let counts = copy(&path, db)?;
         db.meta.insert(MIGRATED, [1u8])?;
-        db.meta
-            .insert("schema_version", SCHEMA_VERSION.to_be_bytes())?;
+        // The copy has version 2's layout; `check_schema` takes it on from there.
+        db.meta.insert("schema_version", 2u64.to_be_bytes())?;
         db.database.persist(PersistMode::SyncAll)?;
         tracing::warn!(?counts, "migration copied every row");
     }

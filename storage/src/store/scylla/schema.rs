@@ -70,6 +70,17 @@ fn migrations(ks: &str) -> Vec<(i32, &'static str, Vec<String>)> {
                 format!("ALTER TABLE {ks}.pending ADD sender text"),
             ],
         ),
+        (
+            3,
+            "inboxes (each user's conversations by latest activity) and delivered markers",
+            vec![
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {ks}.inbox (user text, conversation text, \
+                     activity uuid, PRIMARY KEY (user, conversation))"
+                ),
+                format!("ALTER TABLE {ks}.read_markers ADD delivered uuid"),
+            ],
+        ),
     ]
 }
 

@@ -34,6 +34,11 @@ pub(super) struct Statements {
     pub(super) group_get: PreparedStatement,
     pub(super) group_add: PreparedStatement,
     pub(super) group_remove: PreparedStatement,
+    pub(super) inbox_put: PreparedStatement,
+    pub(super) inbox_delete: PreparedStatement,
+    pub(super) inbox_get: PreparedStatement,
+    pub(super) delivered_put: PreparedStatement,
+    pub(super) markers_get: PreparedStatement,
     pub(super) ping: PreparedStatement,
 }
 
@@ -157,6 +162,30 @@ impl Statements {
             .await?,
             group_remove: prepare(format!(
                 "UPDATE {ks}.groups SET members = members - ? WHERE id = ?"
+            ))
+            .await?,
+            // Inbox rows and delivered markers carry their activity's time as their write
+            // time, so that the latest activity wins whatever order the writes land in.
+            inbox_put: prepare(format!(
+                "INSERT INTO {ks}.inbox (user, conversation, activity) VALUES (?, ?, ?) \
+                 USING TIMESTAMP ?"
+            ))
+            .await?,
+            inbox_delete: prepare(format!(
+                "DELETE FROM {ks}.inbox USING TIMESTAMP ? WHERE user = ? AND conversation = ?"
+            ))
+            .await?,
+            inbox_get: prepare(format!(
+                "SELECT conversation, activity FROM {ks}.inbox WHERE user = ?"
+            ))
+            .await?,
+            delivered_put: prepare(format!(
+                "UPDATE {ks}.read_markers USING TIMESTAMP ? SET delivered = ? \
+                 WHERE conversation = ? AND reader = ?"
+            ))
+            .await?,
+            markers_get: prepare(format!(
+                "SELECT reader, upto, delivered FROM {ks}.read_markers WHERE conversation = ?"
             ))
             .await?,
             ping: prepare("SELECT release_version FROM system.local".into()).await?,
