@@ -5,7 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use presence::{ConnRef, Location, NodeDelivery, Payload, Presence, PresenceService};
 use storage::{
-    AckedMessage, Appended, Conversation, Message, MessageStore, NewMessage, Receipt,
+    AckedMessage, Appended, Conversation, Message, MessageStore, NewMessage, Notice, Receipt,
     ReceiptStatus, Store,
 };
 use tokio::sync::{mpsc, oneshot};
@@ -619,21 +619,21 @@ impl Dispatcher {
         // Receipts are kept before their senders are located: a sender whose device
         // registers after the lookup finds them in its replay, and one that dies while a
         // receipt is pushed to it gets it again on its next connect.
-        let keep: Vec<(String, Uuid, Receipt)> = events
+        let keep: Vec<(String, Uuid, Notice)> = events
             .iter()
             .filter_map(|event| match event {
-                Event::Receipts { to, receipts } => Some(
-                    receipts
-                        .iter()
-                        .map(move |(id, receipt)| (to.clone(), *id, receipt.clone())),
-                ),
+                Event::Receipts { to, receipts } => {
+                    Some(receipts.iter().map(move |(id, receipt)| {
+                        (to.clone(), *id, Notice::Receipt(receipt.clone()))
+                    }))
+                }
                 _ => None,
             })
             .flatten()
             .collect();
         if !keep.is_empty() {
             // One store call for the whole batch's receipts: they are written together.
-            if let Err(e) = self.store.push_receipts(keep).await {
+            if let Err(e) = self.store.push_notices(keep).await {
                 tracing::warn!(error = %e, "keeping receipts failed");
             }
         }

@@ -286,10 +286,13 @@ async fn receipts_are_kept_until_confirmed_and_pushed_to_online_senders() {
         .await
         .expect("ack");
     barrier(&mut h, "bob").await;
-    let kept = h.store.receipts("alice", None, 10).await.expect("receipts");
+    let kept = h.store.notices("alice", None, 10).await.expect("notices");
     assert_eq!(kept.len(), 1);
+    let storage::Notice::Receipt(first) = &kept[0].1 else {
+        panic!("not a receipt: {kept:?}")
+    };
     assert_eq!(
-        (kept[0].1.message_id, kept[0].1.status),
+        (first.message_id, first.status),
         (m1.id, ReceiptStatus::Delivered)
     );
 
@@ -317,9 +320,9 @@ async fn receipts_are_kept_until_confirmed_and_pushed_to_online_senders() {
     );
     // Pushed live and kept too, under the id it was pushed with, until a device confirms
     // it: a node that died with it in flight loses nothing.
-    let kept = h.store.receipts("alice", None, 10).await.expect("receipts");
+    let kept = h.store.notices("alice", None, 10).await.expect("notices");
     let ids: Vec<_> = kept.iter().map(|(id, _)| *id).collect();
     assert_eq!(ids.len(), 2, "{kept:?}");
     assert_eq!(ids[1], id);
-    assert_eq!(kept[1].1, receipt);
+    assert_eq!(kept[1].1, storage::Notice::Receipt(receipt));
 }

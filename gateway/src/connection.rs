@@ -290,8 +290,9 @@ pub async fn catch_up(conn: Arc<ConnHandle>, app: Arc<App>) {
     }
 }
 
-/// Pushes the user's pending messages, oldest first, then the receipts kept for them
-/// (not yet confirmed by any of their devices), then releases the live messages that arrived meanwhile.
+/// Pushes the user's pending messages, oldest first, then the notices (receipts, group
+/// changes) kept for them (not yet confirmed by any of their devices), then releases the
+/// live messages that arrived meanwhile.
 ///
 /// Its task lives (allocated at its future's size) as long as the connection, whose end
 /// awaits it: every store call is boxed, so that the future holds pointers, not the
@@ -330,27 +331,26 @@ async fn replay(conn: Arc<ConnHandle>, app: Arc<App>) {
             break;
         }
     }
-    // Then the receipts kept for this user: all of them, until a device confirms them.
+    // Then the notices (receipts, group changes) kept for this user: all of them, until a
+    // device confirms them.
     let mut after = None;
     loop {
         let kept = match timeout(
             app.config.backend_timeout(),
-            Box::pin(app.store.receipts(&conn.user, after, REPLAY_PAGE)),
+            Box::pin(app.store.notices(&conn.user, after, REPLAY_PAGE)),
         )
         .await
         {
             Ok(Ok(kept)) => kept,
             failed => {
-                tracing::warn!(?failed, "reading kept receipts failed");
+                tracing::warn!(?failed, "reading kept notices failed");
                 break;
             }
         };
         after = kept.last().map(|(id, _)| *id).or(after);
-        for (id, receipt) in &kept {
+        for (id, notice) in &kept {
             if !conn
-                .send_waiting(Utf8Bytes::from(
-                    ServerFrame::receipt(*id, receipt).to_json(),
-                ))
+                .send_waiting(Utf8Bytes::from(ServerFrame::notice(*id, notice).to_json()))
                 .await
             {
                 return;

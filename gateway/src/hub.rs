@@ -348,7 +348,8 @@ impl Hub {
     }
 
     /// Hands a delivery from the node channel to the local connections it names. (A
-    /// receipt that reaches none is not lost: it is kept in the store until confirmed.)
+    /// receipt or group notice that reaches none is not lost: it is kept in the store until
+    /// confirmed.)
     pub fn dispatch(&self, node: &str, delivery: NodeDelivery) {
         // Answers go to the one connection that sent the message.
         let (frame, class, only) = match &delivery.payload {
@@ -356,6 +357,11 @@ impl Hub {
             Payload::Receipt { id, receipt } => {
                 (ServerFrame::receipt(*id, receipt), Class::Reliable, None)
             }
+            Payload::Group { id, change } => (
+                ServerFrame::group_notice(*id, change),
+                Class::Reliable,
+                None,
+            ),
             Payload::Typing { conversation, user } => (
                 ServerFrame::Typing {
                     conversation: conversation.to_string(),

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use storage::{Message, Receipt, ReceiptStatus};
+use storage::{Group, GroupChange, GroupChangeKind, Marker, Message, Receipt, ReceiptStatus};
 
 /// Error codes of the `error` frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -71,6 +71,8 @@ pub enum ClientFrame {
         message_ids: Vec<String>,
         #[serde(default)]
         receipt_ids: Vec<String>,
+        #[serde(default)]
+        notice_ids: Vec<String>,
     },
     Read {
         conversation: String,
@@ -87,6 +89,19 @@ pub enum ClientFrame {
         before: Option<String>,
         #[serde(default)]
         limit: Option<i64>,
+    },
+    Conversations {
+        #[serde(rename = "ref")]
+        reference: Value,
+        #[serde(default)]
+        before: Option<String>,
+        #[serde(default)]
+        limit: Option<i64>,
+    },
+    GroupInfo {
+        #[serde(rename = "ref")]
+        reference: Value,
+        conversation: String,
     },
     SubscribePresence {
         users: Vec<String>,
@@ -163,7 +178,42 @@ fn is_reference(value: &Value) -> bool {
     }
 }
 
-/// A message as it appears in `message` frames and in `history` pages.
+/// Where one of the reader's own messages has got, for every other member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageStatus {
+    /// Stored, not yet on a device of every other member.
+    Sent,
+    /// On a device of every other member.
+    Delivered,
+    /// Read by every other member.
+    Read,
+}
+
+impl MessageStatus {
+    /// The status of `m`, sent by `me`, given the conversation's other members and their
+    /// markers; `None` when there is nobody else (a note to self).
+    pub fn of(m: &Message, me: &str, members: &[String], markers: &[Marker]) -> Option<Self> {
+        let others: Vec<&String> = members.iter().filter(|u| *u != me).collect();
+        if m.from != me || others.is_empty() {
+            return None;
+        }
+        let marker = |user: &str| markers.iter().find(|k| k.user == user);
+        let reached = |at: Option<uuid::Uuid>| at.is_some_and(|at| at.as_u128() >= m.id.as_u128());
+        let read = |u: &&String| marker(u).is_some_and(|k| reached(k.read));
+        let delivered =
+            |u: &&String| marker(u).is_some_and(|k| reached(k.read) || reached(k.delivered));
+        Some(if others.iter().all(read) {
+            MessageStatus::Read
+        } else if others.iter().all(delivered) {
+            MessageStatus::Delivered
+        } else {
+            MessageStatus::Sent
+        })
+    }
+}
+
+/// A message as it appears in `message` frames, `history` pages and inbox entries.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct MessageView {
     #[serde(rename = "type")]
@@ -173,6 +223,9 @@ pub struct MessageView {
     pub from: String,
     pub body: String,
     pub ts: i64,
+    /// For the reader's own messages only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<MessageStatus>,
 }
 
 impl From<&Message> for MessageView {
@@ -184,8 +237,45 @@ impl From<&Message> for MessageView {
             from: m.from.clone(),
             body: m.body.clone(),
             ts: m.ts,
+            status: None,
         }
     }
+}
+
+/// One member's markers in a conversation.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MarkerView {
+    pub user: String,
+    pub read: Option<String>,
+    pub delivered: Option<String>,
+}
+
+impl From<&Marker> for MarkerView {
+    fn from(m: &Marker) -> Self {
+        MarkerView {
+            user: m.user.clone(),
+            read: m.read.map(|id| id.to_string()),
+            delivered: m.delivered.map(|id| id.to_string()),
+        }
+    }
+}
+
+/// One conversation of a `conversations` answer.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct InboxView {
+    pub conversation: String,
+    /// The id of its latest activity (a message, or a change of the group): the cursor for
+    /// the next page.
+    pub activity: String,
+    /// The time of that activity.
+    pub ts: i64,
+    /// A group's name; absent for a direct conversation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub members: Vec<String>,
+    pub last_message: Option<MessageView>,
+    pub unread: usize,
+    pub markers: Vec<MarkerView>,
 }
 
 /// Frames the server sends.
@@ -234,13 +324,33 @@ pub enum ServerFrame {
         conversation: String,
         messages: Vec<MessageView>,
         more: bool,
+        markers: Vec<MarkerView>,
     },
+    Conversations {
+        #[serde(rename = "ref")]
+        reference: Value,
+        conversations: Vec<InboxView>,
+        more: bool,
+    },
+    /// An answer (with `ref`), or a notice of a change (with `notice_id` and what changed).
     Group {
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<Value>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        notice_id: Option<String>,
         conversation: String,
         name: String,
         members: Vec<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        change: Option<GroupChangeKind>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        added: Option<Vec<String>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        removed: Option<Vec<String>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ts: Option<i64>,
     },
     Pong {
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
@@ -275,6 +385,46 @@ impl ServerFrame {
             by: r.by.clone(),
             status: r.status,
             ts: r.ts,
+        }
+    }
+
+    /// The answer to a group request.
+    pub fn group(reference: Value, group: &Group) -> Self {
+        ServerFrame::Group {
+            reference: Some(reference),
+            notice_id: None,
+            conversation: group.conversation().to_string(),
+            name: group.name.clone(),
+            members: group.members.iter().cloned().collect(),
+            change: None,
+            by: None,
+            added: None,
+            removed: None,
+            ts: None,
+        }
+    }
+
+    /// The notice of a group's creation or change, kept under `id` until confirmed.
+    pub fn group_notice(id: uuid::Uuid, c: &GroupChange) -> Self {
+        ServerFrame::Group {
+            reference: None,
+            notice_id: Some(id.to_string()),
+            conversation: c.group.conversation().to_string(),
+            name: c.group.name.clone(),
+            members: c.group.members.iter().cloned().collect(),
+            change: Some(c.change),
+            by: Some(c.by.clone()),
+            added: Some(c.added.clone()),
+            removed: Some(c.removed.clone()),
+            ts: Some(c.ts),
+        }
+    }
+
+    /// A kept notice as its frame.
+    pub fn notice(id: uuid::Uuid, notice: &storage::Notice) -> Self {
+        match notice {
+            storage::Notice::Receipt(r) => Self::receipt(id, r),
+            storage::Notice::Group(c) => Self::group_notice(id, c),
         }
     }
 

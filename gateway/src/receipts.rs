@@ -1,6 +1,7 @@
-//! Confirmed receipts, forgotten in batches: the confirmations of every connection that
-//! arrive while one store write is out go together in the next one, so that a busy node
-//! spends one request on many `ack`s with `receipt_ids`, not one each.
+//! Confirmed notices (receipts and group changes), forgotten in batches: the confirmations
+//! of every connection that arrive while one store write is out go together in the next
+//! one, so that a busy node spends one request on many `ack`s with `receipt_ids` or
+//! `notice_ids`, not one each.
 
 use storage::{MessageStore, Store};
 use tokio::sync::{mpsc, oneshot};
@@ -8,7 +9,7 @@ use uuid::Uuid;
 
 type Waiter = oneshot::Sender<Result<(), String>>;
 
-/// A handle to the task that drops confirmed receipts from the store.
+/// A handle to the task that drops confirmed notices from the store.
 pub struct ReceiptDrops {
     requests: mpsc::UnboundedSender<(Vec<(String, Uuid)>, Waiter)>,
 }
@@ -24,7 +25,7 @@ impl ReceiptDrops {
                     std::mem::take(&mut batch).into_iter().unzip();
                 let receipts: Vec<(String, Uuid)> = receipts.into_iter().flatten().collect();
                 let result = store
-                    .drop_receipts(&receipts)
+                    .drop_notices(&receipts)
                     .await
                     .map_err(|e| e.to_string());
                 for waiter in waiters {
@@ -35,7 +36,7 @@ impl ReceiptDrops {
         ReceiptDrops { requests }
     }
 
-    /// Forgets these receipts of `user`; resolves once the store has.
+    /// Forgets these notices of `user`; resolves once the store has.
     pub async fn confirm(&self, user: &str, ids: Vec<Uuid>) -> Result<(), storage::Error> {
         let (done, result) = oneshot::channel();
         let receipts = ids.into_iter().map(|id| (user.to_owned(), id)).collect();

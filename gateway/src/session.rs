@@ -7,14 +7,19 @@ use dispatcher::{Envelope, Failed, InboundLog};
 use governor::DefaultDirectRateLimiter;
 use presence::{ConnRef, NodeDelivery, Payload, PresenceService};
 use serde_json::Value;
-use storage::{ts_of, Conversation, Group, Message, MessageStore, MAX_GROUP_MEMBERS};
+use storage::{
+    ts_of, Conversation, Group, GroupChange, GroupChangeKind, Marker, Message, MessageStore,
+    Notice, MAX_GROUP_MEMBERS,
+};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use uuid::Uuid;
 
 use crate::app::App;
 use crate::hub::{Class, ConnHandle};
 use crate::limits::frame_limiter;
-use crate::protocol::{ClientFrame, ErrorCode, MessageView, Refusal, ServerFrame};
+use crate::protocol::{
+    ClientFrame, ErrorCode, InboxView, MarkerView, MessageStatus, MessageView, Refusal, ServerFrame,
+};
 
 /// Most users one connection may watch the presence of.
 const MAX_WATCHED: usize = 5000;
@@ -79,13 +84,27 @@ fn check_users(users: &[String], field: &str, max: usize) -> Result<(), Refusal>
     Ok(())
 }
 
-fn group_frame(reference: Option<Value>, group: &Group) -> ServerFrame {
-    ServerFrame::Group {
-        reference,
-        conversation: group.conversation().to_string(),
-        name: group.name.clone(),
-        members: group.members.iter().cloned().collect(),
+/// Most messages counted for an inbox entry's `unread` (more show as this many).
+const UNREAD_CAP: usize = 100;
+
+/// The members of a conversation: a group's, or the one or two users of a direct one.
+fn members_of(conversation: &Conversation, group: Option<&Group>) -> Vec<String> {
+    match (conversation, group) {
+        (_, Some(group)) => group.members.iter().cloned().collect(),
+        (Conversation::Direct(a, b), None) if a == b => vec![a.clone()],
+        (Conversation::Direct(a, b), None) => vec![a.clone(), b.clone()],
+        (Conversation::Group(_), None) => Vec::new(),
     }
+}
+
+/// A page of messages as `user` sees them: their own with a status.
+fn views(page: &[Message], user: &str, members: &[String], markers: &[Marker]) -> Vec<MessageView> {
+    page.iter()
+        .map(|m| MessageView {
+            status: MessageStatus::of(m, user, members, markers),
+            ..MessageView::from(m)
+        })
+        .collect()
 }
 
 impl Session {
@@ -122,6 +141,8 @@ impl Session {
             ClientFrame::Send { client_msg_id, .. } => (None, Some(client_msg_id.clone())),
             ClientFrame::History { reference, .. }
             | ClientFrame::CreateGroup { reference, .. }
+            | ClientFrame::Conversations { reference, .. }
+            | ClientFrame::GroupInfo { reference, .. }
             | ClientFrame::AddMembers { reference, .. }
             | ClientFrame::RemoveMembers { reference, .. } => (Some(reference.clone()), None),
             ClientFrame::Ping { reference } => (reference.clone(), None),
@@ -195,28 +216,32 @@ impl Session {
             ClientFrame::Ack {
                 message_ids,
                 receipt_ids,
+                notice_ids,
             } => {
-                if message_ids.len() > 100 || receipt_ids.len() > 100 {
+                if message_ids.len() > 100 || receipt_ids.len() > 100 || notice_ids.len() > 100 {
                     return Err(Refusal::bad_request(
-                        "`message_ids` and `receipt_ids` take at most 100 ids each",
+                        "`message_ids`, `receipt_ids` and `notice_ids` take at most 100 ids each",
                     ));
                 }
-                if message_ids.is_empty() && receipt_ids.is_empty() {
+                if message_ids.is_empty() && receipt_ids.is_empty() && notice_ids.is_empty() {
                     return Err(Refusal::bad_request(
-                        "give `message_ids`, `receipt_ids` or both (1-100 ids each)",
+                        "give `message_ids`, `receipt_ids` or `notice_ids` (1-100 ids each)",
                     ));
                 }
                 let ids = message_ids
                     .iter()
                     .map(|id| parse_id(id, "message_ids"))
                     .collect::<Result<Vec<_>, _>>()?;
-                let receipts = receipt_ids
+                let mut notices = receipt_ids
                     .iter()
                     .map(|id| parse_id(id, "receipt_ids"))
                     .collect::<Result<Vec<_>, _>>()?;
-                if !receipts.is_empty() {
+                for id in &notice_ids {
+                    notices.push(parse_id(id, "notice_ids")?);
+                }
+                if !notices.is_empty() {
                     // Confirmed: no longer kept for this user's next connect.
-                    self.call(self.app.receipt_drops.confirm(self.user(), receipts))
+                    self.call(self.app.receipt_drops.confirm(self.user(), notices))
                         .await?;
                 }
                 if ids.is_empty() {
@@ -258,24 +283,72 @@ impl Session {
                 before,
                 limit,
             } => {
-                let (conversation, _) = self.member_of(&conversation).await?;
+                let (conversation, group) = self.member_of(&conversation).await?;
                 let before = before.map(|b| parse_id(&b, "before")).transpose()?;
                 let limit = match limit {
                     None => 50,
                     Some(l @ 1..=100) => l as usize,
                     Some(_) => return Err(Refusal::bad_request("`limit` must be 1-100")),
                 };
-                let mut page = self
-                    .call(self.app.store.history(&conversation, before, limit + 1))
+                let (mut page, markers) = self
+                    .call(async {
+                        tokio::try_join!(
+                            self.app.store.history(&conversation, before, limit + 1),
+                            self.app.store.markers(&conversation),
+                        )
+                    })
                     .await?;
                 let more = page.len() > limit;
                 page.truncate(limit);
+                let members = members_of(&conversation, group.as_ref());
                 self.reply(ServerFrame::History {
                     reference,
                     conversation: conversation.to_string(),
-                    messages: page.iter().map(MessageView::from).collect(),
+                    messages: views(&page, self.user(), &members, &markers),
+                    more,
+                    markers: markers.iter().map(MarkerView::from).collect(),
+                });
+                Ok(())
+            }
+            ClientFrame::Conversations {
+                reference,
+                before,
+                limit,
+            } => {
+                let before = before.map(|b| parse_id(&b, "before")).transpose()?;
+                let limit = match limit {
+                    None => 20,
+                    Some(l @ 1..=100) => l as usize,
+                    Some(_) => return Err(Refusal::bad_request("`limit` must be 1-100")),
+                };
+                let mut entries = self
+                    .call(self.app.store.conversations(self.user(), before, limit + 1))
+                    .await?;
+                let more = entries.len() > limit;
+                entries.truncate(limit);
+                let views = self
+                    .call(futures_util::future::try_join_all(
+                        entries.iter().map(|e| self.inbox_view(e)),
+                    ))
+                    .await?;
+                self.reply(ServerFrame::Conversations {
+                    reference,
+                    conversations: views.into_iter().flatten().collect(),
                     more,
                 });
+                Ok(())
+            }
+            ClientFrame::GroupInfo {
+                reference,
+                conversation,
+            } => {
+                let (conversation, group) = self.member_of(&conversation).await?;
+                let Some(group) = group else {
+                    return Err(Refusal::bad_request(format!(
+                        "{conversation} is not a group"
+                    )));
+                };
+                self.reply(ServerFrame::group(reference, &group));
                 Ok(())
             }
             ClientFrame::SubscribePresence { users } => {
@@ -314,7 +387,16 @@ impl Session {
                 };
                 self.call(self.app.store.create_group(group.clone()))
                     .await?;
-                self.reply(group_frame(Some(reference), &group));
+                let added = group
+                    .members
+                    .iter()
+                    .filter(|m| *m != self.user())
+                    .cloned()
+                    .collect();
+                // Answered once the members' notices are kept.
+                self.tell_members(GroupChangeKind::Created, group.clone(), added, Vec::new())
+                    .await;
+                self.reply(ServerFrame::group(reference, &group));
                 Ok(())
             }
             ClientFrame::AddMembers {
@@ -351,6 +433,11 @@ impl Session {
         if length == 0 || length > 64 {
             return Err(Refusal::bad_request(
                 "`client_msg_id` must be 1-64 characters",
+            ));
+        }
+        if body.trim().is_empty() {
+            return Err(Refusal::bad_request(
+                "`body` is empty: a message needs some text",
             ));
         }
         let max = self.app.config.max_body_bytes;
@@ -493,8 +580,8 @@ impl Session {
         members: Vec<String>,
         add: bool,
     ) -> Result<(), Refusal> {
-        let (conversation, _) = self.member_of(name).await?;
-        let Some(id) = conversation.group_id() else {
+        let (conversation, before) = self.member_of(name).await?;
+        let (Some(id), Some(before)) = (conversation.group_id(), before) else {
             return Err(Refusal::bad_request(format!(
                 "{conversation} is not a group"
             )));
@@ -508,7 +595,128 @@ impl Session {
         let group = self
             .call(self.app.store.update_members(id, adding, removing))
             .await?;
-        self.reply(group_frame(Some(reference), &group));
+        let added: Vec<String> = group.members.difference(&before.members).cloned().collect();
+        let removed: Vec<String> = before.members.difference(&group.members).cloned().collect();
+        if !added.is_empty() || !removed.is_empty() {
+            // Answered once the members' notices are kept.
+            self.tell_members(GroupChangeKind::Members, group.clone(), added, removed)
+                .await;
+        }
+        self.reply(ServerFrame::group(reference, &group));
         Ok(())
+    }
+
+    /// Tells a group's members (and those it removed) of a change: a notice kept for each
+    /// of them until a device confirms it (so the offline hear of it on their next
+    /// connect), pushed to the devices online now. Kept before they are looked up, as
+    /// receipts are. The change itself is done: a failure here is logged, and members
+    /// still find the group in their inbox.
+    async fn tell_members(
+        &self,
+        change: GroupChangeKind,
+        group: Group,
+        added: Vec<String>,
+        removed: Vec<String>,
+    ) {
+        let id = Uuid::now_v7();
+        let mut users: Vec<String> = group.members.iter().cloned().collect();
+        users.extend(removed.iter().cloned());
+        let change = GroupChange {
+            group,
+            change,
+            by: self.user().to_owned(),
+            added,
+            removed,
+            ts: ts_of(id),
+        };
+        let notices = users
+            .iter()
+            .map(|u| (u.clone(), id, Notice::Group(change.clone())))
+            .collect();
+        let told = async {
+            self.call(self.app.store.push_notices(notices)).await?;
+            let located = self.call(self.app.presence.locate(&users)).await?;
+            let mut by_node: std::collections::HashMap<String, Vec<String>> = Default::default();
+            for (user, locations) in located {
+                for location in locations {
+                    let users = by_node.entry(location.node).or_default();
+                    if !users.contains(&user) {
+                        users.push(user.clone());
+                    }
+                }
+            }
+            for (node, users) in by_node {
+                let delivery = NodeDelivery {
+                    users,
+                    except: None,
+                    payload: Payload::Group {
+                        id,
+                        change: change.clone(),
+                    },
+                };
+                self.call(self.app.presence.publish(&node, vec![delivery]))
+                    .await?;
+            }
+            Ok::<_, Refusal>(())
+        };
+        if let Err(e) = told.await {
+            metrics::counter!("gateway_group_notices_failed_total").increment(1);
+            tracing::warn!(error = %e.message, "telling a group's members of a change failed");
+        }
+    }
+
+    /// One inbox entry: the conversation's latest message, the reader's unread count and
+    /// every member's markers. `None` for a group the user has left meanwhile.
+    async fn inbox_view(
+        &self,
+        entry: &storage::InboxEntry,
+    ) -> Result<Option<InboxView>, storage::Error> {
+        let store = &self.app.store;
+        let conversation = &entry.conversation;
+        let group = async {
+            match conversation.group_id() {
+                Some(id) => store.group(id).await,
+                None => Ok(None),
+            }
+        };
+        let (recent, markers, group) = tokio::try_join!(
+            store.history(conversation, None, UNREAD_CAP),
+            store.markers(conversation),
+            group,
+        )?;
+        if conversation.group_id().is_some()
+            && !group
+                .as_ref()
+                .is_some_and(|g| g.members.contains(self.user()))
+        {
+            return Ok(None);
+        }
+        let members = members_of(conversation, group.as_ref());
+        let read_upto = markers
+            .iter()
+            .find(|m| m.user == self.user())
+            .and_then(|m| m.read)
+            .map_or(0, |id| id.as_u128());
+        let unread = recent
+            .iter()
+            .filter(|m| m.from != self.user() && m.id.as_u128() > read_upto)
+            .count();
+        let last_message = views(
+            &recent[..recent.len().min(1)],
+            self.user(),
+            &members,
+            &markers,
+        )
+        .pop();
+        Ok(Some(InboxView {
+            conversation: conversation.to_string(),
+            activity: entry.activity.to_string(),
+            ts: ts_of(entry.activity),
+            name: group.as_ref().map(|g| g.name.clone()),
+            members,
+            last_message,
+            unread,
+            markers: markers.iter().map(MarkerView::from).collect(),
+        }))
     }
 }

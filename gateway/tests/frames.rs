@@ -242,6 +242,16 @@ async fn groups_are_created_changed_and_fan_out() {
         .expect("conversation")
         .to_owned();
     assert!(conversation.starts_with("g:"));
+    // Members hear of it.
+    let told = bob.group_notice().await;
+    assert_eq!(
+        (&told["conversation"], &told["change"], &told["by"]),
+        (&json!(conversation), &json!("created"), &json!("alice"))
+    );
+    assert_eq!(
+        (&told["name"], &told["members"], &told["added"]),
+        (&json!("Friends"), &json!(["alice", "bob"]), &json!(["bob"]))
+    );
 
     alice.send_to_group(&conversation, "hi all", "g-1").await;
     assert_eq!(
@@ -264,6 +274,21 @@ async fn groups_are_created_changed_and_fan_out() {
         (group["ref"].as_str(), group["members"].clone()),
         (Some("a"), json!(["alice", "bob", "carol"]))
     );
+    let told = carol.group_notice().await;
+    assert_eq!(
+        (
+            &told["change"],
+            &told["by"],
+            &told["added"],
+            &told["removed"]
+        ),
+        (
+            &json!("members"),
+            &json!("bob"),
+            &json!(["carol"]),
+            &json!([])
+        )
+    );
     alice
         .send_to_group(&conversation, "welcome carol", "g-2")
         .await;
@@ -279,6 +304,12 @@ async fn groups_are_created_changed_and_fan_out() {
         .send_to_group(&conversation, "bob is gone", "g-3")
         .await;
     assert_eq!(carol.recv_type("message").await["body"], "bob is gone");
+    // The removed member is told too, with the members that remain.
+    let told = bob.group_notice().await;
+    assert_eq!(
+        (&told["removed"], &told["members"]),
+        (&json!(["bob"]), &json!(["alice", "carol"]))
+    );
     assert!(
         bob.barrier().await.iter().all(|f| f["type"] != "message"),
         "removed members get nothing"

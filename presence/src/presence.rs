@@ -5,7 +5,7 @@ use std::future::Future;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use storage::{Conversation, Message, Receipt};
+use storage::{Conversation, GroupChange, Message, Receipt};
 use tokio::sync::{broadcast, mpsc, watch};
 use uuid::Uuid;
 
@@ -57,6 +57,12 @@ pub enum Payload {
     Receipt {
         id: Uuid,
         receipt: Receipt,
+    },
+    /// A change of a group, for the delivery's users, kept in the store under `id` for
+    /// each of them until one of their devices confirms it.
+    Group {
+        id: Uuid,
+        change: GroupChange,
     },
     Typing {
         conversation: Conversation,

@@ -315,7 +315,10 @@ async fn a_version_1_data_directory_is_migrated() {
     let retry = message("retried after the upgrade");
     let out = store.append(&[new(&retry, "c-old")]).await.expect("retry");
     assert_eq!((out[0].id, out[0].inserted), (m1.id, false));
-    assert_eq!(store.group(group.id).await.expect("group"), Some(group.clone()));
+    assert_eq!(
+        store.group(group.id).await.expect("group"),
+        Some(group.clone())
+    );
     // A receipt kept before notices existed reads as a receipt notice.
     let kept = store.notices("alice", None, 10).await.expect("notices");
     assert_eq!(kept.len(), 1);

@@ -440,30 +440,53 @@ impl Client {
         }
     }
 
-    /// The next frame of type `kind`, skipping presence, typing and receipt frames only
-    /// (tests that care about those assert them with `barrier`).
+    /// The next frame of type `kind`, skipping presence, typing and receipt frames and
+    /// group notices only (tests that care about those assert them with `barrier` or
+    /// `group_notice`). A `group` asked for is an answer (it has a `ref`).
     pub async fn recv_type(&mut self, kind: &str) -> Value {
         loop {
             let frame = self.recv().await;
-            if frame["type"] == kind {
+            if frame["type"] == kind && frame.get("notice_id").is_none() {
                 return frame;
             }
-            let incidental =
-                ["presence", "typing", "receipt"].contains(&frame["type"].as_str().unwrap_or(""));
-            assert!(incidental, "{}: expected {kind}, got {frame}", self.user);
+            assert!(
+                is_incidental(&frame),
+                "{}: expected {kind}, got {frame}",
+                self.user
+            );
         }
     }
 
-    /// The next frame of one of `kinds`, skipping presence, typing and receipt frames.
+    /// The next group notice (a `group` frame with a `notice_id`), skipping presence,
+    /// typing and receipt frames.
+    pub async fn group_notice(&mut self) -> Value {
+        loop {
+            let frame = self.recv().await;
+            if frame["type"] == "group" && frame.get("notice_id").is_some() {
+                return frame;
+            }
+            assert!(
+                ["presence", "typing", "receipt"].contains(&frame["type"].as_str().unwrap_or("")),
+                "{}: expected a group notice, got {frame}",
+                self.user
+            );
+        }
+    }
+
+    /// The next frame of one of `kinds`, skipping presence, typing and receipt frames and
+    /// group notices.
     pub async fn recv_type_of(&mut self, kinds: &[&str]) -> Value {
         loop {
             let frame = self.recv().await;
             let kind = frame["type"].as_str().unwrap_or("");
-            if kinds.contains(&kind) {
+            if kinds.contains(&kind) && !(kind == "group" && frame.get("notice_id").is_some()) {
                 return frame;
             }
-            let incidental = ["presence", "typing", "receipt"].contains(&kind);
-            assert!(incidental, "{}: expected {kinds:?}, got {frame}", self.user);
+            assert!(
+                is_incidental(&frame),
+                "{}: expected {kinds:?}, got {frame}",
+                self.user
+            );
         }
     }
 
@@ -600,4 +623,11 @@ impl Server {
             _ => format!("127.0.0.1:{}", self.port),
         }
     }
+}
+
+/// Frames a test that waits for something else may pass over: presence, typing, receipts
+/// and group notices.
+fn is_incidental(frame: &Value) -> bool {
+    ["presence", "typing", "receipt"].contains(&frame["type"].as_str().unwrap_or(""))
+        || (frame["type"] == "group" && frame.get("notice_id").is_some())
 }

@@ -793,7 +793,7 @@ impl MessageStore for EmbeddedStore {
                     activity,
                 });
             }
-            all.sort_by(|a, b| b.activity.cmp(&a.activity));
+            all.sort_by_key(|e| std::cmp::Reverse(e.activity));
             all.truncate(limit);
             Ok(all)
         })

@@ -796,7 +796,7 @@ impl MessageStore for ScyllaStore {
                 activity,
             });
         }
-        all.sort_by(|a, b| b.activity.as_u128().cmp(&a.activity.as_u128()));
+        all.sort_by_key(|e| std::cmp::Reverse(e.activity.as_u128()));
         all.truncate(limit);
         Ok(all)
     }
