@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README "Quickstart"). It does all of its own set-up:
 # fetches Redis (apt), Apache Kafka and Apache Cassandra (Maven Central, cached in .cache/),
+# Chromium (apt) and playwright-core (npm, cached in .cache/pw) for the browser check,
 # starts them on free loopback ports, runs every suite (embedded and distributed) and
 # stops the servers again, also when a test fails.
 set -euo pipefail
@@ -41,6 +42,12 @@ set -a
 set +a
 cargo test --workspace --locked "$@"
 stage "workspace tests"
+
+# The demo page, a small real client, in headless Chromium (installed if missing) against
+# a dev-mode embedded gateway: every case that once broke it.
+cargo build -p gateway --locked
+infra/browser.sh target/debug/gateway
+stage "browser check"
 
 # The end-to-end protocol suite again, against a cluster of 2 gateways and 2 dispatchers
 # on the real servers (each test its own keyspace, topics, group and key prefix; two at a
