@@ -346,8 +346,8 @@ impl Db {
         Ok(latest.len())
     }
 
-    /// Puts a conversation in users' inboxes with `activity` as its latest, unless they
-    /// have a later one there already.
+    /// Puts a group in users' inboxes with `activity` as its latest, unless they have a
+    /// later one there already.
     fn touch_inboxes<'a>(
         &self,
         batch: &mut OwnedWriteBatch,
@@ -541,12 +541,17 @@ impl MessageStore for EmbeddedStore {
                     // weak tombstone then suffices (see `ack`).
                     batch.insert(&db.pending, id_key(user, row.id), row.pending.clone());
                 }
-                db.touch_inboxes(
-                    &mut batch,
-                    &row.name,
-                    std::iter::once(&new.message.from).chain(&new.recipients),
-                    row.id,
-                )?;
+                // The conversation's latest activity for its sender and recipients: written
+                // without reading what is there. A conversation's messages are appended in
+                // order, so only a group change made while this message was on its way can
+                // be newer, and it is older by milliseconds at most.
+                for user in std::iter::once(&new.message.from).chain(&new.recipients) {
+                    batch.insert(
+                        &db.inbox,
+                        key(user, row.name.as_bytes()),
+                        row.id.to_be_bytes(),
+                    );
+                }
                 if let Some(cmid) = &new.client_msg_id {
                     let record = encode(&SendRecord {
                         id: row.id,
@@ -639,6 +644,8 @@ impl MessageStore for EmbeddedStore {
             let mut batch = db.batch();
             let mut acked = Vec::new();
             let mut seen = BTreeSet::new();
+            // The newest message acked per conversation (sent by someone else).
+            let mut delivered: std::collections::BTreeMap<String, u128> = Default::default();
             for id in ids {
                 let key = id_key(&user, id);
                 if !seen.insert(id) {
@@ -652,20 +659,24 @@ impl MessageStore for EmbeddedStore {
                 // (dropped with the entry when compaction meets them) is enough.
                 batch.remove_weak(&db.pending, key);
                 if entry.from != user {
-                    let marker = self::key(&entry.conversation, user.as_bytes());
-                    let newer = match db.delivered.get(&marker)? {
-                        Some(v) => id_value(&v)? >= id,
-                        None => false,
-                    };
-                    if !newer {
-                        batch.insert(&db.delivered, marker, id.to_be_bytes());
-                    }
+                    let at = delivered.entry(entry.conversation.clone()).or_default();
+                    *at = (*at).max(id);
                 }
                 acked.push(AckedMessage {
                     id: Uuid::from_u128(id),
                     conversation: parse_conversation(&entry.conversation)?,
                     from: entry.from,
                 });
+            }
+            for (conversation, id) in delivered {
+                let marker = key(&conversation, user.as_bytes());
+                let newer = match db.delivered.get(&marker)? {
+                    Some(v) => id_value(&v)? >= id,
+                    None => false,
+                };
+                if !newer {
+                    batch.insert(&db.delivered, marker, id.to_be_bytes());
+                }
             }
             batch.commit()?;
             Ok(acked)
