@@ -5,13 +5,41 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-/// Why a token was refused (the handshake answers 401 with this text).
+/// Why a token was refused (the handshake answers 401 with this text). The reasons are
+/// fixed phrases: a client learns which rule its token broke, never the parser's internals.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     #[error("missing token: send `Authorization: Bearer <token>` or `?token=<token>`")]
     Missing,
     #[error("invalid token: {0}")]
-    Invalid(String),
+    Invalid(&'static str),
+}
+
+impl AuthError {
+    fn from_jwt(e: &jsonwebtoken::errors::Error) -> Self {
+        use jsonwebtoken::errors::ErrorKind as K;
+        AuthError::Invalid(match e.kind() {
+            K::ExpiredSignature => "expired",
+            K::ImmatureSignature => "not valid yet (`nbf` is in the future)",
+            K::InvalidSignature => "bad signature",
+            K::InvalidAlgorithm | K::InvalidAlgorithmName => "wrong algorithm (HS256 only)",
+            K::InvalidAudience => "wrong audience (`aud`)",
+            K::InvalidIssuer => "wrong issuer (`iss`)",
+            K::MissingRequiredClaim(_) => {
+                "a required claim is missing (`sub`, `exp`, and `aud`/`iss` when configured)"
+            }
+            _ => "malformed",
+        })
+    }
+}
+
+/// Claims a deployment may require beyond `sub` and `exp`.
+#[derive(Clone, Debug, Default)]
+pub struct Required {
+    /// `aud` must name this audience.
+    pub audience: Option<String>,
+    /// `iss` must be this issuer.
+    pub issuer: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -36,10 +64,27 @@ impl std::fmt::Debug for Auth {
 
 impl Auth {
     pub fn new(secret: &[u8]) -> Self {
+        Self::requiring(secret, Required::default())
+    }
+
+    /// Verifies `sub`, `exp` and `nbf`, and `aud`/`iss` when `required` names them.
+    pub fn requiring(secret: &[u8], required: Required) -> Self {
         // The algorithm is pinned: a token claiming any other `alg` is refused.
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        let mut claims = vec!["exp", "sub"];
+        validation.validate_aud = false;
+        if let Some(audience) = &required.audience {
+            validation.set_audience(&[audience]);
+            validation.validate_aud = true;
+            claims.push("aud");
+        }
+        if let Some(issuer) = &required.issuer {
+            validation.set_issuer(&[issuer]);
+            claims.push("iss");
+        }
+        validation.set_required_spec_claims(&claims);
         validation.validate_exp = true;
+        validation.validate_nbf = true;
         validation.leeway = 5;
         Auth {
             decoding: DecodingKey::from_secret(secret),
@@ -54,11 +99,14 @@ impl Auth {
             return Err(AuthError::Missing);
         }
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map_err(|e| AuthError::Invalid(e.to_string()))?;
+            .map_err(|e| {
+                tracing::debug!(error = %e, "token refused");
+                AuthError::from_jwt(&e)
+            })?;
         let user = data.claims.sub;
         if !storage::is_valid_id(&user) {
             return Err(AuthError::Invalid(
-                "`sub` is not a valid user id (1-64 characters of A-Z a-z 0-9 _ . @ -)".into(),
+                "`sub` is not a valid user id (1-64 characters of A-Z a-z 0-9 _ . @ -)",
             ));
         }
         Ok(user)
@@ -127,5 +175,66 @@ mod tests {
 
         let bad_sub = auth.mint("not valid!", Duration::from_secs(60));
         assert!(auth.verify(&bad_sub).is_err());
+    }
+
+    fn signed(claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(b"secret"),
+        )
+        .expect("encode")
+    }
+
+    #[test]
+    fn nbf_aud_and_iss_are_checked_and_refusals_are_fixed_phrases() {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let auth = Auth::new(b"secret");
+        let later = signed(serde_json::json!({"sub":"alice","exp":now + 7200,"nbf":now + 3600}));
+        let refused = auth.verify(&later).expect_err("nbf in an hour");
+        assert_eq!(
+            refused.to_string(),
+            "invalid token: not valid yet (`nbf` is in the future)"
+        );
+        let now_valid = signed(serde_json::json!({"sub":"alice","exp":now + 60,"nbf":now}));
+        assert_eq!(auth.verify(&now_valid).expect("nbf now"), "alice");
+        // Without a configured audience, a token's `aud` is not looked at.
+        let with_aud = signed(serde_json::json!({"sub":"alice","exp":now + 60,"aud":"x"}));
+        assert!(auth.verify(&with_aud).is_ok());
+
+        let strict = Auth::requiring(
+            b"secret",
+            Required {
+                audience: Some("chat".into()),
+                issuer: Some("idp".into()),
+            },
+        );
+        let good =
+            signed(serde_json::json!({"sub":"alice","exp":now + 60,"aud":"chat","iss":"idp"}));
+        assert_eq!(strict.verify(&good).expect("aud and iss right"), "alice");
+        for (claims, why) in [
+            (
+                serde_json::json!({"sub":"alice","exp":now + 60,"aud":"other","iss":"idp"}),
+                "wrong audience (`aud`)",
+            ),
+            (
+                serde_json::json!({"sub":"alice","exp":now + 60,"aud":"chat","iss":"evil"}),
+                "wrong issuer (`iss`)",
+            ),
+            (
+                serde_json::json!({"sub":"alice","exp":now + 60,"iss":"idp"}),
+                "a required claim is missing (`sub`, `exp`, and `aud`/`iss` when configured)",
+            ),
+        ] {
+            let refused = strict.verify(&signed(claims)).expect_err(why);
+            assert_eq!(refused.to_string(), format!("invalid token: {why}"));
+        }
+        assert_eq!(
+            auth.verify("not.a.jwt").expect_err("garbage").to_string(),
+            "invalid token: malformed"
+        );
     }
 }

@@ -95,6 +95,18 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10)]
     pub handshake_timeout_secs: u64,
 
+    /// When set, client tokens must carry this audience (`aud`).
+    #[arg(long, env = "GATEWAY_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// When set, client tokens must carry this issuer (`iss`).
+    #[arg(long, env = "GATEWAY_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Most connections one user may hold on this gateway; more are refused with 429.
+    #[arg(long, env = "GATEWAY_MAX_CONNS_PER_USER", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_conns_per_user: u32,
+
     /// Browser origins allowed to open WebSockets (comma separated). Empty: any origin.
     /// Requests without an Origin header (non-browser clients) are always allowed.
     #[arg(long, env = "GATEWAY_ALLOWED_ORIGINS", value_delimiter = ',')]

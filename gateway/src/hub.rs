@@ -286,6 +286,8 @@ impl Deadlines {
 #[derive(Default)]
 pub struct Hub {
     conns: Mutex<HashMap<String, Vec<Arc<ConnHandle>>>>,
+    /// Connections per user, from the handshake's reservation to the connection's end.
+    slots: Arc<Mutex<HashMap<String, usize>>>,
     watchers: Mutex<HashMap<String, Vec<Arc<ConnHandle>>>>,
     next_id: AtomicU64,
 }
@@ -293,6 +295,21 @@ pub struct Hub {
 impl Hub {
     pub fn next_conn_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Reserves one of `user`'s `cap` connection slots on this node, until the returned
+    /// slot is dropped; `None` when all are taken.
+    pub fn reserve(&self, user: &str, cap: usize) -> Option<Slot> {
+        let mut slots = lock(&self.slots);
+        let taken = slots.entry(user.to_owned()).or_default();
+        if *taken >= cap {
+            return None;
+        }
+        *taken += 1;
+        Some(Slot {
+            slots: self.slots.clone(),
+            user: user.to_owned(),
+        })
     }
 
     pub fn register(&self, conn: &Arc<ConnHandle>) {
@@ -475,5 +492,23 @@ impl Unlocated {
             .filter_map(std::sync::Weak::upgrade)
             .filter(|c| !c.closed().is_cancelled())
             .collect()
+    }
+}
+
+/// One of a user's connection slots on this node ([`Hub::reserve`]); freed when dropped.
+pub struct Slot {
+    slots: Arc<Mutex<HashMap<String, usize>>>,
+    user: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut slots = lock(&self.slots);
+        if let Some(taken) = slots.get_mut(&self.user) {
+            *taken = taken.saturating_sub(1);
+            if *taken == 0 {
+                slots.remove(&self.user);
+            }
+        }
     }
 }

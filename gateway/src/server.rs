@@ -118,10 +118,14 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     };
 
     let deliveries = presence.deliveries(&node).await?;
+    let required = crate::auth::Required {
+        audience: config.jwt_audience.clone(),
+        issuer: config.jwt_issuer.clone(),
+    };
     let app = Arc::new(App::new(
         config,
         node.clone(),
-        Auth::new(&secret),
+        Auth::requiring(&secret, required),
         store,
         presence,
         bus,
@@ -492,6 +496,19 @@ async fn upgrade(
         );
     };
 
+    let Some(slot) = app
+        .hub
+        .reserve(&user, app.config.max_conns_per_user as usize)
+    else {
+        metrics::counter!("gateway_conn_cap_refusals_total").increment(1);
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "{user} has {} connections on this gateway, the most allowed: close one",
+                app.config.max_conns_per_user
+            ),
+        );
+    };
     let config = app.ws_config();
     app.tracker.spawn({
         let app = app.clone();
@@ -507,7 +524,11 @@ async fn upgrade(
                     // A task of its own: this one, with the upgrade's state, ends here
                     // instead of staying alive (and allocated) for the whole connection.
                     let tracker = app.tracker.clone();
-                    tracker.spawn(connection::serve(ws.split(), user, device, app));
+                    tracker.spawn(async move {
+                        connection::serve(ws.split(), user, device, app).await;
+                        // The user's connection slot is freed when the connection ends.
+                        drop(slot);
+                    });
                 }
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{refused_status, start, SECRET, WAIT};
+use common::{refused, refused_status, start, try_connect_url, SECRET, WAIT};
 use serde_json::{json, Value};
 use tokio::io::AsyncReadExt;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -39,6 +39,102 @@ async fn bad_tokens_are_refused_with_401_and_no_upgrade() {
             format!("Bearer {token}").parse().expect("header"),
         );
         assert_eq!(refused_status(request).await, 401, "{token} in header");
+    }
+}
+
+fn signed(claims: Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("encode")
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+#[tokio::test]
+async fn tokens_not_valid_yet_or_for_another_audience_are_refused_in_plain_words() {
+    let gw = start(|_| {}).await;
+    let now = now_secs();
+    let later = signed(json!({"sub":"alice","exp":now + 7200,"nbf":now + 3600}));
+    let (status, body) = refused(gw.ws_url(&format!("?token={later}"))).await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).expect("json body"),
+        json!({"error":"invalid token: not valid yet (`nbf` is in the future)"})
+    );
+    // The parser's own words stay inside the server.
+    let (_, body) = refused(gw.ws_url("?token=a.b.c")).await;
+    assert_eq!(body, r#"{"error":"invalid token: malformed"}"#);
+
+    let strict = start(|c| {
+        c.jwt_audience = Some("chat".into());
+        c.jwt_issuer = Some("https://idp.example".into());
+    })
+    .await;
+    let token =
+        |aud: &str, iss: &str| signed(json!({"sub":"alice","exp":now + 600,"aud":aud,"iss":iss}));
+    for (wrong, why) in [
+        (
+            token("other", "https://idp.example"),
+            "wrong audience (`aud`)",
+        ),
+        (
+            token("chat", "https://evil.example"),
+            "wrong issuer (`iss`)",
+        ),
+        (strict.token("alice"), "a required claim is missing"),
+    ] {
+        let (status, body) = refused(strict.ws_url(&format!("?token={wrong}"))).await;
+        assert_eq!(status, 401, "{why}");
+        assert!(body.contains(why), "{body}");
+    }
+    let good = token("chat", "https://idp.example");
+    try_connect_url(&strict.ws_url(&format!("?token={good}")), &good, "alice")
+        .await
+        .expect("the right audience and issuer connect");
+}
+
+#[tokio::test]
+async fn a_user_gets_a_bounded_number_of_connections_per_gateway() {
+    let gw = start(|c| c.max_conns_per_user = 2).await;
+    // All on one gateway (the cap is per gateway; in a cluster `connect` alternates).
+    let token = gw.token("alice");
+    let on_one = |device: &str| gw.ws_url(&format!("?token={token}&device={device}"));
+    let first = try_connect_url(&on_one("a"), &token, "alice")
+        .await
+        .expect("first");
+    let _second = try_connect_url(&on_one("b"), &token, "alice")
+        .await
+        .expect("second");
+    let (status, body) = refused(on_one("c")).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("the most allowed"), "{body}");
+    // Other users are not affected.
+    let bob = gw.token("bob");
+    try_connect_url(&gw.ws_url(""), &bob, "bob")
+        .await
+        .expect("bob connects");
+    // A slot comes back when a connection ends.
+    first.close().await;
+    let url = on_one("c");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match try_connect_url(&url, &token, "alice").await {
+            Ok(_) => break,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                // The server frees the slot once the connection's task has ended, just
+                // after the close handshake the client saw: poll for it.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("no slot came back: {e}"),
+        }
     }
 }
 

@@ -328,11 +328,19 @@ pub async fn try_connect_url(url: &str, token: &str, user: &str) -> Result<Clien
 
 /// The HTTP status a WebSocket handshake was refused with.
 pub async fn refused_status(request: impl IntoClientRequest + Unpin) -> u16 {
+    refused(request).await.0
+}
+
+/// The HTTP status and body a WebSocket handshake was refused with.
+pub async fn refused(request: impl IntoClientRequest + Unpin) -> (u16, String) {
     match timeout(WAIT, tokio_tungstenite::connect_async(request))
         .await
         .expect("in time")
     {
-        Err(WsError::Http(response)) => response.status().as_u16(),
+        Err(WsError::Http(response)) => (
+            response.status().as_u16(),
+            String::from_utf8_lossy(response.body().as_deref().unwrap_or_default()).into_owned(),
+        ),
         Err(e) => panic!("expected an HTTP refusal, got {e}"),
         Ok(_) => panic!("expected an HTTP refusal, got an upgrade"),
     }
