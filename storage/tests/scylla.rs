@@ -1,6 +1,6 @@
 //! What only the ScyllaDB backend has to show: a keyspace written by schema version 1 keeps
 //! working after the upgrade to version 2 (its send records still answer retries, its
-//! pending entries still ack and replay). Runs on the real CQL node (`TEST_SCYLLA_NODES`).
+//! pending entries still ack and replay), and version 3 fills its inboxes. Runs on the real CQL node (`TEST_SCYLLA_NODES`).
 
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
@@ -142,6 +142,15 @@ async fn a_version_1_keyspace_keeps_working_after_the_upgrade() {
         };
         result.expect("version-1 row");
     }
+    // And a group nobody wrote in yet.
+    let group = Uuid::now_v7();
+    session
+        .query_unpaged(
+            format!("INSERT INTO {ks}.groups (id, name, members) VALUES (?, ?, ?)"),
+            (group, "old friends", vec!["alice", "carol"]),
+        )
+        .await
+        .expect("version-1 group");
 
     let mut config = ScyllaConfig::new(nodes.split(',').map(str::to_owned).collect(), keys());
     config.keyspace = ks.clone();
@@ -157,6 +166,28 @@ async fn a_version_1_keyspace_keeps_working_after_the_upgrade() {
         body: body.into(),
         ts: ts_of(id),
     };
+    // Schema version 3 filled the inboxes: each conversation for its members, at its
+    // latest activity (the group's, its creation).
+    let inbox = |user: &'static str| {
+        let store = &store;
+        async move {
+            store
+                .conversations(user, None, 10)
+                .await
+                .expect("inbox")
+                .into_iter()
+                .map(|e| (e.conversation, e.activity))
+                .collect::<Vec<_>>()
+        }
+    };
+    let g = Conversation::Group(group);
+    assert_eq!(
+        inbox("alice").await,
+        vec![(g.clone(), group), (conversation.clone(), id)]
+    );
+    assert_eq!(inbox("bob").await, vec![(conversation.clone(), id)]);
+    assert_eq!(inbox("carol").await, vec![(g, group)]);
+
     // The pending entry replays, and a retry of the old send is still the old message.
     assert_eq!(
         store.pending("bob", None, 10).await.expect("pending"),

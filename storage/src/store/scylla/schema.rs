@@ -215,6 +215,9 @@ where
             ddl(cql).await?;
         }
         let _ = session.await_schema_agreement().await;
+        if version == 3 {
+            fill_inboxes(session, ks).await?;
+        }
         session
             .query_unpaged(
                 format!(
@@ -227,6 +230,107 @@ where
             .map_err(exec_error)?;
     }
     Ok(())
+}
+
+/// Version 3's data step: every conversation enters its members' inboxes with its latest
+/// message (a group with none, with its creation). One pass over the conversations and the
+/// groups (paged), a read of each conversation's newest message; every write is an upsert at
+/// the activity's own time, so running it again (an interrupted migration) changes nothing
+/// and a newer activity written meanwhile wins. Returns how many conversations it filled.
+async fn fill_inboxes(session: &Session, ks: &str) -> Result<usize> {
+    use futures_util::TryStreamExt;
+    let put = session
+        .prepare(format!(
+            "INSERT INTO {ks}.inbox (user, conversation, activity) VALUES (?, ?, ?) \
+             USING TIMESTAMP ?"
+        ))
+        .await
+        .map_err(|e| Error::Backend(format!("schema: {e}")))?;
+    let newest_bucket = session
+        .prepare(format!(
+            "SELECT bucket FROM {ks}.conversation_buckets WHERE conversation = ? LIMIT 1"
+        ))
+        .await
+        .map_err(|e| Error::Backend(format!("schema: {e}")))?;
+    let newest_message = session
+        .prepare(format!(
+            "SELECT id FROM {ks}.messages WHERE conversation = ? AND bucket = ? LIMIT 1"
+        ))
+        .await
+        .map_err(|e| Error::Backend(format!("schema: {e}")))?;
+    let first = |result: scylla::response::query_result::QueryResult| -> Result<Option<_>> {
+        Ok(result
+            .into_rows_result()
+            .map_err(rows_error)?
+            .maybe_first_row::<(scylla::value::CqlValue,)>()
+            .map_err(rows_error)?
+            .map(|(v,)| v))
+    };
+    let mut members: std::collections::HashMap<Uuid, Vec<String>> = Default::default();
+    let mut latest: Vec<(String, Uuid)> = Vec::new();
+    let mut groups = session
+        .query_iter(format!("SELECT id, members FROM {ks}.groups"), ())
+        .await
+        .map_err(scan_error)?
+        .rows_stream::<(Uuid, Option<Vec<String>>)>()
+        .map_err(rows_error)?;
+    while let Some((id, group)) = groups.try_next().await.map_err(scan_error)? {
+        members.insert(id, group.unwrap_or_default());
+        latest.push((format!("g:{}", id.hyphenated()), id));
+    }
+    let mut conversations = session
+        .query_iter(
+            format!("SELECT DISTINCT conversation FROM {ks}.conversation_buckets"),
+            (),
+        )
+        .await
+        .map_err(scan_error)?
+        .rows_stream::<(String,)>()
+        .map_err(rows_error)?;
+    while let Some((name,)) = conversations.try_next().await.map_err(scan_error)? {
+        let bucket = session
+            .execute_unpaged(&newest_bucket, (name.as_str(),))
+            .await
+            .map_err(exec_error)?;
+        let Some(scylla::value::CqlValue::Int(bucket)) = first(bucket)? else {
+            continue;
+        };
+        let newest = session
+            .execute_unpaged(&newest_message, (name.as_str(), bucket))
+            .await
+            .map_err(exec_error)?;
+        if let Some(scylla::value::CqlValue::Uuid(id)) = first(newest)? {
+            match latest.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, at)) => *at = (*at).max(id),
+                None => latest.push((name, id)),
+            }
+        }
+    }
+    for (name, activity) in &latest {
+        let users: Vec<String> = match name.parse() {
+            Ok(crate::model::Conversation::Direct(a, b)) => vec![a, b],
+            Ok(crate::model::Conversation::Group(id)) => members.remove(&id).unwrap_or_default(),
+            Err(_) => continue,
+        };
+        let at = crate::model::ts_of(*activity).saturating_mul(1000);
+        for user in users {
+            session
+                .execute_unpaged(&put, (user, name.as_str(), *activity, at))
+                .await
+                .map_err(exec_error)?;
+        }
+    }
+    if !latest.is_empty() {
+        tracing::warn!(
+            conversations = latest.len(),
+            "schema version 3: inboxes filled"
+        );
+    }
+    Ok(latest.len())
+}
+
+fn scan_error(e: impl std::fmt::Display) -> Error {
+    Error::Backend(format!("schema version 3, filling inboxes: {e}"))
 }
 
 /// Whether a refused `ALTER TABLE … ADD` says the column is there already (Cassandra and
