@@ -83,6 +83,8 @@ await check("two users chat: message, read ticks, presence, typing, reply", asyn
   await alice.page.waitForSelector("#typing:text('bob is typing')");
   await bob.page.press("#text", "Enter");
   await alice.page.waitForSelector(".msg:not(.mine):has-text('hey alice')");
+  // Alice has it open: she read it, and bob's ticks say so.
+  await bob.page.waitForSelector(".msg.mine:has-text('hey alice') .tick[data-status='read']");
   await alice.page.waitForSelector(".day:text('Today')");
 });
 
