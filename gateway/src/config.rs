@@ -42,7 +42,7 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_DEV")]
     pub dev: Option<bool>,
 
-    /// This node's name in `welcome` and in presence. Default: gw-<random>.
+    /// This node's name in `welcome` and in presence. Default: `gw-<random>`.
     #[arg(long, env = "GATEWAY_NODE_ID")]
     pub node_id: Option<String>,
 

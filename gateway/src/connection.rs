@@ -18,7 +18,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::app::App;
-use crate::hub::{close, Class, ConnHandle};
+use crate::hub::{close, Class, ConnHandle, Slot};
 use crate::protocol::{Refusal, ServerFrame};
 use crate::session::Session;
 
@@ -41,18 +41,21 @@ pub type Halves<S> = (
 ///
 /// A plain function returning the future, not an `async fn`: an outer async fn would store
 /// the arguments a second time, beside the inner future that owns them.
+///
+/// `slot` is the user's connection slot on this node, held until the connection ends.
 pub fn serve<S>(
     halves: Halves<S>,
     user: String,
     device: String,
     app: Arc<App>,
+    slot: Slot,
 ) -> impl Future<Output = ()> + Send
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let id = app.hub.next_conn_id();
     let span = tracing::info_span!("conn", %user, %device, conn = id);
-    serve_inner(halves, user, device, id, app).instrument(span)
+    serve_inner(halves, user, device, id, app, slot).instrument(span)
 }
 
 async fn serve_inner<S>(
@@ -61,6 +64,7 @@ async fn serve_inner<S>(
     device: String,
     id: u64,
     app: Arc<App>,
+    _slot: Slot,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {

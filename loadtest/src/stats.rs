@@ -110,7 +110,10 @@ impl Stats {
 mod as_base64 {
     use super::*;
 
-    pub fn serialize<S: serde::Serializer>(h: &Histogram<u64>, s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: serde::Serializer>(
+        h: &Histogram<u64>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         let mut bytes = Vec::new();
         V2Serializer::new()
             .serialize(h, &mut bytes)
@@ -118,7 +121,9 @@ mod as_base64 {
         s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
     }
 
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Histogram<u64>, D::Error> {
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Histogram<u64>, D::Error> {
         let text = String::deserialize(d)?;
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(text)

@@ -152,7 +152,7 @@ impl Keyring {
     }
 
     /// Decrypts a sealed body; fails if anything it is bound to was changed.
-    /// Decrypts a stored message body into the [`Message`] it belongs to (both stores
+    /// Decrypts a stored message body into the [`Message`](crate::Message) it belongs to (both stores
     /// keep `from` and the sealed body beside the row's id and conversation).
     pub fn open_message(
         &self,

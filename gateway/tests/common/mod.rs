@@ -1,7 +1,7 @@
 //! A test gateway on loopback and a small WebSocket client that speaks the protocol.
 #![allow(dead_code)]
 
-pub mod process;
+pub(crate) mod process;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -17,16 +17,16 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-pub const SECRET: &str = "test-secret";
+pub(crate) const SECRET: &str = "test-secret";
 /// Upper bound on waiting for any one expected event.
-pub const WAIT: Duration = Duration::from_secs(15);
+pub(crate) const WAIT: Duration = Duration::from_secs(15);
 
 /// The system under test: one embedded gateway, or, when `CHAT_TEST_CLUSTER` is set, a
 /// distributed cluster of two gateways and two dispatchers on the real Kafka, CQL and
 /// Redis servers named by `TEST_KAFKA_BROKERS`, `TEST_SCYLLA_NODES` and `TEST_REDIS_URL`.
 /// In a cluster, successive connections alternate between the gateways, so a test's
 /// sender and recipient sit on different nodes.
-pub struct TestGateway {
+pub(crate) struct TestGateway {
     pub running: Option<Running>,
     pub client_addr: SocketAddr,
     pub admin_addr: SocketAddr,
@@ -47,22 +47,23 @@ struct Cluster {
 }
 
 /// Whether this run exercises the distributed cluster (`CHAT_TEST_CLUSTER`).
-pub fn cluster_mode() -> bool {
+pub(crate) fn cluster_mode() -> bool {
     std::env::var_os("CHAT_TEST_CLUSTER").is_some_and(|v| !v.is_empty() && v != "0")
 }
 
-pub fn server(var: &str) -> String {
+pub(crate) fn server(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {
         panic!("CHAT_TEST_CLUSTER is set but {var} is not: run ./infra/test.sh, which starts the servers")
     })
 }
 
 /// The shared key ring of a test cluster.
-pub const CLUSTER_KEYS: &str = "1:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+pub(crate) const CLUSTER_KEYS: &str =
+    "1:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 
 /// The replication factor of the test servers: 3 on the replicated ones
 /// (`TEST_REPLICATION`, set by `infra/servers.sh up-replicated`), else 1.
-pub fn replication() -> i32 {
+pub(crate) fn replication() -> i32 {
     std::env::var("TEST_REPLICATION")
         .ok()
         .and_then(|r| r.parse().ok())
@@ -70,7 +71,7 @@ pub fn replication() -> i32 {
 }
 
 /// Points a configuration at the test servers, under names of its own (`tag`).
-pub fn distributed(config: &mut Config, tag: &str) {
+pub(crate) fn distributed(config: &mut Config, tag: &str) {
     let b = &mut config.backends;
     b.kafka_brokers = Some(server("TEST_KAFKA_BROKERS"));
     b.kafka_topic_prefix = format!("{tag}.");
@@ -91,7 +92,7 @@ pub fn distributed(config: &mut Config, tag: &str) {
 
 /// Starts the system under test on a fresh data dir; `tune` adjusts the configuration of
 /// each gateway first.
-pub async fn start(tune: impl Fn(&mut Config)) -> TestGateway {
+pub(crate) async fn start(tune: impl Fn(&mut Config)) -> TestGateway {
     let dir = tempfile::tempdir().expect("tempdir");
     if cluster_mode() {
         start_cluster(dir, tune).await
@@ -151,7 +152,10 @@ async fn start_cluster(dir: tempfile::TempDir, tune: impl Fn(&mut Config)) -> Te
 }
 
 /// Starts a gateway on an existing data dir.
-pub async fn start_in(dir: tempfile::TempDir, tune: impl FnOnce(&mut Config)) -> TestGateway {
+pub(crate) async fn start_in(
+    dir: tempfile::TempDir,
+    tune: impl FnOnce(&mut Config),
+) -> TestGateway {
     let mut config = Config::defaults();
     config.listen = "127.0.0.1:0".parse().expect("addr");
     config.admin_listen = "127.0.0.1:0".parse().expect("addr");
@@ -173,7 +177,7 @@ pub async fn start_in(dir: tempfile::TempDir, tune: impl FnOnce(&mut Config)) ->
 
 impl TestGateway {
     /// The first gateway's node name.
-    pub fn node(&self) -> String {
+    pub(crate) fn node(&self) -> String {
         self.running
             .as_ref()
             .map(|r| r.node.clone())
@@ -181,7 +185,7 @@ impl TestGateway {
     }
 
     /// The backends `/readyz` reports in this mode.
-    pub fn backend_checks(&self) -> [&'static str; 3] {
+    pub(crate) fn backend_checks(&self) -> [&'static str; 3] {
         if self.cluster.is_some() {
             ["store:scylla", "presence:redis", "bus:kafka"]
         } else {
@@ -189,28 +193,28 @@ impl TestGateway {
         }
     }
 
-    pub fn token(&self, user: &str) -> String {
+    pub(crate) fn token(&self, user: &str) -> String {
         self.auth.mint(user, Duration::from_secs(3600))
     }
 
-    pub fn ws_url(&self, query: &str) -> String {
+    pub(crate) fn ws_url(&self, query: &str) -> String {
         format!("ws://{}/ws{query}", self.client_addr)
     }
 
-    pub fn http(&self, path: &str) -> String {
+    pub(crate) fn http(&self, path: &str) -> String {
         format!("http://{}{path}", self.client_addr)
     }
 
-    pub fn admin(&self, path: &str) -> String {
+    pub(crate) fn admin(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin_addr)
     }
 
-    pub async fn connect(&self, user: &str) -> Client {
+    pub(crate) async fn connect(&self, user: &str) -> Client {
         self.connect_device(user, "default").await
     }
 
     /// Connects a device; in a cluster, to each gateway in turn.
-    pub async fn connect_device(&self, user: &str, device: &str) -> Client {
+    pub(crate) async fn connect_device(&self, user: &str, device: &str) -> Client {
         let addr = match &self.cluster {
             Some(cluster) => {
                 let n = cluster
@@ -230,7 +234,7 @@ impl TestGateway {
 
     /// Cluster only: starts draining the first gateway (the returned future waits for the
     /// end of the drain); later connections all go to the second.
-    pub fn drain_first(&mut self) -> impl std::future::Future<Output = ()> + use<> {
+    pub(crate) fn drain_first(&mut self) -> impl std::future::Future<Output = ()> + use<> {
         let running = self.running.take();
         if let Some(cluster) = &self.cluster {
             self.client_addr = cluster.peer_addr;
@@ -246,7 +250,7 @@ impl TestGateway {
     }
 
     /// Drains and stops the system, returning its data dir for a restart.
-    pub async fn stop(mut self) -> tempfile::TempDir {
+    pub(crate) async fn stop(mut self) -> tempfile::TempDir {
         if let Some(running) = self.running.take() {
             running.shutdown();
             running.wait().await;
@@ -266,7 +270,7 @@ impl TestGateway {
 
     /// Waits until a metric reaches `at_least` (metrics are updated after the frames
     /// that cause them are sent, so a test awaits them like any other event).
-    pub async fn metric_reaches(&self, name: &str, at_least: f64) -> f64 {
+    pub(crate) async fn metric_reaches(&self, name: &str, at_least: f64) -> f64 {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let value = self.metric(name).await;
@@ -277,7 +281,7 @@ impl TestGateway {
         }
     }
 
-    pub async fn metric(&self, name: &str) -> f64 {
+    pub(crate) async fn metric(&self, name: &str) -> f64 {
         let text = reqwest::get(self.admin("/metrics"))
             .await
             .expect("metrics")
@@ -292,7 +296,7 @@ impl TestGateway {
 }
 
 /// Connects to a gateway's WebSocket URL with a bearer token and reads the `welcome`.
-pub async fn connect_url(url: &str, token: &str, user: &str) -> Client {
+pub(crate) async fn connect_url(url: &str, token: &str, user: &str) -> Client {
     try_connect_url(url, token, user)
         .await
         .unwrap_or_else(|e| panic!("{user}: connect: {e}"))
@@ -300,7 +304,7 @@ pub async fn connect_url(url: &str, token: &str, user: &str) -> Client {
 
 /// Like [`connect_url`], but a failure to connect is returned, not a panic (for clients
 /// that try another gateway).
-pub async fn try_connect_url(url: &str, token: &str, user: &str) -> Result<Client, String> {
+pub(crate) async fn try_connect_url(url: &str, token: &str, user: &str) -> Result<Client, String> {
     let mut request = url.into_client_request().map_err(|e| e.to_string())?;
     let bearer = format!("Bearer {token}")
         .parse()
@@ -327,12 +331,12 @@ pub async fn try_connect_url(url: &str, token: &str, user: &str) -> Result<Clien
 }
 
 /// The HTTP status a WebSocket handshake was refused with.
-pub async fn refused_status(request: impl IntoClientRequest + Unpin) -> u16 {
+pub(crate) async fn refused_status(request: impl IntoClientRequest + Unpin) -> u16 {
     refused(request).await.0
 }
 
 /// The HTTP status and body a WebSocket handshake was refused with.
-pub async fn refused(request: impl IntoClientRequest + Unpin) -> (u16, String) {
+pub(crate) async fn refused(request: impl IntoClientRequest + Unpin) -> (u16, String) {
     match timeout(WAIT, tokio_tungstenite::connect_async(request))
         .await
         .expect("in time")
@@ -346,7 +350,7 @@ pub async fn refused(request: impl IntoClientRequest + Unpin) -> (u16, String) {
     }
 }
 
-pub struct Client {
+pub(crate) struct Client {
     pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     pub user: String,
     pub welcome: Value,
@@ -359,13 +363,13 @@ pub struct Client {
 
 /// How a connection ended, as the client saw it.
 #[derive(Debug)]
-pub enum Ended {
+pub(crate) enum Ended {
     Closed(Option<CloseFrame>),
     Dropped(String),
 }
 
 impl Ended {
-    pub fn code(&self) -> Option<u16> {
+    pub(crate) fn code(&self) -> Option<u16> {
         match self {
             Ended::Closed(Some(frame)) => Some(frame.code.into()),
             _ => None,
@@ -374,17 +378,17 @@ impl Ended {
 }
 
 impl Client {
-    pub async fn send(&mut self, frame: Value) {
+    pub(crate) async fn send(&mut self, frame: Value) {
         self.send_text(&frame.to_string()).await;
     }
 
-    pub async fn send_text(&mut self, text: &str) {
+    pub(crate) async fn send_text(&mut self, text: &str) {
         self.ws.send(Message::text(text)).await.expect("send");
     }
 
     /// The next text frame, as JSON; a `message` frame whose id this connection already
     /// received is dropped, as a client does.
-    pub async fn recv(&mut self) -> Value {
+    pub(crate) async fn recv(&mut self) -> Value {
         loop {
             let frame = self.recv_raw().await;
             if frame["type"] == "message" {
@@ -400,7 +404,7 @@ impl Client {
 
     /// The next text frame within `wait` (repeated messages dropped, as in [`Client::recv`]):
     /// `Ok(None)` when none came, `Err` once the connection ended.
-    pub async fn try_recv(&mut self, wait: Duration) -> Result<Option<Value>, Ended> {
+    pub(crate) async fn try_recv(&mut self, wait: Duration) -> Result<Option<Value>, Ended> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let next = match tokio::time::timeout_at(deadline, self.ws.next()).await {
@@ -428,12 +432,12 @@ impl Client {
     }
 
     /// Sends a frame; `false` when the connection is gone.
-    pub async fn try_send(&mut self, frame: Value) -> bool {
+    pub(crate) async fn try_send(&mut self, frame: Value) -> bool {
         self.ws.send(Message::text(frame.to_string())).await.is_ok()
     }
 
     /// The next text frame, as JSON, repeats included.
-    pub async fn recv_raw(&mut self) -> Value {
+    pub(crate) async fn recv_raw(&mut self) -> Value {
         loop {
             let message = timeout(WAIT, self.ws.next())
                 .await
@@ -451,7 +455,7 @@ impl Client {
     /// The next frame of type `kind`, skipping presence, typing and receipt frames and
     /// group notices only (tests that care about those assert them with `barrier` or
     /// `group_notice`). A `group` asked for is an answer (it has a `ref`).
-    pub async fn recv_type(&mut self, kind: &str) -> Value {
+    pub(crate) async fn recv_type(&mut self, kind: &str) -> Value {
         loop {
             let frame = self.recv().await;
             if frame["type"] == kind && frame.get("notice_id").is_none() {
@@ -467,7 +471,7 @@ impl Client {
 
     /// The next group notice (a `group` frame with a `notice_id`), skipping presence,
     /// typing and receipt frames.
-    pub async fn group_notice(&mut self) -> Value {
+    pub(crate) async fn group_notice(&mut self) -> Value {
         loop {
             let frame = self.recv().await;
             if frame["type"] == "group" && frame.get("notice_id").is_some() {
@@ -483,7 +487,7 @@ impl Client {
 
     /// The next frame of one of `kinds`, skipping presence, typing and receipt frames and
     /// group notices.
-    pub async fn recv_type_of(&mut self, kinds: &[&str]) -> Value {
+    pub(crate) async fn recv_type_of(&mut self, kinds: &[&str]) -> Value {
         loop {
             let frame = self.recv().await;
             let kind = frame["type"].as_str().unwrap_or("");
@@ -499,7 +503,12 @@ impl Client {
     }
 
     /// Sends a message and returns the `sent` answer.
-    pub async fn send_message(&mut self, to: &str, body: &str, client_msg_id: &str) -> Value {
+    pub(crate) async fn send_message(
+        &mut self,
+        to: &str,
+        body: &str,
+        client_msg_id: &str,
+    ) -> Value {
         self.send(json!({"type":"send","client_msg_id":client_msg_id,"to":to,"body":body}))
             .await;
         let sent = self.recv_type("sent").await;
@@ -507,7 +516,7 @@ impl Client {
         sent
     }
 
-    pub async fn send_to_group(
+    pub(crate) async fn send_to_group(
         &mut self,
         conversation: &str,
         body: &str,
@@ -520,7 +529,7 @@ impl Client {
 
     /// Round-trips a ping: every frame the server queued before the pong is read first
     /// and returned.
-    pub async fn barrier(&mut self) -> Vec<Value> {
+    pub(crate) async fn barrier(&mut self) -> Vec<Value> {
         let reference = format!("barrier-{}", uuid::Uuid::now_v7());
         self.send(json!({"type":"ping","ref":reference})).await;
         let mut before = Vec::new();
@@ -533,12 +542,12 @@ impl Client {
         }
     }
 
-    pub async fn error(&mut self) -> Value {
+    pub(crate) async fn error(&mut self) -> Value {
         self.recv_type("error").await
     }
 
     /// Waits for the server to end the connection.
-    pub async fn ended(&mut self) -> Ended {
+    pub(crate) async fn ended(&mut self) -> Ended {
         loop {
             let next = timeout(WAIT, self.ws.next())
                 .await
@@ -552,7 +561,7 @@ impl Client {
         }
     }
 
-    pub async fn close(mut self) {
+    pub(crate) async fn close(mut self) {
         let _ = self.ws.close(None).await;
         // Read until the server's close arrives so that the disconnect is processed.
         let _ = timeout(WAIT, async {
@@ -564,7 +573,7 @@ impl Client {
 
 /// A private test server (Redis or Kafka) that a fault test may kill and restart, run by
 /// `infra/servers.sh run` on a free loopback port.
-pub struct Server {
+pub(crate) struct Server {
     kind: &'static str,
     dir: tempfile::TempDir,
     pub port: u16,
@@ -577,7 +586,7 @@ fn servers_script() -> std::path::PathBuf {
 
 impl Server {
     /// Starts a server and waits until it answers a real request.
-    pub async fn start(kind: &'static str) -> Server {
+    pub(crate) async fn start(kind: &'static str) -> Server {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -593,7 +602,7 @@ impl Server {
     }
 
     /// Starts the server (again) on the same port and data dir.
-    pub async fn restart(&mut self) {
+    pub(crate) async fn restart(&mut self) {
         let child = tokio::process::Command::new(servers_script())
             .args(["run", self.kind])
             .arg(self.dir.path().join("server"))
@@ -618,14 +627,14 @@ impl Server {
     }
 
     /// SIGKILLs the server and waits for it to be gone.
-    pub async fn kill(&mut self) {
+    pub(crate) async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.start_kill();
             let _ = child.wait().await;
         }
     }
 
-    pub fn address(&self) -> String {
+    pub(crate) fn address(&self) -> String {
         match self.kind {
             "redis" => format!("redis://127.0.0.1:{}", self.port),
             _ => format!("127.0.0.1:{}", self.port),

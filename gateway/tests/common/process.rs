@@ -9,7 +9,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 /// The binaries of this workspace (built by `cargo test --workspace --no-run`).
-pub fn binary(name: &str) -> PathBuf {
+pub(crate) fn binary(name: &str) -> PathBuf {
     let path = PathBuf::from(env!("CARGO_BIN_EXE_gateway")).with_file_name(name);
     assert!(
         path.exists(),
@@ -20,7 +20,7 @@ pub fn binary(name: &str) -> PathBuf {
 }
 
 /// A server process, killed when dropped.
-pub struct Process {
+pub(crate) struct Process {
     pub child: Child,
     /// The address its ready line names (`client=` for a gateway, `admin=` for a
     /// dispatcher).
@@ -28,7 +28,11 @@ pub struct Process {
 }
 
 /// Starts `binary_name` and waits for its ready line.
-pub async fn spawn(binary_name: &str, env: &[(&'static str, String)], args: &[&str]) -> Process {
+pub(crate) async fn spawn(
+    binary_name: &str,
+    env: &[(&'static str, String)],
+    args: &[&str],
+) -> Process {
     let mut child = Command::new(binary(binary_name))
         .args(args)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
@@ -81,7 +85,7 @@ pub async fn spawn(binary_name: &str, env: &[(&'static str, String)], args: &[&s
 
 /// An embedded gateway process on `data_dir` (dev mode off, tokens signed with the tests'
 /// secret, rate limits out of the way).
-pub async fn embedded_gateway(data_dir: &std::path::Path) -> Process {
+pub(crate) async fn embedded_gateway(data_dir: &std::path::Path) -> Process {
     let dir = data_dir.display().to_string();
     spawn(
         "gateway",
@@ -108,13 +112,13 @@ pub async fn embedded_gateway(data_dir: &std::path::Path) -> Process {
 }
 
 impl Process {
-    pub async fn sigkill(mut self) {
+    pub(crate) async fn sigkill(mut self) {
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;
     }
 
     /// SIGTERM (a graceful drain), then waits for the process to exit.
-    pub async fn sigterm(mut self) {
+    pub(crate) async fn sigterm(mut self) {
         let status = Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
             .status()
@@ -126,7 +130,7 @@ impl Process {
             .expect("exited within 60 s of SIGTERM");
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id().unwrap_or(0)
     }
 }

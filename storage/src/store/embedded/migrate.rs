@@ -14,15 +14,18 @@ use redb::{ReadableTable, TableDefinition};
 use super::{encode, id_key, key, Db, PendingEntry, SendRecord, StoredMessage, SCHEMA_VERSION};
 use crate::error::{Error, Result};
 
-const MESSAGES: TableDefinition<(&str, u128), &[u8]> = TableDefinition::new("messages");
-const MESSAGE_CONVERSATION: TableDefinition<u128, &str> =
+const MESSAGES: TableDefinition<'static, (&str, u128), &[u8]> = TableDefinition::new("messages");
+const MESSAGE_CONVERSATION: TableDefinition<'static, u128, &str> =
     TableDefinition::new("message_conversation");
-const PENDING: TableDefinition<(&str, u128), &str> = TableDefinition::new("pending");
-const IDEMPOTENCY: TableDefinition<(&str, &str), (u128, u64)> = TableDefinition::new("idempotency");
-const RECEIPTS: TableDefinition<(&str, u128), &[u8]> = TableDefinition::new("receipt_outbox");
-const READ_MARKERS: TableDefinition<(&str, &str), u128> = TableDefinition::new("read_markers");
-const GROUPS: TableDefinition<u128, &[u8]> = TableDefinition::new("groups");
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const PENDING: TableDefinition<'static, (&str, u128), &str> = TableDefinition::new("pending");
+const IDEMPOTENCY: TableDefinition<'static, (&str, &str), (u128, u64)> =
+    TableDefinition::new("idempotency");
+const RECEIPTS: TableDefinition<'static, (&str, u128), &[u8]> =
+    TableDefinition::new("receipt_outbox");
+const READ_MARKERS: TableDefinition<'static, (&str, &str), u128> =
+    TableDefinition::new("read_markers");
+const GROUPS: TableDefinition<'static, u128, &[u8]> = TableDefinition::new("groups");
+const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
 
 /// The old store's file name in the data directory.
 const OLD_FILE: &str = "store.redb";
