@@ -35,6 +35,8 @@ use storage::resilience::{Breaker, Guarded};
 use super::{Location, NodeDelivery, PresenceService, Quota, Status};
 use crate::error::{Error, Result};
 
+/// How long a reconnect keeps retrying to write this process's devices again.
+const REASSERT_FOR: Duration = Duration::from_secs(60);
 /// How to reach Redis and how long things live there.
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
@@ -536,12 +538,38 @@ impl Shared {
                 tracing::warn!(error = %e, node, "presence: liveness key not restored");
             }
         }
+        // Every device, retrying those that fail (a restarted cluster node may refuse
+        // writes for a while), before the restoration is announced: the catch-up it starts
+        // must come after the devices can be located again, or a message stored in between
+        // would be neither delivered live nor replayed.
+        let mut left = devices;
         let mut restored = 0usize;
-        for (user, at) in devices {
-            match self.refresh(&user, &at).await {
-                Ok(()) => restored += 1,
-                Err(e) => tracing::warn!(error = %e, user, "presence: device not restored"),
+        let mut backoff = Duration::from_millis(100);
+        let give_up = tokio::time::Instant::now() + REASSERT_FOR;
+        loop {
+            let mut failed = Vec::new();
+            for (user, at) in left {
+                match self.refresh(&user, &at).await {
+                    Ok(()) => restored += 1,
+                    Err(e) => {
+                        tracing::debug!(error = %e, user, "presence: device not restored yet");
+                        failed.push((user, at));
+                    }
+                }
             }
+            if failed.is_empty() {
+                break;
+            }
+            if tokio::time::Instant::now() > give_up {
+                tracing::warn!(
+                    devices = failed.len(),
+                    "presence: devices not restored; their node's next heartbeat retries"
+                );
+                break;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+            left = failed;
         }
         tracing::info!(restored, "presence written again after a Redis reconnect");
         self.restorations.send_modify(|n| *n += 1);
