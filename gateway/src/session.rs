@@ -548,7 +548,17 @@ impl Session {
         if others.is_empty() {
             return Ok(());
         }
-        let located = self.call(self.app.presence.locate(&others)).await?;
+        let payload = Payload::Typing {
+            conversation,
+            user: self.user().to_owned(),
+        };
+        self.push_to_devices(&others, payload).await
+    }
+
+    /// Pushes `payload` to the devices of `users` that are online now, one delivery per
+    /// node that holds any of them.
+    async fn push_to_devices(&self, users: &[String], payload: Payload) -> Result<(), Refusal> {
+        let located = self.call(self.app.presence.locate(users)).await?;
         let mut by_node: std::collections::HashMap<String, Vec<String>> = Default::default();
         for (user, locations) in located {
             for location in locations {
@@ -562,10 +572,7 @@ impl Session {
             let delivery = NodeDelivery {
                 users,
                 except: None,
-                payload: Payload::Typing {
-                    conversation: conversation.clone(),
-                    user: self.user().to_owned(),
-                },
+                payload: payload.clone(),
             };
             self.call(self.app.presence.publish(&node, vec![delivery]))
                 .await?;
@@ -635,29 +642,8 @@ impl Session {
             .collect();
         let told = async {
             self.call(self.app.store.push_notices(notices)).await?;
-            let located = self.call(self.app.presence.locate(&users)).await?;
-            let mut by_node: std::collections::HashMap<String, Vec<String>> = Default::default();
-            for (user, locations) in located {
-                for location in locations {
-                    let users = by_node.entry(location.node).or_default();
-                    if !users.contains(&user) {
-                        users.push(user.clone());
-                    }
-                }
-            }
-            for (node, users) in by_node {
-                let delivery = NodeDelivery {
-                    users,
-                    except: None,
-                    payload: Payload::Group {
-                        id,
-                        change: change.clone(),
-                    },
-                };
-                self.call(self.app.presence.publish(&node, vec![delivery]))
-                    .await?;
-            }
-            Ok::<_, Refusal>(())
+            self.push_to_devices(&users, Payload::Group { id, change })
+                .await
         };
         if let Err(e) = told.await {
             metrics::counter!("gateway_group_notices_failed_total").increment(1);

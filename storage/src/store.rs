@@ -254,6 +254,21 @@ impl MessageStore for Store {
     }
 }
 
+/// A page of a user's whole inbox, as both backends read it: latest activity first, only
+/// activity strictly older than `before`, at most `limit` entries.
+pub(crate) fn inbox_page(
+    mut all: Vec<InboxEntry>,
+    before: Option<Uuid>,
+    limit: usize,
+) -> Vec<InboxEntry> {
+    if let Some(before) = before {
+        all.retain(|e| e.activity.as_u128() < before.as_u128());
+    }
+    all.sort_by_key(|e| std::cmp::Reverse(e.activity.as_u128()));
+    all.truncate(limit);
+    all
+}
+
 /// What one `append` call has stored so far, so that a later message of the same call with
 /// the same idempotency key resolves to the earlier one (the backends' reads do not see
 /// writes of the call they are part of).

@@ -39,7 +39,7 @@ use crate::error::{Error, Result};
 use crate::model::{
     AckedMessage, Appended, Conversation, Group, InboxEntry, Marker, Message, NewMessage, Notice,
 };
-use crate::store::{MessageStore, StoredThisCall};
+use crate::store::{inbox_page, MessageStore, StoredThisCall};
 
 /// The on-disk format this build writes. Version 1 was a redb file (`store.redb`), which
 /// is migrated on first open.
@@ -792,9 +792,6 @@ impl MessageStore for EmbeddedStore {
             for row in db.inbox.prefix(&prefix) {
                 let (key, value) = row.into_inner()?;
                 let activity = Uuid::from_u128(id_value(&value)?);
-                if before.is_some_and(|b| activity >= b) {
-                    continue;
-                }
                 let name = key
                     .get(prefix.len()..)
                     .and_then(|b| std::str::from_utf8(b).ok())
@@ -804,9 +801,7 @@ impl MessageStore for EmbeddedStore {
                     activity,
                 });
             }
-            all.sort_by_key(|e| std::cmp::Reverse(e.activity));
-            all.truncate(limit);
-            Ok(all)
+            Ok(inbox_page(all, before, limit))
         })
         .await
     }

@@ -43,7 +43,7 @@ use uuid::Uuid;
 
 use self::batcher::{Batcher, Limits, Write};
 use self::statements::Statements;
-use super::{MessageStore, StoredThisCall};
+use super::{inbox_page, MessageStore, StoredThisCall};
 use crate::crypto::Keyring;
 use crate::error::{Error, Result};
 use crate::model::{
@@ -492,7 +492,7 @@ impl ScyllaStore {
 
 /// The write time (microseconds) of a row that records an activity: the activity's own
 /// time, from its UUIDv7, so that of two writes the later activity wins.
-fn write_time(activity: Uuid) -> i64 {
+pub(super) fn write_time(activity: Uuid) -> i64 {
     ts_of(activity).saturating_mul(1000)
 }
 
@@ -786,9 +786,6 @@ impl MessageStore for ScyllaStore {
         let mut all = Vec::with_capacity(rows.len());
         for (name, activity) in rows {
             let Some(activity) = activity else { continue };
-            if before.is_some_and(|b| activity.as_u128() >= b.as_u128()) {
-                continue;
-            }
             all.push(InboxEntry {
                 conversation: name
                     .parse()
@@ -796,9 +793,7 @@ impl MessageStore for ScyllaStore {
                 activity,
             });
         }
-        all.sort_by_key(|e| std::cmp::Reverse(e.activity.as_u128()));
-        all.truncate(limit);
-        Ok(all)
+        Ok(inbox_page(all, before, limit))
     }
 
     async fn markers(&self, c: &Conversation) -> Result<Vec<Marker>> {

@@ -312,7 +312,7 @@ async fn fill_inboxes(session: &Session, ks: &str) -> Result<usize> {
             Ok(crate::model::Conversation::Group(id)) => members.remove(&id).unwrap_or_default(),
             Err(_) => continue,
         };
-        let at = crate::model::ts_of(*activity).saturating_mul(1000);
+        let at = super::write_time(*activity);
         for user in users {
             session
                 .execute_unpaged(&put, (user, name.as_str(), *activity, at))
