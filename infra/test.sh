@@ -53,7 +53,7 @@ stage "browser check"
 # on the real servers (each test its own keyspace, topics, group and key prefix; two at a
 # time, to keep the single Cassandra node's schema changes quick).
 CHAT_TEST_CLUSTER=1 cargo test -p gateway --locked \
-  --test connecting --test frames --test guarantees --test inbox --test limits --test push \
+  --test connecting --test frames --test guarantees --test inbox --test limits --test push --test e2ee \
   "$@" -- --test-threads=2
 stage "cluster suite"
 

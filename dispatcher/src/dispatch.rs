@@ -5,8 +5,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use presence::{ConnRef, Location, NodeDelivery, Payload, Presence, PresenceService};
 use storage::{
-    AckedMessage, Appended, Conversation, Message, MessageStore, NewMessage, Notice, Receipt,
-    ReceiptStatus, Store,
+    device_address, device_of, user_of, AckedMessage, Appended, Conversation, Message,
+    MessageStore, NewMessage, Notice, Receipt, ReceiptStatus, Store,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -430,12 +430,17 @@ impl Dispatcher {
     }
 
     /// Who gets a message in their pending queue: the other party of a direct
-    /// conversation (the sender for a note to self), or every other group member.
+    /// conversation (the sender for a note to self), or every other group member; for an
+    /// end-to-end encrypted message, each device it carries a ciphertext for (the gateway
+    /// checked them against the device lists).
     async fn recipients(
         &self,
         message: &Message,
         groups: &mut HashMap<Uuid, Vec<String>>,
     ) -> Result<Vec<String>> {
+        if message.e2ee.is_some() {
+            return Ok(message.queues(Vec::new()));
+        }
         let members = match &message.conversation {
             c @ Conversation::Direct(..) => {
                 return Ok(vec![c
@@ -476,78 +481,117 @@ impl Dispatcher {
         if records.is_empty() {
             return;
         }
-        // One store call per user: a message acked by two devices in this batch is removed
-        // (and receipted) once. Entries remembered from their append need no read.
-        type UserAcks = (String, Vec<Uuid>, Vec<AckedMessage>, Vec<Commit>);
-        let mut users: Vec<UserAcks> = Vec::new();
+        // One store call per queue: a message acked by two devices in this batch is removed
+        // (and receipted) once. Each ack is taken from its user's queue first; what was not
+        // pending there, from the acking device's own queue (end-to-end encrypted
+        // messages), so that plain traffic costs one call per user. Entries remembered from
+        // their append need no read.
+        let mut users: Vec<QueueAcks> = Vec::new();
+        let mut devices: Vec<QueueAcks> = Vec::new();
         for (assignment, record) in records {
             let (envelope, commit) = record.into_parts();
-            let Envelope::Ack { user, message_ids } = envelope else {
+            let Envelope::Ack {
+                user,
+                message_ids,
+                device,
+            } = envelope
+            else {
                 outcome.commits.push((commit, Ok(())));
                 continue;
             };
-            let at = match users.iter().position(|(u, ..)| *u == user) {
-                Some(at) => at,
-                None => {
-                    users.push((user, Vec::new(), Vec::new(), Vec::new()));
-                    users.len() - 1
-                }
-            };
-            let (user, ids, known, commits) = &mut users[at];
-            for id in message_ids {
-                match recent.take(assignment, user, id) {
-                    Some(entry) => known.push(entry),
-                    None if !ids.contains(&id) && !known.iter().any(|k| k.id == id) => ids.push(id),
-                    None => {}
+            let address = device.map(|d| device_address(&user, &d));
+            let at = QueueAcks::find(&mut users, &user);
+            for id in &message_ids {
+                users[at].take(*id, assignment, recent);
+            }
+            users[at].commits.push(commit);
+            if let Some(address) = address {
+                let at = QueueAcks::find(&mut devices, &address);
+                for id in message_ids {
+                    devices[at].take(id, assignment, recent);
                 }
             }
-            commits.push(commit);
         }
-        let results = futures_util::future::join_all(
-            users
-                .iter_mut()
-                .map(|(user, ids, known, _)| self.store.ack(user, ids, std::mem::take(known))),
-        )
-        .await;
-        let ts = now_ms();
-        for ((user, _, _, commits), result) in users.into_iter().zip(results) {
-            let result = match result {
-                Ok(acked) => {
-                    let mut by_sender: Vec<(String, Vec<(Uuid, Receipt)>)> = Vec::new();
-                    for AckedMessage {
-                        id,
-                        conversation,
-                        from,
-                    } in acked
-                    {
-                        outcome.acked.insert((user.clone(), id));
-                        if from == user {
-                            continue;
-                        }
-                        let receipt = Receipt {
-                            message_id: id,
-                            conversation,
-                            by: user.clone(),
-                            status: ReceiptStatus::Delivered,
-                            ts,
-                        };
-                        let receipt = (Uuid::now_v7(), receipt);
-                        match by_sender.iter_mut().find(|(s, _)| *s == from) {
-                            Some((_, receipts)) => receipts.push(receipt),
-                            None => by_sender.push((from, vec![receipt])),
-                        }
-                    }
-                    for (to, receipts) in by_sender {
-                        outcome.events.push(Event::Receipts { to, receipts });
-                    }
-                    Ok(())
-                }
+        let results =
+            futures_util::future::join_all(users.iter_mut().map(|q| q.ack(&self.store))).await;
+        let mut failed: HashMap<String, String> = HashMap::new();
+        for (queue, result) in users.iter_mut().zip(results) {
+            match result {
+                Ok(acked) => queue.acked = acked,
                 Err(e) => {
-                    tracing::warn!(error = %e, %user, "applying acks failed");
-                    Err(e.to_string())
+                    tracing::warn!(error = %e, user = %queue.queue, "applying acks failed");
+                    failed.insert(queue.queue.clone(), e.to_string());
                 }
+            }
+        }
+        // What the users' queues did not have, from the devices' queues.
+        for device in &mut devices {
+            let user = user_of(&device.queue);
+            let Some(of_user) = users.iter().find(|u| u.queue == user) else {
+                continue;
             };
-            for commit in commits {
+            if failed.contains_key(user) {
+                device.ids.clear();
+                device.known.clear();
+                continue;
+            }
+            device
+                .ids
+                .retain(|id| !of_user.acked.iter().any(|a| a.id == *id));
+        }
+        devices.retain(|d| !d.ids.is_empty() || !d.known.is_empty());
+        let results =
+            futures_util::future::join_all(devices.iter_mut().map(|q| q.ack(&self.store))).await;
+        for (queue, result) in devices.iter_mut().zip(results) {
+            match result {
+                Ok(acked) => queue.acked = acked,
+                Err(e) => {
+                    let user = user_of(&queue.queue).to_owned();
+                    tracing::warn!(error = %e, queue = %queue.queue, "applying acks failed");
+                    failed.entry(user).or_insert_with(|| e.to_string());
+                }
+            }
+        }
+        let ts = now_ms();
+        for queue in users.iter_mut().chain(devices.iter_mut()) {
+            let mut by_sender: Vec<(String, Vec<(Uuid, Receipt)>)> = Vec::new();
+            let user = user_of(&queue.queue).to_owned();
+            for AckedMessage {
+                id,
+                conversation,
+                from,
+            } in std::mem::take(&mut queue.acked)
+            {
+                outcome.acked.insert((queue.queue.clone(), id));
+                if from == user {
+                    continue;
+                }
+                // Per user for a user's queue, per device for a device's.
+                let receipt = Receipt {
+                    message_id: id,
+                    conversation,
+                    by: queue.queue.clone(),
+                    status: ReceiptStatus::Delivered,
+                    ts,
+                };
+                let receipt = (Uuid::now_v7(), receipt);
+                match by_sender.iter_mut().find(|(s, _)| *s == from) {
+                    Some((_, receipts)) => receipts.push(receipt),
+                    None => by_sender.push((from, vec![receipt])),
+                }
+            }
+            for (to, receipts) in by_sender {
+                outcome.events.push(Event::Receipts { to, receipts });
+            }
+        }
+        for queue in users {
+            // A user's acks are committed (or read again) together, whichever queue
+            // failed.
+            let result = match failed.get(&queue.queue) {
+                Some(e) => Err(e.clone()),
+                None => Ok(()),
+            };
+            for commit in queue.commits {
                 outcome.commits.push((commit, result.clone()));
             }
         }
@@ -605,7 +649,7 @@ impl Dispatcher {
                 Event::Message {
                     message, appended, ..
                 } => {
-                    wanted.extend(appended.pending_for.iter().cloned());
+                    wanted.extend(appended.pending_for.iter().map(|q| user_of(q).to_owned()));
                     if appended.inserted {
                         wanted.insert(message.from.clone());
                     }
@@ -678,22 +722,34 @@ impl Dispatcher {
                             }
                         }
                     };
-                    for user in &appended.pending_for {
-                        match located.get(user) {
-                            Some(at) => reach(user, at),
-                            None if appended.inserted => pushes.push(PushEvent {
-                                user: user.clone(),
+                    let mut offline: Vec<&str> = Vec::new();
+                    for queue in &appended.pending_for {
+                        // A device's queue is reached where that device is connected.
+                        let user = user_of(queue);
+                        let at: Vec<Location> = located
+                            .get(user)
+                            .into_iter()
+                            .flatten()
+                            .filter(|l| device_of(queue).is_none_or(|d| d == l.device))
+                            .cloned()
+                            .collect();
+                        if !at.is_empty() {
+                            reach(queue, &at);
+                        } else if appended.inserted && !offline.contains(&user) {
+                            offline.push(user);
+                            pushes.push(PushEvent {
+                                user: user.to_owned(),
                                 message_id: message.id,
                                 conversation: message.conversation.clone(),
                                 from: message.from.clone(),
                                 ts: message.ts,
-                            }),
-                            None => {}
+                            });
                         }
                     }
-                    // The sender's other devices (guarantee 8), for a new message only.
+                    // The sender's other devices (guarantee 8), for a new message only (an
+                    // end-to-end encrypted one is pending for each of them).
                     let sender_is_recipient = appended.pending_for.contains(&message.from);
-                    if appended.inserted && !sender_is_recipient {
+                    if appended.inserted && message.e2ee.is_none() && !sender_is_recipient {
                         if let Some(at) = located.get(&message.from) {
                             reach(&message.from, at);
                         }
@@ -786,6 +842,56 @@ impl Dispatcher {
                 None
             }
         }
+    }
+}
+
+/// The acks of one queue (a user's, or a device's) in a batch.
+struct QueueAcks {
+    queue: String,
+    /// Ids to look up.
+    ids: Vec<Uuid>,
+    /// Entries remembered from their append.
+    known: Vec<AckedMessage>,
+    commits: Vec<Commit>,
+    /// What the store call removed.
+    acked: Vec<AckedMessage>,
+}
+
+impl QueueAcks {
+    /// The position of `queue`'s acks, added if new.
+    fn find(all: &mut Vec<QueueAcks>, queue: &str) -> usize {
+        match all.iter().position(|q| q.queue == queue) {
+            Some(at) => at,
+            None => {
+                all.push(QueueAcks {
+                    queue: queue.to_owned(),
+                    ids: Vec::new(),
+                    known: Vec::new(),
+                    commits: Vec::new(),
+                    acked: Vec::new(),
+                });
+                all.len() - 1
+            }
+        }
+    }
+
+    fn take(&mut self, id: Uuid, assignment: u64, recent: &mut Recent) {
+        match recent.take(assignment, &self.queue, id) {
+            Some(entry) => self.known.push(entry),
+            None if !self.ids.contains(&id) && !self.known.iter().any(|k| k.id == id) => {
+                self.ids.push(id)
+            }
+            None => {}
+        }
+    }
+
+    async fn ack(&mut self, store: &Store) -> storage::Result<Vec<AckedMessage>> {
+        if self.ids.is_empty() && self.known.is_empty() {
+            return Ok(Vec::new());
+        }
+        store
+            .ack(&self.queue, &self.ids, std::mem::take(&mut self.known))
+            .await
     }
 }
 

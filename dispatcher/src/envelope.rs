@@ -17,10 +17,14 @@ pub enum Envelope {
         /// `MessageStore::claim_send`).
         client_msg_id: Option<String>,
     },
-    /// A device of `user` received these messages.
+    /// A device of `user` received these messages: from its user's queue, or (end-to-end
+    /// encrypted ones) from the device's own.
     Ack {
         user: String,
         message_ids: Vec<Uuid>,
+        /// The acking device; records written before devices had queues have none.
+        #[serde(default)]
+        device: Option<String>,
     },
     /// `user` read `conversation` up to and including `message_id`.
     Read {
@@ -70,6 +74,7 @@ mod tests {
                 from: from.into(),
                 body: String::new(),
                 ts: 0,
+                e2ee: None,
             },
             origin: None,
             client_msg_id: None,
@@ -95,7 +100,8 @@ mod tests {
         assert_eq!(
             Envelope::Ack {
                 user: "bob".into(),
-                message_ids: vec![]
+                message_ids: vec![],
+                device: None,
             }
             .key(),
             "bob"

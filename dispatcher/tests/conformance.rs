@@ -65,6 +65,7 @@ fn ack(user: &str) -> Envelope {
     Envelope::Ack {
         user: user.into(),
         message_ids: vec![Uuid::now_v7()],
+        device: None,
     }
 }
 

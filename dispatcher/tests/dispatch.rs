@@ -66,6 +66,7 @@ fn message(from: &str, to: &str, body: &str) -> Message {
         from: from.into(),
         body: body.into(),
         ts: ts_of(id),
+        e2ee: None,
     }
 }
 
@@ -214,6 +215,7 @@ async fn a_replayed_message_is_stored_once_and_not_redelivered_after_ack() {
             Envelope::Ack {
                 user: "bob".into(),
                 message_ids: vec![m.id],
+                device: None,
             },
             None,
         )
@@ -249,6 +251,7 @@ async fn two_acks_of_one_message_make_one_receipt() {
                 Envelope::Ack {
                     user: "bob".into(),
                     message_ids: vec![m.id],
+                    device: None,
                 },
                 None,
             )
@@ -280,6 +283,7 @@ async fn receipts_are_kept_until_confirmed_and_pushed_to_online_senders() {
             Envelope::Ack {
                 user: "bob".into(),
                 message_ids: vec![m1.id],
+                device: None,
             },
             None,
         )

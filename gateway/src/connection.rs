@@ -294,45 +294,48 @@ pub async fn catch_up(conn: Arc<ConnHandle>, app: Arc<App>) {
     }
 }
 
-/// Pushes the user's pending messages, oldest first, then the notices (receipts, group
-/// changes) kept for them (not yet confirmed by any of their devices), then releases the
-/// live messages that arrived meanwhile.
+/// Pushes what is pending for this device, oldest first: its user's pending messages, and
+/// its own queue (end-to-end encrypted messages, to-device messages and key notices),
+/// merged by id, so that a to-device message that starts a session comes before the
+/// messages that need it. Then the notices (receipts, group changes) kept for the user (not
+/// yet confirmed by any of their devices), then releases the live messages that arrived
+/// meanwhile.
 ///
 /// Its task lives (allocated at its future's size) as long as the connection, whose end
 /// awaits it: every store call is boxed, so that the future holds pointers, not the
 /// backends' request state machines (inline, those cost ~13 KiB per idle connection).
 async fn replay(conn: Arc<ConnHandle>, app: Arc<App>) {
     let mut replayed: HashSet<Uuid> = HashSet::new();
-    let mut after = None;
+    let own = storage::device_address(&conn.user, &conn.device);
+    let mut feeds = [
+        Feed::new(Queue::Pending(conn.user.clone())),
+        Feed::new(Queue::Pending(own.clone())),
+        Feed::new(Queue::Notices(own)),
+    ];
     loop {
-        let page = match timeout(
-            app.config.backend_timeout(),
-            Box::pin(app.store.pending(&conn.user, after, REPLAY_PAGE)),
-        )
-        .await
-        {
-            Ok(Ok(page)) => page,
-            failed => {
+        for feed in &mut feeds {
+            if let Err(failed) = Box::pin(feed.refill(&app)).await {
                 tracing::warn!(
-                    ?failed,
+                    %failed,
                     "reading pending messages failed; closing so the client retries"
                 );
                 conn.close(u16::from(CloseCode::Error));
                 return;
             }
-        };
-        let full = page.len() == REPLAY_PAGE;
-        after = page.last().map(|m| m.id).or(after);
-        for message in &page {
-            replayed.insert(message.id);
-            let frame = Utf8Bytes::from(ServerFrame::message(message).to_json());
-            if !conn.send_waiting(frame).await {
-                return;
-            }
         }
-        metrics::counter!("gateway_replayed_messages_total").increment(page.len() as u64);
-        if !full {
+        let oldest = feeds
+            .iter()
+            .enumerate()
+            .filter_map(|(at, f)| f.items.front().map(|item| (item.id().as_u128(), at)))
+            .min()
+            .map(|(_, at)| at);
+        let Some(item) = oldest.and_then(|at| feeds[at].items.pop_front()) else {
             break;
+        };
+        replayed.insert(item.id());
+        let frame = Utf8Bytes::from(item.frame(&conn).to_json());
+        if !conn.send_waiting(frame).await {
+            return;
         }
     }
     // Then the notices (receipts, group changes) kept for this user: all of them, until a
@@ -365,4 +368,96 @@ async fn replay(conn: Arc<ConnHandle>, app: Arc<App>) {
         }
     }
     conn.finish_replay(&replayed);
+}
+
+/// A queue a replay reads.
+enum Queue {
+    /// Pending messages of a user's or a device's queue.
+    Pending(String),
+    /// Notices kept for a device.
+    Notices(String),
+}
+
+enum Replayed {
+    Message(storage::Message),
+    Notice(Uuid, storage::Notice),
+}
+
+impl Replayed {
+    fn frame(self, conn: &ConnHandle) -> ServerFrame {
+        match self {
+            Replayed::Message(m) => {
+                metrics::counter!("gateway_replayed_messages_total").increment(1);
+                ServerFrame::message(&m, &conn.user, &conn.device)
+            }
+            Replayed::Notice(id, notice) => ServerFrame::notice(id, &notice),
+        }
+    }
+
+    fn id(&self) -> Uuid {
+        match self {
+            Replayed::Message(m) => m.id,
+            Replayed::Notice(id, _) => *id,
+        }
+    }
+}
+
+/// One queue of a replay, read a page at a time, oldest first.
+struct Feed {
+    queue: Queue,
+    items: std::collections::VecDeque<Replayed>,
+    after: Option<Uuid>,
+    done: bool,
+}
+
+impl Feed {
+    fn new(queue: Queue) -> Self {
+        Feed {
+            queue,
+            items: Default::default(),
+            after: None,
+            done: false,
+        }
+    }
+
+    /// Reads the next page once the last one is used up.
+    async fn refill(&mut self, app: &App) -> Result<(), String> {
+        if !self.items.is_empty() || self.done {
+            return Ok(());
+        }
+        let wait = app.config.backend_timeout();
+        let page: Vec<Replayed> = match &self.queue {
+            Queue::Pending(queue) => {
+                match timeout(
+                    wait,
+                    Box::pin(app.store.pending(queue, self.after, REPLAY_PAGE)),
+                )
+                .await
+                {
+                    Ok(Ok(page)) => page.into_iter().map(Replayed::Message).collect(),
+                    Ok(Err(e)) => return Err(e.to_string()),
+                    Err(_) => return Err("timed out".into()),
+                }
+            }
+            Queue::Notices(queue) => {
+                match timeout(
+                    wait,
+                    Box::pin(app.store.notices(queue, self.after, REPLAY_PAGE)),
+                )
+                .await
+                {
+                    Ok(Ok(page)) => page
+                        .into_iter()
+                        .map(|(id, n)| Replayed::Notice(id, n))
+                        .collect(),
+                    Ok(Err(e)) => return Err(e.to_string()),
+                    Err(_) => return Err("timed out".into()),
+                }
+            }
+        };
+        self.done = page.len() < REPLAY_PAGE;
+        self.after = page.last().map(Replayed::id).or(self.after);
+        self.items = page.into();
+        Ok(())
+    }
 }

@@ -369,8 +369,19 @@ impl Hub {
     /// confirmed.)
     pub fn dispatch(&self, node: &str, delivery: NodeDelivery) {
         // Answers go to the one connection that sent the message.
+        // An end-to-end encrypted message is framed per device (each sees its own
+        // ciphertext); anything else is serialized once, shared by every device it goes to.
+        let per_device = match &delivery.payload {
+            Payload::Message(m) if m.e2ee.is_some() => Some(m),
+            _ => None,
+        };
         let (frame, class, only) = match &delivery.payload {
-            Payload::Message(m) => (ServerFrame::message(m), Class::Message(m.id), None),
+            Payload::Message(m) => (ServerFrame::message(m, "", ""), Class::Message(m.id), None),
+            // Held during a replay like messages: a to-device message may start the
+            // session a replayed message needs, or need the one a replayed message starts.
+            Payload::Notice { id, notice } => {
+                (ServerFrame::notice(*id, notice), Class::Message(*id), None)
+            }
             Payload::Receipt { id, receipt } => {
                 (ServerFrame::receipt(*id, receipt), Class::Reliable, None)
             }
@@ -416,17 +427,24 @@ impl Hub {
                 (refusal.into_frame(), Class::Reliable, Some(*conn))
             }
         };
-        // Serialized once, shared by every device it goes to.
-        let frame = Utf8Bytes::from(frame.to_json());
+        let frame = match per_device {
+            Some(_) => Utf8Bytes::default(),
+            None => Utf8Bytes::from(frame.to_json()),
+        };
         let except = delivery
             .except
             .as_ref()
             .filter(|e| e.node == node)
             .map(|e| e.conn);
         let conns = lock(&self.conns);
-        for user in &delivery.users {
-            for conn in conns.get(user).into_iter().flatten() {
-                if Some(conn.id) == except || only.is_some_and(|only| only != conn.id) {
+        for queue in &delivery.users {
+            // A device's queue reaches that device's connections only.
+            let device = storage::device_of(queue);
+            for conn in conns.get(storage::user_of(queue)).into_iter().flatten() {
+                if Some(conn.id) == except
+                    || only.is_some_and(|only| only != conn.id)
+                    || device.is_some_and(|d| d != conn.device)
+                {
                     continue;
                 }
                 if let Payload::Sent { client_msg_id, .. }
@@ -439,7 +457,13 @@ impl Hub {
                         continue;
                     }
                 }
-                conn.deliver(frame.clone(), class);
+                let frame = match per_device {
+                    Some(m) => {
+                        Utf8Bytes::from(ServerFrame::message(m, &conn.user, &conn.device).to_json())
+                    }
+                    None => frame.clone(),
+                };
+                conn.deliver(frame, class);
             }
         }
     }

@@ -12,6 +12,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod connection;
+pub mod e2ee;
 pub mod hub;
 pub mod limits;
 pub mod metrics;

@@ -6,7 +6,10 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use storage::{Group, GroupChange, GroupChangeKind, Marker, Message, Receipt, ReceiptStatus};
+use storage::{
+    Claimed, Device, Group, GroupChange, GroupChangeKind, Marker, Message, Receipt, ReceiptStatus,
+    ToDevice,
+};
 
 /// Error codes of the `error` frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -19,6 +22,15 @@ pub enum ErrorCode {
     RateLimited,
     Unavailable,
     Internal,
+    /// An end-to-end encrypted send named other devices than its recipients have.
+    DeviceMismatch,
+}
+
+/// A device, as frames name it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct DeviceRef {
+    pub user: String,
+    pub device: String,
 }
 
 /// A refused request: what the `error` frame says, and which request it answers.
@@ -28,6 +40,9 @@ pub struct Refusal {
     pub message: String,
     pub reference: Option<Value>,
     pub client_msg_id: Option<String>,
+    /// For `device_mismatch`: the devices the send lacked, and those it named that are
+    /// gone.
+    pub devices: Option<Box<(Vec<DeviceRef>, Vec<DeviceRef>)>>,
 }
 
 impl Refusal {
@@ -37,6 +52,7 @@ impl Refusal {
             message: message.into(),
             reference: None,
             client_msg_id: None,
+            devices: None,
         }
     }
 
@@ -45,11 +61,17 @@ impl Refusal {
     }
 
     pub fn into_frame(self) -> ServerFrame {
+        let (missing, stale) = match self.devices.map(|d| *d) {
+            Some((missing, stale)) => (Some(missing), Some(stale)),
+            None => (None, None),
+        };
         ServerFrame::Error {
             code: self.code,
             message: self.message,
             reference: self.reference,
             client_msg_id: self.client_msg_id,
+            missing,
+            stale,
         }
     }
 }
@@ -64,7 +86,11 @@ pub enum ClientFrame {
         to: Option<String>,
         #[serde(default)]
         conversation: Option<String>,
-        body: String,
+        /// A server-encrypted message's text; or `e2ee`.
+        #[serde(default)]
+        body: Option<String>,
+        #[serde(default)]
+        e2ee: Option<E2eeSend>,
     },
     Ack {
         #[serde(default)]
@@ -128,6 +154,79 @@ pub enum ClientFrame {
         #[serde(rename = "ref", default)]
         reference: Option<Value>,
     },
+    KeysUpload {
+        #[serde(rename = "ref")]
+        reference: Value,
+        identity_key: String,
+        signing_key: String,
+        #[serde(default)]
+        one_time_keys: Vec<KeyView>,
+        #[serde(default)]
+        fallback_key: Option<KeyView>,
+    },
+    Devices {
+        #[serde(rename = "ref")]
+        reference: Value,
+        users: Vec<String>,
+    },
+    KeysClaim {
+        #[serde(rename = "ref")]
+        reference: Value,
+        devices: Vec<DeviceRef>,
+    },
+    ToDevice {
+        #[serde(rename = "ref")]
+        reference: Value,
+        messages: Vec<ToDeviceSend>,
+    },
+    RemoveDevice {
+        #[serde(rename = "ref")]
+        reference: Value,
+        device: String,
+    },
+}
+
+/// A one-time or fallback key, by its id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyView {
+    pub id: String,
+    pub key: String,
+}
+
+/// The `e2ee` of an end-to-end encrypted `send`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct E2eeSend {
+    /// Every device it is for; each with `type` and `ciphertext` (Olm), unless `group`.
+    pub to: Vec<E2eeFor>,
+    #[serde(default)]
+    pub group: Option<GroupSend>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct E2eeFor {
+    pub user: String,
+    pub device: String,
+    #[serde(default, rename = "type")]
+    pub kind: Option<u8>,
+    #[serde(default)]
+    pub ciphertext: Option<String>,
+}
+
+/// The one ciphertext of a group message, and its group session.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct GroupSend {
+    pub session: String,
+    pub ciphertext: String,
+}
+
+/// One message of a `to_device` frame.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct ToDeviceSend {
+    pub user: String,
+    pub device: String,
+    #[serde(rename = "type")]
+    pub kind: u8,
+    pub ciphertext: String,
 }
 
 impl ClientFrame {
@@ -221,22 +320,54 @@ pub struct MessageView {
     pub message_id: String,
     pub conversation: String,
     pub from: String,
-    pub body: String,
+    /// A server-encrypted message's text (absent for an end-to-end encrypted one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
     pub ts: i64,
+    /// An end-to-end encrypted message's ciphertext for the reading device.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub e2ee: Option<E2eeView>,
     /// For the reader's own messages only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<MessageStatus>,
 }
 
-impl From<&Message> for MessageView {
-    fn from(m: &Message) -> Self {
+/// What a device is shown of an end-to-end encrypted message.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct E2eeView {
+    /// The sending device.
+    pub device: String,
+    /// Olm message type (0 pre-key, 1 normal), in a direct message.
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<u8>,
+    /// The group session, in a group message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    /// Absent when the message was not encrypted for this device.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ciphertext: Option<String>,
+}
+
+impl MessageView {
+    /// `m` as the device `device` of `user` sees it.
+    pub fn of(m: &Message, user: &str, device: &str) -> Self {
+        let e2ee = m.e2ee.as_ref().map(|e| {
+            let mine = e.for_device(user, device);
+            E2eeView {
+                device: mine.device,
+                kind: mine.kind,
+                session: mine.session,
+                ciphertext: mine.ciphertext,
+            }
+        });
         MessageView {
             kind: "message",
             message_id: m.id.to_string(),
             conversation: m.conversation.to_string(),
             from: m.from.clone(),
-            body: m.body.clone(),
+            body: m.e2ee.is_none().then(|| m.body.clone()),
             ts: m.ts,
+            e2ee,
             status: None,
         }
     }
@@ -298,16 +429,59 @@ pub enum ServerFrame {
         message_id: String,
         conversation: String,
         from: String,
-        body: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        body: Option<String>,
         ts: i64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        e2ee: Option<E2eeView>,
     },
     Receipt {
         receipt_id: String,
         message_id: String,
         conversation: String,
         by: String,
+        /// The device that stored an end-to-end encrypted message.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        device: Option<String>,
         status: ReceiptStatus,
         ts: i64,
+    },
+    /// Answer to `keys_upload`: how many one-time keys the device has now.
+    Keys {
+        #[serde(rename = "ref")]
+        reference: Value,
+        one_time_keys: usize,
+    },
+    Devices {
+        #[serde(rename = "ref")]
+        reference: Value,
+        devices: Vec<DeviceView>,
+    },
+    KeysClaimed {
+        #[serde(rename = "ref")]
+        reference: Value,
+        keys: Vec<ClaimedView>,
+    },
+    ToDeviceSent {
+        #[serde(rename = "ref")]
+        reference: Value,
+    },
+    DeviceRemoved {
+        #[serde(rename = "ref")]
+        reference: Value,
+        device: String,
+    },
+    /// A to-device message, kept for this device until confirmed (`notice_ids`).
+    ToDevice {
+        notice_id: String,
+        from: String,
+        ts: i64,
+        e2ee: E2eeView,
+    },
+    /// This device's one-time keys are running out: upload more.
+    KeysLow {
+        notice_id: String,
+        one_time_keys: usize,
     },
     Presence {
         user: String,
@@ -363,17 +537,67 @@ pub enum ServerFrame {
         reference: Option<Value>,
         #[serde(skip_serializing_if = "Option::is_none")]
         client_msg_id: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        missing: Option<Vec<DeviceRef>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        stale: Option<Vec<DeviceRef>>,
     },
 }
 
+/// A device with published keys.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DeviceView {
+    pub user: String,
+    pub device: String,
+    pub identity_key: String,
+    pub signing_key: String,
+}
+
+impl From<&Device> for DeviceView {
+    fn from(d: &Device) -> Self {
+        DeviceView {
+            user: d.user.clone(),
+            device: d.device.clone(),
+            identity_key: d.keys.identity_key.clone(),
+            signing_key: d.keys.signing_key.clone(),
+        }
+    }
+}
+
+/// One device's claimed key.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ClaimedView {
+    #[serde(flatten)]
+    pub device: DeviceView,
+    /// A one-time key, or the fallback key, or null if the device published neither.
+    pub one_time_key: Option<KeyView>,
+    pub fallback: bool,
+}
+
+impl From<&Claimed> for ClaimedView {
+    fn from(c: &Claimed) -> Self {
+        ClaimedView {
+            device: DeviceView::from(&c.device),
+            one_time_key: c.key.as_ref().map(|k| KeyView {
+                id: k.id.clone(),
+                key: k.key.clone(),
+            }),
+            fallback: c.fallback,
+        }
+    }
+}
+
 impl ServerFrame {
-    pub fn message(m: &Message) -> Self {
+    /// `m` as the device `device` of `user` sees it.
+    pub fn message(m: &Message, user: &str, device: &str) -> Self {
+        let view = MessageView::of(m, user, device);
         ServerFrame::Message {
-            message_id: m.id.to_string(),
-            conversation: m.conversation.to_string(),
-            from: m.from.clone(),
-            body: m.body.clone(),
-            ts: m.ts,
+            message_id: view.message_id,
+            conversation: view.conversation,
+            from: view.from,
+            body: view.body,
+            ts: view.ts,
+            e2ee: view.e2ee,
         }
     }
 
@@ -382,9 +606,24 @@ impl ServerFrame {
             receipt_id: id.to_string(),
             message_id: r.message_id.to_string(),
             conversation: r.conversation.to_string(),
-            by: r.by.clone(),
+            by: storage::user_of(&r.by).to_owned(),
+            device: storage::device_of(&r.by).map(str::to_owned),
             status: r.status,
             ts: r.ts,
+        }
+    }
+
+    pub fn to_device(id: uuid::Uuid, m: &ToDevice) -> Self {
+        ServerFrame::ToDevice {
+            notice_id: id.to_string(),
+            from: m.from.clone(),
+            ts: m.ts,
+            e2ee: E2eeView {
+                device: m.from_device.clone(),
+                kind: Some(m.olm.kind),
+                session: None,
+                ciphertext: Some(m.olm.ciphertext.clone()),
+            },
         }
     }
 
@@ -425,6 +664,11 @@ impl ServerFrame {
         match notice {
             storage::Notice::Receipt(r) => Self::receipt(id, r),
             storage::Notice::Group(c) => Self::group_notice(id, c),
+            storage::Notice::ToDevice(m) => Self::to_device(id, m),
+            storage::Notice::KeysLow { remaining } => ServerFrame::KeysLow {
+                notice_id: id.to_string(),
+                one_time_keys: *remaining,
+            },
         }
     }
 
@@ -482,9 +726,9 @@ mod tests {
             e.message
         );
         assert_eq!(e.reference, Some(json!("r9")));
-        let e = ClientFrame::parse(r#"{"type":"send","client_msg_id":"c7","to":"bob"}"#)
-            .expect_err("missing body");
-        assert!(e.message.contains("missing field `body`"), "{}", e.message);
+        let e = ClientFrame::parse(r#"{"type":"send","client_msg_id":"c7","to":"bob","body":7}"#)
+            .expect_err("body of the wrong type");
+        assert!(e.message.contains("invalid type"), "{}", e.message);
         assert_eq!(e.client_msg_id.as_deref(), Some("c7"));
         let e = ClientFrame::parse(r#"[1,2]"#).expect_err("not an object");
         assert_eq!(e.code, ErrorCode::BadRequest);
@@ -517,6 +761,7 @@ mod tests {
                 message: "slow".into(),
                 reference: None,
                 client_msg_id: Some("c".into()),
+                devices: None,
             }
             .into_frame()
             .to_json(),

@@ -15,10 +15,12 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use uuid::Uuid;
 
 use crate::app::App;
+use crate::e2ee;
 use crate::hub::{Class, ConnHandle};
 use crate::limits::frame_limiter;
 use crate::protocol::{
-    ClientFrame, ErrorCode, InboxView, MarkerView, MessageStatus, MessageView, Refusal, ServerFrame,
+    ClientFrame, DeviceView, E2eeSend, ErrorCode, InboxView, MarkerView, MessageStatus,
+    MessageView, Refusal, ServerFrame,
 };
 
 /// Most users one connection may watch the presence of.
@@ -56,8 +58,8 @@ impl From<presence::Error> for Refusal {
 }
 
 pub struct Session {
-    conn: Arc<ConnHandle>,
-    app: Arc<App>,
+    pub(crate) conn: Arc<ConnHandle>,
+    pub(crate) app: Arc<App>,
     frames: DefaultDirectRateLimiter,
 }
 
@@ -97,12 +99,17 @@ fn members_of(conversation: &Conversation, group: Option<&Group>) -> Vec<String>
     }
 }
 
-/// A page of messages as `user` sees them: their own with a status.
-fn views(page: &[Message], user: &str, members: &[String], markers: &[Marker]) -> Vec<MessageView> {
+/// A page of messages as a device of `user` sees them: their own with a status.
+fn views(
+    page: &[Message],
+    (user, device): (&str, &str),
+    members: &[String],
+    markers: &[Marker],
+) -> Vec<MessageView> {
     page.iter()
         .map(|m| MessageView {
             status: MessageStatus::of(m, user, members, markers),
-            ..MessageView::from(m)
+            ..MessageView::of(m, user, device)
         })
         .collect()
 }
@@ -115,6 +122,11 @@ impl Session {
 
     fn user(&self) -> &str {
         &self.conn.user
+    }
+
+    /// This connection's user and device.
+    fn me(&self) -> (&str, &str) {
+        (&self.conn.user, &self.conn.device)
     }
 
     pub fn reply(&self, frame: ServerFrame) {
@@ -140,6 +152,11 @@ impl Session {
         let (reference, client_msg_id) = match &frame {
             ClientFrame::Send { client_msg_id, .. } => (None, Some(client_msg_id.clone())),
             ClientFrame::History { reference, .. }
+            | ClientFrame::KeysUpload { reference, .. }
+            | ClientFrame::Devices { reference, .. }
+            | ClientFrame::KeysClaim { reference, .. }
+            | ClientFrame::ToDevice { reference, .. }
+            | ClientFrame::RemoveDevice { reference, .. }
             | ClientFrame::CreateGroup { reference, .. }
             | ClientFrame::Conversations { reference, .. }
             | ClientFrame::GroupInfo { reference, .. }
@@ -167,7 +184,7 @@ impl Session {
     }
 
     /// Awaits a backend call within the backend timeout.
-    async fn call<T, E: Into<Refusal>>(
+    pub(crate) async fn call<T, E: Into<Refusal>>(
         &self,
         call: impl Future<Output = Result<T, E>>,
     ) -> Result<T, Refusal> {
@@ -212,7 +229,8 @@ impl Session {
                 to,
                 conversation,
                 body,
-            } => self.send(client_msg_id, to, conversation, body).await,
+                e2ee,
+            } => self.send(client_msg_id, to, conversation, body, e2ee).await,
             ClientFrame::Ack {
                 message_ids,
                 receipt_ids,
@@ -244,12 +262,23 @@ impl Session {
                     self.call(self.app.receipt_drops.confirm(self.user(), notices))
                         .await?;
                 }
+                if !notice_ids.is_empty() {
+                    // Notices kept for this device alone (to-device messages, low keys).
+                    let ids = notice_ids
+                        .iter()
+                        .map(|id| parse_id(id, "notice_ids"))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let queue = storage::device_address(self.user(), &self.conn.device);
+                    self.call(self.app.receipt_drops.confirm(&queue, ids))
+                        .await?;
+                }
                 if ids.is_empty() {
                     return Ok(());
                 }
                 let envelope = Envelope::Ack {
                     user: self.user().to_owned(),
                     message_ids: ids,
+                    device: Some(self.conn.device.clone()),
                 };
                 self.publish(envelope).await
             }
@@ -304,7 +333,7 @@ impl Session {
                 self.reply(ServerFrame::History {
                     reference,
                     conversation: conversation.to_string(),
-                    messages: views(&page, self.user(), &members, &markers),
+                    messages: views(&page, self.me(), &members, &markers),
                     more,
                     markers: markers.iter().map(MarkerView::from).collect(),
                 });
@@ -419,6 +448,60 @@ impl Session {
                 self.reply(ServerFrame::Pong { reference });
                 Ok(())
             }
+            ClientFrame::KeysUpload {
+                reference,
+                identity_key,
+                signing_key,
+                one_time_keys,
+                fallback_key,
+            } => {
+                let count = Box::pin(e2ee::upload(
+                    self,
+                    identity_key,
+                    signing_key,
+                    one_time_keys,
+                    fallback_key,
+                ))
+                .await?;
+                self.reply(ServerFrame::Keys {
+                    reference,
+                    one_time_keys: count,
+                });
+                Ok(())
+            }
+            ClientFrame::Devices { reference, users } => {
+                check_users(&users, "users", 100)?;
+                let devices = self.call(self.app.store.devices(&users)).await?;
+                self.reply(ServerFrame::Devices {
+                    reference,
+                    devices: devices.iter().map(DeviceView::from).collect(),
+                });
+                Ok(())
+            }
+            ClientFrame::KeysClaim { reference, devices } => {
+                let keys = Box::pin(e2ee::claim(self, devices)).await?;
+                self.reply(ServerFrame::KeysClaimed { reference, keys });
+                Ok(())
+            }
+            ClientFrame::ToDevice {
+                reference,
+                messages,
+            } => {
+                Box::pin(e2ee::to_devices(self, messages)).await?;
+                self.reply(ServerFrame::ToDeviceSent { reference });
+                Ok(())
+            }
+            ClientFrame::RemoveDevice { reference, device } => {
+                if !storage::is_valid_id(&device) {
+                    return Err(Refusal::bad_request(format!(
+                        "`device`: {device:?} is not a device id"
+                    )));
+                }
+                self.call(self.app.store.remove_device(self.user(), &device))
+                    .await?;
+                self.reply(ServerFrame::DeviceRemoved { reference, device });
+                Ok(())
+            }
         }
     }
 
@@ -427,7 +510,8 @@ impl Session {
         client_msg_id: String,
         to: Option<String>,
         conversation: Option<String>,
-        body: String,
+        body: Option<String>,
+        e2ee: Option<E2eeSend>,
     ) -> Result<(), Refusal> {
         let length = client_msg_id.chars().count();
         if length == 0 || length > 64 {
@@ -435,33 +519,58 @@ impl Session {
                 "`client_msg_id` must be 1-64 characters",
             ));
         }
-        if body.trim().is_empty() {
-            return Err(Refusal::bad_request(
-                "`body` is empty: a message needs some text",
-            ));
-        }
         let max = self.app.config.max_body_bytes;
-        if body.len() > max {
-            return Err(Refusal::new(
-                ErrorCode::TooLarge,
-                format!("`body` is {} bytes, the limit is {max}", body.len()),
-            ));
-        }
-        let conversation = match (to, conversation) {
+        let body = match (body, &e2ee) {
+            (Some(body), None) => {
+                if body.trim().is_empty() {
+                    return Err(Refusal::bad_request(
+                        "`body` is empty: a message needs some text",
+                    ));
+                }
+                if body.len() > max {
+                    return Err(Refusal::new(
+                        ErrorCode::TooLarge,
+                        format!("`body` is {} bytes, the limit is {max}", body.len()),
+                    ));
+                }
+                body
+            }
+            (None, Some(_)) => String::new(),
+            (None, None) => {
+                return Err(Refusal::bad_request(
+                    "missing field `body` (or `e2ee` for an end-to-end encrypted message)",
+                ))
+            }
+            (Some(_), Some(_)) => {
+                return Err(Refusal::bad_request(
+                    "give `body` or `e2ee`, not both: an end-to-end encrypted message has no \
+                     text the server can read",
+                ))
+            }
+        };
+        let (conversation, group) = match (to, conversation) {
             (Some(to), None) => {
                 if !storage::is_valid_id(&to) {
                     return Err(Refusal::bad_request(format!(
                         "`to`: {to:?} is not a user id"
                     )));
                 }
-                Conversation::direct(self.user(), &to)
+                (Conversation::direct(self.user(), &to), None)
             }
-            (None, Some(name)) => self.member_of(&name).await?.0,
+            (None, Some(name)) => self.member_of(&name).await?,
             _ => {
                 return Err(Refusal::bad_request(
                     "give exactly one of `to` (a user id) or `conversation` (a group)",
                 ))
             }
+        };
+        let e2ee = match e2ee {
+            // Boxed, as the other end-to-end encryption requests are: `handle`'s future
+            // (and its poll frame, which a debug build keeps on the stack) stays small.
+            Some(e2ee) => {
+                Some(Box::pin(e2ee::check_send(self, &conversation, group.as_ref(), e2ee)).await?)
+            }
+            None => None,
         };
         let budget = &self.app.sends;
         let wait = self.app.config.backend_timeout();
@@ -486,6 +595,7 @@ impl Session {
             from: self.user().to_owned(),
             body,
             ts: ts_of(id),
+            e2ee,
         };
         let origin = ConnRef {
             node: self.app.node.clone(),
@@ -558,23 +668,48 @@ impl Session {
     /// Pushes `payload` to the devices of `users` that are online now, one delivery per
     /// node that holds any of them.
     async fn push_to_devices(&self, users: &[String], payload: Payload) -> Result<(), Refusal> {
-        let located = self.call(self.app.presence.locate(users)).await?;
-        let mut by_node: std::collections::HashMap<String, Vec<String>> = Default::default();
-        for (user, locations) in located {
-            for location in locations {
-                let users = by_node.entry(location.node).or_default();
-                if !users.contains(&user) {
-                    users.push(user.clone());
+        Box::pin(self.push_to_queues(vec![(users.to_vec(), payload)])).await
+    }
+
+    /// Pushes each payload to the connected devices of its queues (users, or devices'
+    /// queues `user/device`): one publish per node that holds any of them.
+    pub(crate) async fn push_to_queues(
+        &self,
+        items: Vec<(Vec<String>, Payload)>,
+    ) -> Result<(), Refusal> {
+        let mut users: Vec<String> = items
+            .iter()
+            .flat_map(|(queues, _)| queues.iter().map(|q| storage::user_of(q).to_owned()))
+            .collect();
+        users.sort_unstable();
+        users.dedup();
+        let located = self.call(self.app.presence.locate(&users)).await?;
+        let mut by_node: std::collections::HashMap<String, Vec<NodeDelivery>> = Default::default();
+        for (queues, payload) in items {
+            let mut here: std::collections::HashMap<&str, Vec<String>> = Default::default();
+            for queue in queues {
+                let device = storage::device_of(&queue);
+                let at = located.get(storage::user_of(&queue)).into_iter().flatten();
+                for location in at.filter(|l| device.is_none_or(|d| d == l.device)) {
+                    let list = here.entry(location.node.as_str()).or_default();
+                    if !list.contains(&queue) {
+                        list.push(queue.clone());
+                    }
                 }
             }
+            for (node, users) in here {
+                by_node
+                    .entry(node.to_owned())
+                    .or_default()
+                    .push(NodeDelivery {
+                        users,
+                        except: None,
+                        payload: payload.clone(),
+                    });
+            }
         }
-        for (node, users) in by_node {
-            let delivery = NodeDelivery {
-                users,
-                except: None,
-                payload: payload.clone(),
-            };
-            self.call(self.app.presence.publish(&node, vec![delivery]))
+        for (node, deliveries) in by_node {
+            self.call(self.app.presence.publish(&node, deliveries))
                 .await?;
         }
         Ok(())
@@ -689,7 +824,7 @@ impl Session {
             .count();
         let last_message = views(
             &recent[..recent.len().min(1)],
-            self.user(),
+            self.me(),
             &members,
             &markers,
         )

@@ -288,6 +288,7 @@ async fn direct(
         partial: false,
         progress: false,
         connect_timeout: Duration::from_secs(60),
+        e2ee: false,
     };
     // CPU is counted from the start of the send phase, once every user is connected.
     let meter = Arc::new(Mutex::new(None));
@@ -424,6 +425,7 @@ pub async fn idle_kib_per_conn(url: &str, pid: u32, conns: u32) -> anyhow::Resul
         partial: false,
         progress: false,
         connect_timeout: Duration::from_secs(60),
+        e2ee: false,
     };
     let outcome = scenario::run(&f, &workload, &options, Some(gate)).await?;
     let after = after

@@ -51,12 +51,15 @@ pub enum ClientFrame {
         conversation: Option<String>,
         body: String,
     },
-    /// Confirms messages (stored on this device) and receipts (shown).
+    /// Confirms messages (stored on this device), receipts (shown) and notices (taken:
+    /// to-device messages, `keys_low`).
     Ack {
         #[serde(skip_serializing_if = "Vec::is_empty")]
         message_ids: Vec<String>,
         #[serde(skip_serializing_if = "Vec::is_empty")]
         receipt_ids: Vec<String>,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        notice_ids: Vec<String>,
     },
     Read {
         conversation: String,
@@ -113,8 +116,13 @@ pub struct MessageFrame {
     pub message_id: String,
     pub conversation: String,
     pub from: String,
+    /// Empty for an end-to-end encrypted message, which has `e2ee` instead.
+    #[serde(default)]
     pub body: String,
     pub ts: i64,
+    /// This device's ciphertext of an end-to-end encrypted message (see [`crate::e2ee`]).
+    #[serde(default)]
+    pub e2ee: Option<Value>,
 }
 
 /// Frames the server sends. Unknown types parse as `Other`, so newer servers work.
@@ -176,6 +184,29 @@ pub enum ServerFrame {
         reference: Option<Value>,
         #[serde(default)]
         client_msg_id: Option<String>,
+    },
+    Keys {
+        #[serde(rename = "ref")]
+        reference: Value,
+        one_time_keys: u64,
+    },
+    KeysClaimed {
+        #[serde(rename = "ref")]
+        reference: Value,
+        keys: Vec<Value>,
+    },
+    ToDeviceSent {
+        #[serde(rename = "ref")]
+        reference: Value,
+    },
+    ToDevice {
+        notice_id: String,
+        from: String,
+        e2ee: Value,
+    },
+    KeysLow {
+        notice_id: String,
+        one_time_keys: u64,
     },
     #[serde(other)]
     Other,

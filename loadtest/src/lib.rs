@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod client;
+pub mod e2ee;
 pub mod ledger;
 pub mod relay;
 pub mod report;

@@ -224,6 +224,11 @@ struct Traffic {
     /// Seconds to wait for outstanding deliveries after the last send.
     #[arg(long, default_value_t = 10.0)]
     drain_secs: f64,
+    /// End-to-end encrypted messages (Olm and Megolm, docs/protocol.md): every device
+    /// publishes keys and sets up its sessions before the run; direct senders write to 8
+    /// fixed contacts (a session each); receivers decrypt what they check. One process.
+    #[arg(long)]
+    e2ee: bool,
 }
 
 /// What a child process hands back to its parent.
@@ -421,6 +426,7 @@ async fn drive(
         step_secs: 0.0,
         body_bytes: 100,
         drain_secs: 0.0,
+        e2ee: false,
     });
     let is_child = common.child_report.is_some();
     let processes = common
@@ -433,7 +439,14 @@ async fn drive(
         partial: is_child || processes > 1,
         progress: !common.quiet && !is_child && std::io::stderr().is_terminal(),
         connect_timeout: Duration::from_secs_f64(common.connect_timeout_secs),
+        e2ee: traffic.e2ee,
     };
+    if traffic.e2ee && processes > 1 {
+        bail!(
+            "--e2ee runs in one process (each device's sessions live there): use at most \
+             {PER_PROCESS} --users and no --processes"
+        );
+    }
     let fleet = Fleet {
         urls: common.urls.clone(),
         tokens,

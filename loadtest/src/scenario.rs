@@ -12,12 +12,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::{Rng, SeedableRng};
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{self, ClientFrame, ServerFrame, Target, Tokens};
+use crate::e2ee::E2eeDevice;
 use crate::ledger::{key, Body, Key, Ledger};
 use crate::stats::Stats;
 
@@ -120,6 +121,9 @@ pub struct Options {
     pub progress: bool,
     /// How long connecting every user may take; the run goes on with those connected.
     pub connect_timeout: Duration,
+    /// Send end-to-end encrypted messages (Olm for direct ones, Megolm in groups); the
+    /// checker decrypts what arrives.
+    pub e2ee: bool,
 }
 
 /// What a run measured, before reporting.
@@ -180,6 +184,36 @@ struct Agent {
     /// Drop the connection now and come back after this long.
     drop_for: Mutex<Option<Duration>>,
     dropped: Notify,
+    /// With `--e2ee`: the device's keys and sessions, and what it decrypted (a message that
+    /// comes again cannot be decrypted twice).
+    e2ee: Option<Mutex<Decrypting>>,
+}
+
+/// A device's end-to-end encryption state in a run.
+struct Decrypting {
+    device: E2eeDevice,
+    /// Message id → what it carried.
+    seen: HashMap<String, Body>,
+}
+
+impl Agent {
+    fn e2ee(&self) -> Option<MutexGuard<'_, Decrypting>> {
+        self.e2ee
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// The users an `--e2ee` direct sender writes to: the next few local users (each pair
+/// needs an Olm session, set up before the run).
+const E2EE_CONTACTS: u32 = 8;
+
+fn contacts(fleet: &Fleet, sender: u32) -> Vec<u32> {
+    let local = fleet.local_users.max(1);
+    let count = E2EE_CONTACTS.min(local.saturating_sub(1));
+    (1..=count)
+        .map(|k| fleet.first_user + (sender - fleet.first_user + k) % local)
+        .collect()
 }
 
 /// Runs a workload with the users of `fleet` hosted in this process.
@@ -202,6 +236,12 @@ pub async fn run(
             seq: AtomicU32::new(0),
             drop_for: Mutex::new(None),
             dropped: Notify::new(),
+            e2ee: options.e2ee.then(|| {
+                Mutex::new(Decrypting {
+                    device: E2eeDevice::new(&fleet.user(fleet.first_user + i), DEVICE),
+                    seen: HashMap::new(),
+                })
+            }),
         }));
         inboxes.push(inbox);
     }
@@ -216,6 +256,9 @@ pub async fn run(
         Workload::Group { size, .. } => Some(create_groups(fleet, *size).await?),
         _ => None,
     };
+    if options.e2ee {
+        e2ee_setup(fleet, &shared, &groups).await?;
+    }
 
     // Connect: all at once (bounded), or at the ramp's rate.
     let progress =
@@ -439,6 +482,15 @@ async fn schedule(
                 .as_ref()
                 .and_then(|g| g.by_number.get(&(sender.index / g.size)));
             let (to, conversation, recipients) = match group {
+                _ if options.e2ee && group.is_none() => {
+                    let contacts = contacts(fleet, sender.index);
+                    if contacts.is_empty() {
+                        shared.collector().stats.error("no_contacts");
+                        continue;
+                    }
+                    let recipient = contacts[rng.gen_range(0..contacts.len())];
+                    (Some(fleet.user(recipient)), None, vec![recipient])
+                }
                 Some((conversation, members)) => {
                     let recipients = members
                         .iter()
@@ -463,11 +515,44 @@ async fn schedule(
                 intended_us,
             }
             .encode(options.body_bytes);
-            let frame = ClientFrame::Send {
-                client_msg_id: format!("s{}.{seq}", sender.index),
-                to,
-                conversation,
-                body,
+            let client_msg_id = format!("s{}.{seq}", sender.index);
+            let frame = match sender.e2ee() {
+                // Encrypted here, in send order: each session's messages go out in the
+                // order they were encrypted.
+                Some(mut e2ee) => {
+                    let encrypted = match (&to, &conversation) {
+                        (Some(to), _) => e2ee
+                            .device
+                            .encrypt_direct(&[(to.clone(), DEVICE.to_owned())], &body),
+                        (None, Some(conversation)) => {
+                            e2ee.device.encrypt_group(conversation, &body)
+                        }
+                        (None, None) => Err(anyhow::anyhow!("no recipient")),
+                    };
+                    match encrypted {
+                        Ok(e2ee) => json!({
+                            "type": "send",
+                            "client_msg_id": client_msg_id,
+                            "to": to,
+                            "conversation": conversation,
+                            "e2ee": e2ee,
+                        })
+                        .to_string(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "encrypting failed");
+                            drop(e2ee);
+                            shared.collector().stats.error("encrypt_failed");
+                            continue;
+                        }
+                    }
+                }
+                None => ClientFrame::Send {
+                    client_msg_id,
+                    to,
+                    conversation,
+                    body,
+                }
+                .to_json(),
             };
             {
                 let mut c = shared.collector();
@@ -476,7 +561,7 @@ async fn schedule(
                 let second = c.second_of(intended_us);
                 c.stats.second(second).offered += 1;
             }
-            if sender.outbox.send(frame.to_json()).await.is_err() {
+            if sender.outbox.send(frame).await.is_err() {
                 shared.collector().stats.error("client_closed");
             }
             progress.inc(1);
@@ -573,7 +658,7 @@ async fn agent_loop(
         }
 
         let (acks, mut ack_inbox) = mpsc::unbounded_channel::<Confirm>();
-        let reading = tokio::spawn(read_loop(agent.index, reader, acks, shared.clone()));
+        let reading = tokio::spawn(read_loop(agent.clone(), reader, acks, shared.clone()));
         let mut dropped = false;
         loop {
             tokio::select! {
@@ -633,6 +718,7 @@ async fn write_all(writer: &mut client::Writer, batch: Vec<String>) -> client::R
 enum Confirm {
     Message(String),
     Receipt(String),
+    Notice(String),
 }
 
 /// The next `ack` frame: what is waiting, up to 100 ids of each kind.
@@ -641,16 +727,18 @@ async fn recv_acks(inbox: &mut mpsc::UnboundedReceiver<Confirm>) -> Option<Clien
     if inbox.recv_many(&mut waiting, 100).await == 0 {
         return None;
     }
-    let (mut message_ids, mut receipt_ids) = (Vec::new(), Vec::new());
+    let (mut message_ids, mut receipt_ids, mut notice_ids) = (Vec::new(), Vec::new(), Vec::new());
     for confirm in waiting {
         match confirm {
             Confirm::Message(id) => message_ids.push(id),
             Confirm::Receipt(id) => receipt_ids.push(id),
+            Confirm::Notice(id) => notice_ids.push(id),
         }
     }
     Some(ClientFrame::Ack {
         message_ids,
         receipt_ids,
+        notice_ids,
     })
 }
 
@@ -665,11 +753,12 @@ fn connect_error_kind(e: &client::Error) -> String {
 
 /// Reads one connection's frames into the collector; acks messages through `acks`.
 async fn read_loop(
-    me: u32,
+    agent: Arc<Agent>,
     mut reader: client::Reader,
     acks: mpsc::UnboundedSender<Confirm>,
     shared: Arc<Shared>,
 ) {
+    let me = agent.index;
     loop {
         let frame = match reader.next().await {
             Ok(Some(frame)) => frame,
@@ -693,7 +782,19 @@ async fn read_loop(
                 }
             }
             ServerFrame::Message(m) => {
-                if let Some(body) = Body::decode(&m.body) {
+                let body = match agent.e2ee() {
+                    Some(mut e2ee) => match e2ee.open(&m) {
+                        Ok(body) => body,
+                        Err(e) => {
+                            tracing::warn!(user = me, error = %e, "decrypting failed");
+                            drop(e2ee);
+                            shared.collector().stats.error("undecryptable");
+                            continue;
+                        }
+                    },
+                    None => Body::decode(&m.body),
+                };
+                if let Some(body) = body {
                     let k = key(body.sender, body.seq);
                     let mut c = shared.collector();
                     if c.ledger.arrive(me, k) {
@@ -719,6 +820,25 @@ async fn read_loop(
                 // Shown: no longer kept for this user's next connect.
                 let _ = acks.send(Confirm::Receipt(receipt_id));
             }
+            ServerFrame::ToDevice {
+                notice_id,
+                from,
+                e2ee,
+            } => {
+                if let Some(mut state) = agent.e2ee() {
+                    let frame = json!({"from": from, "e2ee": e2ee});
+                    if let Err(e) = state.device.receive_to_device(&frame) {
+                        tracing::warn!(user = me, error = %e, "a to-device message failed");
+                        drop(state);
+                        shared.collector().stats.error("undecryptable");
+                    }
+                }
+                let _ = acks.send(Confirm::Notice(notice_id));
+            }
+            ServerFrame::KeysLow { notice_id, .. } => {
+                // The run's sessions are set up before it starts: nothing to replenish.
+                let _ = acks.send(Confirm::Notice(notice_id));
+            }
             ServerFrame::Error {
                 code,
                 client_msg_id,
@@ -731,6 +851,152 @@ async fn read_loop(
                 c.stats.error(code);
             }
             _ => {}
+        }
+    }
+}
+
+impl Decrypting {
+    /// The body a message carried: decrypted the first time, remembered after (an Olm
+    /// message cannot be decrypted twice, and a message can come again).
+    fn open(&mut self, m: &client::MessageFrame) -> anyhow::Result<Option<Body>> {
+        if let Some(body) = self.seen.get(&m.message_id) {
+            return Ok(Some(*body));
+        }
+        let frame = json!({"from": m.from, "e2ee": m.e2ee});
+        let plaintext = self.device.decrypt(&frame)?;
+        let body = Body::decode(&plaintext);
+        if let Some(body) = body {
+            self.seen.insert(m.message_id.clone(), body);
+        }
+        Ok(body)
+    }
+}
+
+/// The device every user of a run connects as.
+const DEVICE: &str = "lt";
+
+/// Sets up end-to-end encryption before anyone connects, over a setup connection per
+/// user as the device the run uses: every device publishes its keys; then each claims a
+/// key of every device it will write to and starts an Olm session with it, and in the
+/// group workload shares a Megolm session with its group's other devices (to-device
+/// messages, which reach them on connect).
+async fn e2ee_setup(
+    fleet: &Fleet,
+    shared: &Arc<Shared>,
+    groups: &Option<Groups>,
+) -> anyhow::Result<()> {
+    use futures_util::{StreamExt, TryStreamExt};
+    let limit = fleet.concurrency.max(1);
+    // 1. Keys, on connections kept for step 2.
+    let connections: Vec<(client::Writer, client::Reader)> =
+        futures_util::stream::iter(shared.agents.iter().cloned())
+            .map(|agent| async move {
+                let user = fleet.user(agent.index);
+                let url = &fleet.urls[agent.index as usize % fleet.urls.len()];
+                let token = fleet.tokens.token(url, &user).await?;
+                let (mut writer, mut reader, _) =
+                    client::connect(&fleet.target(agent.index, token)).await?;
+                let upload = match agent.e2ee() {
+                    Some(mut e2ee) => e2ee
+                        .device
+                        .keys_upload("keys", crate::e2ee::KEYS_PER_UPLOAD),
+                    None => anyhow::bail!("no E2EE state"),
+                };
+                writer.send_text(upload.to_string()).await?;
+                expect(&mut reader, |f| matches!(f, ServerFrame::Keys { .. })).await?;
+                Ok::<_, anyhow::Error>((writer, reader))
+            })
+            .buffered(limit)
+            .try_collect()
+            .await?;
+    // 2. Sessions (and group keys), once every device's keys are there.
+    futures_util::stream::iter(shared.agents.iter().cloned().zip(connections))
+        .map(|(agent, (mut writer, mut reader))| async move {
+            let peers: Vec<u32> = match groups
+                .as_ref()
+                .and_then(|g| g.by_number.get(&(agent.index / g.size)))
+            {
+                Some((_, members)) => members
+                    .iter()
+                    .copied()
+                    .filter(|m| *m != agent.index)
+                    .collect(),
+                None => contacts(fleet, agent.index),
+            };
+            if peers.is_empty() {
+                writer.close().await;
+                return Ok(());
+            }
+            let devices: Vec<Value> = peers
+                .iter()
+                .map(|p| json!({"user": fleet.user(*p), "device": DEVICE}))
+                .collect();
+            writer
+                .send_text(json!({"type":"keys_claim","ref":"claim","devices":devices}).to_string())
+                .await?;
+            let keys = match expect(&mut reader, |f| {
+                matches!(f, ServerFrame::KeysClaimed { .. })
+            })
+            .await?
+            {
+                ServerFrame::KeysClaimed { keys, .. } => keys,
+                _ => unreachable!("matched above"),
+            };
+            anyhow::ensure!(
+                keys.len() == peers.len(),
+                "{} of {} devices had keys",
+                keys.len(),
+                peers.len()
+            );
+            let share = {
+                let Some(mut e2ee) = agent.e2ee() else {
+                    anyhow::bail!("no E2EE state")
+                };
+                e2ee.device.start_sessions(&json!({ "keys": keys }))?;
+                match groups
+                    .as_ref()
+                    .and_then(|g| g.by_number.get(&(agent.index / g.size)))
+                {
+                    Some((conversation, members)) => {
+                        let devices: Vec<_> = members
+                            .iter()
+                            .map(|m| (fleet.user(*m), DEVICE.to_owned()))
+                            .collect();
+                        e2ee.device.share_group_key(conversation, &devices)?
+                    }
+                    None => None,
+                }
+            };
+            if let Some(mut share) = share {
+                share["ref"] = json!("share");
+                writer.send_text(share.to_string()).await?;
+                expect(&mut reader, |f| {
+                    matches!(f, ServerFrame::ToDeviceSent { .. })
+                })
+                .await?;
+            }
+            writer.close().await;
+            Ok::<_, anyhow::Error>(())
+        })
+        .buffer_unordered(limit)
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(())
+}
+
+/// The next frame that `wanted` accepts; an `error` ends the setup.
+async fn expect(
+    reader: &mut client::Reader,
+    wanted: impl Fn(&ServerFrame) -> bool,
+) -> anyhow::Result<ServerFrame> {
+    loop {
+        match reader.next().await? {
+            Some(frame) if wanted(&frame) => return Ok(frame),
+            Some(ServerFrame::Error { code, message, .. }) => {
+                anyhow::bail!("setting up end-to-end encryption: {code}: {message}")
+            }
+            Some(_) => continue,
+            None => anyhow::bail!("the connection closed while setting up end-to-end encryption"),
         }
     }
 }

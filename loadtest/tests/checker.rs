@@ -40,6 +40,7 @@ fn options() -> Options {
         partial: false,
         progress: false,
         connect_timeout: Duration::from_secs(60),
+        e2ee: false,
     }
 }
 
@@ -205,6 +206,62 @@ async fn short_runs_against_the_embedded_gateway_lose_nothing() {
     let (verdict, stats) = run(&url, tokens, 20, churn).await;
     assert!(
         stats.errors.get("reconnects_forced").copied().unwrap_or(0) >= 3,
+        "{:?}",
+        stats.errors
+    );
+    assert_eq!(verdict.lost, 0, "{verdict:?}");
+    assert_eq!(verdict.reordered, 0, "{verdict:?}");
+    gw.shutdown();
+    gw.wait().await;
+}
+
+/// Encrypted runs go through the same checker, which decrypts what arrives: a message it
+/// cannot decrypt counts as an error and is not delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_runs_against_the_embedded_gateway_lose_nothing() {
+    let (gw, _dir) = start_gateway().await;
+    let url = format!("ws://{}/ws", gw.client_addr);
+    let tokens = Tokens::Secret("lt-secret".into());
+    let e2ee = Options {
+        e2ee: true,
+        ..options()
+    };
+    let run = |workload: Workload| {
+        let (url, tokens, e2ee) = (url.clone(), tokens.clone(), e2ee.clone());
+        async move {
+            let outcome = scenario::run(&fleet(&url, tokens, 20), &workload, &e2ee, None)
+                .await
+                .expect("run");
+            (outcome.ledger.verdict(), outcome.stats)
+        }
+    };
+    let (verdict, stats) = run(direct(200.0, 1.0)).await;
+    assert!(stats.errors.is_empty(), "{:?}", stats.errors);
+    assert_eq!(verdict.accepted, 200, "{verdict:?}");
+    assert!(verdict.clean() && verdict.delivered == 200, "{verdict:?}");
+
+    let group = Workload::Group {
+        size: 5,
+        rates: vec![100.0],
+        step: Duration::from_secs(1),
+    };
+    let (verdict, stats) = run(group).await;
+    assert!(stats.errors.is_empty(), "{:?}", stats.errors);
+    assert_eq!(verdict.expected, 400, "{verdict:?}");
+    assert!(verdict.clean() && verdict.delivered == 400, "{verdict:?}");
+
+    // Dropped devices get their ciphertexts on reconnect, from their own queues.
+    let churn = Workload::Reconnect {
+        rates: vec![100.0],
+        step: Duration::from_secs(3),
+        fraction: 0.25,
+        every: Duration::from_millis(700),
+        offline: Duration::from_millis(300),
+    };
+    let (verdict, stats) = run(churn).await;
+    assert_eq!(
+        stats.errors.get("undecryptable"),
+        None,
         "{:?}",
         stats.errors
     );

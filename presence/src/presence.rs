@@ -5,7 +5,7 @@ use std::future::Future;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use storage::{Conversation, GroupChange, Message, Receipt};
+use storage::{Conversation, GroupChange, Message, Notice, Receipt};
 use tokio::sync::{broadcast, mpsc, watch};
 use uuid::Uuid;
 
@@ -44,6 +44,8 @@ pub struct ConnRef {
 /// What a node is asked to deliver to every local connection of some users.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeDelivery {
+    /// Users (every connection of theirs), or devices' queues (`user/device`: that
+    /// device's connections only).
     pub users: Vec<String>,
     pub except: Option<ConnRef>,
     pub payload: Payload,
@@ -63,6 +65,12 @@ pub enum Payload {
     Group {
         id: Uuid,
         change: GroupChange,
+    },
+    /// A notice kept in the store under `id` for the delivery's queues (a device's, for a
+    /// to-device message), until confirmed.
+    Notice {
+        id: Uuid,
+        notice: Notice,
     },
     Typing {
         conversation: Conversation,

@@ -161,18 +161,11 @@ impl Keyring {
         from: String,
         sealed: &[u8],
     ) -> Result<crate::model::Message> {
-        let body = self.open(id, conversation, &from, sealed)?;
-        let body = String::from_utf8(body).map_err(|_| Error::Decrypt(id))?;
+        let content = self.open(id, conversation, &from, sealed)?;
         let conversation = conversation
             .parse()
             .map_err(|e| Error::Backend(format!("stored message {id}: {e}")))?;
-        Ok(crate::model::Message {
-            id,
-            conversation,
-            from,
-            body,
-            ts: crate::model::ts_of(id),
-        })
+        crate::model::Message::from_content(id, conversation, from, content)
     }
 
     pub fn open(&self, id: Uuid, conversation: &str, from: &str, sealed: &[u8]) -> Result<Vec<u8>> {

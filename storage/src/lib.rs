@@ -16,7 +16,10 @@ pub mod store;
 pub use ::scylla::statement::Consistency;
 pub use error::{Error, Result};
 pub use model::{
-    is_valid_id, ts_of, AckedMessage, Appended, Conversation, Group, GroupChange, GroupChangeKind,
-    InboxEntry, Marker, Message, NewMessage, Notice, Receipt, ReceiptStatus, MAX_GROUP_MEMBERS,
+    device_address, device_of, is_valid_id, ts_of, user_of, AckedMessage, Appended, Claimed,
+    Conversation, Device, DeviceCiphertext, DeviceKeys, E2ee, ForDevice, Group, GroupChange,
+    GroupChangeKind, GroupCiphertext, InboxEntry, Marker, Message, NewMessage, Notice,
+    OlmCiphertext, OneTimeKey, Receipt, ReceiptStatus, ToDevice, MAX_DEVICES_PER_USER,
+    MAX_GROUP_MEMBERS, MAX_ONE_TIME_KEYS,
 };
 pub use store::{EmbeddedConfig, EmbeddedStore, MessageStore, ScyllaConfig, ScyllaStore, Store};

@@ -131,16 +131,25 @@ impl<'de> Deserialize<'de> for Conversation {
     }
 }
 
-/// A stored message, decrypted.
+/// A stored message, decrypted (of an end-to-end encrypted one, the server holds only the
+/// ciphertexts its devices sent).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     pub id: Uuid,
     pub conversation: Conversation,
     pub from: String,
+    /// The text of a server-encrypted message; empty for an end-to-end encrypted one.
     pub body: String,
     /// Milliseconds since the Unix epoch; always `ts_of(id)`.
     pub ts: i64,
+    /// The ciphertexts of an end-to-end encrypted message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub e2ee: Option<E2ee>,
 }
+
+/// The first byte of the stored content of an end-to-end encrypted message: a text body is
+/// UTF-8, in which 0xFF never occurs, so the two cannot be mistaken for each other.
+const E2EE_CONTENT: u8 = 0xFF;
 
 impl Message {
     /// The message without its body (which may be large), for bookkeeping.
@@ -151,9 +160,201 @@ impl Message {
             from: self.from.clone(),
             body: String::new(),
             ts: self.ts,
+            e2ee: None,
+        }
+    }
+
+    /// What a store seals at rest: the body's UTF-8 bytes, or for an end-to-end encrypted
+    /// message a marker byte and its ciphertexts (postcard).
+    pub fn content(&self) -> Result<Vec<u8>, crate::Error> {
+        match &self.e2ee {
+            None => Ok(self.body.as_bytes().to_vec()),
+            Some(e2ee) => {
+                let mut out = vec![E2EE_CONTENT];
+                postcard::to_io(e2ee, &mut out).map_err(|e| {
+                    crate::Error::Backend(format!("encoding message {}: {e}", self.id))
+                })?;
+                Ok(out)
+            }
+        }
+    }
+
+    /// The message whose stored content ([`Message::content`]) is `content`.
+    pub fn from_content(
+        id: Uuid,
+        conversation: Conversation,
+        from: String,
+        content: Vec<u8>,
+    ) -> Result<Message, crate::Error> {
+        let (body, e2ee) = match content.split_first() {
+            Some((&E2EE_CONTENT, rest)) => (
+                String::new(),
+                Some(postcard::from_bytes(rest).map_err(|_| crate::Error::Decrypt(id))?),
+            ),
+            _ => (
+                String::from_utf8(content).map_err(|_| crate::Error::Decrypt(id))?,
+                None,
+            ),
+        };
+        Ok(Message {
+            id,
+            conversation,
+            from,
+            body,
+            ts: ts_of(id),
+            e2ee,
+        })
+    }
+
+    /// Who the message is pending for, given the members it goes to: for an end-to-end
+    /// encrypted message, each device it carries a ciphertext for (by its
+    /// [`device_address`]), else the users.
+    pub fn queues(&self, members: Vec<String>) -> Vec<String> {
+        match &self.e2ee {
+            Some(e2ee) => e2ee.addresses().collect(),
+            None => members,
         }
     }
 }
+
+/// The queue of one device, `user/device`, beside its user's own queue (`user`): ids never
+/// contain `/`. A device's queue holds what only that device can read (end-to-end
+/// encrypted messages, to-device messages) and is acked by that device alone.
+pub fn device_address(user: &str, device: &str) -> String {
+    format!("{user}/{device}")
+}
+
+/// The user of a queue: `user` for a user's queue, the part before `/` for a device's.
+pub fn user_of(queue: &str) -> &str {
+    queue.split_once('/').map_or(queue, |(user, _)| user)
+}
+
+/// The device of a device's queue (`None` for a user's queue).
+pub fn device_of(queue: &str) -> Option<&str> {
+    queue.split_once('/').map(|(_, device)| device)
+}
+
+/// An end-to-end encrypted message as the server keeps it: opaque ciphertexts, each for
+/// the devices named. The server checks who they are for, never what they say.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct E2ee {
+    /// The sending device.
+    pub device: String,
+    /// Every device the message is for (the recipients', and the sender's other ones),
+    /// each with its own ciphertext (Olm) unless `group` is given.
+    pub to: Vec<ForDevice>,
+    /// One ciphertext for all of `to` (Megolm, in groups).
+    pub group: Option<GroupCiphertext>,
+}
+
+impl E2ee {
+    /// The queues of the devices it is for.
+    pub fn addresses(&self) -> impl Iterator<Item = String> + '_ {
+        self.to.iter().map(|d| device_address(&d.user, &d.device))
+    }
+
+    /// What one device of the recipients may see: its own ciphertext (none if the message
+    /// was not encrypted for it), or the group ciphertext.
+    pub fn for_device(&self, user: &str, device: &str) -> DeviceCiphertext {
+        let mine = self
+            .to
+            .iter()
+            .find(|d| d.user == user && d.device == device);
+        match &self.group {
+            Some(group) => DeviceCiphertext {
+                device: self.device.clone(),
+                kind: None,
+                session: Some(group.session.clone()),
+                ciphertext: mine.map(|_| group.ciphertext.clone()),
+            },
+            None => {
+                let olm = mine.and_then(|d| d.olm.as_ref());
+                DeviceCiphertext {
+                    device: self.device.clone(),
+                    kind: olm.map(|o| o.kind),
+                    session: None,
+                    ciphertext: olm.map(|o| o.ciphertext.clone()),
+                }
+            }
+        }
+    }
+}
+
+/// A device an end-to-end encrypted message is for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForDevice {
+    pub user: String,
+    pub device: String,
+    /// Its own ciphertext; `None` in a group message (which has one for all).
+    pub olm: Option<OlmCiphertext>,
+}
+
+/// An Olm message: `kind` 0 is a pre-key message (it starts a session), 1 a normal one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OlmCiphertext {
+    pub kind: u8,
+    pub ciphertext: String,
+}
+
+/// A Megolm message and the id of the group session it was encrypted in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupCiphertext {
+    pub session: String,
+    pub ciphertext: String,
+}
+
+/// What one device is given of an end-to-end encrypted message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceCiphertext {
+    /// The sending device.
+    pub device: String,
+    /// The Olm message type, for a direct message.
+    pub kind: Option<u8>,
+    /// The group session, for a group message.
+    pub session: Option<String>,
+    /// `None` when the message was not encrypted for this device (it joined later).
+    pub ciphertext: Option<String>,
+}
+
+/// A device's published identity: its Curve25519 identity key and Ed25519 signing key
+/// (unpadded base64, as Olm writes them).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceKeys {
+    pub identity_key: String,
+    pub signing_key: String,
+}
+
+/// A one-time (or fallback) Curve25519 key, by the id its device gave it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OneTimeKey {
+    pub id: String,
+    pub key: String,
+}
+
+/// A device with published keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Device {
+    pub user: String,
+    pub device: String,
+    pub keys: DeviceKeys,
+}
+
+/// What a claim of one device's keys handed out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claimed {
+    pub device: Device,
+    /// A one-time key, never handed out before; else the device's fallback key (`fallback`
+    /// is then true), or none if it published neither.
+    pub key: Option<OneTimeKey>,
+    pub fallback: bool,
+    /// One-time keys the device has left.
+    pub remaining: usize,
+}
+
+/// Most devices with keys a user may have.
+pub const MAX_DEVICES_PER_USER: usize = 16;
+/// Most unclaimed one-time keys a device may have published.
+pub const MAX_ONE_TIME_KEYS: usize = 200;
 
 /// A message to append, with the users whose pending queues receive it.
 #[derive(Clone, Debug)]
@@ -209,6 +410,8 @@ pub enum ReceiptStatus {
 pub struct Receipt {
     pub message_id: Uuid,
     pub conversation: Conversation,
+    /// The reader, or the recipient: a user, or for the delivery of an end-to-end
+    /// encrypted message the device's queue ([`device_address`]).
     pub by: String,
     pub status: ReceiptStatus,
     pub ts: i64,
@@ -242,6 +445,23 @@ pub struct GroupChange {
 pub enum Notice {
     Receipt(Receipt),
     Group(GroupChange),
+    /// For one device (kept under its [`device_address`]): a to-device message.
+    ToDevice(ToDevice),
+    /// For one device: its supply of one-time keys ran low (`remaining` left).
+    KeysLow {
+        remaining: usize,
+    },
+}
+
+/// An end-to-end encrypted message from one device to another, outside any conversation
+/// (a group session key being shared, for one): kept for the receiving device until it
+/// confirms it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToDevice {
+    pub from: String,
+    pub from_device: String,
+    pub olm: OlmCiphertext,
+    pub ts: i64,
 }
 
 impl Notice {

@@ -8,7 +8,8 @@ use uuid::Uuid;
 
 use crate::error::Result;
 use crate::model::{
-    AckedMessage, Appended, Conversation, Group, InboxEntry, Marker, Message, NewMessage, Notice,
+    AckedMessage, Appended, Claimed, Conversation, Device, DeviceKeys, Group, InboxEntry, Marker,
+    Message, NewMessage, Notice, OneTimeKey,
 };
 
 mod embedded;
@@ -139,6 +140,37 @@ pub trait MessageStore: Send + Sync + 'static {
         remove: Vec<String>,
     ) -> impl Future<Output = Result<Group>> + Send;
 
+    /// Publishes a device's keys for end-to-end encryption: its identity (which enters it
+    /// in its user's device list), more one-time keys (ids already there are ignored) and,
+    /// when given, a new fallback key. A device that publishes a different identity is a
+    /// new device under the same id: its old one-time keys and fallback key are forgotten.
+    /// `Invalid` past [`crate::MAX_DEVICES_PER_USER`] devices or
+    /// [`crate::MAX_ONE_TIME_KEYS`] unclaimed keys (nothing is stored then). Returns how
+    /// many one-time keys the device has.
+    fn publish_keys(
+        &self,
+        user: &str,
+        device: &str,
+        keys: DeviceKeys,
+        one_time: Vec<OneTimeKey>,
+        fallback: Option<OneTimeKey>,
+    ) -> impl Future<Output = Result<usize>> + Send;
+
+    /// The devices with published keys of these users, by user then device.
+    fn devices(&self, users: &[String]) -> impl Future<Output = Result<Vec<Device>>> + Send;
+
+    /// Hands out one of a device's one-time keys, removing it: no key is ever handed out
+    /// twice, also to concurrent callers on other nodes. With none left, the fallback key
+    /// (which stays). `None` for a device without published keys.
+    fn claim_key(
+        &self,
+        user: &str,
+        device: &str,
+    ) -> impl Future<Output = Result<Option<Claimed>>> + Send;
+
+    /// Forgets a device's keys: it leaves its user's device list. Idempotent.
+    fn remove_device(&self, user: &str, device: &str) -> impl Future<Output = Result<()>> + Send;
+
     /// Answers when the backend can serve reads (for `/readyz`).
     fn ping(&self) -> impl Future<Output = Result<()>> + Send;
 }
@@ -249,9 +281,57 @@ impl MessageStore for Store {
         observed!(self, "update_members", |s| s
             .update_members(id, add, remove))
     }
+    async fn publish_keys(
+        &self,
+        user: &str,
+        device: &str,
+        keys: DeviceKeys,
+        one_time: Vec<OneTimeKey>,
+        fallback: Option<OneTimeKey>,
+    ) -> Result<usize> {
+        observed!(self, "publish_keys", |s| s
+            .publish_keys(user, device, keys, one_time, fallback))
+    }
+    async fn devices(&self, users: &[String]) -> Result<Vec<Device>> {
+        observed!(self, "devices", |s| s.devices(users))
+    }
+    async fn claim_key(&self, user: &str, device: &str) -> Result<Option<Claimed>> {
+        observed!(self, "claim_key", |s| s.claim_key(user, device))
+    }
+    async fn remove_device(&self, user: &str, device: &str) -> Result<()> {
+        observed!(self, "remove_device", |s| s.remove_device(user, device))
+    }
     async fn ping(&self) -> Result<()> {
         observed!(self, "ping", |s| s.ping())
     }
+}
+
+/// The users whose inboxes a message enters: its sender and the users it is pending for
+/// (a device's queue counts for its user), each once.
+pub(crate) fn inbox_users<'a>(from: &'a str, queues: &'a [String]) -> Vec<&'a str> {
+    let mut users: Vec<&str> = std::iter::once(from)
+        .chain(queues.iter().map(|q| crate::model::user_of(q)))
+        .collect();
+    users.sort_unstable();
+    users.dedup();
+    users
+}
+
+/// Checks what a device publishes against what it has: `Invalid` past the limits.
+pub(crate) fn check_supply(devices_after: usize, keys_after: usize) -> Result<()> {
+    if devices_after > crate::MAX_DEVICES_PER_USER {
+        return Err(crate::Error::Invalid(format!(
+            "a user has at most {} devices with keys: remove one first",
+            crate::MAX_DEVICES_PER_USER
+        )));
+    }
+    if keys_after > crate::MAX_ONE_TIME_KEYS {
+        return Err(crate::Error::Invalid(format!(
+            "a device has at most {} unclaimed one-time keys ({keys_after} with these)",
+            crate::MAX_ONE_TIME_KEYS
+        )));
+    }
+    Ok(())
 }
 
 /// A page of a user's whole inbox, as both backends read it: latest activity first, only

@@ -83,6 +83,7 @@ fn message(from: &str, conversation: &Conversation, body: &str) -> Message {
         from: from.into(),
         body: body.into(),
         ts: ts_of(id),
+        e2ee: None,
     }
 }
 
@@ -678,6 +679,7 @@ async fn history_pages_across_weeks<S: MessageStore>(store: S) {
             from: "carol".into(),
             body: format!("{days_ago} days ago"),
             ts: ts_of(id),
+            e2ee: None,
         };
         append_one(&store, &m, &["dan"]).await;
         sent.push(m);
@@ -707,6 +709,228 @@ async fn history_pages_across_weeks<S: MessageStore>(store: S) {
     let pending = store.pending("dan", None, 100).await.expect("pending");
     let oldest_first: Vec<Message> = sent.iter().rev().cloned().collect();
     assert_eq!(pending, oldest_first);
+}
+
+fn keys(tag: &str) -> storage::DeviceKeys {
+    storage::DeviceKeys {
+        identity_key: format!("identity-{tag}"),
+        signing_key: format!("signing-{tag}"),
+    }
+}
+
+fn one_time(ids: std::ops::Range<u32>) -> Vec<storage::OneTimeKey> {
+    ids.map(|i| storage::OneTimeKey {
+        id: format!("k{i:03}"),
+        key: format!("key-{i}"),
+    })
+    .collect()
+}
+
+async fn device_keys_are_published_listed_and_replaced<S: MessageStore>(store: S) {
+    let fallback = storage::OneTimeKey {
+        id: "f1".into(),
+        key: "fallback".into(),
+    };
+    let n = store
+        .publish_keys(
+            "bob",
+            "phone",
+            keys("a"),
+            one_time(0..5),
+            Some(fallback.clone()),
+        )
+        .await
+        .expect("publish");
+    assert_eq!(n, 5);
+    // Ids already there are ignored: the supply grows by the new ones only.
+    let n = store
+        .publish_keys("bob", "phone", keys("a"), one_time(3..8), None)
+        .await
+        .expect("publish more");
+    assert_eq!(n, 8);
+    store
+        .publish_keys("bob", "laptop", keys("b"), Vec::new(), None)
+        .await
+        .expect("second device");
+    let listed = store
+        .devices(&["bob".into(), "nobody".into()])
+        .await
+        .expect("devices");
+    let names: Vec<&str> = listed.iter().map(|d| d.device.as_str()).collect();
+    assert_eq!(names, ["laptop", "phone"]);
+    assert_eq!(listed[1].keys, keys("a"));
+    // A new identity under the same id: the old keys are gone, the new ones count.
+    let n = store
+        .publish_keys("bob", "phone", keys("c"), one_time(100..102), None)
+        .await
+        .expect("new identity");
+    assert_eq!(n, 2);
+    let claimed = store
+        .claim_key("bob", "phone")
+        .await
+        .expect("claim")
+        .expect("a device");
+    assert_eq!(claimed.device.keys, keys("c"));
+    assert!(claimed.key.is_some_and(|k| k.id.starts_with("k10")));
+    store.remove_device("bob", "phone").await.expect("remove");
+    store
+        .remove_device("bob", "phone")
+        .await
+        .expect("idempotent");
+    let listed = store.devices(&["bob".into()]).await.expect("devices");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(store.claim_key("bob", "phone").await.expect("claim"), None);
+}
+
+async fn one_time_keys_are_claimed_once_then_the_fallback<S: MessageStore + Clone>(store: S) {
+    let fallback = storage::OneTimeKey {
+        id: "f".into(),
+        key: "fallback".into(),
+    };
+    store
+        .publish_keys(
+            "bob",
+            "phone",
+            keys("a"),
+            one_time(0..12),
+            Some(fallback.clone()),
+        )
+        .await
+        .expect("publish");
+    // 20 claims at once for 12 keys.
+    let claims = (0..20).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move { store.claim_key("bob", "phone").await })
+    });
+    let mut handed = BTreeSet::new();
+    let mut fallbacks = 0;
+    for claim in claims {
+        let claimed = claim
+            .await
+            .expect("task")
+            .expect("claim")
+            .expect("a device");
+        let key = claimed.key.expect("a key");
+        if claimed.fallback {
+            assert_eq!(key, fallback);
+            fallbacks += 1;
+        } else {
+            assert!(handed.insert(key.id.clone()), "{} handed out twice", key.id);
+        }
+    }
+    assert_eq!(handed.len(), 12);
+    assert_eq!(fallbacks, 8);
+    let last = store
+        .claim_key("bob", "phone")
+        .await
+        .expect("claim")
+        .expect("a device");
+    assert_eq!((last.remaining, last.fallback), (0, true));
+}
+
+async fn key_supplies_and_device_lists_are_bounded<S: MessageStore>(store: S) {
+    store
+        .publish_keys("bob", "phone", keys("a"), one_time(0..150), None)
+        .await
+        .expect("150 keys");
+    let refused = store
+        .publish_keys("bob", "phone", keys("a"), one_time(150..251), None)
+        .await;
+    assert!(matches!(refused, Err(Error::Invalid(_))), "{refused:?}");
+    let claimed = store
+        .claim_key("bob", "phone")
+        .await
+        .expect("claim")
+        .expect("a device");
+    assert_eq!(claimed.remaining, 149, "a refused upload stored keys");
+    for i in 1..storage::MAX_DEVICES_PER_USER {
+        store
+            .publish_keys("bob", &format!("d{i}"), keys("x"), Vec::new(), None)
+            .await
+            .expect("a device");
+    }
+    let refused = store
+        .publish_keys("bob", "one-too-many", keys("x"), Vec::new(), None)
+        .await;
+    assert!(matches!(refused, Err(Error::Invalid(_))), "{refused:?}");
+    let listed = store.devices(&["bob".into()]).await.expect("devices");
+    assert_eq!(listed.len(), storage::MAX_DEVICES_PER_USER);
+}
+
+/// An end-to-end encrypted message is pending for each device it is for, acked by each
+/// alone, and stored as given (its ciphertexts, no body).
+async fn device_queues_hold_encrypted_messages<S: MessageStore>(store: S) {
+    let c = dm("alice", "bob");
+    let mut m = message("alice", &c, "");
+    m.e2ee = Some(storage::E2ee {
+        device: "phone".into(),
+        to: ["phone", "laptop"]
+            .iter()
+            .map(|d| storage::ForDevice {
+                user: "bob".into(),
+                device: (*d).into(),
+                olm: Some(storage::OlmCiphertext {
+                    kind: 0,
+                    ciphertext: format!("ciphertext-for-{d}"),
+                }),
+            })
+            .collect(),
+        group: None,
+    });
+    let queues = m.queues(vec!["bob".into()]);
+    assert_eq!(queues, ["bob/phone", "bob/laptop"]);
+    let out = store
+        .append(&[NewMessage {
+            message: m.clone(),
+            recipients: queues,
+            client_msg_id: Some("e".into()),
+        }])
+        .await
+        .expect("append");
+    assert!(out[0].inserted);
+    assert_eq!(
+        store.pending("bob/phone", None, 10).await.expect("pending"),
+        vec![m.clone()]
+    );
+    assert!(store
+        .pending("bob", None, 10)
+        .await
+        .expect("pending")
+        .is_empty());
+    assert_eq!(
+        store.message(&c, m.id).await.expect("message"),
+        Some(m.clone())
+    );
+    // One device's ack leaves the other's entry; it moves bob's delivered marker.
+    let acked = store
+        .ack("bob/phone", &[m.id], Vec::new())
+        .await
+        .expect("ack");
+    assert_eq!(acked.len(), 1);
+    assert_eq!(
+        store
+            .pending("bob/laptop", None, 10)
+            .await
+            .expect("pending")
+            .len(),
+        1
+    );
+    let markers = store.markers(&c).await.expect("markers");
+    assert_eq!(markers.len(), 1, "{markers:?}");
+    assert_eq!(
+        (markers[0].user.as_str(), markers[0].delivered),
+        ("bob", Some(m.id))
+    );
+    // Both users' inboxes have it, under the user.
+    for user in ["alice", "bob"] {
+        let inbox = store.conversations(user, None, 10).await.expect("inbox");
+        assert_eq!(inbox.len(), 1, "{user}: {inbox:?}");
+    }
+    assert!(store
+        .conversations("bob/phone", None, 10)
+        .await
+        .expect("inbox")
+        .is_empty());
 }
 
 async fn ping_answers<S: MessageStore>(store: S) {
@@ -755,5 +979,9 @@ conformance!(
     groups_are_bounded,
     concurrent_writes_all_land,
     history_pages_across_weeks,
+    device_keys_are_published_listed_and_replaced,
+    one_time_keys_are_claimed_once_then_the_fallback,
+    key_supplies_and_device_lists_are_bounded,
+    device_queues_hold_encrypted_messages,
     ping_answers,
 );

@@ -30,6 +30,7 @@ fn message(body: &str) -> Message {
         from: "alice".into(),
         body: body.into(),
         ts: ts_of(id),
+        e2ee: None,
     }
 }
 

@@ -37,6 +37,8 @@ pub(crate) struct TestGateway {
 
 /// The second gateway and the two dispatchers of a test cluster.
 struct Cluster {
+    /// The configuration the cluster's processes were started from.
+    template: Config,
     peer: Option<Running>,
     peer_addr: SocketAddr,
     dispatchers: Vec<(
@@ -143,6 +145,7 @@ async fn start_cluster(dir: tempfile::TempDir, tune: impl Fn(&mut Config)) -> Te
         dir,
         auth: Auth::new(SECRET.as_bytes()),
         cluster: Some(Cluster {
+            template,
             peer_addr: second.client_addr,
             peer: Some(second),
             dispatchers,
@@ -250,6 +253,42 @@ impl TestGateway {
     }
 
     /// Drains and stops the system, returning its data dir for a restart.
+    /// Everything the server holds of a conversation, as text, once it stopped: its
+    /// messages as the store reads them with the server's own keys and, in a cluster, every
+    /// record of the inbound log (Kafka). What the server could read is in there.
+    pub(crate) async fn server_view(self, conversation: &str) -> String {
+        use storage::MessageStore;
+        let conversation: storage::Conversation = conversation.parse().expect("conversation");
+        let template = self.cluster.as_ref().map(|c| c.template.clone());
+        let dir = self.stop().await;
+        let mut view = String::new();
+        let store = match &template {
+            Some(template) => {
+                let keys = storage::crypto::Keyring::parse(CLUSTER_KEYS).expect("keys");
+                let (store, _, _) = template
+                    .backends
+                    .connect(keys, template.presence_ttl(), template.backend_timeout())
+                    .await
+                    .expect("backends");
+                view.push_str(&log_records(&template.backends.kafka_topic_prefix));
+                store
+            }
+            None => storage::Store::Embedded(
+                storage::EmbeddedStore::open(storage::EmbeddedConfig::new(dir.path()))
+                    .await
+                    .expect("open the store"),
+            ),
+        };
+        for message in store
+            .history(&conversation, None, 100)
+            .await
+            .expect("history")
+        {
+            view.push_str(&serde_json::to_string(&message).expect("json"));
+        }
+        view
+    }
+
     pub(crate) async fn stop(mut self) -> tempfile::TempDir {
         if let Some(running) = self.running.take() {
             running.shutdown();
@@ -647,4 +686,54 @@ impl Server {
 fn is_incidental(frame: &Value) -> bool {
     ["presence", "typing", "receipt"].contains(&frame["type"].as_str().unwrap_or(""))
         || (frame["type"] == "group" && frame.get("notice_id").is_some())
+}
+
+/// Every record of a test cluster's inbound log (`<prefix>messages`), as text.
+fn log_records(prefix: &str) -> String {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::Message as _;
+    let topic = format!("{prefix}messages");
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", server("TEST_KAFKA_BROKERS"))
+        .set("group.id", format!("{prefix}reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let metadata = consumer
+        .fetch_metadata(Some(&topic), Duration::from_secs(10))
+        .expect("topic metadata");
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    let mut ends = std::collections::HashMap::new();
+    for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+        let (low, high) = consumer
+            .fetch_watermarks(&topic, partition.id(), Duration::from_secs(10))
+            .expect("watermarks");
+        if high > low {
+            assignment
+                .add_partition_offset(&topic, partition.id(), rdkafka::Offset::Offset(low))
+                .expect("assign");
+            ends.insert(partition.id(), high);
+        }
+    }
+    consumer.assign(&assignment).expect("assign");
+    let mut text = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !ends.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reading {topic} took too long"
+        );
+        let Some(record) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let record = record.expect("record");
+        text.push_str(&String::from_utf8_lossy(
+            record.payload().unwrap_or_default(),
+        ));
+        text.push('\n');
+        if record.offset() + 1 >= ends.get(&record.partition()).copied().unwrap_or(0) {
+            ends.remove(&record.partition());
+        }
+    }
+    text
 }

@@ -37,13 +37,15 @@ use self::writer::GroupCommit;
 use crate::crypto::{KeySource, Keyring};
 use crate::error::{Error, Result};
 use crate::model::{
-    AckedMessage, Appended, Conversation, Group, InboxEntry, Marker, Message, NewMessage, Notice,
+    device_address, user_of, AckedMessage, Appended, Claimed, Conversation, Device, DeviceKeys,
+    Group, InboxEntry, Marker, Message, NewMessage, Notice, OneTimeKey,
 };
-use crate::store::{inbox_page, MessageStore, StoredThisCall};
+use crate::store::{check_supply, inbox_page, inbox_users, MessageStore, StoredThisCall};
 
 /// The on-disk format this build writes. Version 1 was a redb file (`store.redb`), which
-/// is migrated on first open.
-const SCHEMA_VERSION: u64 = 3;
+/// is migrated on first open; 3 added inboxes; 4 added device keys and end-to-end
+/// encrypted messages (which builds before it cannot read).
+const SCHEMA_VERSION: u64 = 4;
 /// Most messages `mark_read` scans to find the senders a read covers.
 const READ_SCAN_LIMIT: usize = 10_000;
 /// The store's directory inside the data directory.
@@ -85,6 +87,14 @@ struct StoredMessage {
 struct PendingEntry {
     conversation: String,
     from: String,
+}
+
+/// A device with published keys: its identity and its fallback key. Its one-time keys are
+/// rows of their own (`one_time_keys`, under its queue's address).
+#[derive(Serialize, Deserialize)]
+struct DeviceRecord {
+    keys: DeviceKeys,
+    fallback: Option<OneTimeKey>,
 }
 
 /// `(sender, client_msg_id) →` the message a send stored.
@@ -129,6 +139,8 @@ struct Db {
     delivered: Keyspace,
     inbox: Keyspace,
     groups: Keyspace,
+    devices: Keyspace,
+    one_time_keys: Keyspace,
     meta: Keyspace,
     keys: Keyring,
     idempotency_ttl: Duration,
@@ -265,6 +277,8 @@ impl Db {
             delivered: open("delivered_markers", SMALL_MEMTABLE_BYTES)?,
             inbox: open("inbox", MEMTABLE_BYTES)?,
             groups: open("groups", SMALL_MEMTABLE_BYTES)?,
+            devices: open("devices", SMALL_MEMTABLE_BYTES)?,
+            one_time_keys: open("one_time_keys", SMALL_MEMTABLE_BYTES)?,
             meta: open("meta", SMALL_MEMTABLE_BYTES)?,
             database,
             keys,
@@ -283,6 +297,14 @@ impl Db {
                 Ok(())
             }
             Some(v) if v.as_ref() == SCHEMA_VERSION.to_be_bytes() => Ok(()),
+            Some(v) if v.as_ref() == 3u64.to_be_bytes() => {
+                // Version 4 only added keyspaces, which open empty.
+                self.meta
+                    .insert("schema_version", SCHEMA_VERSION.to_be_bytes())?;
+                self.database.persist(PersistMode::SyncAll)?;
+                tracing::warn!("upgraded the embedded store to schema version {SCHEMA_VERSION}");
+                Ok(())
+            }
             Some(v) if v.as_ref() == 2u64.to_be_bytes() => {
                 let conversations = self.fill_inboxes()?;
                 self.meta
@@ -477,7 +499,7 @@ impl MessageStore for EmbeddedStore {
         for new in batch {
             let message = &new.message;
             let name = message.conversation.to_string();
-            let sealed = keys.seal(message.id, &name, &message.from, message.body.as_bytes())?;
+            let sealed = keys.seal(message.id, &name, &message.from, &message.content()?)?;
             let pending = encode(&PendingEntry {
                 conversation: name.clone(),
                 from: message.from.clone(),
@@ -545,7 +567,7 @@ impl MessageStore for EmbeddedStore {
                 // without reading what is there. A conversation's messages are appended in
                 // order, so only a group change made while this message was on its way can
                 // be newer, and it is older by milliseconds at most.
-                for user in std::iter::once(&new.message.from).chain(&new.recipients) {
+                for user in inbox_users(&new.message.from, &new.recipients) {
                     batch.insert(
                         &db.inbox,
                         key(user, row.name.as_bytes()),
@@ -633,7 +655,7 @@ impl MessageStore for EmbeddedStore {
         ids: &[Uuid],
         known: Vec<AckedMessage>,
     ) -> Result<Vec<AckedMessage>> {
-        let user = user.to_owned();
+        let queue = user.to_owned();
         let ids: Vec<u128> = known
             .iter()
             .map(|k| k.id)
@@ -641,13 +663,15 @@ impl MessageStore for EmbeddedStore {
             .map(|id| id.as_u128())
             .collect();
         self.write(false, move |db| {
+            // A device's queue moves its user's marker.
+            let user = user_of(&queue);
             let mut batch = db.batch();
             let mut acked = Vec::new();
             let mut seen = BTreeSet::new();
             // The newest message acked per conversation (sent by someone else).
             let mut delivered: std::collections::BTreeMap<String, u128> = Default::default();
             for id in ids {
-                let key = id_key(&user, id);
+                let key = id_key(&queue, id);
                 if !seen.insert(id) {
                     continue;
                 }
@@ -718,14 +742,18 @@ impl MessageStore for EmbeddedStore {
         .await
     }
 
-    /// Not waiting for the journal's sync: a notice is status, and the journal survives
-    /// a crash of the process; the next group commit makes it durable.
+    /// Not waiting for the journal's sync: a receipt or group notice is status, and the
+    /// journal survives a crash of the process; the next group commit makes it durable. A
+    /// to-device message is content (a key the device cannot get otherwise): synced.
     async fn push_notices(&self, notices: Vec<(String, Uuid, Notice)>) -> Result<()> {
+        let durable = notices
+            .iter()
+            .any(|(_, _, n)| matches!(n, Notice::ToDevice(_)));
         let rows = notices
             .iter()
             .map(|(user, id, n)| Ok((id_key(user, id.as_u128()), n.to_stored()?)))
             .collect::<Result<Vec<_>>>()?;
-        self.write(false, move |db| {
+        self.write(durable, move |db| {
             let mut batch = db.batch();
             for (key, bytes) in rows {
                 batch.insert(&db.receipts, key, bytes);
@@ -888,6 +916,141 @@ impl MessageStore for EmbeddedStore {
             db.touch_inboxes(&mut batch, &name, &group.members, Uuid::now_v7().as_u128())?;
             batch.commit()?;
             Ok(group)
+        })
+        .await
+    }
+
+    async fn publish_keys(
+        &self,
+        user: &str,
+        device: &str,
+        keys: DeviceKeys,
+        one_time: Vec<OneTimeKey>,
+        fallback: Option<OneTimeKey>,
+    ) -> Result<usize> {
+        let (user, device) = (user.to_owned(), device.to_owned());
+        self.write(true, move |db| {
+            let address = device_address(&user, &device);
+            let record_key = key(&user, device.as_bytes());
+            let old: Option<DeviceRecord> = db
+                .devices
+                .get(&record_key)?
+                .map(|v| decode(&v))
+                .transpose()?;
+            let devices = db.devices.prefix(key(&user, &[])).count();
+            let mut batch = db.batch();
+            let mut held: BTreeSet<Vec<u8>> = BTreeSet::new();
+            let renewed = old.as_ref().is_some_and(|o| o.keys == keys);
+            for row in db.one_time_keys.prefix(key(&address, &[])) {
+                let k = row.key()?.to_vec();
+                if renewed {
+                    held.insert(k);
+                } else {
+                    // A new identity: the old one's keys are of no use.
+                    batch.remove(&db.one_time_keys, k);
+                }
+            }
+            for k in &one_time {
+                if held.insert(key(&address, k.id.as_bytes())) {
+                    batch.insert(
+                        &db.one_time_keys,
+                        key(&address, k.id.as_bytes()),
+                        k.key.as_bytes(),
+                    );
+                }
+            }
+            check_supply(devices + usize::from(old.is_none()), held.len())?;
+            let fallback = fallback.or(old.filter(|_| renewed).and_then(|o| o.fallback));
+            batch.insert(
+                &db.devices,
+                record_key,
+                encode(&DeviceRecord { keys, fallback })?,
+            );
+            batch.commit()?;
+            Ok(held.len())
+        })
+        .await
+    }
+
+    async fn devices(&self, users: &[String]) -> Result<Vec<Device>> {
+        let users = users.to_vec();
+        self.read(move |db| {
+            let mut out = Vec::new();
+            for user in users {
+                let prefix = key(&user, &[]);
+                for row in db.devices.prefix(&prefix) {
+                    let (k, value) = row.into_inner()?;
+                    let device = k
+                        .get(prefix.len()..)
+                        .and_then(|b| std::str::from_utf8(b).ok())
+                        .ok_or_else(|| Error::Backend("a stored device key is malformed".into()))?;
+                    let record: DeviceRecord = decode(&value)?;
+                    out.push(Device {
+                        user: user.clone(),
+                        device: device.to_owned(),
+                        keys: record.keys,
+                    });
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// On the writer thread, which runs one write at a time: a key read there and removed
+    /// in the same write is handed out once.
+    async fn claim_key(&self, user: &str, device: &str) -> Result<Option<Claimed>> {
+        let (user, device) = (user.to_owned(), device.to_owned());
+        self.write(false, move |db| {
+            let Some(value) = db.devices.get(key(&user, device.as_bytes()))? else {
+                return Ok(None);
+            };
+            let record: DeviceRecord = decode(&value)?;
+            let prefix = key(&device_address(&user, &device), &[]);
+            let mut rows = db.one_time_keys.prefix(&prefix);
+            let first = rows.next().map(|r| r.into_inner()).transpose()?;
+            let remaining = rows.count();
+            let (key, fallback) = match first {
+                Some((k, v)) => {
+                    let id = k
+                        .get(prefix.len()..)
+                        .and_then(|b| std::str::from_utf8(b).ok())
+                        .ok_or_else(|| Error::Backend("a stored key id is malformed".into()))?
+                        .to_owned();
+                    let key = String::from_utf8(v.to_vec())
+                        .map_err(|_| Error::Backend("a stored one-time key is malformed".into()))?;
+                    db.one_time_keys.remove(k)?;
+                    (Some(OneTimeKey { id, key }), false)
+                }
+                None => (record.fallback.clone(), record.fallback.is_some()),
+            };
+            Ok(Some(Claimed {
+                device: Device {
+                    user,
+                    device,
+                    keys: record.keys,
+                },
+                key,
+                fallback,
+                remaining,
+            }))
+        })
+        .await
+    }
+
+    async fn remove_device(&self, user: &str, device: &str) -> Result<()> {
+        let (user, device) = (user.to_owned(), device.to_owned());
+        self.write(true, move |db| {
+            let mut batch = db.batch();
+            batch.remove(&db.devices, key(&user, device.as_bytes()));
+            for row in db
+                .one_time_keys
+                .prefix(key(&device_address(&user, &device), &[]))
+            {
+                batch.remove(&db.one_time_keys, row.key()?.to_vec());
+            }
+            batch.commit()?;
+            Ok(())
         })
         .await
     }

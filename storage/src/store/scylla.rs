@@ -12,6 +12,8 @@
 //! | `read_markers` | `conversation` | `reader` | how far each member has read (`upto`) and has stored (`delivered`) |
 //! | `inbox` | `user` | `conversation` | each user's conversations and their latest activity |
 //! | `groups` | `id` | — | name and members (a set of at most 1024) |
+//! | `devices` | `user` | `device` | each device's published identity keys and fallback key |
+//! | `one_time_keys` | `(user, device)` | `key_id` | unclaimed one-time keys; a claim is an LWT delete, so no key is handed out twice |
 //! | `schema_migrations` | `version` | — | which migrations ran |
 //! | `message_index`, `idempotency` | — | — | written by schema version 1 only (`idempotency` is still read for 48 hours after an upgrade) |
 //!
@@ -43,12 +45,12 @@ use uuid::Uuid;
 
 use self::batcher::{Batcher, Limits, Write};
 use self::statements::Statements;
-use super::{inbox_page, MessageStore, StoredThisCall};
+use super::{check_supply, inbox_page, inbox_users, MessageStore, StoredThisCall};
 use crate::crypto::Keyring;
 use crate::error::{Error, Result};
 use crate::model::{
-    ts_of, AckedMessage, Appended, Conversation, Group, InboxEntry, Marker, Message, NewMessage,
-    Notice,
+    ts_of, user_of, AckedMessage, Appended, Claimed, Conversation, Device, DeviceKeys, Group,
+    InboxEntry, Marker, Message, NewMessage, Notice, OneTimeKey,
 };
 use crate::resilience::{retry, Breaker, Guarded};
 
@@ -406,7 +408,7 @@ impl ScyllaStore {
             message.id,
             &conversation,
             &message.from,
-            message.body.as_bytes(),
+            &message.content()?,
         )?;
         let bucket = bucket_of(message.id);
         let mut writes = Vec::with_capacity(recipients.len() + 2);
@@ -439,14 +441,11 @@ impl ScyllaStore {
             ));
         }
         let at = write_time(message.id);
-        let mut inboxes: Vec<&String> = std::iter::once(&message.from).chain(recipients).collect();
-        inboxes.sort_unstable();
-        inboxes.dedup();
-        for user in inboxes {
+        for user in inbox_users(&message.from, recipients) {
             let bytes = row_bytes(&[user, &conversation], 24);
             writes.push(Write::new(
                 &s.inbox_put,
-                (user.clone(), conversation.clone(), message.id, at),
+                (user.to_owned(), conversation.clone(), message.id, at),
                 bytes,
             ));
         }
@@ -620,6 +619,8 @@ impl MessageStore for ScyllaStore {
         known: Vec<AckedMessage>,
     ) -> Result<Vec<AckedMessage>> {
         let s = &self.inner.s;
+        // A device's queue moves its user's marker.
+        let (queue, user) = (user, user_of(user));
         let mut wanted: Vec<Uuid> = ids
             .iter()
             .filter(|id| !known.iter().any(|k| k.id == **id))
@@ -630,7 +631,7 @@ impl MessageStore for ScyllaStore {
         let rows: Vec<(Uuid, String, Option<String>)> = if wanted.is_empty() {
             Vec::new()
         } else {
-            self.rows(&s.pending_some, (user, wanted)).await?
+            self.rows(&s.pending_some, (queue, wanted)).await?
         };
         let mut acked = known;
         for (id, conversation, sender) in rows {
@@ -656,8 +657,8 @@ impl MessageStore for ScyllaStore {
         let found: Vec<Uuid> = acked.iter().map(|a| a.id).collect();
         let mut writes = vec![Write::new(
             &s.pending_delete,
-            (user.to_owned(), found.clone()),
-            user.len() + 16 * found.len(),
+            (queue.to_owned(), found.clone()),
+            queue.len() + 16 * found.len(),
         )];
         // The delivered marker of each conversation, at its newest acked message.
         let mut newest: HashMap<&Conversation, Uuid> = HashMap::new();
@@ -861,6 +862,168 @@ impl MessageStore for ScyllaStore {
         }
         self.touch_inboxes(&group, &remove, Uuid::now_v7()).await?;
         Ok(group)
+    }
+
+    async fn publish_keys(
+        &self,
+        user: &str,
+        device: &str,
+        keys: DeviceKeys,
+        one_time: Vec<OneTimeKey>,
+        fallback: Option<OneTimeKey>,
+    ) -> Result<usize> {
+        let s = &self.inner.s;
+        let users = [user.to_owned()];
+        let (devices, old) = tokio::try_join!(
+            self.devices(&users),
+            self.rows::<(String, Option<String>)>(&s.keys_get, (user, device)),
+        )?;
+        let current = devices.iter().find(|d| d.device == device);
+        let renewed = current.is_some_and(|d| d.keys == keys);
+        let mut held: BTreeSet<String> = if renewed {
+            old.into_iter().map(|(id, _)| id).collect()
+        } else {
+            BTreeSet::new()
+        };
+        let fresh: Vec<&OneTimeKey> = one_time
+            .iter()
+            .filter(|k| held.insert(k.id.clone()))
+            .collect();
+        check_supply(devices.len() + usize::from(current.is_none()), held.len())?;
+        if current.is_some() && !renewed {
+            // A new identity under an old device id: the old one's keys are of no use.
+            self.run(&s.keys_clear, (user, device)).await?;
+            self.run(
+                &s.device_fallback_put,
+                (None::<String>, None::<String>, user, device),
+            )
+            .await?;
+        }
+        let mut writes = Vec::with_capacity(fresh.len() + 2);
+        for k in fresh {
+            writes.push(Write::new(
+                &s.key_put,
+                (
+                    user.to_owned(),
+                    device.to_owned(),
+                    k.id.clone(),
+                    k.key.clone(),
+                ),
+                user.len() + device.len() + k.id.len() + k.key.len(),
+            ));
+        }
+        if let Some(f) = &fallback {
+            writes.push(Write::new(
+                &s.device_fallback_put,
+                (
+                    f.id.clone(),
+                    f.key.clone(),
+                    user.to_owned(),
+                    device.to_owned(),
+                ),
+                user.len() + device.len() + f.id.len() + f.key.len(),
+            ));
+        }
+        if !writes.is_empty() {
+            self.inner.writes.write(writes).await?;
+        }
+        // The identity last: a device is listed once its keys are there.
+        self.run(
+            &s.device_put,
+            (
+                user,
+                device,
+                keys.identity_key.as_str(),
+                keys.signing_key.as_str(),
+            ),
+        )
+        .await?;
+        Ok(held.len())
+    }
+
+    async fn devices(&self, users: &[String]) -> Result<Vec<Device>> {
+        let s = &self.inner.s;
+        let per_user = try_join_all(users.iter().map(|user| async move {
+            let rows: Vec<(String, Option<String>, Option<String>)> =
+                self.rows(&s.devices_get, (user.as_str(),)).await?;
+            Ok::<_, Error>(
+                rows.into_iter()
+                    .map(|(device, identity_key, signing_key)| Device {
+                        user: user.clone(),
+                        device,
+                        keys: DeviceKeys {
+                            identity_key: identity_key.unwrap_or_default(),
+                            signing_key: signing_key.unwrap_or_default(),
+                        },
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        }))
+        .await?;
+        Ok(per_user.into_iter().flatten().collect())
+    }
+
+    /// Tries the device's keys in order until its LWT delete of one applies: concurrent
+    /// claimers race for the same first key, and each loser goes on to the next.
+    async fn claim_key(&self, user: &str, device: &str) -> Result<Option<Claimed>> {
+        let s = &self.inner.s;
+        type Row = (
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        );
+        let (record, keys) = tokio::try_join!(
+            self.rows::<Row>(&s.device_get, (user, device)),
+            self.rows::<(String, Option<String>)>(&s.keys_get, (user, device)),
+        )?;
+        let Some((identity_key, signing_key, fallback_id, fallback_key)) =
+            record.into_iter().next()
+        else {
+            return Ok(None);
+        };
+        let device = Device {
+            user: user.to_owned(),
+            device: device.to_owned(),
+            keys: DeviceKeys {
+                identity_key: identity_key.unwrap_or_default(),
+                signing_key: signing_key.unwrap_or_default(),
+            },
+        };
+        let total = keys.len();
+        for (tried, (id, key)) in keys.into_iter().enumerate() {
+            let result = self
+                .run(&s.key_claim, (user, device.device.as_str(), id.as_str()))
+                .await?;
+            if applied(result)? {
+                return Ok(Some(Claimed {
+                    device,
+                    key: Some(OneTimeKey {
+                        id,
+                        key: key.unwrap_or_default(),
+                    }),
+                    fallback: false,
+                    remaining: total - tried - 1,
+                }));
+            }
+        }
+        let fallback = match (fallback_id, fallback_key) {
+            (Some(id), Some(key)) => Some(OneTimeKey { id, key }),
+            _ => None,
+        };
+        Ok(Some(Claimed {
+            device,
+            fallback: fallback.is_some(),
+            key: fallback,
+            remaining: 0,
+        }))
+    }
+
+    async fn remove_device(&self, user: &str, device: &str) -> Result<()> {
+        let s = &self.inner.s;
+        self.run(&s.device_delete, (user, device)).await?;
+        self.run(&s.keys_clear, (user, device)).await?;
+        Ok(())
     }
 
     async fn ping(&self) -> Result<()> {

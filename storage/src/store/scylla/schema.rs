@@ -81,6 +81,22 @@ fn migrations(ks: &str) -> Vec<(i32, &'static str, Vec<String>)> {
                 format!("ALTER TABLE {ks}.read_markers ADD delivered uuid"),
             ],
         ),
+        (
+            4,
+            "device keys for end-to-end encryption: each user's devices, each device's \
+             one-time keys",
+            vec![
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {ks}.devices (user text, device text, \
+                     identity_key text, signing_key text, fallback_id text, fallback_key text, \
+                     PRIMARY KEY (user, device))"
+                ),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {ks}.one_time_keys (user text, device text, \
+                     key_id text, key text, PRIMARY KEY ((user, device), key_id))"
+                ),
+            ],
+        ),
     ]
 }
 

@@ -39,6 +39,15 @@ pub(super) struct Statements {
     pub(super) inbox_get: PreparedStatement,
     pub(super) delivered_put: PreparedStatement,
     pub(super) markers_get: PreparedStatement,
+    pub(super) device_put: PreparedStatement,
+    pub(super) device_fallback_put: PreparedStatement,
+    pub(super) device_get: PreparedStatement,
+    pub(super) devices_get: PreparedStatement,
+    pub(super) device_delete: PreparedStatement,
+    pub(super) key_put: PreparedStatement,
+    pub(super) keys_get: PreparedStatement,
+    pub(super) key_claim: PreparedStatement,
+    pub(super) keys_clear: PreparedStatement,
     pub(super) ping: PreparedStatement,
 }
 
@@ -186,6 +195,48 @@ impl Statements {
             .await?,
             markers_get: prepare(format!(
                 "SELECT reader, upto, delivered FROM {ks}.read_markers WHERE conversation = ?"
+            ))
+            .await?,
+            device_put: prepare(format!(
+                "INSERT INTO {ks}.devices (user, device, identity_key, signing_key) \
+                 VALUES (?, ?, ?, ?)"
+            ))
+            .await?,
+            device_fallback_put: prepare(format!(
+                "UPDATE {ks}.devices SET fallback_id = ?, fallback_key = ? \
+                 WHERE user = ? AND device = ?"
+            ))
+            .await?,
+            device_get: prepare(format!(
+                "SELECT identity_key, signing_key, fallback_id, fallback_key FROM {ks}.devices \
+                 WHERE user = ? AND device = ?"
+            ))
+            .await?,
+            devices_get: prepare(format!(
+                "SELECT device, identity_key, signing_key FROM {ks}.devices WHERE user = ?"
+            ))
+            .await?,
+            device_delete: prepare(format!(
+                "DELETE FROM {ks}.devices WHERE user = ? AND device = ?"
+            ))
+            .await?,
+            key_put: prepare(format!(
+                "INSERT INTO {ks}.one_time_keys (user, device, key_id, key) VALUES (?, ?, ?, ?)"
+            ))
+            .await?,
+            keys_get: prepare(format!(
+                "SELECT key_id, key FROM {ks}.one_time_keys WHERE user = ? AND device = ?"
+            ))
+            .await?,
+            // Whoever's delete applies has the key: a repetition answers "not applied", so
+            // a key whose answer was lost is skipped, never handed out twice.
+            key_claim: prepare(format!(
+                "DELETE FROM {ks}.one_time_keys WHERE user = ? AND device = ? AND key_id = ? \
+                 IF EXISTS"
+            ))
+            .await?,
+            keys_clear: prepare(format!(
+                "DELETE FROM {ks}.one_time_keys WHERE user = ? AND device = ?"
             ))
             .await?,
             ping: prepare("SELECT release_version FROM system.local".into()).await?,
