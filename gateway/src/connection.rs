@@ -306,12 +306,20 @@ pub async fn catch_up(conn: Arc<ConnHandle>, app: Arc<App>) {
 /// backends' request state machines (inline, those cost ~13 KiB per idle connection).
 async fn replay(conn: Arc<ConnHandle>, app: Arc<App>) {
     let mut replayed: HashSet<Uuid> = HashSet::new();
-    let own = storage::device_address(&conn.user, &conn.device);
-    let mut feeds = [
-        Feed::new(Queue::Pending(conn.user.clone())),
-        Feed::new(Queue::Pending(own.clone())),
-        Feed::new(Queue::Notices(own)),
-    ];
+    let mut feeds = vec![Feed::new(Queue::Pending(conn.user.clone()))];
+    // Only a device with published keys has queues of its own: for the others, one read
+    // spares two (and the memory a connect storm holds meanwhile).
+    let devices = Box::pin(app.store.devices(std::slice::from_ref(&conn.user)));
+    let has_keys = match timeout(app.config.backend_timeout(), devices).await {
+        Ok(Ok(devices)) => devices.iter().any(|d| d.device == conn.device),
+        // In doubt, read them.
+        _ => true,
+    };
+    if has_keys {
+        let own = storage::device_address(&conn.user, &conn.device);
+        feeds.push(Feed::new(Queue::Pending(own.clone())));
+        feeds.push(Feed::new(Queue::Notices(own)));
+    }
     loop {
         for feed in &mut feeds {
             if let Err(failed) = Box::pin(feed.refill(&app)).await {

@@ -564,14 +564,6 @@ impl Session {
                 ))
             }
         };
-        let e2ee = match e2ee {
-            // Boxed, as the other end-to-end encryption requests are: `handle`'s future
-            // (and its poll frame, which a debug build keeps on the stack) stays small.
-            Some(e2ee) => {
-                Some(Box::pin(e2ee::check_send(self, &conversation, group.as_ref(), e2ee)).await?)
-            }
-            None => None,
-        };
         let budget = &self.app.sends;
         let wait = self.app.config.backend_timeout();
         if !budget.allow(&self.app.presence, self.user(), wait).await {
@@ -584,6 +576,16 @@ impl Session {
                 ),
             ));
         }
+        // After the budget: the check reads the device lists, and a refused send (a
+        // `device_mismatch`) costs a token like any other.
+        let e2ee = match e2ee {
+            // Boxed, as the other end-to-end encryption requests are: `handle`'s future
+            // (and its poll frame, which a debug build keeps on the stack) stays small.
+            Some(e2ee) => {
+                Some(Box::pin(e2ee::check_send(self, &conversation, group.as_ref(), e2ee)).await?)
+            }
+            None => None,
+        };
 
         // The dispatcher that stores the message answers `sent` (or, for a retry, the
         // message stored first) to this connection; until then the send waits here, and the

@@ -275,6 +275,17 @@ async fn direct(
     rate: f64,
     secs: Duration,
 ) -> anyhow::Result<Step> {
+    direct_with(config, target, rate, secs, false).await
+}
+
+/// A `direct` run, end-to-end encrypted or not.
+async fn direct_with(
+    config: &BenchConfig,
+    target: &Target,
+    rate: f64,
+    secs: Duration,
+    e2ee: bool,
+) -> anyhow::Result<Step> {
     let f = fleet(&target.url, config.users);
     let workload = Workload::Direct {
         rates: vec![rate],
@@ -288,7 +299,7 @@ async fn direct(
         partial: false,
         progress: false,
         connect_timeout: Duration::from_secs(60),
-        e2ee: false,
+        e2ee,
     };
     // CPU is counted from the start of the send phase, once every user is connected.
     let meter = Arc::new(Mutex::new(None));
@@ -668,6 +679,14 @@ pub async fn run(config: &BenchConfig, command_line: &str) -> anyhow::Result<Val
     let at_half = direct(config, &system, half, config.step * 2).await?;
     log_step("half", &at_half, config.progress);
 
+    // What end-to-end encryption costs: the same rate, plain then encrypted (each device
+    // encrypts in the load generator; the gateway relays larger frames, one per device).
+    let e2ee_rate = (half / 2.0).clamp(1.0, 2_000.0);
+    let plain = direct_with(config, &system, e2ee_rate, config.step * 2, false).await?;
+    log_step("plain", &plain, config.progress);
+    let encrypted = direct_with(config, &system, e2ee_rate, config.step * 2, true).await?;
+    log_step("e2ee", &encrypted, config.progress);
+
     if let (Some((target, _, _)), Some(cluster)) = (&cluster, &config.cluster) {
         // Fresh JVMs compile as they go: warm the servers up before measuring them.
         if config.progress {
@@ -695,6 +714,8 @@ pub async fn run(config: &BenchConfig, command_line: &str) -> anyhow::Result<Val
         add(&s["step"]);
     }
     add(&json!(at_half));
+    add(&json!(plain));
+    add(&json!(encrypted));
 
     let mut result = json!({
         "relay_max_rate": relay_max_rate,
@@ -713,6 +734,13 @@ pub async fn run(config: &BenchConfig, command_line: &str) -> anyhow::Result<Val
         "body_bytes": config.body_bytes,
         "idle_conns": config.idle_conns,
         "half_rate_step": at_half,
+        "e2ee_rate": e2ee_rate,
+        "e2ee_p99_ms": encrypted.p99_ms,
+        "e2ee_plain_p99_ms": plain.p99_ms,
+        "e2ee_cpu_us_per_msg": encrypted.cpu_us_per_msg,
+        "e2ee_plain_cpu_us_per_msg": plain.cpu_us_per_msg,
+        "e2ee_plain_step": plain,
+        "e2ee_step": encrypted,
         "command": command_line,
         "machine": machine(),
     });
@@ -832,6 +860,11 @@ pub fn summary(result: &Value) -> String {
         "relay_idle_kib_per_conn",
         "p99_ms_at_half_rate",
         "system_cpu_us_per_msg_at_half_rate",
+        "e2ee_rate",
+        "e2ee_plain_p99_ms",
+        "e2ee_p99_ms",
+        "e2ee_plain_cpu_us_per_msg",
+        "e2ee_cpu_us_per_msg",
         "cluster_max_rate",
         "cluster_ratio",
         "cluster_limiting_process",

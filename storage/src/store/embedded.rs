@@ -125,7 +125,14 @@ struct Inner {
     writer: GroupCommit<Db>,
     db: Db,
     path: PathBuf,
+    /// Reads running on the blocking pool at once, at most.
+    reads: tokio::sync::Semaphore,
 }
+
+/// Most reads on the blocking pool at once. A connect storm replays thousands of queues:
+/// unbounded, each read in flight held a thread of the pool (up to 512, each with its
+/// stack and allocator arena resident), for reads that take microseconds on two cores.
+const CONCURRENT_READS: usize = 32;
 
 /// The database and its keyspaces (each an LSM tree of its own, one shared journal).
 #[derive(Clone)]
@@ -455,7 +462,12 @@ impl EmbeddedStore {
         let writer = GroupCommit::start("store-writer", db.clone(), Db::sync)?;
         tracing::info!(path = %path.display(), primary_key = keys.primary(), "embedded store open");
         Ok(EmbeddedStore {
-            inner: Arc::new(Inner { writer, db, path }),
+            inner: Arc::new(Inner {
+                writer,
+                db,
+                path,
+                reads: tokio::sync::Semaphore::new(CONCURRENT_READS),
+            }),
         })
     }
 
@@ -469,12 +481,18 @@ impl EmbeddedStore {
         self.inner.writer.run(durable, f).await
     }
 
-    /// Runs `f` on the blocking pool.
+    /// Runs `f` on the blocking pool (at most [`CONCURRENT_READS`] at once).
     async fn read<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Db) -> Result<T> + Send + 'static,
     {
+        let _permit = self
+            .inner
+            .reads
+            .acquire()
+            .await
+            .map_err(|e| Error::Backend(format!("embedded store reads: {e}")))?;
         let db = self.inner.db.clone();
         tokio::task::spawn_blocking(move || f(&db))
             .await
