@@ -98,6 +98,19 @@ fn check_olm_kind(kind: u8) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// What pushes notices kept for devices' queues to those devices.
+fn pushes_of(kept: &[(String, Uuid, Notice)]) -> Vec<(Vec<String>, Payload)> {
+    kept.iter()
+        .map(|(queue, id, notice)| {
+            let payload = Payload::Notice {
+                id: *id,
+                notice: notice.clone(),
+            };
+            (vec![queue.clone()], payload)
+        })
+        .collect()
+}
+
 /// `keys_upload`: publishes this device's keys; returns its supply of one-time keys.
 pub async fn upload(
     session: &Session,
@@ -184,16 +197,7 @@ pub async fn claim(
         .collect();
     if !low.is_empty() {
         // Best effort: the keys are handed out whatever happens to the notice.
-        let pushes = low
-            .iter()
-            .map(|(queue, id, notice)| {
-                let payload = Payload::Notice {
-                    id: *id,
-                    notice: notice.clone(),
-                };
-                (vec![queue.clone()], payload)
-            })
-            .collect();
+        let pushes = pushes_of(&low);
         let told = async {
             session.call(store.push_notices(low)).await?;
             session.push_to_queues(pushes).await
@@ -257,16 +261,7 @@ pub async fn to_devices(session: &Session, messages: Vec<ToDeviceSend>) -> Resul
             (device_address(&m.user, &m.device), id, notice)
         })
         .collect();
-    let pushes = kept
-        .iter()
-        .map(|(queue, id, notice)| {
-            let payload = Payload::Notice {
-                id: *id,
-                notice: notice.clone(),
-            };
-            (vec![queue.clone()], payload)
-        })
-        .collect();
+    let pushes = pushes_of(&kept);
     session.call(session.app.store.push_notices(kept)).await?;
     // Kept: a device that is not reached now gets it on its next connect.
     if let Err(e) = session.push_to_queues(pushes).await {

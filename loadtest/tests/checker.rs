@@ -33,6 +33,18 @@ fn fleet(url: &str, tokens: Tokens, users: u32) -> Fleet {
     }
 }
 
+/// Direct traffic while a quarter of the users drop without a goodbye every 0.7 s and
+/// come back 0.3 s later.
+fn churn() -> Workload {
+    Workload::Reconnect {
+        rates: vec![100.0],
+        step: Duration::from_secs(3),
+        fraction: 0.25,
+        every: Duration::from_millis(700),
+        offline: Duration::from_millis(300),
+    }
+}
+
 fn options() -> Options {
     Options {
         body_bytes: 64,
@@ -196,13 +208,7 @@ async fn short_runs_against_the_embedded_gateway_lose_nothing() {
     assert!(verdict.clean() && verdict.delivered == 400, "{verdict:?}");
 
     // Users drop without a goodbye and come back: what was sent meanwhile arrives.
-    let churn = Workload::Reconnect {
-        rates: vec![100.0],
-        step: Duration::from_secs(3),
-        fraction: 0.25,
-        every: Duration::from_millis(700),
-        offline: Duration::from_millis(300),
-    };
+    let churn = churn();
     let (verdict, stats) = run(&url, tokens, 20, churn).await;
     assert!(
         stats.errors.get("reconnects_forced").copied().unwrap_or(0) >= 3,
@@ -251,13 +257,7 @@ async fn encrypted_runs_against_the_embedded_gateway_lose_nothing() {
     assert!(verdict.clean() && verdict.delivered == 400, "{verdict:?}");
 
     // Dropped devices get their ciphertexts on reconnect, from their own queues.
-    let churn = Workload::Reconnect {
-        rates: vec![100.0],
-        step: Duration::from_secs(3),
-        fraction: 0.25,
-        every: Duration::from_millis(700),
-        offline: Duration::from_millis(300),
-    };
+    let churn = churn();
     let (verdict, stats) = run(churn).await;
     assert_eq!(
         stats.errors.get("undecryptable"),
