@@ -836,7 +836,17 @@ async fn read_loop(
                 let _ = acks.send(Confirm::Notice(notice_id));
             }
             ServerFrame::KeysLow { notice_id, .. } => {
-                // The run's sessions are set up before it starts: nothing to replenish.
+                // Replenished, as a client does: more one-time keys (the writer sends them).
+                let upload = agent.e2ee().map(|mut state| {
+                    state
+                        .device
+                        .keys_upload("more-keys", crate::e2ee::KEYS_PER_UPLOAD)
+                });
+                if let Some(upload) = upload {
+                    if agent.outbox.try_send(upload.to_string()).is_err() {
+                        shared.collector().stats.error("keys_not_replenished");
+                    }
+                }
                 let _ = acks.send(Confirm::Notice(notice_id));
             }
             ServerFrame::Error {
