@@ -173,6 +173,13 @@ async fn read_loop<S>(
                 conn.close(close::TOO_BIG);
                 return;
             }
+            Some(Err(WsError::Utf8(e))) => {
+                // RFC 6455 §8.1: a text frame that is not UTF-8 fails the connection with
+                // 1007 (Autobahn 6.x expects it).
+                tracing::info!(error = %e, "a text frame is not UTF-8, closing with 1007");
+                conn.close(u16::from(CloseCode::Invalid));
+                return;
+            }
             Some(Err(WsError::Protocol(e))) => {
                 tracing::info!(error = %e, "WebSocket protocol error");
                 conn.close(u16::from(CloseCode::Protocol));

@@ -23,6 +23,26 @@ async fn a_frame_over_the_limit_closes_with_1009() {
     assert_eq!(ended.code(), Some(1009), "{ended:?}");
 }
 
+/// A text frame that is not UTF-8 fails the connection with 1007 (RFC 6455 §8.1), not
+/// 1000; and a message sent before it is still stored.
+#[tokio::test]
+async fn a_text_frame_that_is_not_utf8_closes_with_1007() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    let gw = start(|_| {}).await;
+    let mut alice = gw.connect("alice").await;
+    let sent = alice.send_message("bob", "before", "u1").await;
+    let invalid = Frame::message(vec![b'{', 0xff, 0xfe, b'}'], OpCode::Data(Data::Text), true);
+    alice.ws.send(Message::Frame(invalid)).await.expect("send");
+    let ended = alice.ended().await;
+    assert_eq!(ended.code(), Some(1007), "{ended:?}");
+    let mut bob = gw.connect("bob").await;
+    assert_eq!(
+        bob.recv_type("message").await["message_id"],
+        sent["message_id"]
+    );
+}
+
 #[tokio::test]
 async fn a_body_over_the_limit_is_too_large_and_nothing_is_sent() {
     let gw = start(|_| {}).await;
