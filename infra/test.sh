@@ -2,6 +2,7 @@
 # The project's test command (README "Quickstart"). It does all of its own set-up:
 # fetches Redis (apt), Apache Kafka and Apache Cassandra (Maven Central, cached in .cache/),
 # Chromium (apt) and playwright-core (npm, cached in .cache/pw) for the browser check,
+# HAProxy (apt) and the manifest validators (PyPI, cached in .cache/validate),
 # starts them on free loopback ports, runs every suite (embedded and distributed) and
 # stops the servers again, also when a test fails.
 set -euo pipefail
@@ -23,6 +24,10 @@ stage() { # <name of the stage that just ended>
 # keeps CI on Cargo.lock.
 infra/servers.sh fetch
 stage "fetch servers"
+# The deployment files (Kubernetes manifests, the compose file, HAProxy's configuration),
+# validated offline.
+infra/validate.sh
+stage "validate deployment files"
 state="$(mktemp -d /tmp/chat-servers.XXXXXX)"
 trap 'infra/servers.sh down "$state"; rm -rf "$state"' EXIT
 infra/servers.sh up "$state" > "$state/up.log" 2>&1 &
