@@ -11,6 +11,9 @@
 #                                               wait until the server answers a real request
 #   infra/servers.sh up <state-dir>             start all three on free loopback ports, wait
 #                                               for them, write <state-dir>/servers.env
+#                                               (TEST_* names, for the tests) and
+#                                               <state-dir>/backends.env (the names the
+#                                               binaries read)
 #   infra/servers.sh up-replicated <state-dir>  3 Kafka brokers (KRaft, 3 voters) on 127.0.0.1,
 #                                               3 Cassandra nodes on 127.0.0.1/.2/.3 (one
 #                                               after the other), a Redis Cluster of 3
@@ -271,6 +274,18 @@ up() { # <state dir>
         cassandra) echo "TEST_SCYLLA_NODES=127.0.0.1:$port" ;;
         esac
     done < "$state/pids" > "$state/servers.env"
+    backends_env "$state"
+}
+
+# <state-dir>/backends.env: the same addresses under the names the binaries read, for
+# `set -a; . <state-dir>/backends.env; set +a` before starting gateways and dispatchers by
+# hand. (The tests source servers.env: with these names set, a gateway they start as a
+# process would leave the embedded mode.)
+backends_env() { # <state dir>
+    local state="$1"
+    sed -e 's/^TEST_REDIS_URL=/REDIS_URL=/' -e 's/^TEST_KAFKA_BROKERS=/KAFKA_BROKERS=/' \
+        -e 's/^TEST_SCYLLA_NODES=/SCYLLA_NODES=/' -e 's/^TEST_REPLICATION=\(.*\)/KAFKA_REPLICATION=\1\nSCYLLA_REPLICATION=\1/' \
+        -e '/^TEST_/d' "$state/servers.env" > "$state/backends.env"
 }
 
 # Kafka node <n> of three (combined broker and controller, static voters), its
@@ -373,6 +388,7 @@ up_replicated() { # <state dir>
         echo "TEST_REPLICATION=3"
         echo "TEST_SERVERS_STATE=$state"
     } > "$state/servers.env"
+    backends_env "$state"
 }
 
 down() { # <state dir>
