@@ -18,7 +18,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::app::App;
-use crate::hub::{close, Class, ConnHandle, Slot};
+use crate::hub::{Class, ConnHandle, Slot};
 use crate::protocol::{Refusal, ServerFrame};
 use crate::session::Session;
 
@@ -131,7 +131,7 @@ async fn serve_inner<S>(
     );
     read_loop(stream, &conn, &app).await;
     // Whatever ended the reader, the writer and the replay end too.
-    conn.close(u16::from(CloseCode::Normal));
+    conn.close(CloseCode::Normal);
     let _ = replay_done.await;
     let _ = writer.await;
 
@@ -147,7 +147,7 @@ async fn serve_inner<S>(
         Ok(Err(e)) => tracing::warn!(error = %e, "presence disconnect failed"),
         Err(_) => tracing::warn!("presence disconnect timed out"),
     }
-    tracing::debug!(close_code = conn.close_code(), "disconnected");
+    tracing::debug!(close_code = ?conn.close_code(), "disconnected");
 }
 
 async fn read_loop<S>(
@@ -170,19 +170,19 @@ async fn read_loop<S>(
             Some(Err(WsError::Capacity(e))) => {
                 tracing::info!(error = %e, "frame over the limit, closing with 1009");
                 metrics::counter!("gateway_oversize_frames_total").increment(1);
-                conn.close(close::TOO_BIG);
+                conn.close(CloseCode::Size);
                 return;
             }
             Some(Err(WsError::Utf8(e))) => {
                 // RFC 6455 §8.1: a text frame that is not UTF-8 fails the connection with
                 // 1007 (Autobahn 6.x expects it).
                 tracing::info!(error = %e, "a text frame is not UTF-8, closing with 1007");
-                conn.close(u16::from(CloseCode::Invalid));
+                conn.close(CloseCode::Invalid);
                 return;
             }
             Some(Err(WsError::Protocol(e))) => {
                 tracing::info!(error = %e, "WebSocket protocol error");
-                conn.close(u16::from(CloseCode::Protocol));
+                conn.close(CloseCode::Protocol);
                 return;
             }
             Some(Err(e)) => {
@@ -247,7 +247,7 @@ async fn write_loop<S>(
                     }
                 };
                 if written.is_err() {
-                    conn.close(0);
+                    conn.drop_connection();
                     return;
                 }
             }
@@ -255,12 +255,12 @@ async fn write_loop<S>(
                 let silent_ms = app.now_ms().saturating_sub(conn.last_heard());
                 if silent_ms > 2 * heartbeat.as_millis() as u64 {
                     tracing::info!(silent_ms, "no pong within two heartbeats, closing");
-                    conn.close(close::GOING_AWAY);
+                    conn.close(CloseCode::Away);
                     break;
                 }
                 tokio::select! {
                     sent = sink.send(WsMessage::Ping(Default::default())) => if sent.is_err() {
-                        conn.close(0);
+                        conn.drop_connection();
                         return;
                     },
                     _ = conn.closed().cancelled() => return,
@@ -268,17 +268,16 @@ async fn write_loop<S>(
             }
         }
     }
-    let code = conn.close_code();
-    if code != 0 {
+    if let Some(code) = conn.close_code() {
         let reason = match code {
-            close::POLICY => "too slow: reconnect to get what you missed",
-            close::TOO_BIG => "frame too large",
-            close::RESTART => "server restarting: reconnect",
-            close::GOING_AWAY => "heartbeat timeout",
+            CloseCode::Policy => "too slow: reconnect to get what you missed",
+            CloseCode::Size => "frame too large",
+            CloseCode::Restart => "server restarting: reconnect",
+            CloseCode::Away => "heartbeat timeout",
             _ => "",
         };
         let frame = CloseFrame {
-            code: CloseCode::from(code),
+            code,
             reason: reason.into(),
         };
         let _ = Box::pin(timeout(
@@ -334,7 +333,7 @@ async fn replay(conn: Arc<ConnHandle>, app: Arc<App>) {
                     %failed,
                     "reading pending messages failed; closing so the client retries"
                 );
-                conn.close(u16::from(CloseCode::Error));
+                conn.close(CloseCode::Error);
                 return;
             }
         }

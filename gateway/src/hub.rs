@@ -12,23 +12,12 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use presence::{NodeDelivery, Payload, Status};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::protocol::{ErrorCode, Refusal, ServerFrame};
-
-/// Close codes the gateway uses.
-pub mod close {
-    /// The client does not keep up, or broke a limit.
-    pub const POLICY: u16 = 1008;
-    /// A frame was larger than the limit.
-    pub const TOO_BIG: u16 = 1009;
-    /// The gateway is draining (deploy or scale-down): reconnect elsewhere.
-    pub const RESTART: u16 = 1012;
-    /// No pong within two heartbeats.
-    pub const GOING_AWAY: u16 = 1001;
-}
 
 /// How a frame may be treated when the connection is behind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,7 +101,7 @@ impl ConnHandle {
                 let mut held = lock(&self.held);
                 if let Some(held) = held.as_mut() {
                     if held.len() >= MAX_HELD {
-                        self.close(close::POLICY);
+                        self.close(CloseCode::Policy);
                         return false;
                     }
                     held.push((id, frame));
@@ -129,7 +118,7 @@ impl ConnHandle {
             Err(flume::TrySendError::Full(_)) => {
                 metrics::counter!("gateway_slow_consumer_disconnects_total").increment(1);
                 tracing::info!(user = %self.user, conn = self.id, "outbound queue full, closing with 1008");
-                self.close(close::POLICY);
+                self.close(CloseCode::Policy);
                 false
             }
             Err(flume::TrySendError::Disconnected(_)) => false,
@@ -166,16 +155,30 @@ impl ConnHandle {
         }
     }
 
-    /// Asks the connection to close with `code`; the first code asked for wins.
-    pub fn close(&self, code: u16) {
-        let _ = self
-            .close_code
-            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
+    /// Asks the connection to close with `code` (tungstenite's names: `Policy` for a client
+    /// that does not keep up, `Size` for a frame over the limit, `Restart` for a draining
+    /// gateway, `Away` for a heartbeat timeout…); the first code asked for wins.
+    pub fn close(&self, code: CloseCode) {
+        let _ = self.close_code.compare_exchange(
+            0,
+            u16::from(code),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
         self.closed.cancel();
     }
 
-    pub fn close_code(&self) -> u16 {
-        self.close_code.load(Ordering::Acquire)
+    /// Ends the connection without a close frame (its socket failed).
+    pub fn drop_connection(&self) {
+        self.closed.cancel();
+    }
+
+    /// The code the connection was asked to close with, if any.
+    pub fn close_code(&self) -> Option<CloseCode> {
+        match self.close_code.load(Ordering::Acquire) {
+            0 => None,
+            code => Some(CloseCode::from(code)),
+        }
     }
 
     pub fn closed(&self) -> &CancellationToken {

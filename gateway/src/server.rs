@@ -31,8 +31,8 @@ use tokio_util::sync::CancellationToken;
 use crate::app::App;
 use crate::auth::Auth;
 use crate::config::Config;
-use crate::hub::close;
 use crate::{connection, Error};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 /// A started gateway: its bound addresses and the means to stop it.
 #[derive(Debug)]
@@ -337,7 +337,7 @@ async fn run(
     tracing::info!(connections = conns.len(), "draining");
     let step = app.config.drain() / (conns.len().max(1) as u32);
     for conn in conns {
-        conn.close(close::RESTART);
+        conn.close(CloseCode::Restart);
         if !step.is_zero() {
             tokio::time::sleep(step).await;
         }
