@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Auth;
 use crate::config::Config;
 use crate::hub::{Deadlines, Hub, Unlocated};
-use crate::limits::SendLimiter;
+use crate::limits::{ClaimLimiter, SendLimiter};
 use crate::receipts::ReceiptDrops;
 
 pub struct App {
@@ -27,6 +27,7 @@ pub struct App {
     /// Sends waiting for the dispatcher's answer, to be refused when it is late.
     pub deadlines: Deadlines,
     pub sends: SendLimiter,
+    pub claims: ClaimLimiter,
     /// Connections to catch up once presence knows of them.
     pub unlocated: Unlocated,
     /// Confirmed receipts, forgotten in batches.
@@ -50,6 +51,7 @@ impl App {
         metrics: PrometheusHandle,
     ) -> Self {
         let sends = SendLimiter::new(config.rate_per_sec, config.rate_burst);
+        let claims = ClaimLimiter::new(config.key_claims_per_sec, config.key_claim_burst);
         let receipt_drops = ReceiptDrops::start(store.clone());
         App {
             config,
@@ -61,6 +63,7 @@ impl App {
             hub: Hub::default(),
             deadlines: Deadlines::default(),
             sends,
+            claims,
             unlocated: Unlocated::default(),
             receipt_drops,
             metrics,

@@ -79,6 +79,15 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_FRAME_RATE_PER_SEC", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     pub frame_rate_per_sec: u32,
 
+    /// One-time keys a user may claim per second on this gateway (`keys_claim`, one per
+    /// device named), averaged; the burst is `--key-claim-burst`.
+    #[arg(long, env = "GATEWAY_KEY_CLAIMS_PER_SEC", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub key_claims_per_sec: u32,
+
+    /// Most one-time keys a user may claim at once (a new group of many devices).
+    #[arg(long, env = "GATEWAY_KEY_CLAIM_BURST", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub key_claim_burst: u32,
+
     /// Largest WebSocket frame or message accepted; larger closes with 1009.
     #[arg(long, env = "GATEWAY_MAX_FRAME_BYTES", default_value_t = 128 * 1024)]
     pub max_frame_bytes: usize,

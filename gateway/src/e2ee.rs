@@ -177,6 +177,18 @@ pub async fn claim(
         check_device(&d.user, &d.device)?;
     }
     let devices: BTreeSet<DeviceRef> = devices.into_iter().collect();
+    let claims = u32::try_from(devices.len()).unwrap_or(u32::MAX);
+    if !session.app.claims.allow(&session.conn.user, claims) {
+        let config = &session.app.config;
+        return Err(Refusal::new(
+            ErrorCode::RateLimited,
+            format!(
+                "more than {} one-time keys claimed per second (burst {}): claim keys only \
+                 for devices you have no session with, and wait",
+                config.key_claims_per_sec, config.key_claim_burst
+            ),
+        ));
+    }
     let store = &session.app.store;
     let claimed = session
         .call(futures_util::future::try_join_all(

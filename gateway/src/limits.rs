@@ -51,6 +51,31 @@ impl SendLimiter {
     }
 }
 
+/// One-time key claims per user on this node: a claim hands out (and uses up) another
+/// user's key, so a client may not drain others' supplies faster than a real one sets up
+/// sessions. One key per device named.
+pub struct ClaimLimiter(DefaultKeyedRateLimiter<String>);
+
+impl ClaimLimiter {
+    pub fn new(per_second: u32, burst: u32) -> Self {
+        ClaimLimiter(RateLimiter::keyed(quota(per_second, burst)))
+    }
+
+    /// Takes `claims` from the user's budget; `false` when it does not hold that many.
+    pub fn allow(&self, user: &str, claims: u32) -> bool {
+        let Some(claims) = NonZeroU32::new(claims) else {
+            return true;
+        };
+        matches!(self.0.check_key_n(&user.to_owned(), claims), Ok(Ok(())))
+    }
+
+    /// Forgets buckets that are full again.
+    pub fn forget_idle(&self) {
+        self.0.retain_recent();
+        self.0.shrink_to_fit();
+    }
+}
+
 /// A connection's budget for frames other than `send` (acks, typing, history…).
 pub fn frame_limiter(per_second: u32) -> DefaultDirectRateLimiter {
     RateLimiter::direct(quota(per_second, per_second.saturating_mul(2)))

@@ -299,6 +299,7 @@ async fn run(
                             }
                         }
                         app.sends.forget_idle();
+                        app.claims.forget_idle();
                         app.metrics.run_upkeep();
                     }
                 }

@@ -729,3 +729,62 @@ impl Peer {
         }
     }
 }
+
+#[test]
+fn claims_beyond_the_budget_are_refused_and_take_no_key() {
+    on_big_stack(async {
+        let gw = start(|config| {
+            config.key_claim_burst = 5;
+            config.key_claims_per_sec = 1;
+        })
+        .await;
+        let mut bob = gw.connect_device("bob", "phone").await;
+        let mut keys = E2eeDevice::new("bob", "phone");
+        bob.send(keys.keys_upload("up", 20)).await;
+        assert_eq!(bob.recv_type("keys").await["one_time_keys"], 20);
+        let mut eve = gw.connect_device("eve", "x").await;
+        let five: Vec<Value> = (0..5)
+            .map(|_| json!({"user":"bob","device":"phone"}))
+            .collect();
+        // Five claims of one device in one frame name it once: one key.
+        eve.send(json!({"type":"keys_claim","ref":"a","devices":five}))
+            .await;
+        assert_eq!(
+            eve.recv_type("keys_claimed").await["keys"]
+                .as_array()
+                .map(Vec::len),
+            Some(1)
+        );
+        // Four more fit the burst of five; five more do not (however slow this runs: the
+        // budget refills one a second).
+        for i in 0..4 {
+            eve.send(
+                json!({"type":"keys_claim","ref":i,"devices":[{"user":"bob","device":"phone"}]}),
+            )
+            .await;
+            eve.recv_type("keys_claimed").await;
+        }
+        let over: Vec<Value> = ["phone", "b", "c", "d", "e"]
+            .iter()
+            .map(|d| json!({"user":"bob","device":d}))
+            .collect();
+        eve.send(json!({"type":"keys_claim","ref":"over","devices":over}))
+            .await;
+        let refused = eve.error().await;
+        assert_eq!(refused["code"], "rate_limited", "{refused}");
+        assert_eq!(refused["ref"], "over");
+        // The refused claim took nothing: 20 - 5 keys are left.
+        bob.send(
+            json!({"type":"keys_upload","ref":"count","identity_key":keys.identity_key(),
+                        "signing_key":keys.keys_upload("x", 0)["signing_key"]}),
+        )
+        .await;
+        let count = loop {
+            let frame = bob.recv().await;
+            if frame["type"] == "keys" {
+                break frame;
+            }
+        };
+        assert_eq!(count["one_time_keys"], 15, "{count}");
+    });
+}
