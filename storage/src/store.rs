@@ -168,7 +168,8 @@ pub trait MessageStore: Send + Sync + 'static {
         device: &str,
     ) -> impl Future<Output = Result<Option<Claimed>>> + Send;
 
-    /// Forgets a device's keys: it leaves its user's device list. Idempotent.
+    /// Forgets a device's keys and its own queue (pending end-to-end encrypted messages and
+    /// kept notices): it leaves its user's device list. Idempotent.
     fn remove_device(&self, user: &str, device: &str) -> impl Future<Output = Result<()>> + Send;
 
     /// Answers when the backend can serve reads (for `/readyz`).

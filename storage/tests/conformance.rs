@@ -772,11 +772,51 @@ async fn device_keys_are_published_listed_and_replaced<S: MessageStore>(store: S
         .expect("a device");
     assert_eq!(claimed.device.keys, keys("c"));
     assert!(claimed.key.is_some_and(|k| k.id.starts_with("k10")));
+    // Something in the device's own queue, and in its user's.
+    let mut m = message("alice", &dm("alice", "bob"), "");
+    m.e2ee = Some(storage::E2ee {
+        device: "a".into(),
+        to: vec![storage::ForDevice {
+            user: "bob".into(),
+            device: "phone".into(),
+            olm: Some(storage::OlmCiphertext {
+                kind: 0,
+                ciphertext: "c".into(),
+            }),
+        }],
+        group: None,
+    });
+    append_one(&store, &m, &["bob/phone"]).await;
+    let plain = message("alice", &dm("alice", "bob"), "for every device");
+    append_one(&store, &plain, &["bob"]).await;
+    store
+        .push_notices(vec![(
+            "bob/phone".into(),
+            Uuid::now_v7(),
+            Notice::KeysLow { remaining: 1 },
+        )])
+        .await
+        .expect("notice");
     store.remove_device("bob", "phone").await.expect("remove");
     store
         .remove_device("bob", "phone")
         .await
         .expect("idempotent");
+    assert!(store
+        .pending("bob/phone", None, 10)
+        .await
+        .expect("pending")
+        .is_empty());
+    assert!(store
+        .notices("bob/phone", None, 10)
+        .await
+        .expect("notices")
+        .is_empty());
+    assert_eq!(
+        store.pending("bob", None, 10).await.expect("pending"),
+        vec![plain],
+        "the user's queue stays"
+    );
     let listed = store.devices(&["bob".into()]).await.expect("devices");
     assert_eq!(listed.len(), 1);
     assert_eq!(store.claim_key("bob", "phone").await.expect("claim"), None);

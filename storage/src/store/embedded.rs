@@ -1061,11 +1061,11 @@ impl MessageStore for EmbeddedStore {
         self.write(true, move |db| {
             let mut batch = db.batch();
             batch.remove(&db.devices, key(&user, device.as_bytes()));
-            for row in db
-                .one_time_keys
-                .prefix(key(&device_address(&user, &device), &[]))
-            {
-                batch.remove(&db.one_time_keys, row.key()?.to_vec());
+            let queue = key(&device_address(&user, &device), &[]);
+            for keyspace in [&db.one_time_keys, &db.pending, &db.receipts] {
+                for row in keyspace.prefix(&queue) {
+                    batch.remove(keyspace, row.key()?.to_vec());
+                }
             }
             batch.commit()?;
             Ok(())

@@ -1023,6 +1023,10 @@ impl MessageStore for ScyllaStore {
         let s = &self.inner.s;
         self.run(&s.device_delete, (user, device)).await?;
         self.run(&s.keys_clear, (user, device)).await?;
+        // The device's queue: partitions of their own, deleted whole.
+        let queue = crate::model::device_address(user, device);
+        self.run(&s.queue_clear, (queue.as_str(),)).await?;
+        self.run(&s.notices_clear, (queue.as_str(),)).await?;
         Ok(())
     }
 

@@ -48,6 +48,8 @@ pub(super) struct Statements {
     pub(super) keys_get: PreparedStatement,
     pub(super) key_claim: PreparedStatement,
     pub(super) keys_clear: PreparedStatement,
+    pub(super) queue_clear: PreparedStatement,
+    pub(super) notices_clear: PreparedStatement,
     pub(super) ping: PreparedStatement,
 }
 
@@ -239,6 +241,9 @@ impl Statements {
                 "DELETE FROM {ks}.one_time_keys WHERE user = ? AND device = ?"
             ))
             .await?,
+            queue_clear: prepare(format!("DELETE FROM {ks}.pending WHERE user = ?")).await?,
+            notices_clear: prepare(format!("DELETE FROM {ks}.receipt_outbox WHERE user = ?"))
+                .await?,
             ping: prepare("SELECT release_version FROM system.local".into()).await?,
         })
     }
