@@ -10,10 +10,7 @@ gateway="${1:?usage: infra/browser.sh <path to the gateway binary>}"
 
 if ! command -v chromium >/dev/null 2>&1; then
   echo "browser: installing Chromium (apt)" >&2
-  if [ "$(id -u)" = 0 ]; then apt_get=(apt-get); else apt_get=(sudo apt-get); fi
-  DEBIAN_FRONTEND=noninteractive "${apt_get[@]}" install -y -q chromium >/dev/null \
-    || { DEBIAN_FRONTEND=noninteractive "${apt_get[@]}" update -q >/dev/null \
-         && DEBIAN_FRONTEND=noninteractive "${apt_get[@]}" install -y -q chromium >/dev/null; }
+  infra/apt-install.sh chromium
 fi
 if ! command -v node >/dev/null 2>&1; then
   echo "browser: node is not installed (it runs the check): install Node.js" >&2

@@ -43,10 +43,7 @@ fetch_maven() { # <pom dir> <libs dir>
 fetch() {
     if ! command -v redis-server >/dev/null; then
         log "installing redis-server with apt"
-        if ! apt-get install -y redis-server >/dev/null 2>&1; then
-            apt-get update >/dev/null
-            apt-get install -y redis-server >/dev/null
-        fi
+        "$ROOT/infra/apt-install.sh" redis-server
     fi
     command -v java >/dev/null || { log "java is required (Java 17)"; exit 1; }
     command -v mvn >/dev/null || { log "mvn is required to fetch Kafka and Cassandra"; exit 1; }

@@ -22,10 +22,7 @@ echo "validate: ${#manifests[@]} Kubernetes manifest files pass (strict, Kuberne
 "$venv/bin/check-jsonschema" --builtin-schema vendor.compose-spec infra/compose.yaml
 if ! command -v haproxy >/dev/null 2>&1; then
   echo "validate: installing HAProxy (apt)" >&2
-  if [ "$(id -u)" = 0 ]; then apt_get=(apt-get); else apt_get=(sudo apt-get); fi
-  DEBIAN_FRONTEND=noninteractive "${apt_get[@]}" install -y -q haproxy >/dev/null \
-    || { DEBIAN_FRONTEND=noninteractive "${apt_get[@]}" update -q >/dev/null \
-         && DEBIAN_FRONTEND=noninteractive "${apt_get[@]}" install -y -q haproxy >/dev/null; }
+  infra/apt-install.sh haproxy
 fi
 # Service names resolve only inside compose: check the syntax, not the addresses.
 sed 's/ gateway-\([12]\):8080/ 127.0.0.1:808\1/' infra/haproxy.cfg > "$venv/haproxy.cfg"
