@@ -312,6 +312,20 @@ pub async fn catch_up(conn: Arc<ConnHandle>, app: Arc<App>) {
 /// backends' request state machines (inline, those cost ~13 KiB per idle connection).
 async fn replay(conn: Arc<ConnHandle>, app: Arc<App>) {
     let mut replayed: HashSet<Uuid> = HashSet::new();
+    // A catch-up asked for while this runs would not see what was stored after this
+    // pass read the queue: it makes the pass run again before the replay ends.
+    loop {
+        if !Box::pin(replay_pass(&conn, &app, &mut replayed)).await {
+            return;
+        }
+        if conn.finish_replay(&replayed) {
+            return;
+        }
+    }
+}
+
+/// One pass of a replay (see [`replay`]); `false` when the connection is gone.
+async fn replay_pass(conn: &Arc<ConnHandle>, app: &Arc<App>, replayed: &mut HashSet<Uuid>) -> bool {
     let mut feeds = vec![Feed::new(Queue::Pending(conn.user.clone()))];
     // Only a device with published keys has queues of its own: for the others, one read
     // spares two (and the memory a connect storm holds meanwhile).
@@ -328,13 +342,13 @@ async fn replay(conn: Arc<ConnHandle>, app: Arc<App>) {
     }
     loop {
         for feed in &mut feeds {
-            if let Err(failed) = Box::pin(feed.refill(&app)).await {
+            if let Err(failed) = Box::pin(feed.refill(app)).await {
                 tracing::warn!(
                     %failed,
                     "reading pending messages failed; closing so the client retries"
                 );
                 conn.close(CloseCode::Error);
-                return;
+                return false;
             }
         }
         let oldest = feeds
@@ -347,9 +361,9 @@ async fn replay(conn: Arc<ConnHandle>, app: Arc<App>) {
             break;
         };
         replayed.insert(item.id());
-        let frame = Utf8Bytes::from(item.frame(&conn).to_json());
+        let frame = Utf8Bytes::from(item.frame(conn).to_json());
         if !conn.send_waiting(frame).await {
-            return;
+            return false;
         }
     }
     // Then the notices (receipts, group changes) kept for this user: all of them, until a
@@ -374,14 +388,14 @@ async fn replay(conn: Arc<ConnHandle>, app: Arc<App>) {
                 .send_waiting(Utf8Bytes::from(ServerFrame::notice(*id, notice).to_json()))
                 .await
             {
-                return;
+                return false;
             }
         }
         if kept.len() < REPLAY_PAGE {
             break;
         }
     }
-    conn.finish_replay(&replayed);
+    true
 }
 
 /// A queue a replay reads.

@@ -7,7 +7,7 @@
 //! store and are pushed again on reconnect. Nothing reliable is dropped silently.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,8 @@ pub struct ConnHandle {
     close_code: AtomicU16,
     /// `Some` while pending messages are being replayed: live messages wait here.
     held: Mutex<Option<Vec<(Uuid, Utf8Bytes)>>>,
+    /// A catch-up was asked for while a replay ran: it reads the queue again.
+    replay_again: AtomicBool,
     /// Users whose presence this connection subscribed to.
     watching: Mutex<HashSet<String>>,
     /// Milliseconds (monotonic, from the hub's clock) of the last frame from the client.
@@ -76,6 +78,7 @@ impl ConnHandle {
             closed: CancellationToken::new(),
             close_code: AtomicU16::new(0),
             held: Mutex::new(Some(Vec::new())),
+            replay_again: AtomicBool::new(false),
             watching: Mutex::new(HashSet::new()),
             last_heard: AtomicU64::new(0),
             sends: Mutex::new(Vec::new()),
@@ -135,10 +138,12 @@ impl ConnHandle {
     }
 
     /// Starts another replay of the pending queue on a live connection (a catch-up): live
-    /// messages wait again until it ends. `false` when a replay is running already.
+    /// messages wait again until it ends. `false` when a replay is running already: that
+    /// one then reads the queue once more before it ends ([`ConnHandle::finish_replay`]).
     pub fn begin_replay(&self) -> bool {
         let mut held = lock(&self.held);
         if held.is_some() {
+            self.replay_again.store(true, Ordering::Release);
             return false;
         }
         *held = Some(Vec::new());
@@ -146,13 +151,19 @@ impl ConnHandle {
     }
 
     /// Ends the replay: releases held live messages, except those the replay already sent.
-    pub fn finish_replay(&self, replayed: &HashSet<Uuid>) {
+    /// `false` (and nothing released) when a catch-up was asked for meanwhile: the replay
+    /// reads the queue again first.
+    pub fn finish_replay(&self, replayed: &HashSet<Uuid>) -> bool {
         let mut held = lock(&self.held);
+        if self.replay_again.swap(false, Ordering::AcqRel) {
+            return false;
+        }
         for (id, frame) in held.take().unwrap_or_default() {
             if !replayed.contains(&id) {
                 self.push(frame);
             }
         }
+        true
     }
 
     /// Asks the connection to close with `code` (tungstenite's names: `Policy` for a client
