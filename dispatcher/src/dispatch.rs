@@ -711,31 +711,32 @@ impl Dispatcher {
                         None => continue,
                     };
                     let mut by_node: Vec<(String, Vec<String>)> = Vec::new();
-                    let mut reach = |user: &str, at: &[Location]| {
+                    // Reaches a queue where it is connected (a device's queue: where that
+                    // device is); false when it is nowhere.
+                    let mut reach = |queue: &str, at: &[Location]| {
+                        let device = device_of(queue);
+                        let mut reached = false;
                         for location in at {
+                            if device.is_some_and(|d| d != location.device) {
+                                continue;
+                            }
+                            reached = true;
                             match by_node.iter_mut().find(|(n, _)| *n == location.node) {
-                                Some((_, users)) if users.iter().any(|u| u == user) => {}
-                                Some((_, users)) => users.push(user.to_owned()),
+                                Some((_, queues)) if queues.iter().any(|q| q == queue) => {}
+                                Some((_, queues)) => queues.push(queue.to_owned()),
                                 None => {
-                                    by_node.push((location.node.clone(), vec![user.to_owned()]))
+                                    by_node.push((location.node.clone(), vec![queue.to_owned()]))
                                 }
                             }
                         }
+                        reached
                     };
                     let mut offline: Vec<&str> = Vec::new();
                     for queue in &appended.pending_for {
-                        // A device's queue is reached where that device is connected.
                         let user = user_of(queue);
-                        let at: Vec<Location> = located
-                            .get(user)
-                            .into_iter()
-                            .flatten()
-                            .filter(|l| device_of(queue).is_none_or(|d| d == l.device))
-                            .cloned()
-                            .collect();
-                        if !at.is_empty() {
-                            reach(queue, &at);
-                        } else if appended.inserted && !offline.contains(&user) {
+                        let at = located.get(user).map_or(&[][..], Vec::as_slice);
+                        let reached = reach(queue, at);
+                        if !reached && appended.inserted && !offline.contains(&user) {
                             offline.push(user);
                             pushes.push(PushEvent {
                                 user: user.to_owned(),
