@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Real servers for the distributed-mode tests: Redis (Debian), Apache Kafka 4.4 (KRaft, one
-# node) and Apache Cassandra 5.0 (one node), both from Maven Central. Everything slow to
-# fetch is cached under .cache/servers/ (git-ignored) and reused by later runs.
+# node) and Apache Cassandra 5.0 (one node), both from Maven Central, and SeaweedFS (its S3
+# gateway, built from the Go module proxy) for media. Everything slow to fetch or build is
+# cached under .cache/servers/ (git-ignored) and reused by later runs.
 #
 #   infra/servers.sh fetch                      install / download what is missing
-#   infra/servers.sh run <redis|redis-cluster|kafka|cassandra> <dir> <port>
+#   infra/servers.sh run <redis|redis-cluster|kafka|cassandra|s3> <dir> <port>
 #                                               run one server in the foreground (tests use
 #                                               this to own, kill and restart a server)
-#   infra/servers.sh wait <redis|kafka|cassandra> <port> [seconds]
+#   infra/servers.sh wait <redis|kafka|cassandra|s3> <port> [seconds]
 #                                               wait until the server answers a real request
-#   infra/servers.sh up <state-dir>             start all three on free loopback ports, wait
+#   infra/servers.sh up <state-dir>             start all four on free loopback ports, wait
 #                                               for them, write <state-dir>/servers.env
 #                                               (TEST_* names, for the tests) and
 #                                               <state-dir>/backends.env (the names the
@@ -28,6 +29,14 @@ KAFKA_VERSION=4.4.0
 CASSANDRA_VERSION=5.0.9
 KAFKA_LIBS="$CACHE/kafka-$KAFKA_VERSION/libs"
 CASSANDRA_LIBS="$CACHE/cassandra-$CASSANDRA_VERSION/libs"
+# SeaweedFS publishes no tagged Go module versions: this is the pseudo-version of its
+# 2026-11-09 main (the module proxy serves it).
+SEAWEEDFS_VERSION=v0.0.0-20261109003541-7506e5f91cd6
+WEED="$CACHE/seaweedfs-$SEAWEEDFS_VERSION/weed"
+# The S3 server's test bucket and credentials (loopback only, test data only).
+S3_BUCKET=chat-media
+S3_ACCESS_KEY=chat-test
+S3_SECRET_KEY=chat-test-secret-key
 
 log() { echo "servers: $*" >&2; }
 
@@ -49,6 +58,12 @@ fetch() {
     command -v mvn >/dev/null || { log "mvn is required to fetch Kafka and Cassandra"; exit 1; }
     fetch_maven kafka "$KAFKA_LIBS"
     fetch_maven cassandra "$CASSANDRA_LIBS"
+    if [ ! -x "$WEED" ]; then
+        command -v go >/dev/null || { log "go is required to build SeaweedFS"; exit 1; }
+        log "building SeaweedFS $SEAWEEDFS_VERSION (weed) into $(dirname "$WEED"): a few minutes, once"
+        GOBIN="$(dirname "$WEED")" GOFLAGS=-mod=mod go install \
+            "github.com/seaweedfs/seaweedfs/weed@$SEAWEEDFS_VERSION" >&2
+    fi
 }
 
 free_port() {
@@ -196,6 +211,24 @@ YAML
     exec java "${opts[@]}" -cp "$CASSANDRA_LIBS/*" org.apache.cassandra.service.CassandraDaemon
 }
 
+# SeaweedFS in one process (`weed mini`: master, volume server, filer, S3 gateway) with one
+# identity and the test bucket; its other ports are free ones too.
+run_s3() { # <dir> <port>
+    local dir="$1" port="$2"
+    mkdir -p "$dir/data"
+    cat > "$dir/s3.json" <<JSON
+{"identities": [{"name": "chat", "credentials": [{"accessKey": "$S3_ACCESS_KEY",
+  "secretKey": "$S3_SECRET_KEY"}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+JSON
+    exec "$WEED" mini -dir="$dir/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+        -s3.port="$port" -s3.port.grpc="$(free_port)" -s3.config="$dir/s3.json" \
+        -s3.port.iceberg=0 -s3.port.lance=0 -bucket="$S3_BUCKET" \
+        -master.port="$(free_port)" -master.port.grpc="$(free_port)" \
+        -volume.port="$(free_port)" -volume.port.grpc="$(free_port)" \
+        -filer.port="$(free_port)" -filer.port.grpc="$(free_port)" \
+        -webdav=false -admin.ui=false -master.telemetry=false
+}
+
 # Waits until the server answers a real request, not merely until its port is open.
 wait_for() { # <kind> <port> [seconds] [host]
     local kind="$1" port="$2" deadline=$((SECONDS + ${3:-180}))
@@ -245,6 +278,8 @@ except OSError:
     sys.exit(1)
 PY
     ;;
+    s3) # The bucket exists: an unsigned request for it is refused, not missing.
+        [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$2/$S3_BUCKET/")" = 403 ] ;;
     *) log "unknown server kind $1"; return 2 ;;
     esac
 }
@@ -253,7 +288,7 @@ up() { # <state dir>
     local state="$1" kind port
     mkdir -p "$state"
     : > "$state/pids"
-    for kind in redis kafka cassandra; do
+    for kind in redis kafka cassandra s3; do
         port="$(free_port)"
         "$0" run "$kind" "$state/$kind" "$port" > "$state/$kind.log" 2>&1 &
         echo "$! $kind $port" >> "$state/pids"
@@ -269,9 +304,17 @@ up() { # <state dir>
         redis) echo "TEST_REDIS_URL=redis://127.0.0.1:$port" ;;
         kafka) echo "TEST_KAFKA_BROKERS=127.0.0.1:$port" ;;
         cassandra) echo "TEST_SCYLLA_NODES=127.0.0.1:$port" ;;
+        s3) s3_env "$port" ;;
         esac
     done < "$state/pids" > "$state/servers.env"
     backends_env "$state"
+}
+
+s3_env() { # <port>
+    echo "TEST_S3_ENDPOINT=http://127.0.0.1:$1"
+    echo "TEST_S3_BUCKET=$S3_BUCKET"
+    echo "TEST_S3_ACCESS_KEY_ID=$S3_ACCESS_KEY"
+    echo "TEST_S3_SECRET_ACCESS_KEY=$S3_SECRET_KEY"
 }
 
 # <state-dir>/backends.env: the same addresses under the names the binaries read, for
@@ -282,6 +325,8 @@ backends_env() { # <state dir>
     local state="$1"
     sed -e 's/^TEST_REDIS_URL=/REDIS_URL=/' -e 's/^TEST_KAFKA_BROKERS=/KAFKA_BROKERS=/' \
         -e 's/^TEST_SCYLLA_NODES=/SCYLLA_NODES=/' -e 's/^TEST_REPLICATION=\(.*\)/KAFKA_REPLICATION=\1\nSCYLLA_REPLICATION=\1/' \
+        -e 's/^TEST_S3_ENDPOINT=/S3_ENDPOINT=/' -e 's/^TEST_S3_BUCKET=/S3_BUCKET=/' \
+        -e 's/^TEST_S3_ACCESS_KEY_ID=/AWS_ACCESS_KEY_ID=/' -e 's/^TEST_S3_SECRET_ACCESS_KEY=/AWS_SECRET_ACCESS_KEY=/' \
         -e '/^TEST_/d' "$state/servers.env" > "$state/backends.env"
 }
 

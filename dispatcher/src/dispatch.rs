@@ -322,7 +322,7 @@ impl Dispatcher {
                 }
             };
             batch.push(NewMessage {
-                message,
+                message: *message,
                 recipients,
                 client_msg_id,
             });

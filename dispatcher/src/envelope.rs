@@ -11,7 +11,8 @@ pub enum Envelope {
     /// A new message; `origin` is the sending connection, left out when echoing the message
     /// to the sender's other devices.
     Message {
-        message: Message,
+        /// Boxed: a message is several times larger than the other records.
+        message: Box<Message>,
         origin: Option<ConnRef>,
         /// The sender's idempotency key, stored with the message (see
         /// `MessageStore::claim_send`).
@@ -68,14 +69,15 @@ mod tests {
     fn message(from: &str, conversation: Conversation) -> Envelope {
         let id = Uuid::now_v7();
         Envelope::Message {
-            message: Message {
+            message: Box::new(Message {
                 id,
                 conversation,
                 from: from.into(),
                 body: String::new(),
                 ts: 0,
                 e2ee: None,
-            },
+                attachments: Vec::new(),
+            }),
             origin: None,
             client_msg_id: None,
         }

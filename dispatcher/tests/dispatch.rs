@@ -67,6 +67,7 @@ fn message(from: &str, to: &str, body: &str) -> Message {
         body: body.into(),
         ts: ts_of(id),
         e2ee: None,
+        attachments: Vec::new(),
     }
 }
 
@@ -92,7 +93,7 @@ async fn online(h: &Harness, user: &str, node: &str, device: &str, conn: u64) {
 /// it is stored then, under the returned id.
 async fn publish_message(h: &mut Harness, message: Message, client_msg_id: &str) -> Payload {
     let envelope = Envelope::Message {
-        message,
+        message: Box::new(message),
         origin: Some(ConnRef {
             node: ORIGIN.into(),
             conn: 1,
@@ -165,7 +166,7 @@ async fn the_senders_other_devices_get_an_echo_but_not_the_sending_one() {
         conn: 8,
     };
     let envelope = Envelope::Message {
-        message: m.clone(),
+        message: Box::new(m.clone()),
         origin: Some(origin.clone()),
         client_msg_id: Some("e1".into()),
     };

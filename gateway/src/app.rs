@@ -6,6 +6,7 @@ use std::time::Instant;
 use dispatcher::Bus;
 use metrics_exporter_prometheus::PrometheusHandle;
 use presence::Presence;
+use storage::blob::Blobs;
 use storage::Store;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::task::TaskTracker;
@@ -23,6 +24,8 @@ pub struct App {
     pub store: Store,
     pub presence: Presence,
     pub bus: Bus,
+    /// Where attachments' bytes go; `None` in a cluster without a bucket.
+    pub blobs: Option<Blobs>,
     pub hub: Hub,
     /// Sends waiting for the dispatcher's answer, to be refused when it is late.
     pub deadlines: Deadlines,
@@ -48,6 +51,7 @@ impl App {
         store: Store,
         presence: Presence,
         bus: Bus,
+        blobs: Option<Blobs>,
         metrics: PrometheusHandle,
     ) -> Self {
         let sends = SendLimiter::new(config.rate_per_sec, config.rate_burst);
@@ -60,6 +64,7 @@ impl App {
             store,
             presence,
             bus,
+            blobs,
             hub: Hub::default(),
             deadlines: Deadlines::default(),
             sends,

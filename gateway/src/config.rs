@@ -145,6 +145,101 @@ pub struct Config {
 
     #[command(flatten)]
     pub backends: dispatcher::backends::BackendArgs,
+
+    #[command(flatten)]
+    pub media: MediaArgs,
+}
+
+/// Attachments: where their bytes go and what is allowed.
+#[derive(Clone, Debug, clap::Args)]
+pub struct MediaArgs {
+    /// S3-compatible bucket for media (distributed mode). Without it a cluster refuses
+    /// media requests with `unavailable`; the embedded mode keeps media under the data dir.
+    #[arg(long, env = "S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+
+    /// Endpoint of a non-AWS S3-compatible store, e.g. `http://127.0.0.1:8333`.
+    #[arg(long, env = "S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+
+    #[arg(long, env = "S3_REGION", default_value = "us-east-1")]
+    pub s3_region: String,
+
+    #[arg(long, env = "AWS_ACCESS_KEY_ID", default_value = "")]
+    pub s3_access_key_id: String,
+
+    #[arg(
+        long,
+        env = "AWS_SECRET_ACCESS_KEY",
+        hide_env_values = true,
+        default_value = ""
+    )]
+    pub s3_secret_access_key: String,
+
+    /// Base URL clients reach this gateway's HTTP port at, for the embedded mode's upload
+    /// and download URLs. Default: `http://<the bound --listen address>`.
+    #[arg(long, env = "GATEWAY_PUBLIC_URL")]
+    pub public_url: Option<String>,
+
+    /// Largest upload, in bytes.
+    #[arg(long, env = "GATEWAY_MEDIA_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub media_max_bytes: u64,
+
+    /// Content types that may be uploaded (comma separated; `type/*` matches a family).
+    #[arg(
+        long,
+        env = "GATEWAY_MEDIA_TYPES",
+        value_delimiter = ',',
+        default_value = "image/*,video/*,audio/*,text/plain,application/pdf,application/zip,application/octet-stream"
+    )]
+    pub media_types: Vec<String>,
+
+    /// Bytes each user may upload per UTC day.
+    #[arg(long, env = "GATEWAY_MEDIA_QUOTA_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    pub media_quota_bytes: u64,
+
+    /// Seconds an upload or download URL stays valid.
+    #[arg(long, env = "GATEWAY_MEDIA_URL_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    pub media_url_secs: u64,
+
+    /// Seconds after which an upload no message references is deleted.
+    #[arg(long, env = "GATEWAY_MEDIA_EXPIRE_SECS", default_value_t = 24 * 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub media_expire_secs: u64,
+}
+
+impl MediaArgs {
+    /// Whether `content_type` (lowercase `type/subtype`, parameters ignored) may be uploaded.
+    pub fn allows(&self, content_type: &str) -> bool {
+        let essence = content_type.split(';').next().unwrap_or("").trim();
+        let Some((family, _)) = essence.split_once('/') else {
+            return false;
+        };
+        self.media_types.iter().map(|t| t.trim()).any(|allowed| {
+            allowed.eq_ignore_ascii_case(essence)
+                || allowed
+                    .strip_suffix("/*")
+                    .is_some_and(|f| f.eq_ignore_ascii_case(family))
+        })
+    }
+
+    pub fn url_lifetime(&self) -> Duration {
+        Duration::from_secs(self.media_url_secs)
+    }
+
+    pub fn expire_after(&self) -> Duration {
+        Duration::from_secs(self.media_expire_secs)
+    }
+
+    /// The S3 bucket, when one is configured.
+    pub fn s3(&self) -> Option<storage::blob::S3Config> {
+        Some(storage::blob::S3Config {
+            bucket: self.s3_bucket.clone().filter(|b| !b.is_empty())?,
+            endpoint: self.s3_endpoint.clone().filter(|e| !e.is_empty()),
+            region: self.s3_region.clone(),
+            access_key_id: self.s3_access_key_id.clone(),
+            secret_access_key: self.s3_secret_access_key.clone(),
+        })
+    }
 }
 
 impl Config {

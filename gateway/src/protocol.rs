@@ -7,8 +7,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use storage::{
-    Claimed, Device, Group, GroupChange, GroupChangeKind, Marker, Message, Receipt, ReceiptStatus,
-    ToDevice,
+    Attachment, Claimed, Device, Group, GroupChange, GroupChangeKind, Marker, Message, Receipt,
+    ReceiptStatus, ToDevice,
 };
 
 /// Error codes of the `error` frame.
@@ -24,6 +24,8 @@ pub enum ErrorCode {
     Internal,
     /// An end-to-end encrypted send named other devices than its recipients have.
     DeviceMismatch,
+    /// The user's media uploads of the day reached their quota.
+    QuotaExceeded,
 }
 
 /// A device, as frames name it.
@@ -91,6 +93,9 @@ pub enum ClientFrame {
         body: Option<String>,
         #[serde(default)]
         e2ee: Option<E2eeSend>,
+        /// Uploaded files the message carries.
+        #[serde(default)]
+        attachments: Vec<AttachmentSend>,
     },
     Ack {
         #[serde(default)]
@@ -184,6 +189,79 @@ pub enum ClientFrame {
         reference: Value,
         device: String,
     },
+    /// Asks for an upload slot: where to PUT a file's bytes.
+    MediaUpload {
+        #[serde(rename = "ref")]
+        reference: Value,
+        content_type: String,
+        size: u64,
+        sha256: String,
+    },
+    /// Says the bytes were uploaded: the server checks their size and hash.
+    MediaComplete {
+        #[serde(rename = "ref")]
+        reference: Value,
+        media_id: String,
+    },
+    /// Asks for a download URL of a media id: the uploader's own, or one that a message of
+    /// a conversation the user belongs to carries.
+    MediaUrl {
+        #[serde(rename = "ref")]
+        reference: Value,
+        media_id: String,
+        #[serde(default)]
+        conversation: Option<String>,
+        #[serde(default)]
+        message_id: Option<String>,
+    },
+}
+
+/// One attachment of a `send`: an uploaded file and what to show with it. The type, size
+/// and hash come from the upload; when given here they must match it.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct AttachmentSend {
+    pub media_id: String,
+    #[serde(default)]
+    pub content_type: Option<String>,
+    #[serde(default)]
+    pub size: Option<u64>,
+    #[serde(default)]
+    pub sha256: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub caption: Option<String>,
+    #[serde(default)]
+    pub thumbnail: Option<String>,
+}
+
+/// An attachment as frames show it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AttachmentView {
+    pub media_id: String,
+    pub content_type: String,
+    pub size: u64,
+    pub sha256: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caption: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thumbnail: Option<String>,
+}
+
+impl From<&Attachment> for AttachmentView {
+    fn from(a: &Attachment) -> Self {
+        AttachmentView {
+            media_id: a.media_id.to_string(),
+            content_type: a.content_type.clone(),
+            size: a.size,
+            sha256: a.sha256.clone(),
+            name: a.name.clone(),
+            caption: a.caption.clone(),
+            thumbnail: a.thumbnail.clone(),
+        }
+    }
 }
 
 /// A one-time or fallback key, by its id.
@@ -327,6 +405,8 @@ pub struct MessageView {
     /// An end-to-end encrypted message's ciphertext for the reading device.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub e2ee: Option<E2eeView>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<AttachmentView>,
     /// For the reader's own messages only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<MessageStatus>,
@@ -368,6 +448,7 @@ impl MessageView {
             body: m.e2ee.is_none().then(|| m.body.clone()),
             ts: m.ts,
             e2ee,
+            attachments: m.attachments.iter().map(AttachmentView::from).collect(),
             status: None,
         }
     }
@@ -434,6 +515,8 @@ pub enum ServerFrame {
         ts: i64,
         #[serde(skip_serializing_if = "Option::is_none")]
         e2ee: Option<E2eeView>,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        attachments: Vec<AttachmentView>,
     },
     Receipt {
         receipt_id: String,
@@ -530,6 +613,35 @@ pub enum ServerFrame {
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<Value>,
     },
+    /// An upload slot: PUT the bytes to `url` with `headers` before `expires_at`.
+    MediaUpload {
+        #[serde(rename = "ref")]
+        reference: Value,
+        media_id: String,
+        url: String,
+        method: &'static str,
+        headers: std::collections::BTreeMap<&'static str, String>,
+        expires_at: i64,
+    },
+    /// The upload is complete and checked: the media id may go into a `send`.
+    MediaComplete {
+        #[serde(rename = "ref")]
+        reference: Value,
+        media_id: String,
+        content_type: String,
+        size: u64,
+        sha256: String,
+    },
+    /// A download URL (ranges work) valid until `expires_at`.
+    MediaUrl {
+        #[serde(rename = "ref")]
+        reference: Value,
+        media_id: String,
+        url: String,
+        content_type: String,
+        size: u64,
+        expires_at: i64,
+    },
     Error {
         code: ErrorCode,
         message: String,
@@ -598,6 +710,7 @@ impl ServerFrame {
             body: view.body,
             ts: view.ts,
             e2ee: view.e2ee,
+            attachments: view.attachments,
         }
     }
 

@@ -117,6 +117,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         (store, presence, bus, Some(dispatcher))
     };
 
+    let blobs = crate::media::open(&config, client_addr, &secret)?;
     let deliveries = presence.deliveries(&node).await?;
     let required = crate::auth::Required {
         audience: config.jwt_audience.clone(),
@@ -129,6 +130,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         store,
         presence,
         bus,
+        blobs,
         crate::metrics::handle(),
     ));
     tracing::info!(
@@ -139,6 +141,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         store = app.store.backend(),
         presence = app.presence.backend(),
         bus = app.bus.backend(),
+        media = app.blobs.as_ref().map_or("none", |b| b.backend()),
         "gateway ready"
     );
 
@@ -307,6 +310,8 @@ async fn run(
         }
     });
 
+    let collector = tokio::spawn(crate::media::collect(app.clone(), background.clone()));
+
     let router = client_router(app.clone());
     loop {
         let accepted = tokio::select! {
@@ -351,7 +356,13 @@ async fn run(
         tracing::warn!("some connections did not finish within 10 s of the drain");
     }
     background.cancel();
-    let _ = tokio::join!(router_task, presence_task, heartbeat_task, deadline_task);
+    let _ = tokio::join!(
+        router_task,
+        presence_task,
+        heartbeat_task,
+        deadline_task,
+        collector
+    );
     dispatcher_stop.cancel();
     if let Some(dispatcher) = dispatcher {
         match dispatcher.await {
@@ -391,6 +402,9 @@ fn client_router(app: Arc<App>) -> Router {
         router = router
             .route("/", get(|| async { Html(include_str!("demo.html")) }))
             .route("/dev/token", post(dev_token));
+    }
+    if app.blobs.as_ref().is_some_and(|b| b.backend() == "local") {
+        router = crate::media::routes(router);
     }
     router
         .fallback(|| async { (StatusCode::NOT_FOUND, Json(json!({"error": "not found"}))) })

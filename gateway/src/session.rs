@@ -18,9 +18,10 @@ use crate::app::App;
 use crate::e2ee;
 use crate::hub::{Class, ConnHandle};
 use crate::limits::frame_limiter;
+use crate::media;
 use crate::protocol::{
-    ClientFrame, DeviceView, E2eeSend, ErrorCode, InboxView, MarkerView, MessageStatus,
-    MessageView, Refusal, ServerFrame,
+    AttachmentSend, ClientFrame, DeviceView, E2eeSend, ErrorCode, InboxView, MarkerView,
+    MessageStatus, MessageView, Refusal, ServerFrame,
 };
 
 /// Most users one connection may watch the presence of.
@@ -32,6 +33,7 @@ impl From<storage::Error> for Refusal {
         let code = match &e {
             E::NotFound(_) => ErrorCode::NotFound,
             E::Invalid(_) => ErrorCode::BadRequest,
+            E::Quota(_) => ErrorCode::QuotaExceeded,
             E::UnknownKey(..) | E::Decrypt(_) | E::Keys(_) => ErrorCode::Internal,
             E::Backend(_) | E::Unavailable(_) | E::Io { .. } => ErrorCode::Unavailable,
         };
@@ -63,11 +65,11 @@ pub struct Session {
     frames: DefaultDirectRateLimiter,
 }
 
-fn forbidden(message: impl Into<String>) -> Refusal {
+pub(crate) fn forbidden(message: impl Into<String>) -> Refusal {
     Refusal::new(ErrorCode::Forbidden, message)
 }
 
-fn parse_id(value: &str, field: &str) -> Result<Uuid, Refusal> {
+pub(crate) fn parse_id(value: &str, field: &str) -> Result<Uuid, Refusal> {
     Uuid::try_parse(value)
         .map_err(|_| Refusal::bad_request(format!("`{field}` is not a message id: {value:?}")))
 }
@@ -161,7 +163,10 @@ impl Session {
             | ClientFrame::Conversations { reference, .. }
             | ClientFrame::GroupInfo { reference, .. }
             | ClientFrame::AddMembers { reference, .. }
-            | ClientFrame::RemoveMembers { reference, .. } => (Some(reference.clone()), None),
+            | ClientFrame::RemoveMembers { reference, .. }
+            | ClientFrame::MediaUpload { reference, .. }
+            | ClientFrame::MediaComplete { reference, .. }
+            | ClientFrame::MediaUrl { reference, .. } => (Some(reference.clone()), None),
             ClientFrame::Ping { reference } => (reference.clone(), None),
             _ => (None, None),
         };
@@ -198,7 +203,10 @@ impl Session {
     }
 
     /// Parses a conversation name and checks that this user belongs to it.
-    async fn member_of(&self, name: &str) -> Result<(Conversation, Option<Group>), Refusal> {
+    pub(crate) async fn member_of(
+        &self,
+        name: &str,
+    ) -> Result<(Conversation, Option<Group>), Refusal> {
         let conversation: Conversation = name
             .parse()
             .map_err(|e: storage::model::BadConversation| Refusal::bad_request(e.to_string()))?;
@@ -230,7 +238,11 @@ impl Session {
                 conversation,
                 body,
                 e2ee,
-            } => self.send(client_msg_id, to, conversation, body, e2ee).await,
+                attachments,
+            } => {
+                self.send(client_msg_id, to, conversation, body, e2ee, attachments)
+                    .await
+            }
             ClientFrame::Ack {
                 message_ids,
                 receipt_ids,
@@ -491,6 +503,31 @@ impl Session {
                 self.reply(ServerFrame::ToDeviceSent { reference });
                 Ok(())
             }
+            ClientFrame::MediaUpload {
+                reference,
+                content_type,
+                size,
+                sha256,
+            } => Box::pin(media::upload(self, reference, content_type, size, sha256)).await,
+            ClientFrame::MediaComplete {
+                reference,
+                media_id,
+            } => Box::pin(media::complete(self, reference, media_id)).await,
+            ClientFrame::MediaUrl {
+                reference,
+                media_id,
+                conversation,
+                message_id,
+            } => {
+                Box::pin(media::url(
+                    self,
+                    reference,
+                    media_id,
+                    conversation,
+                    message_id,
+                ))
+                .await
+            }
             ClientFrame::RemoveDevice { reference, device } => {
                 if !storage::is_valid_id(&device) {
                     return Err(Refusal::bad_request(format!(
@@ -512,6 +549,7 @@ impl Session {
         conversation: Option<String>,
         body: Option<String>,
         e2ee: Option<E2eeSend>,
+        attachments: Vec<AttachmentSend>,
     ) -> Result<(), Refusal> {
         let length = client_msg_id.chars().count();
         if length == 0 || length > 64 {
@@ -536,9 +574,11 @@ impl Session {
                 body
             }
             (None, Some(_)) => String::new(),
+            (None, None) if !attachments.is_empty() => String::new(),
             (None, None) => {
                 return Err(Refusal::bad_request(
-                    "missing field `body` (or `e2ee` for an end-to-end encrypted message)",
+                    "missing field `body` (or `e2ee` for an end-to-end encrypted message, or \
+                     `attachments`)",
                 ))
             }
             (Some(_), Some(_)) => {
@@ -586,6 +626,11 @@ impl Session {
             }
             None => None,
         };
+        let attachments = if attachments.is_empty() {
+            Vec::new()
+        } else {
+            Box::pin(media::check_attachments(self, attachments)).await?
+        };
 
         // The dispatcher that stores the message answers `sent` (or, for a retry, the
         // message stored first) to this connection; until then the send waits here, and the
@@ -598,13 +643,14 @@ impl Session {
             body,
             ts: ts_of(id),
             e2ee,
+            attachments,
         };
         let origin = ConnRef {
             node: self.app.node.clone(),
             conn: self.conn.id,
         };
         let envelope = Envelope::Message {
-            message,
+            message: Box::new(message),
             origin: Some(origin),
             client_msg_id: Some(client_msg_id.clone()),
         };

@@ -10,6 +10,9 @@ pub enum Error {
     NotFound(String),
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// A user's media uploads of the day would pass their quota.
+    #[error("daily upload quota: {0}")]
+    Quota(String),
     #[error("message {0} is encrypted with key id {1}, which is not in the key ring: add that key to the key file")]
     UnknownKey(Uuid, u32),
     #[error("message {0} failed to decrypt: its ciphertext, nonce or associated data was altered")]

@@ -6,6 +6,7 @@
 //! of the inbound log or of presence: callers decide *when* to write, the store decides
 //! *how* so that every write is idempotent and durable once it returns.
 
+pub mod blob;
 pub mod crypto;
 pub mod error;
 pub mod model;
@@ -16,9 +17,9 @@ pub mod store;
 pub use ::scylla::statement::Consistency;
 pub use error::{Error, Result};
 pub use model::{
-    device_address, device_of, is_valid_id, ts_of, user_of, AckedMessage, Appended, Claimed,
-    Conversation, Device, DeviceCiphertext, DeviceKeys, E2ee, ForDevice, Group, GroupChange,
-    GroupChangeKind, GroupCiphertext, InboxEntry, Marker, Message, NewMessage, Notice,
+    device_address, device_of, is_valid_id, ts_of, user_of, AckedMessage, Appended, Attachment,
+    Claimed, Conversation, Device, DeviceCiphertext, DeviceKeys, E2ee, ForDevice, Group,
+    GroupChange, GroupChangeKind, GroupCiphertext, InboxEntry, Marker, Message, NewMessage, Notice,
     OlmCiphertext, OneTimeKey, Receipt, ReceiptStatus, ToDevice, MAX_DEVICES_PER_USER,
     MAX_GROUP_MEMBERS, MAX_ONE_TIME_KEYS,
 };

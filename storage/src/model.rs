@@ -145,11 +145,44 @@ pub struct Message {
     /// The ciphertexts of an end-to-end encrypted message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub e2ee: Option<E2ee>,
+    /// Files the message carries: references to blobs, checked when it was sent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<Attachment>,
+}
+
+/// A file a message carries. Its bytes live in the blob store (uploaded before the send);
+/// the message keeps the reference and what a client shows before downloading.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub media_id: Uuid,
+    pub content_type: String,
+    /// Bytes of the stored blob.
+    pub size: u64,
+    /// SHA-256 of the stored blob, lowercase hex (of the ciphertext, for a file encrypted
+    /// end to end).
+    pub sha256: String,
+    /// The file's name, as the sender gave it.
+    pub name: Option<String>,
+    pub caption: Option<String>,
+    /// A small preview (base64, e.g. a JPEG thumbnail), shown before the download.
+    pub thumbnail: Option<String>,
+}
+
+/// What a store keeps of a message with attachments (postcard, after [`RICH_CONTENT`]).
+#[derive(Serialize, Deserialize)]
+struct RichContent {
+    body: String,
+    e2ee: Option<E2ee>,
+    attachments: Vec<Attachment>,
 }
 
 /// The first byte of the stored content of an end-to-end encrypted message: a text body is
 /// UTF-8, in which 0xFF never occurs, so the two cannot be mistaken for each other.
 const E2EE_CONTENT: u8 = 0xFF;
+
+/// The first byte of the stored content of a message with attachments (0xFE never occurs in
+/// UTF-8 either).
+const RICH_CONTENT: u8 = 0xFE;
 
 impl Message {
     /// The message without its body (which may be large), for bookkeeping.
@@ -161,21 +194,32 @@ impl Message {
             body: String::new(),
             ts: self.ts,
             e2ee: None,
+            attachments: Vec::new(),
         }
     }
 
-    /// What a store seals at rest: the body's UTF-8 bytes, or for an end-to-end encrypted
-    /// message a marker byte and its ciphertexts (postcard).
+    /// What a store seals at rest: the body's UTF-8 bytes; for an end-to-end encrypted
+    /// message a marker byte and its ciphertexts (postcard); for a message with attachments
+    /// another marker byte and all of it (postcard).
     pub fn content(&self) -> Result<Vec<u8>, crate::Error> {
-        match &self.e2ee {
-            None => Ok(self.body.as_bytes().to_vec()),
-            Some(e2ee) => {
-                let mut out = vec![E2EE_CONTENT];
-                postcard::to_io(e2ee, &mut out).map_err(|e| {
-                    crate::Error::Backend(format!("encoding message {}: {e}", self.id))
-                })?;
-                Ok(out)
-            }
+        fn encoded<T: Serialize>(marker: u8, value: &T, id: Uuid) -> crate::Result<Vec<u8>> {
+            let mut out = vec![marker];
+            postcard::to_io(value, &mut out)
+                .map_err(|e| crate::Error::Backend(format!("encoding message {id}: {e}")))?;
+            Ok(out)
+        }
+        match (&self.e2ee, self.attachments.is_empty()) {
+            (None, true) => Ok(self.body.as_bytes().to_vec()),
+            (Some(e2ee), true) => encoded(E2EE_CONTENT, e2ee, self.id),
+            (_, false) => encoded(
+                RICH_CONTENT,
+                &RichContent {
+                    body: self.body.clone(),
+                    e2ee: self.e2ee.clone(),
+                    attachments: self.attachments.clone(),
+                },
+                self.id,
+            ),
         }
     }
 
@@ -186,14 +230,21 @@ impl Message {
         from: String,
         content: Vec<u8>,
     ) -> Result<Message, crate::Error> {
-        let (body, e2ee) = match content.split_first() {
+        let undecodable = |_| crate::Error::Decrypt(id);
+        let (body, e2ee, attachments) = match content.split_first() {
             Some((&E2EE_CONTENT, rest)) => (
                 String::new(),
-                Some(postcard::from_bytes(rest).map_err(|_| crate::Error::Decrypt(id))?),
+                Some(postcard::from_bytes(rest).map_err(undecodable)?),
+                Vec::new(),
             ),
+            Some((&RICH_CONTENT, rest)) => {
+                let rich: RichContent = postcard::from_bytes(rest).map_err(undecodable)?;
+                (rich.body, rich.e2ee, rich.attachments)
+            }
             _ => (
                 String::from_utf8(content).map_err(|_| crate::Error::Decrypt(id))?,
                 None,
+                Vec::new(),
             ),
         };
         Ok(Message {
@@ -203,6 +254,7 @@ impl Message {
             body,
             ts: ts_of(id),
             e2ee,
+            attachments,
         })
     }
 

@@ -84,6 +84,7 @@ fn message(from: &str, conversation: &Conversation, body: &str) -> Message {
         body: body.into(),
         ts: ts_of(id),
         e2ee: None,
+        attachments: Vec::new(),
     }
 }
 
@@ -680,6 +681,7 @@ async fn history_pages_across_weeks<S: MessageStore>(store: S) {
             body: format!("{days_ago} days ago"),
             ts: ts_of(id),
             e2ee: None,
+            attachments: Vec::new(),
         };
         append_one(&store, &m, &["dan"]).await;
         sent.push(m);

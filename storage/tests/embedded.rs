@@ -31,6 +31,7 @@ fn message(body: &str) -> Message {
         body: body.into(),
         ts: ts_of(id),
         e2ee: None,
+        attachments: Vec::new(),
     }
 }
 

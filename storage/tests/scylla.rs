@@ -166,6 +166,7 @@ async fn a_version_1_keyspace_keeps_working_after_the_upgrade() {
         body: body.into(),
         ts: ts_of(id),
         e2ee: None,
+        attachments: Vec::new(),
     };
     // Schema version 3 filled the inboxes: each conversation for its members, at its
     // latest activity (the group's, its creation).

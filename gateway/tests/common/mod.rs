@@ -90,6 +90,15 @@ pub(crate) fn distributed(config: &mut Config, tag: &str) {
     b.redis_prefix = tag.to_owned();
     b.node_ttl_secs = 3;
     config.keys = Some(CLUSTER_KEYS.into());
+    // Media on the S3 server, when the servers include one.
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    if let Some(endpoint) = var("TEST_S3_ENDPOINT") {
+        let m = &mut config.media;
+        m.s3_endpoint = Some(endpoint);
+        m.s3_bucket = var("TEST_S3_BUCKET");
+        m.s3_access_key_id = var("TEST_S3_ACCESS_KEY_ID").unwrap_or_default();
+        m.s3_secret_access_key = var("TEST_S3_SECRET_ACCESS_KEY").unwrap_or_default();
+    }
 }
 
 /// Starts the system under test on a fresh data dir; `tune` adjusts the configuration of
@@ -676,6 +685,7 @@ impl Server {
     pub(crate) fn address(&self) -> String {
         match self.kind {
             "redis" => format!("redis://127.0.0.1:{}", self.port),
+            "s3" => format!("http://127.0.0.1:{}", self.port),
             _ => format!("127.0.0.1:{}", self.port),
         }
     }
