@@ -278,8 +278,9 @@ except OSError:
     sys.exit(1)
 PY
     ;;
-    s3) # The bucket exists: an unsigned request for it is refused, not missing.
-        [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$2/$S3_BUCKET/")" = 403 ] ;;
+    s3) # A signed listing of the test bucket: it exists (created after the rest is up).
+        [ "$(curl -s -o /dev/null -w '%{http_code}' --aws-sigv4 "aws:amz:us-east-1:s3" \
+            --user "$S3_ACCESS_KEY:$S3_SECRET_KEY" "http://127.0.0.1:$2/$S3_BUCKET/?list-type=2")" = 200 ] ;;
     *) log "unknown server kind $1"; return 2 ;;
     esac
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README "Quickstart"). It does all of its own set-up:
 # fetches Redis (apt), Apache Kafka and Apache Cassandra (Maven Central, cached in .cache/),
+# builds SeaweedFS (the S3-compatible server for media; Go module proxy, cached in .cache/),
 # Chromium (apt) and playwright-core (npm, cached in .cache/pw) for the browser check,
 # HAProxy (apt) and the manifest validators (PyPI, cached in .cache/validate),
 # starts them on free loopback ports, runs every suite (embedded and distributed) and
@@ -59,6 +60,7 @@ stage "browser check"
 # time, to keep the single Cassandra node's schema changes quick).
 CHAT_TEST_CLUSTER=1 cargo test -p gateway --locked \
   --test connecting --test frames --test guarantees --test inbox --test limits --test push --test e2ee \
+  --test media \
   "$@" -- --test-threads=2
 stage "cluster suite"
 
@@ -73,6 +75,8 @@ stage "fault tests"
 # Redis Cluster, the cluster's protocol guarantees and limits on all of them, then a
 # broker, a Cassandra node and a Redis master SIGKILLed under load.
 infra/servers.sh down "$state"
+# No S3 server in this stage: its gateways run without media.
+unset TEST_S3_ENDPOINT TEST_S3_BUCKET TEST_S3_ACCESS_KEY_ID TEST_S3_SECRET_ACCESS_KEY
 replicated="$(mktemp -d /tmp/chat-replicated.XXXXXX)"
 trap 'infra/servers.sh down "$state"; infra/servers.sh down "$replicated"; rm -rf "$state" "$replicated"' EXIT
 if ! infra/servers.sh up-replicated "$replicated" > "$replicated/up.log" 2>&1; then
