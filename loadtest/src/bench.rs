@@ -300,6 +300,8 @@ async fn direct_with(
         progress: false,
         connect_timeout: Duration::from_secs(60),
         e2ee,
+        attachments: 0.0,
+        attachment_bytes: 0,
     };
     // CPU is counted from the start of the send phase, once every user is connected.
     let meter = Arc::new(Mutex::new(None));
@@ -437,6 +439,8 @@ pub async fn idle_kib_per_conn(url: &str, pid: u32, conns: u32) -> anyhow::Resul
         progress: false,
         connect_timeout: Duration::from_secs(60),
         e2ee: false,
+        attachments: 0.0,
+        attachment_bytes: 0,
     };
     let outcome = scenario::run(&f, &workload, &options, Some(gate)).await?;
     let after = after

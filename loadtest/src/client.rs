@@ -50,6 +50,9 @@ pub enum ClientFrame {
         #[serde(skip_serializing_if = "Option::is_none")]
         conversation: Option<String>,
         body: String,
+        /// Uploaded files (`{"media_id": …}`) the message carries.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        attachments: Vec<Value>,
     },
     /// Confirms messages (stored on this device), receipts (shown) and notices (taken:
     /// to-device messages, `keys_low`).
@@ -123,6 +126,16 @@ pub struct MessageFrame {
     /// This device's ciphertext of an end-to-end encrypted message (see [`crate::e2ee`]).
     #[serde(default)]
     pub e2ee: Option<Value>,
+    #[serde(default)]
+    pub attachments: Vec<AttachmentFrame>,
+}
+
+/// A file a message carries (the parts the load generator checks).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct AttachmentFrame {
+    pub media_id: String,
+    pub size: u64,
+    pub sha256: String,
 }
 
 /// Frames the server sends. Unknown types parse as `Other`, so newer servers work.
@@ -207,6 +220,24 @@ pub enum ServerFrame {
     KeysLow {
         notice_id: String,
         one_time_keys: u64,
+    },
+    MediaUpload {
+        #[serde(rename = "ref")]
+        reference: Value,
+        media_id: String,
+        url: String,
+        headers: std::collections::BTreeMap<String, String>,
+    },
+    MediaComplete {
+        #[serde(rename = "ref")]
+        reference: Value,
+        media_id: String,
+    },
+    MediaUrl {
+        #[serde(rename = "ref")]
+        reference: Value,
+        media_id: String,
+        url: String,
     },
     #[serde(other)]
     Other,
@@ -445,6 +476,7 @@ mod tests {
             to: Some("bob".into()),
             conversation: None,
             body: "b".into(),
+            attachments: Vec::new(),
         };
         assert_eq!(
             send.to_json(),

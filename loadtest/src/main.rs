@@ -229,6 +229,14 @@ struct Traffic {
     /// fixed contacts (a session each); receivers decrypt what they check. One process.
     #[arg(long)]
     e2ee: bool,
+    /// Fraction (0-1) of messages that carry an attachment: each user uploads one file
+    /// before the run (upload slot, PUT, `media_complete`), and recipients download every
+    /// attachment they get and check its SHA-256 (server-encrypted messages only).
+    #[arg(long, default_value_t = 0.0)]
+    attachments: f64,
+    /// Bytes of each user's attachment.
+    #[arg(long, default_value_t = 32 * 1024)]
+    attachment_bytes: usize,
 }
 
 /// What a child process hands back to its parent.
@@ -427,6 +435,8 @@ async fn drive(
         body_bytes: 100,
         drain_secs: 0.0,
         e2ee: false,
+        attachments: 0.0,
+        attachment_bytes: 0,
     });
     let is_child = common.child_report.is_some();
     let processes = common
@@ -440,7 +450,15 @@ async fn drive(
         progress: !common.quiet && !is_child && std::io::stderr().is_terminal(),
         connect_timeout: Duration::from_secs_f64(common.connect_timeout_secs),
         e2ee: traffic.e2ee,
+        attachments: traffic.attachments,
+        attachment_bytes: traffic.attachment_bytes,
     };
+    if !(0.0..=1.0).contains(&traffic.attachments) {
+        bail!("--attachments is a fraction of the messages, from 0 to 1");
+    }
+    if traffic.e2ee && traffic.attachments > 0.0 {
+        bail!("--attachments goes with server-encrypted messages: leave out --e2ee");
+    }
     if traffic.e2ee && processes > 1 {
         bail!(
             "--e2ee runs in one process (each device's sessions live there): use at most \

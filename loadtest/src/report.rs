@@ -75,6 +75,8 @@ pub struct Report {
     pub sent_latency: Percentiles,
     pub delivery_latency: Percentiles,
     pub connect_latency: Percentiles,
+    /// Attachments downloaded whose bytes matched their SHA-256 (`--attachments`).
+    pub attachments_verified: u64,
     pub errors: std::collections::BTreeMap<String, u64>,
     pub verdict: Verdict,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -118,6 +120,7 @@ impl Report {
             sent_latency: Percentiles::of(&stats.sent),
             delivery_latency: Percentiles::of(&stats.delivered),
             connect_latency: Percentiles::of(&stats.connect),
+            attachments_verified: stats.attachments_verified,
             errors: stats.errors.clone(),
             verdict,
             server_rss_kib_per_conn: None,
@@ -163,6 +166,16 @@ impl Report {
                     self.delivered_after_window, self.drain_secs
                 ),
             );
+            if self.attachments_verified > 0 {
+                line(
+                    &mut out,
+                    "attachments",
+                    format!(
+                        "{} downloaded, each matching its SHA-256",
+                        self.attachments_verified
+                    ),
+                );
+            }
         }
         out.push_str(&format!(
             "  {:<24} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",

@@ -124,6 +124,11 @@ pub struct Options {
     /// Send end-to-end encrypted messages (Olm for direct ones, Megolm in groups); the
     /// checker decrypts what arrives.
     pub e2ee: bool,
+    /// The fraction of (server-encrypted) messages that carry an attachment: each user
+    /// uploads one file of `attachment_bytes` before the run, and recipients download
+    /// every attachment they get and check its bytes.
+    pub attachments: f64,
+    pub attachment_bytes: usize,
 }
 
 /// What a run measured, before reporting.
@@ -166,6 +171,9 @@ struct Shared {
     /// Users hosted here, by local index.
     agents: Vec<Arc<Agent>>,
     stop: CancellationToken,
+    /// Attachment downloads under way (awaited before the run reports).
+    downloads: tokio_util::task::TaskTracker,
+    http: reqwest::Client,
 }
 
 impl Shared {
@@ -187,6 +195,8 @@ struct Agent {
     /// With `--e2ee`: the device's keys and sessions, and what it decrypted (a message that
     /// comes again cannot be decrypted twice).
     e2ee: Option<Mutex<Decrypting>>,
+    /// With `--attachments`: the media id of this user's uploaded file.
+    media: std::sync::OnceLock<String>,
 }
 
 /// A device's end-to-end encryption state in a run.
@@ -242,6 +252,7 @@ pub async fn run(
                     seen: HashMap::new(),
                 })
             }),
+            media: std::sync::OnceLock::new(),
         }));
         inboxes.push(inbox);
     }
@@ -249,6 +260,8 @@ pub async fn run(
         collector: Mutex::new(Collector::default()),
         agents,
         stop: stop.clone(),
+        downloads: tokio_util::task::TaskTracker::new(),
+        http: reqwest::Client::new(),
     });
 
     // Groups are created before anyone connects, over short setup connections.
@@ -258,6 +271,9 @@ pub async fn run(
     };
     if options.e2ee {
         e2ee_setup(fleet, &shared, &groups).await?;
+    }
+    if options.attachments > 0.0 {
+        media_setup(fleet, &shared, options.attachment_bytes).await?;
     }
 
     // Connect: all at once (bounded), or at the ramp's rate.
@@ -353,6 +369,19 @@ pub async fn run(
                 drain(&shared, options).await;
             }
         }
+    }
+    shared.downloads.close();
+    if tokio::time::timeout(
+        options.drain.max(Duration::from_secs(5)),
+        shared.downloads.wait(),
+    )
+    .await
+    .is_err()
+    {
+        shared
+            .collector()
+            .stats
+            .error("attachment_download_timeout");
     }
 
     stop.cancel();
@@ -551,6 +580,12 @@ async fn schedule(
                     to,
                     conversation,
                     body,
+                    attachments: match sender.media.get() {
+                        Some(media) if rng.gen_bool(options.attachments.clamp(0.0, 1.0)) => {
+                            vec![json!({ "media_id": media })]
+                        }
+                        _ => Vec::new(),
+                    },
                 }
                 .to_json(),
             };
@@ -814,7 +849,31 @@ async fn read_loop(
                         let _ = s.latency.record(latency);
                     }
                 }
+                for a in &m.attachments {
+                    // The expected hash travels in `ref`, back with the answer.
+                    let ask = json!({"type": "media_url", "ref": a.sha256, "media_id": a.media_id,
+                        "conversation": m.conversation, "message_id": m.message_id});
+                    if agent.outbox.try_send(ask.to_string()).is_err() {
+                        shared.collector().stats.error("attachment_not_asked");
+                    }
+                }
                 let _ = acks.send(Confirm::Message(m.message_id));
+            }
+            ServerFrame::MediaUrl { reference, url, .. } => {
+                let expected = reference.as_str().unwrap_or_default().to_owned();
+                let shared2 = shared.clone();
+                shared.downloads.spawn(async move {
+                    let outcome = download_sha256(&shared2.http, &url).await;
+                    let mut c = shared2.collector();
+                    match outcome {
+                        Ok(got) if got == expected => c.stats.attachments_verified += 1,
+                        Ok(_) => c.stats.error("attachment_bytes_differ"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "downloading an attachment failed");
+                            c.stats.error("attachment_download_failed");
+                        }
+                    }
+                });
             }
             ServerFrame::Receipt { receipt_id, .. } => {
                 // Shown: no longer kept for this user's next connect.
@@ -989,6 +1048,65 @@ async fn e2ee_setup(
             Ok::<_, anyhow::Error>(())
         })
         .buffer_unordered(limit)
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(())
+}
+
+/// Downloads a file and returns its SHA-256 (hex).
+async fn download_sha256(http: &reqwest::Client, url: &str) -> anyhow::Result<String> {
+    use sha2::Digest;
+    let response = http.get(url).send().await?.error_for_status()?;
+    Ok(hex::encode(sha2::Sha256::digest(&response.bytes().await?)))
+}
+
+/// Each user uploads one file of `bytes` random bytes, as a client does: an upload slot,
+/// a PUT to its URL, `media_complete`. Its messages with an attachment carry it.
+async fn media_setup(fleet: &Fleet, shared: &Arc<Shared>, bytes: usize) -> anyhow::Result<()> {
+    use futures_util::{StreamExt, TryStreamExt};
+    use sha2::Digest;
+    futures_util::stream::iter(shared.agents.iter().cloned())
+        .map(|agent| async move {
+            let user = fleet.user(agent.index);
+            let url = &fleet.urls[agent.index as usize % fleet.urls.len()];
+            let token = fleet.tokens.token(url, &user).await?;
+            let (mut writer, mut reader, _) =
+                client::connect(&fleet.target(agent.index, token)).await?;
+            let file: Vec<u8> = (0..bytes.max(1)).map(|_| rand::random::<u8>()).collect();
+            let sha256 = hex::encode(sha2::Sha256::digest(&file));
+            let ask = json!({"type": "media_upload", "ref": "upload",
+                "content_type": "application/octet-stream", "size": file.len(), "sha256": sha256});
+            writer.send_text(ask.to_string()).await?;
+            let (media_id, put_url, headers) = match expect(&mut reader, |f| {
+                matches!(f, ServerFrame::MediaUpload { .. })
+            })
+            .await?
+            {
+                ServerFrame::MediaUpload {
+                    media_id,
+                    url,
+                    headers,
+                    ..
+                } => (media_id, url, headers),
+                _ => unreachable!("matched above"),
+            };
+            let mut put = shared.http.put(&put_url).body(file);
+            for (name, value) in headers {
+                put = put.header(name, value);
+            }
+            put.send().await?.error_for_status()?;
+            let complete =
+                json!({"type": "media_complete", "ref": "complete", "media_id": media_id});
+            writer.send_text(complete.to_string()).await?;
+            expect(&mut reader, |f| {
+                matches!(f, ServerFrame::MediaComplete { .. })
+            })
+            .await?;
+            writer.close().await;
+            let _ = agent.media.set(media_id);
+            Ok::<_, anyhow::Error>(())
+        })
+        .buffer_unordered(fleet.concurrency.max(1))
         .try_collect::<Vec<()>>()
         .await?;
     Ok(())

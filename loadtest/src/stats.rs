@@ -47,6 +47,9 @@ pub struct Stats {
     #[serde(default)]
     pub drain_ms: u64,
     pub connected: u64,
+    /// Attachments downloaded whose bytes hash to what the message said.
+    #[serde(default)]
+    pub attachments_verified: u64,
     pub errors: BTreeMap<String, u64>,
     /// By second since the start of the send phase.
     pub timeline: BTreeMap<u64, Second>,
@@ -64,6 +67,7 @@ impl Default for Stats {
             delivered_in_window: 0,
             drain_ms: 0,
             connected: 0,
+            attachments_verified: 0,
             errors: BTreeMap::new(),
             timeline: BTreeMap::new(),
         }
@@ -93,6 +97,7 @@ impl Stats {
         self.delivered_in_window += other.delivered_in_window;
         self.drain_ms = self.drain_ms.max(other.drain_ms);
         self.connected += other.connected;
+        self.attachments_verified += other.attachments_verified;
         for (code, n) in other.errors {
             *self.errors.entry(code).or_default() += n;
         }

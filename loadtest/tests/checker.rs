@@ -53,6 +53,8 @@ fn options() -> Options {
         progress: false,
         connect_timeout: Duration::from_secs(60),
         e2ee: false,
+        attachments: 0.0,
+        attachment_bytes: 0,
     }
 }
 
@@ -267,6 +269,38 @@ async fn encrypted_runs_against_the_embedded_gateway_lose_nothing() {
     );
     assert_eq!(verdict.lost, 0, "{verdict:?}");
     assert_eq!(verdict.reordered, 0, "{verdict:?}");
+    gw.shutdown();
+    gw.wait().await;
+}
+
+/// Messages with attachments: every user uploads a file first, and each recipient
+/// downloads what it gets and checks the bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_with_attachments_check_every_downloaded_byte() {
+    let (gw, _dir) = start_gateway().await;
+    let url = format!("ws://{}/ws", gw.client_addr);
+    let options = Options {
+        attachments: 0.5,
+        attachment_bytes: 20_000,
+        ..options()
+    };
+    let outcome = scenario::run(
+        &fleet(&url, Tokens::Secret("lt-secret".into()), 10),
+        &direct(100.0, 1.0),
+        &options,
+        None,
+    )
+    .await
+    .expect("run");
+    let (verdict, stats) = (outcome.ledger.verdict(), outcome.stats);
+    assert!(stats.errors.is_empty(), "{:?}", stats.errors);
+    assert!(verdict.clean() && verdict.delivered == 100, "{verdict:?}");
+    // About half of the 100 messages carry a file; each arrived, was downloaded, matched.
+    assert!(
+        (20..=80).contains(&stats.attachments_verified),
+        "{} attachments verified",
+        stats.attachments_verified
+    );
     gw.shutdown();
     gw.wait().await;
 }
