@@ -2,11 +2,15 @@
 # The browser check of the demo page: installs what it needs if missing (Chromium from
 # Debian, playwright-core from npm into .cache/pw), starts a dev-mode embedded gateway on
 # free loopback ports with a fresh data directory, runs infra/demo-check.mjs against it,
-# and stops the gateway again.
-#   infra/browser.sh <path to the gateway binary>
+# and stops the gateway again. With a dispatcher binary and a backends.env of running
+# servers (infra/servers.sh up), it starts a dev-mode cluster of one gateway and one
+# dispatcher on them instead and runs the media check alone (pictures through S3).
+#   infra/browser.sh <path to the gateway binary> [<dispatcher binary> <backends.env>]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-gateway="${1:?usage: infra/browser.sh <path to the gateway binary>}"
+gateway="${1:?usage: infra/browser.sh <path to the gateway binary> [<dispatcher binary> <backends.env>]}"
+dispatcher="${2:-}"
+backends="${3:-}"
 
 if ! command -v chromium >/dev/null 2>&1; then
   echo "browser: installing Chromium (apt)" >&2
@@ -28,10 +32,26 @@ free_port() {
 port="$(free_port)"
 admin="$(free_port)"
 data="$(mktemp -d /tmp/chat-browser.XXXXXX)"
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}" 2>/dev/null || true; rm -rf "$data"' EXIT
+only=""
+if [ -n "$dispatcher" ]; then
+  # A cluster of its own on the shared servers: its own topics, keyspace and key prefix.
+  set -a
+  # shellcheck disable=SC1090
+  . "$backends"
+  tag="browser$(date +%s)"
+  KAFKA_TOPIC_PREFIX="$tag." KAFKA_GROUP="$tag" KAFKA_PARTITIONS=4 SCYLLA_KEYSPACE="$tag" REDIS_PREFIX="$tag"
+  STORAGE_KEYS="1:$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+  set +a
+  "$dispatcher" --admin-listen "127.0.0.1:$(free_port)" > "$data/dispatcher.log" 2>&1 &
+  pids+=($!)
+  only=media
+fi
 "$gateway" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" --data-dir "$data" \
-  > "$data/gateway.log" 2>&1 &
+  ${dispatcher:+--dev true} > "$data/gateway.log" 2>&1 &
 gw_pid=$!
-trap 'kill "$gw_pid" 2>/dev/null || true; wait "$gw_pid" 2>/dev/null || true; rm -rf "$data"' EXIT
+pids+=("$gw_pid")
 
 for _ in $(seq 1 100); do
   if curl -fsS "http://127.0.0.1:$admin/readyz" >/dev/null 2>&1; then break; fi
@@ -43,8 +63,9 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 
-if ! PLAYWRIGHT_DIR=.cache/pw node infra/demo-check.mjs "http://127.0.0.1:$port/"; then
+if ! ONLY="$only" PLAYWRIGHT_DIR=.cache/pw node infra/demo-check.mjs "http://127.0.0.1:$port/"; then
   tail -n 50 "$data/gateway.log" >&2
+  [ -z "$dispatcher" ] || tail -n 30 "$data/dispatcher.log" >&2
   echo "browser: the demo page check failed (gateway log above)" >&2
   exit 1
 fi

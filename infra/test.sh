@@ -51,8 +51,10 @@ stage "workspace tests"
 
 # The demo page, a small real client, in headless Chromium (installed if missing) against
 # a dev-mode embedded gateway: every case that once broke it.
-cargo build -p gateway --locked
+cargo build -p gateway -p dispatcher --locked
 infra/browser.sh target/debug/gateway
+# And a picture between two demo-page users through a cluster, its media on the S3 server.
+infra/browser.sh target/debug/gateway target/debug/dispatcher "$state/backends.env"
 stage "browser check"
 
 # The end-to-end protocol suite again, against a cluster of 2 gateways and 2 dispatchers
