@@ -162,6 +162,11 @@ pub struct MediaArgs {
     #[arg(long, env = "S3_ENDPOINT")]
     pub s3_endpoint: Option<String>,
 
+    /// Where clients reach the store, when not at `--s3-endpoint` (e.g. behind a proxy,
+    /// or a container network's name): upload and download URLs are signed for it.
+    #[arg(long, env = "S3_PUBLIC_ENDPOINT")]
+    pub s3_public_endpoint: Option<String>,
+
     #[arg(long, env = "S3_REGION", default_value = "us-east-1")]
     pub s3_region: String,
 
@@ -235,6 +240,7 @@ impl MediaArgs {
         Some(storage::blob::S3Config {
             bucket: self.s3_bucket.clone().filter(|b| !b.is_empty())?,
             endpoint: self.s3_endpoint.clone().filter(|e| !e.is_empty()),
+            public_endpoint: self.s3_public_endpoint.clone().filter(|e| !e.is_empty()),
             region: self.s3_region.clone(),
             access_key_id: self.s3_access_key_id.clone(),
             secret_access_key: self.s3_secret_access_key.clone(),

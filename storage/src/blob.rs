@@ -64,6 +64,9 @@ pub enum MediaState {
 pub struct S3Config {
     /// `http(s)://host:port` of a non-AWS store (path-style requests); `None` for AWS.
     pub endpoint: Option<String>,
+    /// Where clients reach the store, when not at `endpoint` (a container network's name
+    /// is not a client's): URLs for clients are signed for this one.
+    pub public_endpoint: Option<String>,
     pub bucket: String,
     pub region: String,
     pub access_key_id: String,
@@ -182,23 +185,29 @@ impl Blobs {
 
     /// Blobs in an S3-compatible bucket, with presigned URLs.
     pub fn s3(config: &S3Config, timeout: Duration) -> Result<Self> {
-        let mut builder = AmazonS3Builder::new()
-            .with_bucket_name(&config.bucket)
-            .with_region(&config.region)
-            .with_access_key_id(&config.access_key_id)
-            .with_secret_access_key(&config.secret_access_key);
-        if let Some(endpoint) = &config.endpoint {
-            builder = builder
-                .with_endpoint(endpoint)
-                .with_allow_http(endpoint.starts_with("http://"))
-                .with_virtual_hosted_style_request(false);
-        }
-        let s3 = Arc::new(
+        let bucket = |endpoint: Option<&String>| {
+            let mut builder = AmazonS3Builder::new()
+                .with_bucket_name(&config.bucket)
+                .with_region(&config.region)
+                .with_access_key_id(&config.access_key_id)
+                .with_secret_access_key(&config.secret_access_key);
+            if let Some(endpoint) = endpoint {
+                builder = builder
+                    .with_endpoint(endpoint)
+                    .with_allow_http(endpoint.starts_with("http://"))
+                    .with_virtual_hosted_style_request(false);
+            }
             builder
                 .build()
-                .map_err(|e| Error::Backend(format!("S3 configuration: {e}")))?,
-        );
-        Ok(Self::with(s3.clone(), Urls::S3(s3), timeout))
+                .map(Arc::new)
+                .map_err(|e| Error::Backend(format!("S3 configuration: {e}")))
+        };
+        let s3 = bucket(config.endpoint.as_ref())?;
+        let signer = match &config.public_endpoint {
+            Some(public) => bucket(Some(public))?,
+            None => s3.clone(),
+        };
+        Ok(Self::with(s3, Urls::S3(signer), timeout))
     }
 
     fn with(store: Arc<dyn ObjectStore>, urls: Urls, timeout: Duration) -> Self {

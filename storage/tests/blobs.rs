@@ -43,6 +43,7 @@ fn s3() -> Option<(Blobs, Option<tempfile::TempDir>)> {
     let endpoint = server_url("TEST_S3_ENDPOINT")?;
     let config = S3Config {
         endpoint: Some(endpoint),
+        public_endpoint: None,
         bucket: std::env::var("TEST_S3_BUCKET").expect("TEST_S3_BUCKET"),
         region: "us-east-1".into(),
         access_key_id: std::env::var("TEST_S3_ACCESS_KEY_ID").expect("TEST_S3_ACCESS_KEY_ID"),
