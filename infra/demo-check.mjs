@@ -89,6 +89,18 @@ async function exchangeFiles(alice, bob) {
   if (Buffer.compare(Buffer.from(got), doc) !== 0) throw new Error("alice's download is not bob's file");
 }
 
+// Ends the check: fails it if any page reported an error on the way.
+async function finish(passed) {
+  await browser.close();
+  clearTimeout(deadline);
+  if (problems.length) {
+    console.error(problems.join("\n"));
+    process.exit(1);
+  }
+  console.log(passed);
+  process.exit(0);
+}
+
 const alice = await login("alice");
 const bob = await login("bob");
 
@@ -97,14 +109,7 @@ if (process.env.ONLY === "media") {
   await alice.page.fill("#dmuser", "bob");
   await alice.page.click("#dmform button");
   await check("two users exchange a picture, and a file to download (cluster)", () => exchangeFiles(alice, bob));
-  await browser.close();
-  clearTimeout(deadline);
-  if (problems.length) {
-    console.error(problems.join("\n"));
-    process.exit(1);
-  }
-  console.log("browser check (media): passed");
-  process.exit(0);
+  await finish("browser check (media): passed");
 }
 
 await check("two users chat: message, read ticks, presence, typing, reply", async () => {
@@ -271,10 +276,4 @@ await check("last seen once the other user leaves", async () => {
 });
 
 if (process.env.SCREENSHOT) await alice.page.screenshot({ path: process.env.SCREENSHOT });
-await browser.close();
-clearTimeout(deadline);
-if (problems.length) {
-  console.error(problems.join("\n"));
-  process.exit(1);
-}
-console.log("browser check: every case passed");
+await finish("browser check: every case passed");

@@ -960,11 +960,7 @@ async fn e2ee_setup(
     let connections: Vec<(client::Writer, client::Reader)> =
         futures_util::stream::iter(shared.agents.iter().cloned())
             .map(|agent| async move {
-                let user = fleet.user(agent.index);
-                let url = &fleet.urls[agent.index as usize % fleet.urls.len()];
-                let token = fleet.tokens.token(url, &user).await?;
-                let (mut writer, mut reader, _) =
-                    client::connect(&fleet.target(agent.index, token)).await?;
+                let (mut writer, mut reader) = setup_connection(fleet, agent.index).await?;
                 let upload = match agent.e2ee() {
                     Some(mut e2ee) => e2ee
                         .device
@@ -1053,6 +1049,17 @@ async fn e2ee_setup(
     Ok(())
 }
 
+/// A connection of user `index` for set-up before the run (the agent's own comes later).
+async fn setup_connection(
+    fleet: &Fleet,
+    index: u32,
+) -> anyhow::Result<(client::Writer, client::Reader)> {
+    let url = &fleet.urls[index as usize % fleet.urls.len()];
+    let token = fleet.tokens.token(url, &fleet.user(index)).await?;
+    let (writer, reader, _) = client::connect(&fleet.target(index, token)).await?;
+    Ok((writer, reader))
+}
+
 /// Downloads a file and returns its SHA-256 (hex).
 async fn download_sha256(http: &reqwest::Client, url: &str) -> anyhow::Result<String> {
     use sha2::Digest;
@@ -1067,11 +1074,7 @@ async fn media_setup(fleet: &Fleet, shared: &Arc<Shared>, bytes: usize) -> anyho
     use sha2::Digest;
     futures_util::stream::iter(shared.agents.iter().cloned())
         .map(|agent| async move {
-            let user = fleet.user(agent.index);
-            let url = &fleet.urls[agent.index as usize % fleet.urls.len()];
-            let token = fleet.tokens.token(url, &user).await?;
-            let (mut writer, mut reader, _) =
-                client::connect(&fleet.target(agent.index, token)).await?;
+            let (mut writer, mut reader) = setup_connection(fleet, agent.index).await?;
             let file: Vec<u8> = (0..bytes.max(1)).map(|_| rand::random::<u8>()).collect();
             let sha256 = hex::encode(sha2::Sha256::digest(&file));
             let ask = json!({"type": "media_upload", "ref": "upload",

@@ -2,26 +2,16 @@
 //! backends, a local directory and a real S3-compatible server (`TEST_S3_*`, started by
 //! `infra/servers.sh`).
 
+mod common;
+
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::server_url;
 use sha2::{Digest, Sha256};
 use storage::blob::{Blobs, Media, MediaState, S3Config, UrlOp};
 use storage::Error;
 use uuid::Uuid;
-
-fn server_url(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var_os("CI").is_some() => {
-            panic!("{var} is not set: this suite needs its server (run ./infra/test.sh)")
-        }
-        _ => {
-            eprintln!("skipped: {var} is not set (./infra/test.sh starts the servers)");
-            None
-        }
-    }
-}
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -1,9 +1,12 @@
 //! The store conformance suite: every scenario is written once, generic over
 //! [`MessageStore`], and instantiated for each backend by `conformance!`.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::future::Future;
 
+use common::server_url;
 use storage::{
     ts_of, Conversation, EmbeddedConfig, EmbeddedStore, Error, Group, GroupChange, GroupChangeKind,
     Message, MessageStore, NewMessage, Notice, Receipt, ReceiptStatus, ScyllaConfig, ScyllaStore,
@@ -57,21 +60,6 @@ impl Backend for Scylla {
 
     fn available() -> bool {
         server_url("TEST_SCYLLA_NODES").is_some()
-    }
-}
-
-/// A test server's address from the environment (`infra/test.sh` sets it). Without it the
-/// suite is skipped, except under `CI`, where a missing server is a failure.
-fn server_url(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var_os("CI").is_some() => {
-            panic!("{var} is not set: this suite needs its server (run ./infra/test.sh)")
-        }
-        _ => {
-            eprintln!("skipped: {var} is not set (./infra/test.sh starts the servers)");
-            None
-        }
     }
 }
 
