@@ -61,8 +61,19 @@ fetch() {
     if [ ! -x "$WEED" ]; then
         command -v go >/dev/null || { log "go is required to build SeaweedFS"; exit 1; }
         log "building SeaweedFS $SEAWEEDFS_VERSION (weed) into $(dirname "$WEED"): a few minutes, once"
-        GOBIN="$(dirname "$WEED")" GOFLAGS=-mod=mod go install \
-            "github.com/seaweedfs/seaweedfs/weed@$SEAWEEDFS_VERSION" >&2
+        # `go install module@version` refuses a module whose go.mod has replace directives,
+        # so weed is built from a module of our own that requires it, with its one replace.
+        local src
+        src="$(dirname "$WEED")/src"
+        rm -rf "$src" && mkdir -p "$src"
+        (
+            cd "$src"
+            go mod init chat-test-servers/weed >&2
+            go mod edit -replace github.com/tyler-smith/go-bip39=github.com/cosmos/go-bip39@v1.0.0
+            go get "github.com/seaweedfs/seaweedfs@$SEAWEEDFS_VERSION" >&2
+            GOFLAGS=-mod=mod go build -o "$WEED.partial" github.com/seaweedfs/seaweedfs/weed >&2
+        )
+        mv "$WEED.partial" "$WEED"
     fi
 }
 

@@ -162,6 +162,16 @@ pub struct MediaArgs {
     #[arg(long, env = "S3_ENDPOINT")]
     pub s3_endpoint: Option<String>,
 
+    /// Azure Blob Storage container for media instead of S3 (account and credentials from
+    /// `AZURE_STORAGE_ACCOUNT_NAME`, `AZURE_STORAGE_ACCOUNT_KEY`, …).
+    #[arg(long, env = "AZURE_CONTAINER")]
+    pub azure_container: Option<String>,
+
+    /// Google Cloud Storage bucket for media instead of S3 (credentials from
+    /// `GOOGLE_SERVICE_ACCOUNT`, …).
+    #[arg(long, env = "GCS_BUCKET")]
+    pub gcs_bucket: Option<String>,
+
     /// Where clients reach the store, when not at `--s3-endpoint` (e.g. behind a proxy,
     /// or a container network's name): upload and download URLs are signed for it.
     #[arg(long, env = "S3_PUBLIC_ENDPOINT")]
@@ -303,6 +313,16 @@ impl Config {
                 self.max_body_bytes, self.max_frame_bytes
             ));
         }
+        let stores = [
+            self.media.s3_bucket.as_deref(),
+            self.media.azure_container.as_deref(),
+            self.media.gcs_bucket.as_deref(),
+        ];
+        if stores.iter().flatten().filter(|s| !s.is_empty()).count() > 1 {
+            return Err(
+                "give one media store: --s3-bucket, --azure-container or --gcs-bucket".into(),
+            );
+        }
         if let Some(node) = &self.node_id {
             if !storage::is_valid_id(node) {
                 return Err(format!(
@@ -311,5 +331,33 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_media_store_at_most() {
+        let mut config = Config::defaults();
+        assert_eq!(config.validate(), Ok(()));
+        config.media.s3_bucket = Some("media".into());
+        assert_eq!(config.validate(), Ok(()));
+        config.media.gcs_bucket = Some("media".into());
+        let refused = config.validate().expect_err("two stores");
+        assert!(refused.contains("one media store"), "{refused}");
+    }
+
+    #[test]
+    fn media_types_match_exactly_or_by_family() {
+        let config = Config::parse_from(["gateway", "--media-types", "image/*,application/pdf"]);
+        let media = &config.media;
+        assert!(media.allows("image/png"));
+        assert!(media.allows("IMAGE/JPEG; charset=binary"));
+        assert!(media.allows("application/pdf"));
+        assert!(!media.allows("application/pdfx"));
+        assert!(!media.allows("video/mp4"));
+        assert!(!media.allows("image"));
     }
 }

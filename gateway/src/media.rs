@@ -34,17 +34,24 @@ const MAX_NAME: usize = 255;
 /// Largest thumbnail, in characters of base64.
 const MAX_THUMBNAIL: usize = 32 * 1024;
 
-/// The blob store this gateway uses: S3 when a bucket is configured; else, in the embedded
-/// mode, a directory under the data dir with URLs to this gateway; else none (a cluster
-/// without a bucket refuses media requests).
+/// The blob store this gateway uses: the S3 bucket, Azure container or GCS bucket
+/// configured; else, in the embedded mode, a directory under the data dir with URLs to
+/// this gateway; else none (a cluster without one refuses media requests).
 pub fn open(
     config: &Config,
     client_addr: SocketAddr,
     secret: &[u8],
 ) -> Result<Option<Blobs>, storage::Error> {
     let timeout = config.backend_timeout();
+    let named = |name: &Option<String>| name.clone().filter(|n| !n.is_empty());
     if let Some(s3) = config.media.s3() {
         return Blobs::s3(&s3, timeout).map(Some);
+    }
+    if let Some(container) = named(&config.media.azure_container) {
+        return Blobs::azure(&container, timeout).map(Some);
+    }
+    if let Some(bucket) = named(&config.media.gcs_bucket) {
+        return Blobs::gcs(&bucket, timeout).map(Some);
     }
     if config.is_distributed() {
         return Ok(None);

@@ -224,6 +224,19 @@ async fn bad_uploads_get_clear_errors_and_nothing_is_sent() {
     assert!(refused["message"]
         .as_str()
         .is_some_and(|m| m.contains("SHA-256")));
+    // Fewer bytes than declared: refused too (more are refused by the upload URL itself, or
+    // at completion).
+    assert_eq!(put(&declared, bytes[..100].to_vec()).await, 200);
+    let short = ask(
+        &mut alice,
+        json!({"type":"media_complete","media_id":media_id}),
+        "media_complete",
+    )
+    .await;
+    assert_eq!(short["code"], "bad_request", "{short}");
+    assert!(short["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("100 bytes")));
     // Not complete: it cannot be sent, nor downloaded.
     alice
         .send(

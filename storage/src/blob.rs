@@ -1,7 +1,8 @@
 //! Media: the bytes of attachments, in an object store beside the message store.
 //!
-//! One interface ([`Blobs`]) over two backends of the `object_store` crate: a directory
-//! under the data dir (embedded mode) and any S3-compatible store (distributed mode).
+//! One interface ([`Blobs`]) over the backends of the `object_store` crate: a directory
+//! under the data dir (embedded mode) and any S3-compatible store (distributed mode; Azure
+//! Blob Storage and Google Cloud Storage too, configured from their usual environment).
 //! Clients never send bytes through the message path: they upload to a short-lived URL
 //! (an S3 presigned PUT, or the embedded gateway's own signed `/media/<id>` endpoint, the
 //! same shape to them) and send a message that references the media id.
@@ -21,7 +22,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use hmac::{Hmac, KeyInit, Mac};
-use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as Key;
 use object_store::signer::Signer;
@@ -75,8 +78,8 @@ pub struct S3Config {
 
 /// How upload and download URLs are made.
 enum Urls {
-    /// Presigned by S3 itself.
-    S3(Arc<AmazonS3>),
+    /// Presigned for the cloud store itself (S3, Azure, GCS), under the name of its kind.
+    Presigned(Arc<dyn Signer>, &'static str),
     /// The embedded gateway's `/media/<id>` endpoint, signed with this node's key.
     Local { key: [u8; 32], base: String },
 }
@@ -207,7 +210,37 @@ impl Blobs {
             Some(public) => bucket(Some(public))?,
             None => s3.clone(),
         };
-        Ok(Self::with(s3, Urls::S3(signer), timeout))
+        Ok(Self::with(s3, Urls::Presigned(signer, "s3"), timeout))
+    }
+
+    /// Blobs in an Azure Blob Storage container, with the account and credentials from the
+    /// environment (`AZURE_STORAGE_ACCOUNT_NAME`, `AZURE_STORAGE_ACCOUNT_KEY`, …).
+    pub fn azure(container: &str, timeout: Duration) -> Result<Self> {
+        let azure = MicrosoftAzureBuilder::from_env()
+            .with_container_name(container)
+            .build()
+            .map(Arc::new)
+            .map_err(|e| Error::Backend(format!("Azure configuration: {e}")))?;
+        Ok(Self::with(
+            azure.clone(),
+            Urls::Presigned(azure, "azure"),
+            timeout,
+        ))
+    }
+
+    /// Blobs in a Google Cloud Storage bucket, with credentials from the environment
+    /// (`GOOGLE_SERVICE_ACCOUNT`, …).
+    pub fn gcs(bucket: &str, timeout: Duration) -> Result<Self> {
+        let gcs = GoogleCloudStorageBuilder::from_env()
+            .with_bucket_name(bucket)
+            .build()
+            .map(Arc::new)
+            .map_err(|e| Error::Backend(format!("GCS configuration: {e}")))?;
+        Ok(Self::with(
+            gcs.clone(),
+            Urls::Presigned(gcs, "gcs"),
+            timeout,
+        ))
     }
 
     fn with(store: Arc<dyn ObjectStore>, urls: Urls, timeout: Duration) -> Self {
@@ -223,7 +256,7 @@ impl Blobs {
     /// The backend's name, for logs and `/readyz`.
     pub fn backend(&self) -> &'static str {
         match self.inner.urls {
-            Urls::S3(_) => "s3",
+            Urls::Presigned(_, kind) => kind,
             Urls::Local { .. } => "local",
         }
     }
@@ -441,12 +474,13 @@ impl Blobs {
     /// A URL that lets its holder `op` the blob of `id` until `expires_in` from now.
     pub async fn url(&self, op: UrlOp, id: Uuid, expires_in: Duration) -> Result<String> {
         match &self.inner.urls {
-            Urls::S3(s3) => {
+            Urls::Presigned(signer, _) => {
                 let method = match op {
                     UrlOp::Put => http::Method::PUT,
                     UrlOp::Get => http::Method::GET,
                 };
-                s3.signed_url(method, &blob_key(id), expires_in)
+                signer
+                    .signed_url(method, &blob_key(id), expires_in)
                     .await
                     .map(|url| url.to_string())
                     .map_err(|e| Error::Backend(format!("signing a URL: {e}")))
@@ -463,7 +497,7 @@ impl Blobs {
     }
 
     /// Whether a local URL's signature lets its holder `op` the blob of `id` now. Always
-    /// false for S3 (its URLs go to S3).
+    /// false for a cloud store (its URLs go to the store).
     pub fn verify_local(&self, op: UrlOp, id: Uuid, expires: u64, signature: &str) -> bool {
         let Urls::Local { key, .. } = &self.inner.urls else {
             return false;
