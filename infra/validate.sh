@@ -2,7 +2,9 @@
 # Validates the deployment files offline: every Kubernetes manifest in infra/k8s with
 # kubernetes-validate (strict: unknown fields are errors), the compose file with the
 # compose-spec JSON schema (check-jsonschema ships it), the HAProxy configuration with
-# haproxy itself (installed with apt when missing). Both validators are pinned and installed into
+# haproxy itself (installed with apt when missing), and the observability files (alert
+# rules, dashboard) against the metric catalogue and the code (check-observability.py).
+# Both validators are pinned and installed into
 # .cache/validate (git-ignored) the first time; they carry their schemas, so nothing is
 # fetched while validating.
 set -euo pipefail
@@ -28,3 +30,4 @@ fi
 sed 's/ gateway-\([12]\):8080/ 127.0.0.1:808\1/' infra/haproxy.cfg > "$venv/haproxy.cfg"
 haproxy -c -q -f "$venv/haproxy.cfg"
 echo "validate: infra/haproxy.cfg passes haproxy -c"
+"$venv/bin/python" infra/check-observability.py
