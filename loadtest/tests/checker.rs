@@ -48,7 +48,7 @@ fn churn() -> Workload {
 fn options() -> Options {
     Options {
         body_bytes: 64,
-        drain: Duration::from_secs(3),
+        drain: Duration::from_secs(15),
         partial: false,
         progress: false,
         connect_timeout: Duration::from_secs(60),
