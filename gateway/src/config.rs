@@ -121,6 +121,28 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 
+    /// PEM certificate chain for TLS on the client port (`wss://`); with `--tls-key`.
+    /// Read again on SIGHUP and when the file changes.
+    #[arg(long, env = "GATEWAY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `--tls-cert`.
+    #[arg(long, env = "GATEWAY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Serve the admin port over TLS too, with the same certificate.
+    #[arg(
+        long,
+        env = "GATEWAY_ADMIN_TLS",
+        default_value_t = false,
+        requires = "tls_cert"
+    )]
+    pub admin_tls: bool,
+
+    /// Seconds between checks of the TLS files for a change (0: reload on SIGHUP only).
+    #[arg(long, env = "GATEWAY_TLS_RELOAD_SECS", default_value_t = 10)]
+    pub tls_reload_secs: u64,
+
     /// Seconds over which a draining gateway closes its connections (code 1012).
     #[arg(long, env = "GATEWAY_DRAIN_SECS", default_value_t = 10)]
     pub drain_secs: u64,

@@ -21,6 +21,7 @@ pub mod protocol;
 pub mod receipts;
 pub mod server;
 pub mod session;
+pub mod tls;
 
 pub use config::Config;
 pub use server::{start, Running};

@@ -56,11 +56,14 @@ pub fn open(
     if config.is_distributed() {
         return Ok(None);
     }
-    let base = config
-        .media
-        .public_url
-        .clone()
-        .unwrap_or_else(|| format!("http://{client_addr}"));
+    let base = config.media.public_url.clone().unwrap_or_else(|| {
+        let scheme = if config.tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{client_addr}")
+    });
     Blobs::local(
         &config.data_dir.join("media"),
         secret,

@@ -21,7 +21,7 @@ use serde::Deserialize;
 use serde_json::json;
 use storage::crypto::{KeySource, Keyring};
 use storage::{EmbeddedConfig, EmbeddedStore, Store};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::App;
 use crate::auth::Auth;
 use crate::config::Config;
+use crate::tls::Tls;
 use crate::{connection, Error};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
@@ -60,6 +61,10 @@ impl Running {
 /// starts the in-process dispatcher), and serves until [`Running::shutdown`].
 pub async fn start(config: Config) -> Result<Running, Error> {
     config.validate().map_err(Error::Config)?;
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(Tls::new(cert, key).map_err(Error::Config)?),
+        _ => None,
+    };
     let client = TcpListener::bind(config.listen)
         .await
         .map_err(|source| Error::Bind {
@@ -123,6 +128,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         audience: config.jwt_audience.clone(),
         issuer: config.jwt_issuer.clone(),
     };
+    let admin_tls = config.admin_tls;
     let app = Arc::new(App::new(
         config,
         node.clone(),
@@ -146,10 +152,16 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     );
 
     let shutdown = CancellationToken::new();
+    if let Some(tls) = &tls {
+        tls.reload_on_change(
+            Duration::from_secs(app.config.tls_reload_secs),
+            shutdown.clone(),
+        )?;
+    }
     let done = tokio::spawn(run(
         app,
-        client,
-        admin,
+        Listener::new(client, tls.clone()),
+        Listener::new(admin, tls.filter(|_| admin_tls)),
         deliveries,
         shutdown.clone(),
         dispatcher_stop,
@@ -182,8 +194,8 @@ fn dev_secret(data_dir: &Path) -> Result<Vec<u8>, Error> {
 #[allow(clippy::too_many_arguments)]
 async fn run(
     app: Arc<App>,
-    client: TcpListener,
-    admin: TcpListener,
+    client: Listener,
+    admin: Listener,
     mut deliveries: tokio::sync::mpsc::UnboundedReceiver<Vec<presence::NodeDelivery>>,
     shutdown: CancellationToken,
     dispatcher_stop: CancellationToken,
@@ -195,14 +207,11 @@ async fn run(
     let admin_server = tokio::spawn({
         let stop = admin_stop.clone();
         let router = crate::admin::router(app.clone());
-        async move {
-            let served = axum::serve(admin, router)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "admin server failed");
-            }
-        }
+        let timeout = app.config.handshake_timeout();
+        // Operator connections are not the drain's to wait for: plain tasks.
+        admin.serve(router, timeout, stop, |connection| {
+            tokio::spawn(connection);
+        })
     });
 
     // Deliveries for this node, from the dispatchers.
@@ -312,29 +321,17 @@ async fn run(
 
     let collector = tokio::spawn(crate::media::collect(app.clone(), background.clone()));
 
-    let router = client_router(app.clone());
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = client.accept() => accepted,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // Out of file descriptors, most likely: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        app.tracker.spawn(serve_http(
-            stream,
-            router.clone(),
-            app.clone(),
-            shutdown.clone(),
-        ));
-    }
-    drop(client);
+    let tracker = app.tracker.clone();
+    client
+        .serve(
+            client_router(app.clone()),
+            app.config.handshake_timeout(),
+            shutdown,
+            |connection| {
+                tracker.spawn(connection);
+            },
+        )
+        .await;
 
     // Drain: refuse new upgrades, then close every connection with 1012, spread over the
     // drain period so that clients do not all reconnect at the same instant.
@@ -376,12 +373,75 @@ async fn run(
     tracing::info!("gateway stopped");
 }
 
-async fn serve_http(stream: TcpStream, router: Router, app: Arc<App>, shutdown: CancellationToken) {
-    let _ = stream.set_nodelay(true);
+/// A listening port, with TLS or without.
+struct Listener {
+    tcp: TcpListener,
+    tls: Option<Tls>,
+}
+
+impl Listener {
+    fn new(tcp: TcpListener, tls: Option<Tls>) -> Listener {
+        Listener { tcp, tls }
+    }
+
+    /// Accepts connections until `stop` and hands each to `spawn` as one future: the TLS
+    /// handshake (when on) and HTTP, both within `timeout`, then whatever the router does.
+    async fn serve(
+        self,
+        router: Router,
+        timeout: Duration,
+        stop: CancellationToken,
+        spawn: impl Fn(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>),
+    ) {
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => break,
+                accepted = self.tcp.accept() => accepted,
+            };
+            let stream = match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, most likely: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let (router, stop) = (router.clone(), stop.clone());
+            match &self.tls {
+                None => spawn(Box::pin(serve_http(stream, router, timeout, stop))),
+                Some(tls) => {
+                    let acceptor = tls.acceptor().clone();
+                    spawn(Box::pin(async move {
+                        match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                            Ok(Ok(stream)) => serve_http(stream, router, timeout, stop).await,
+                            Ok(Err(e)) => {
+                                metrics::counter!("gateway_tls_handshake_failures_total")
+                                    .increment(1);
+                                tracing::debug!(error = %e, "TLS handshake failed");
+                            }
+                            Err(_) => {
+                                metrics::counter!("gateway_tls_handshake_failures_total")
+                                    .increment(1);
+                                tracing::debug!("TLS handshake timed out");
+                            }
+                        }
+                    }))
+                }
+            }
+        }
+    }
+}
+
+async fn serve_http<S>(stream: S, router: Router, timeout: Duration, shutdown: CancellationToken)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = TowerToHyperService::new(router);
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(app.config.handshake_timeout())
+        .header_read_timeout(timeout)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(conn);

@@ -353,12 +353,24 @@ pub(crate) async fn connect_url(url: &str, token: &str, user: &str) -> Client {
 /// Like [`connect_url`], but a failure to connect is returned, not a panic (for clients
 /// that try another gateway).
 pub(crate) async fn try_connect_url(url: &str, token: &str, user: &str) -> Result<Client, String> {
+    try_connect_with(url, token, user, None).await
+}
+
+/// Like [`try_connect_url`], through `connector` (a `wss://` client's trust, for one).
+pub(crate) async fn try_connect_with(
+    url: &str,
+    token: &str,
+    user: &str,
+    connector: Option<tokio_tungstenite::Connector>,
+) -> Result<Client, String> {
     let mut request = url.into_client_request().map_err(|e| e.to_string())?;
     let bearer = format!("Bearer {token}")
         .parse()
         .map_err(|e| format!("{e}"))?;
     request.headers_mut().insert("authorization", bearer);
-    let (ws, _) = timeout(WAIT, tokio_tungstenite::connect_async(request))
+    let connecting =
+        tokio_tungstenite::connect_async_tls_with_config(request, None, false, connector);
+    let (ws, _) = timeout(WAIT, connecting)
         .await
         .map_err(|_| format!("{url}: no handshake within {WAIT:?}"))?
         .map_err(|e| format!("{url}: {e}"))?;
