@@ -20,6 +20,13 @@
 #                                               after the other), a Redis Cluster of 3
 #                                               masters; the same servers.env, plus
 #                                               TEST_REPLICATION=3
+#   infra/servers.sh up-secure <state-dir>      Redis, Kafka and Cassandra that require
+#                                               credentials and TLS (a CA and a server
+#                                               certificate made in <state-dir>/tls): Redis
+#                                               with an ACL user on a TLS port, Kafka with
+#                                               SASL/SCRAM-SHA-256 over TLS, Cassandra with
+#                                               PasswordAuthenticator and client encryption;
+#                                               servers.env carries the credentials too
 #   infra/servers.sh down <state-dir>           stop what `up` started
 set -euo pipefail
 
@@ -163,7 +170,7 @@ saved_caches_directory: $dir/saved_caches
 hints_directory: $dir/hints
 commitlog_sync: periodic
 commitlog_sync_period: 10000ms
-authenticator: AllowAllAuthenticator
+authenticator: ${CASSANDRA_AUTHENTICATOR:-AllowAllAuthenticator}
 authorizer: AllowAllAuthorizer
 concurrent_reads: 8
 concurrent_writes: 8
@@ -177,6 +184,7 @@ auto_snapshot: false
 # carries many writes); the default threshold of 10 would warn on every one.
 unlogged_batch_across_partitions_warn_threshold: 1000
 batch_size_warn_threshold: 64KiB
+${CASSANDRA_EXTRA:-}
 YAML
     fi
     local opts=(
@@ -188,6 +196,7 @@ YAML
         -Dcassandra.ring_delay_ms=0
         "-Dcassandra.initial_token=$token"
         -Dcassandra.jmx.local.port=0
+        ${CASSANDRA_JVM_EXTRA:-}
         -Dlogback.configurationFile=logback-none.xml
         -Djdk.attach.allowAttachSelf=true
         --add-exports java.base/jdk.internal.misc=ALL-UNNAMED
@@ -286,6 +295,55 @@ try:
     head = s.recv(9)
     sys.exit(0 if len(head) == 9 and head[4] == 6 else 1)
 except OSError:
+    sys.exit(1)
+PY
+    ;;
+    redis-secure)
+        [ "$(redis-cli --tls --cacert "$CHAT_SERVERS_TLS/ca.pem" -h localhost -p "$2" \
+            --user "$SECURE_USER" --pass "$SECURE_PASSWORD" --no-auth-warning ping 2>/dev/null)" = PONG ] ;;
+    kafka-secure) # Its plain inter-broker listener, on loopback.
+        answers kafka "$(cat "$CHAT_SERVERS_STATE/kafka/internal-port" 2>/dev/null || echo 1)" ;;
+    cassandra-secure | cassandra-login) python3 - "$2" "$1" "$CHAT_SERVERS_TLS/ca.pem" <<'PY'
+import socket, ssl, struct, sys
+# Over TLS: OPTIONS (a running node answers SUPPORTED); for cassandra-login, then STARTUP
+# and the superuser's PLAIN login (AUTH_SUCCESS, opcode 0x10, once the role exists).
+port, kind, ca = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+def frame(op, body=b"", stream=0):
+    return struct.pack(">BBhBi", 4, 0, stream, op, len(body)) + body
+def read(s):
+    head = b""
+    while len(head) < 9:
+        chunk = s.recv(9 - len(head))
+        if not chunk:
+            raise OSError("closed")
+        head += chunk
+    size = struct.unpack(">i", head[5:9])[0]
+    body = b""
+    while len(body) < size:
+        chunk = s.recv(size - len(body))
+        if not chunk:
+            raise OSError("closed")
+        body += chunk
+    return head[4], body
+try:
+    context = ssl.create_default_context(cafile=ca)
+    s = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=2),
+                            server_hostname="localhost")
+    s.sendall(frame(5))
+    if read(s)[0] != 6:
+        sys.exit(1)
+    if kind == "cassandra-login":
+        options = {b"CQL_VERSION": b"3.0.0"}
+        body = struct.pack(">H", len(options)) + b"".join(
+            struct.pack(">H", len(k)) + k + struct.pack(">H", len(v)) + v for k, v in options.items())
+        s.sendall(frame(1, body))
+        if read(s)[0] != 3:  # AUTHENTICATE
+            sys.exit(1)
+        token = b"\0cassandra\0cassandra"
+        s.sendall(frame(0x0F, struct.pack(">i", len(token)) + token))
+        sys.exit(0 if read(s)[0] == 0x10 else 1)
+    sys.exit(0)
+except (OSError, struct.error, ssl.SSLError):
     sys.exit(1)
 PY
     ;;
@@ -458,6 +516,143 @@ down() { # <state dir>
     rm -f "$state/pids"
 }
 
+# The secure servers' credentials (loopback only, test data only). Cassandra's is the
+# superuser it creates on first start.
+SECURE_USER=chat
+SECURE_PASSWORD=chat-test-password
+
+make_certificates() { # <dir>: a CA, and a server certificate for localhost and 127.0.0.1
+    local dir="$1"
+    mkdir -p "$dir"
+    (
+        cd "$dir"
+        openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=chat-test-ca \
+            -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign \
+            -keyout ca.key -out ca.pem 2>/dev/null
+        openssl req -newkey rsa:2048 -nodes -subj /CN=localhost \
+            -keyout server.key -out server.csr 2>/dev/null
+        printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n' > server.ext
+        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+            -extfile server.ext -out server.pem 2>/dev/null
+        # Kafka's and Cassandra's PEM key stores: the key, then the chain.
+        cat server.key server.pem > server-bundle.pem
+    )
+}
+
+run_redis_secure() { # <dir> <port>: TLS only, one ACL user, the default user off
+    local tls="$CHAT_SERVERS_TLS"
+    mkdir -p "$1"
+    exec redis-server --bind 127.0.0.1 --port 0 --tls-port "$2" --dir "$1" --save '' \
+        --appendonly no --tls-cert-file "$tls/server.pem" --tls-key-file "$tls/server.key" \
+        --tls-ca-cert-file "$tls/ca.pem" --tls-auth-clients no \
+        --user "$SECURE_USER" on ">$SECURE_PASSWORD" '~*' '&*' '+@all' --user default off \
+        --notify-keyspace-events Ex --protected-mode no --loglevel warning
+}
+
+run_kafka_secure() { # <dir> <port>: SASL/SCRAM over TLS on <port>; the controller and
+    # the broker's own listener (INTERNAL, which `wait` asks) stay plain on loopback.
+    local dir="$1" port="$2" tls="$CHAT_SERVERS_TLS" controller internal
+    mkdir -p "$dir"
+    if [ ! -f "$dir/server.properties" ]; then
+        controller="$(free_port)"
+        internal="$(free_port)"
+        echo "$internal" > "$dir/internal-port"
+        cat > "$dir/server.properties" <<PROPS
+process.roles=broker,controller
+node.id=1
+controller.quorum.bootstrap.servers=127.0.0.1:$controller
+listeners=SASL_SSL://127.0.0.1:$port,INTERNAL://127.0.0.1:$internal,CONTROLLER://127.0.0.1:$controller
+advertised.listeners=SASL_SSL://127.0.0.1:$port,INTERNAL://127.0.0.1:$internal
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=SASL_SSL:SASL_SSL,INTERNAL:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=INTERNAL
+sasl.enabled.mechanisms=SCRAM-SHA-256
+listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+ssl.keystore.type=PEM
+ssl.keystore.location=$tls/server-bundle.pem
+log.dirs=$dir/data
+num.partitions=1
+auto.create.topics.enable=false
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=8
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+PROPS
+        java -cp "$KAFKA_LIBS/*" kafka.tools.StorageTool format --standalone \
+            -t "$(java -cp "$KAFKA_LIBS/*" kafka.tools.StorageTool random-uuid 2>/dev/null)" \
+            --add-scram "SCRAM-SHA-256=[name=$SECURE_USER,password=$SECURE_PASSWORD]" \
+            -c "$dir/server.properties" >&2
+    fi
+    exec java -Xms256m -Xmx512m -XX:+UseG1GC -Djava.awt.headless=true \
+        -Dlog4j.configuration=file:/dev/null \
+        -cp "$KAFKA_LIBS/*" kafka.Kafka "$dir/server.properties"
+}
+
+run_cassandra_secure() { # <dir> <port>: passwords and client encryption required
+    local tls="$CHAT_SERVERS_TLS"
+    # The plain node's configuration, and what makes it secure.
+    CASSANDRA_AUTHENTICATOR=PasswordAuthenticator
+    CASSANDRA_EXTRA="client_encryption_options:
+  enabled: true
+  optional: false
+  ssl_context_factory:
+    class_name: org.apache.cassandra.security.PEMBasedSslContextFactory
+  keystore: $tls/server-bundle.pem"
+    CASSANDRA_JVM_EXTRA=-Dcassandra.superuser_setup_delay_ms=0
+    run_cassandra "$1" "$2"
+}
+
+up_secure() { # <state dir>
+    local state="$1" kind port
+    mkdir -p "$state"
+    make_certificates "$state/tls"
+    export CHAT_SERVERS_TLS="$state/tls" CHAT_SERVERS_STATE="$state"
+    : > "$state/pids"
+    for kind in redis kafka cassandra; do
+        port="$(free_port)"
+        "$0" run "$kind-secure" "$state/$kind" "$port" > "$state/$kind.log" 2>&1 &
+        echo "$! $kind $port" >> "$state/pids"
+        log "started $kind (credentials and TLS) on 127.0.0.1:$port (pid $!, log $state/$kind.log)"
+    done
+    while read -r pid kind port _; do
+        if ! wait_for "$kind-secure" "$port" 240; then
+            tail -n 40 "$state/$kind.log" >&2 || true
+            return 1
+        fi
+        log "$kind answers on port $port"
+    done < "$state/pids"
+    # Cassandra answers before its superuser exists: wait for a login to work.
+    wait_for cassandra-login "$(awk '$2 == "cassandra" {print $3}' "$state/pids")" 120 || return 1
+    local tls="$state/tls"
+    while read -r pid kind port _; do
+        case "$kind" in
+        redis)
+            echo "TEST_REDIS_URL=rediss://localhost:$port"
+            echo "TEST_REDIS_USERNAME=$SECURE_USER"
+            echo "TEST_REDIS_PASSWORD=$SECURE_PASSWORD"
+            echo "TEST_REDIS_CA_FILE=$tls/ca.pem" ;;
+        kafka)
+            echo "TEST_KAFKA_BROKERS=127.0.0.1:$port"
+            echo "TEST_KAFKA_SECURITY_PROTOCOL=sasl-ssl"
+            echo "TEST_KAFKA_SASL_MECHANISM=scram-sha-256"
+            echo "TEST_KAFKA_USERNAME=$SECURE_USER"
+            echo "TEST_KAFKA_PASSWORD=$SECURE_PASSWORD"
+            echo "TEST_KAFKA_CA_FILE=$tls/ca.pem" ;;
+        cassandra)
+            # The password from a file, as a mounted secret would give it.
+            printf cassandra > "$state/cassandra-password"
+            echo "TEST_SCYLLA_NODES=127.0.0.1:$port"
+            echo "TEST_SCYLLA_USERNAME=cassandra"
+            echo "TEST_SCYLLA_PASSWORD_FILE=$state/cassandra-password"
+            echo "TEST_SCYLLA_CA_FILE=$tls/ca.pem" ;;
+        esac
+    done < "$state/pids" > "$state/servers.env"
+    echo "TEST_SECURE=1" >> "$state/servers.env"
+}
+
 cmd="${1:-}"
 shift || true
 case "$cmd" in
@@ -466,6 +661,7 @@ run) "run_${1//-/_}" "$2" "$3" ;;
 wait) wait_for "$@" ;;
 up) fetch; up "$1" ;;
 up-replicated) fetch; up_replicated "$1" ;;
+up-secure) fetch; up_secure "$1" ;;
 down) down "$1" ;;
-*) sed -n '2,16p' "$0" >&2; exit 2 ;;
+*) sed -n '2,23p' "$0" >&2; exit 2 ;;
 esac

@@ -21,6 +21,11 @@ stage() { # <name of the stage that just ended>
     stage_started=$SECONDS
 }
 
+# librdkafka is built with OpenSSL (TLS and SASL/SCRAM to Kafka): its headers, from apt.
+if ! pkg-config --exists openssl 2>/dev/null; then
+  infra/apt-install.sh libssl-dev pkg-config
+fi
+
 # Build every test binary once (while the servers start), then run them all; --locked
 # keeps CI on Cargo.lock.
 infra/servers.sh fetch
@@ -77,10 +82,33 @@ stage "fault tests"
 # Redis Cluster, the cluster's protocol guarantees and limits on all of them, then a
 # broker, a Cassandra node and a Redis master SIGKILLed under load.
 infra/servers.sh down "$state"
-# No S3 server in this stage: its gateways run without media.
+# No S3 server in the next stages: their gateways run without media.
 unset TEST_S3_ENDPOINT TEST_S3_BUCKET TEST_S3_ACCESS_KEY_ID TEST_S3_SECRET_ACCESS_KEY
+
+# The secure stage: Redis (an ACL user, TLS only), Kafka (SASL/SCRAM over TLS) and
+# Cassandra (PasswordAuthenticator, client encryption required), with a CA and a server
+# certificate made for the run. The cluster's guarantees over them, and start-up refused
+# quickly, naming the backend, for each wrong password, missing CA or plain connection.
+secure="$(mktemp -d /tmp/chat-secure.XXXXXX)"
+trap 'infra/servers.sh down "$state"; infra/servers.sh down "$secure"; rm -rf "$state" "$secure"' EXIT
+if ! infra/servers.sh up-secure "$secure" > "$secure/up.log" 2>&1; then
+  cat "$secure/up.log" >&2
+  echo "secure test servers did not start (logs above)" >&2
+  exit 1
+fi
+cat "$secure/up.log" >&2
+(
+  set -a
+  # shellcheck disable=SC1091
+  . "$secure/servers.env"
+  set +a
+  CHAT_TEST_CLUSTER=1 cargo test -p gateway --locked --test secure --test guarantees "$@" -- --test-threads=2
+)
+infra/servers.sh down "$secure"
+stage "secure servers suite"
+
 replicated="$(mktemp -d /tmp/chat-replicated.XXXXXX)"
-trap 'infra/servers.sh down "$state"; infra/servers.sh down "$replicated"; rm -rf "$state" "$replicated"' EXIT
+trap 'infra/servers.sh down "$state"; infra/servers.sh down "$secure"; infra/servers.sh down "$replicated"; rm -rf "$state" "$secure" "$replicated"' EXIT
 if ! infra/servers.sh up-replicated "$replicated" > "$replicated/up.log" 2>&1; then
   cat "$replicated/up.log" >&2
   echo "replicated test servers did not start (logs above)" >&2

@@ -4,14 +4,36 @@
 //! distributed; given none, the gateway runs the embedded system. Anything in between is
 //! refused with the names of what is missing.
 
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use presence::{Presence, RedisConfig, RedisPresence};
 use storage::crypto::Keyring;
+use storage::tls::{client_config, secret, Credentials};
 use storage::{ScyllaConfig, ScyllaStore, Store};
 
-use crate::bus::{Bus, KafkaConfig, KafkaLog};
+use crate::bus::{Bus, KafkaConfig, KafkaLog, KafkaSettings};
+
+/// How a client talks to the Kafka brokers (librdkafka's `security.protocol`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KafkaSecurity {
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+/// The SASL mechanism for `sasl-plaintext` and `sasl-ssl`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SaslMechanism {
+    Plain,
+    #[value(name = "scram-sha-256")]
+    ScramSha256,
+    #[value(name = "scram-sha-512")]
+    ScramSha512,
+}
 
 /// CQL consistency for reads and writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -72,6 +94,31 @@ pub struct BackendArgs {
     #[arg(long, env = "KAFKA_FETCH_WAIT_MS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub kafka_fetch_wait_ms: u64,
 
+    /// How to talk to the brokers: TLS (`ssl`, `sasl-ssl`) and SASL credentials
+    /// (`sasl-plaintext`, `sasl-ssl`).
+    #[arg(long, env = "KAFKA_SECURITY_PROTOCOL", value_enum, default_value_t = KafkaSecurity::Plaintext)]
+    pub kafka_security_protocol: KafkaSecurity,
+
+    /// The SASL mechanism, with `--kafka-username` and a password.
+    #[arg(long, env = "KAFKA_SASL_MECHANISM", value_enum, default_value_t = SaslMechanism::ScramSha512)]
+    pub kafka_sasl_mechanism: SaslMechanism,
+
+    /// SASL username.
+    #[arg(long, env = "KAFKA_USERNAME")]
+    pub kafka_username: Option<String>,
+
+    /// SASL password (or `--kafka-password-file`).
+    #[arg(long, env = "KAFKA_PASSWORD", hide_env_values = true)]
+    pub kafka_password: Option<String>,
+
+    /// A file holding the SASL password (a mounted secret).
+    #[arg(long, env = "KAFKA_PASSWORD_FILE")]
+    pub kafka_password_file: Option<PathBuf>,
+
+    /// PEM CA certificates to trust the brokers by (TLS); default: the system's.
+    #[arg(long, env = "KAFKA_CA_FILE")]
+    pub kafka_ca_file: Option<PathBuf>,
+
     /// ScyllaDB (or Cassandra) contact points, `host:port[,host:port…]`.
     #[arg(long, env = "SCYLLA_NODES", value_delimiter = ',')]
     pub scylla_nodes: Vec<String>,
@@ -89,9 +136,46 @@ pub struct BackendArgs {
     #[arg(long, env = "SCYLLA_CONSISTENCY", value_enum, default_value_t = ConsistencyArg::LocalQuorum)]
     pub scylla_consistency: ConsistencyArg,
 
+    /// Username for the nodes' PasswordAuthenticator.
+    #[arg(long, env = "SCYLLA_USERNAME")]
+    pub scylla_username: Option<String>,
+
+    /// Password (or `--scylla-password-file`).
+    #[arg(long, env = "SCYLLA_PASSWORD", hide_env_values = true)]
+    pub scylla_password: Option<String>,
+
+    /// A file holding the password (a mounted secret).
+    #[arg(long, env = "SCYLLA_PASSWORD_FILE")]
+    pub scylla_password_file: Option<PathBuf>,
+
+    /// Client encryption to the nodes (TLS).
+    #[arg(long, env = "SCYLLA_TLS", default_value_t = false)]
+    pub scylla_tls: bool,
+
+    /// PEM CA certificates to trust the nodes by (implies `--scylla-tls`); default: the
+    /// system's.
+    #[arg(long, env = "SCYLLA_CA_FILE")]
+    pub scylla_ca_file: Option<PathBuf>,
+
     /// Redis, `redis://host:port[/db]` (`rediss://` for TLS, `redis-cluster://h1:p1,h2:p2`).
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+
+    /// Redis ACL username (with a password), instead of any in the URL.
+    #[arg(long, env = "REDIS_USERNAME")]
+    pub redis_username: Option<String>,
+
+    /// Redis password (or `--redis-password-file`); alone, it is the `default` user's.
+    #[arg(long, env = "REDIS_PASSWORD", hide_env_values = true)]
+    pub redis_password: Option<String>,
+
+    /// A file holding the Redis password (a mounted secret).
+    #[arg(long, env = "REDIS_PASSWORD_FILE")]
+    pub redis_password_file: Option<PathBuf>,
+
+    /// PEM CA certificates to trust Redis by, for a `rediss://` URL; default: the system's.
+    #[arg(long, env = "REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
 
     /// Prefix of every Redis key and channel.
     #[arg(long, env = "REDIS_PREFIX", default_value = "chat")]
@@ -141,7 +225,9 @@ impl BackendArgs {
                 "distributed mode needs --kafka-brokers, --scylla-nodes and --redis-url".into(),
             ));
         };
+        let security = self.security().map_err(crate::Error::Unavailable)?;
         let mut kafka = KafkaConfig::new(brokers.clone());
+        kafka.security = security.kafka;
         kafka.topic_prefix = self.kafka_topic_prefix.clone();
         kafka.partitions = self.kafka_partitions;
         kafka.replication = self.kafka_replication;
@@ -155,12 +241,16 @@ impl BackendArgs {
         scylla.replication = self.scylla_replication;
         scylla.consistency = self.scylla_consistency.into();
         scylla.timeout = timeout;
+        scylla.credentials = security.scylla_credentials;
+        scylla.tls = security.scylla_tls;
 
         let mut redis = RedisConfig::new(redis_url.clone());
         redis.prefix = self.redis_prefix.clone();
         redis.ttl = presence_ttl;
         redis.node_ttl = Duration::from_secs(self.node_ttl_secs);
         redis.timeout = timeout.min(Duration::from_secs(2));
+        redis.credentials = security.redis_credentials;
+        redis.tls = security.redis_tls;
 
         let (store, presence, bus) = tokio::try_join!(
             async { Ok::<_, crate::Error>(ScyllaStore::connect(scylla).await?) },
@@ -172,5 +262,227 @@ impl BackendArgs {
             Presence::Redis(presence),
             Bus::Kafka(bus),
         ))
+    }
+
+    /// The credentials and TLS settings of the three backends, secrets read from their
+    /// files; an error names the flag or file at fault.
+    pub fn security(&self) -> Result<Security, String> {
+        let kafka_password = secret(
+            self.kafka_password.as_deref(),
+            self.kafka_password_file.as_deref(),
+            "--kafka-password",
+        )?;
+        let mut kafka = Vec::new();
+        let mut set = |key: &str, value: &str| kafka.push((key.to_owned(), value.to_owned()));
+        let (tls, sasl) = match self.kafka_security_protocol {
+            KafkaSecurity::Plaintext => (false, false),
+            KafkaSecurity::Ssl => (true, false),
+            KafkaSecurity::SaslPlaintext => (false, true),
+            KafkaSecurity::SaslSsl => (true, true),
+        };
+        let protocol = match (tls, sasl) {
+            (false, false) => "plaintext",
+            (true, false) => "ssl",
+            (false, true) => "sasl_plaintext",
+            (true, true) => "sasl_ssl",
+        };
+        set("security.protocol", protocol);
+        if sasl {
+            let (Some(username), Some(password)) = (&self.kafka_username, &kafka_password) else {
+                return Err(format!(
+                    "--kafka-security-protocol {} needs --kafka-username and \
+                     --kafka-password (or --kafka-password-file)",
+                    protocol.replace('_', "-")
+                ));
+            };
+            let mechanism = match self.kafka_sasl_mechanism {
+                SaslMechanism::Plain => "PLAIN",
+                SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+                SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+            };
+            set("sasl.mechanism", mechanism);
+            set("sasl.username", username);
+            set("sasl.password", password);
+        } else if self.kafka_username.is_some() || kafka_password.is_some() {
+            return Err(
+                "Kafka credentials need --kafka-security-protocol sasl-ssl (or sasl-plaintext)"
+                    .into(),
+            );
+        }
+        if let Some(ca) = &self.kafka_ca_file {
+            if !tls {
+                return Err(
+                    "--kafka-ca-file needs --kafka-security-protocol ssl or sasl-ssl".into(),
+                );
+            }
+            readable("--kafka-ca-file", ca)?;
+            set("ssl.ca.location", &ca.display().to_string());
+        }
+
+        let scylla_password = secret(
+            self.scylla_password.as_deref(),
+            self.scylla_password_file.as_deref(),
+            "--scylla-password",
+        )?;
+        let scylla_credentials = match (&self.scylla_username, scylla_password) {
+            (Some(username), Some(password)) => Some(Credentials {
+                username: username.clone(),
+                password,
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(
+                    "give both --scylla-username and --scylla-password (or its file)".into(),
+                )
+            }
+        };
+        let scylla_tls = if self.scylla_tls || self.scylla_ca_file.is_some() {
+            Some(Arc::new(client_config(
+                "CQL",
+                self.scylla_ca_file.as_deref(),
+            )?))
+        } else {
+            None
+        };
+
+        let redis_password = secret(
+            self.redis_password.as_deref(),
+            self.redis_password_file.as_deref(),
+            "--redis-password",
+        )?;
+        let redis_credentials = match (&self.redis_username, redis_password) {
+            (username, Some(password)) => Some(Credentials {
+                username: username.clone().unwrap_or_else(|| "default".into()),
+                password,
+            }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err("--redis-username needs --redis-password (or its file)".into())
+            }
+        };
+        let redis_tls = match &self.redis_ca_file {
+            Some(ca) => {
+                let url = self.redis_url.as_deref().unwrap_or_default();
+                if !url.starts_with("rediss") {
+                    return Err("--redis-ca-file is for TLS: give a `rediss://` --redis-url".into());
+                }
+                Some(client_config("redis", Some(ca))?)
+            }
+            None => None,
+        };
+        Ok(Security {
+            kafka: KafkaSettings(kafka),
+            scylla_credentials,
+            scylla_tls,
+            redis_credentials,
+            redis_tls,
+        })
+    }
+}
+
+/// What [`BackendArgs::security`] gives each backend.
+#[derive(Debug)]
+pub struct Security {
+    pub kafka: KafkaSettings,
+    pub scylla_credentials: Option<Credentials>,
+    pub scylla_tls: Option<Arc<rustls::ClientConfig>>,
+    pub redis_credentials: Option<Credentials>,
+    pub redis_tls: Option<rustls::ClientConfig>,
+}
+
+fn readable(flag: &str, path: &Path) -> Result<(), String> {
+    std::fs::metadata(path)
+        .map(|_| ())
+        .map_err(|e| format!("{flag} {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        backends: BackendArgs,
+    }
+
+    fn security(flags: &[&str]) -> Result<Security, String> {
+        let args = [
+            "test",
+            "--kafka-brokers",
+            "k:9092",
+            "--redis-url",
+            "redis://r:6379",
+        ];
+        let parsed = Flags::try_parse_from(args.iter().chain(flags)).map_err(|e| e.to_string())?;
+        parsed.backends.security()
+    }
+
+    #[test]
+    fn settings_that_cannot_work_are_refused_naming_the_flags() {
+        let refusals = [
+            (
+                &["--kafka-security-protocol", "sasl-ssl"][..],
+                "--kafka-username",
+            ),
+            (
+                &["--kafka-username", "u", "--kafka-password", "p"][..],
+                "sasl-ssl",
+            ),
+            (
+                &["--kafka-ca-file", "/etc/hostname"][..],
+                "--kafka-ca-file needs",
+            ),
+            (&["--scylla-username", "u"][..], "--scylla-password"),
+            (&["--redis-username", "u"][..], "--redis-password"),
+            (&["--redis-ca-file", "/etc/hostname"][..], "rediss://"),
+            (
+                &[
+                    "--redis-password",
+                    "a",
+                    "--redis-password-file",
+                    "/etc/hostname",
+                ][..],
+                "not both",
+            ),
+        ];
+        for (flags, expected) in refusals {
+            let error = security(flags).expect_err("refused");
+            assert!(error.contains(expected), "{flags:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn sasl_over_tls_becomes_librdkafka_settings_and_hides_the_password() {
+        let s = security(&[
+            "--kafka-security-protocol",
+            "sasl-ssl",
+            "--kafka-sasl-mechanism",
+            "scram-sha-256",
+            "--kafka-username",
+            "chat",
+            "--kafka-password",
+            "s3cret",
+        ])
+        .expect("valid");
+        let get = |key: &str| {
+            s.kafka
+                .0
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(get("sasl.mechanism"), Some("SCRAM-SHA-256"));
+        assert_eq!(get("sasl.username"), Some("chat"));
+        assert_eq!(get("sasl.password"), Some("s3cret"));
+        assert!(!format!("{s:?}").contains("s3cret"), "{s:?}");
+        // A password alone is the Redis `default` user's.
+        let s = security(&["--redis-password", "pw"]).expect("valid");
+        assert_eq!(
+            s.redis_credentials.map(|c| c.username),
+            Some("default".to_owned())
+        );
     }
 }

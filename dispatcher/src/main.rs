@@ -89,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
         ),
         Err(e) => anyhow::bail!(e),
     }
+    config.backends.security().map_err(anyhow::Error::msg)?;
     let keys = match (&config.keys_file, &config.keys) {
         (Some(path), _) => KeySource::File(path.clone()),
         (None, Some(inline)) => KeySource::Inline(inline.clone()),

@@ -319,6 +319,9 @@ impl Config {
     /// Checks what clap cannot: combinations and bounds between flags.
     pub fn validate(&self) -> Result<(), String> {
         let distributed = self.backends.distributed()?;
+        if distributed {
+            self.backends.security()?;
+        }
         if distributed && self.keys.is_none() && self.keys_file.is_none() {
             return Err(
                 "distributed mode needs the at-rest key ring shared by every process: \

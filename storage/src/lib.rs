@@ -12,6 +12,7 @@ pub mod error;
 pub mod model;
 pub mod resilience;
 pub mod store;
+pub mod tls;
 
 /// The CQL consistency levels, for [`ScyllaConfig::consistency`].
 pub use ::scylla::statement::Consistency;

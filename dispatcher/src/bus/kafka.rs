@@ -24,9 +24,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
 use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::producer::BaseProducer;
 use storage::resilience::Breaker;
 use tokio::sync::mpsc;
 
@@ -60,6 +62,21 @@ pub struct KafkaConfig {
     /// Records the producer holds at most (queued, in flight, or with their delivery
     /// report not yet served): librdkafka's `queue.buffering.max.messages`.
     pub max_queued: usize,
+    /// librdkafka settings for every client (producer, consumer, admin): TLS and SASL
+    /// (`security.protocol`, `sasl.*`, `ssl.ca.location`). Values are not logged.
+    pub security: Settings,
+}
+
+/// librdkafka settings whose values may be secret: `Debug` shows the keys only.
+#[derive(Clone, Default)]
+pub struct Settings(pub Vec<(String, String)>);
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(k, _)| k))
+            .finish()
+    }
 }
 
 impl KafkaConfig {
@@ -75,7 +92,18 @@ impl KafkaConfig {
             linger: Duration::from_millis(2),
             fetch_wait: Duration::from_millis(5),
             max_queued: 100_000,
+            security: Settings::default(),
         }
+    }
+
+    /// A client configuration with the brokers and the security settings.
+    pub(crate) fn client(&self) -> ClientConfig {
+        let mut client = ClientConfig::new();
+        client.set("bootstrap.servers", &self.brokers);
+        for (key, value) in &self.security.0 {
+            client.set(key, value);
+        }
+        client
     }
 
     pub fn messages_topic(&self) -> String {
@@ -126,9 +154,14 @@ impl KafkaLog {
 
     async fn ensure_topics(&self) -> Result<()> {
         let config = &self.shared.config;
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &config.brokers)
-            .create()
+        let admin: AdminClient<DefaultClientContext> =
+            config.client().create().map_err(unavailable)?;
+        // Serves its queue below, where librdkafka puts a refused login or handshake.
+        let watch = Watch::default();
+        let refused = watch.refused.clone();
+        let probe: BaseProducer<Watch> = config
+            .client()
+            .create_with_context(watch)
             .map_err(unavailable)?;
         let (messages, push) = (config.messages_topic(), config.push_topic());
         let partitions = i32::try_from(config.partitions.max(1)).unwrap_or(i32::MAX);
@@ -158,19 +191,37 @@ impl KafkaLog {
                 .set("min.insync.replicas", &min_insync),
         ];
         let options = AdminOptions::new().operation_timeout(Some(config.publish_timeout));
-        let results = tokio::time::timeout(
-            config.publish_timeout * 2,
-            admin.create_topics(topics.iter(), &options),
-        )
-        .await
-        .map_err(|_| {
-            Error::Unavailable(format!(
-                "no Kafka broker at {} answered within {:?}",
-                config.brokers,
-                config.publish_timeout * 2
-            ))
-        })?
-        .map_err(unavailable)?;
+        // A broker that refuses the credentials or the TLS handshake fails the start now,
+        // in its own words, instead of at the timeout.
+        let refusal = async {
+            loop {
+                probe.poll(Duration::ZERO);
+                if let Some(reason) = refused.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    return reason;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let creating = async {
+            tokio::select! {
+                results = admin.create_topics(topics.iter(), &options) => Ok(results),
+                reason = refusal => Err(Error::Unavailable(format!(
+                    "Kafka at {} refused this client: {reason}",
+                    config.brokers
+                ))),
+            }
+        };
+        let results = tokio::time::timeout(config.publish_timeout * 2, creating)
+            .await
+            .map_err(|_| {
+                Error::Unavailable(format!(
+                    "no Kafka broker at {} answered within {:?} (is it up, and does \
+                 --kafka-security-protocol match its listener?)",
+                    config.brokers,
+                    config.publish_timeout * 2
+                ))
+            })??
+            .map_err(unavailable)?;
         for result in results {
             match result {
                 Ok(topic) => tracing::info!(topic, partitions, "created Kafka topic"),
@@ -184,6 +235,31 @@ impl KafkaLog {
         }
         Ok(())
     }
+}
+
+/// A probe client's context: remembers an authentication or TLS failure, which
+/// librdkafka reports as an event on the client's queue while it goes on retrying.
+#[derive(Default)]
+struct Watch {
+    refused: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl ClientContext for Watch {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL)
+        ) {
+            let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+            refused.get_or_insert_with(|| reason.to_owned());
+        }
+        tracing::error!(error = %error, reason, "Kafka client error");
+    }
+}
+
+impl rdkafka::producer::ProducerContext for Watch {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, _: ()) {}
 }
 
 impl InboundLog for KafkaLog {

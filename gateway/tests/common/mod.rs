@@ -72,6 +72,30 @@ pub(crate) fn replication() -> i32 {
         .unwrap_or(1)
 }
 
+/// The credentials and TLS settings of servers that require them (`infra/servers.sh
+/// up-secure` names them in `TEST_*` variables); nothing for the others.
+pub(crate) fn secured(b: &mut dispatcher::backends::BackendArgs) {
+    use clap::ValueEnum;
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    if let Some(protocol) = var("TEST_KAFKA_SECURITY_PROTOCOL") {
+        b.kafka_security_protocol =
+            ValueEnum::from_str(&protocol, true).expect("TEST_KAFKA_SECURITY_PROTOCOL");
+    }
+    if let Some(mechanism) = var("TEST_KAFKA_SASL_MECHANISM") {
+        b.kafka_sasl_mechanism =
+            ValueEnum::from_str(&mechanism, true).expect("TEST_KAFKA_SASL_MECHANISM");
+    }
+    b.kafka_username = var("TEST_KAFKA_USERNAME");
+    b.kafka_password = var("TEST_KAFKA_PASSWORD");
+    b.kafka_ca_file = var("TEST_KAFKA_CA_FILE").map(Into::into);
+    b.scylla_username = var("TEST_SCYLLA_USERNAME");
+    b.scylla_password_file = var("TEST_SCYLLA_PASSWORD_FILE").map(Into::into);
+    b.scylla_ca_file = var("TEST_SCYLLA_CA_FILE").map(Into::into);
+    b.redis_username = var("TEST_REDIS_USERNAME");
+    b.redis_password = var("TEST_REDIS_PASSWORD");
+    b.redis_ca_file = var("TEST_REDIS_CA_FILE").map(Into::into);
+}
+
 /// Points a configuration at the test servers, under names of its own (`tag`).
 pub(crate) fn distributed(config: &mut Config, tag: &str) {
     let b = &mut config.backends;
@@ -89,6 +113,7 @@ pub(crate) fn distributed(config: &mut Config, tag: &str) {
     b.redis_url = Some(server("TEST_REDIS_URL"));
     b.redis_prefix = tag.to_owned();
     b.node_ttl_secs = 3;
+    secured(b);
     config.keys = Some(CLUSTER_KEYS.into());
     // Media on the S3 server, when the servers include one.
     let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
@@ -715,7 +740,13 @@ fn log_records(prefix: &str) -> String {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::Message as _;
     let topic = format!("{prefix}messages");
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+    let mut client = rdkafka::ClientConfig::new();
+    let mut backends = Config::defaults().backends;
+    secured(&mut backends);
+    for (key, value) in backends.security().expect("test security settings").kafka.0 {
+        client.set(key, value);
+    }
+    let consumer: BaseConsumer = client
         .set("bootstrap.servers", server("TEST_KAFKA_BROKERS"))
         .set("group.id", format!("{prefix}reader"))
         .set("enable.auto.commit", "false")

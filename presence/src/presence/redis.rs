@@ -51,6 +51,11 @@ pub struct RedisConfig {
     pub node_ttl: Duration,
     /// The longest any one Redis command may take.
     pub timeout: Duration,
+    /// An ACL user and password (`AUTH`), over any given in the URL.
+    pub credentials: Option<storage::tls::Credentials>,
+    /// TLS, with how to trust the server (see [`storage::tls::client_config`]); a
+    /// `rediss://` URL without it trusts the system's roots.
+    pub tls: Option<fred::rustls::ClientConfig>,
 }
 
 impl RedisConfig {
@@ -61,6 +66,8 @@ impl RedisConfig {
             ttl: Duration::from_secs(300),
             node_ttl: Duration::from_secs(6),
             timeout: Duration::from_secs(2),
+            credentials: None,
+            tls: None,
         }
     }
 }
@@ -201,6 +208,18 @@ fn parse_member(m: &str) -> Option<Location> {
     })
 }
 
+/// The URL without the password it may carry, for errors and logs.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{}{user}:…{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
 fn fail(e: RedisError) -> Error {
     match e.kind() {
         ErrorKind::IO | ErrorKind::Timeout | ErrorKind::Canceled => {
@@ -219,8 +238,19 @@ impl RedisPresence {
     /// reconnect), enables expiry notifications and starts listening. Fails when Redis
     /// cannot be reached within the timeout.
     pub async fn connect(config: RedisConfig) -> Result<Self> {
-        let redis = Config::from_url(&config.url)
-            .map_err(|e| Error::Backend(format!("redis url {:?}: {e}", config.url)))?;
+        let shown = redacted(&config.url);
+        let mut redis = Config::from_url(&config.url)
+            .map_err(|e| Error::Backend(format!("redis url {shown:?}: {e}")))?;
+        if let Some(c) = &config.credentials {
+            redis.username = Some(c.username.clone());
+            redis.password = Some(c.password.clone());
+        }
+        if let Some(tls) = &config.tls {
+            redis.tls = Some(fred::types::config::TlsConnector::from(tls.clone()).into());
+        } else if redis.tls.is_some() {
+            let tls = storage::tls::client_config("redis", None).map_err(Error::Backend)?;
+            redis.tls = Some(fred::types::config::TlsConnector::from(tls).into());
+        }
         let mut builder = Builder::from_config(redis);
         let timeout = config.timeout;
         builder
@@ -246,8 +276,11 @@ impl RedisPresence {
         };
         tokio::time::timeout(timeout * 3, connect)
             .await
-            .map_err(|_| Error::Unavailable(format!("redis at {} did not answer", config.url)))?
-            .map_err(fail)?;
+            .map_err(|_| Error::Unavailable(format!("redis at {shown} did not answer")))?
+            .map_err(|e| match fail(e) {
+                Error::Unavailable(e) => Error::Unavailable(format!("redis at {shown}: {e}")),
+                Error::Backend(e) => Error::Backend(format!("redis at {shown}: {e}")),
+            })?;
         enable_expiry_events(&client).await;
 
         let (changes, _) = broadcast::channel(4096);

@@ -77,6 +77,10 @@ pub struct ScyllaConfig {
     /// How long an undelivered message waits in a pending queue, and a receipt for an
     /// offline sender.
     pub pending_ttl: Duration,
+    /// Username and password for the nodes' authenticator (PasswordAuthenticator).
+    pub credentials: Option<crate::tls::Credentials>,
+    /// Client encryption: how to trust the nodes (see [`crate::tls::client_config`]).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl ScyllaConfig {
@@ -90,6 +94,8 @@ impl ScyllaConfig {
             keys,
             idempotency_ttl: Duration::from_secs(48 * 3600),
             pending_ttl: Duration::from_secs(30 * 24 * 3600),
+            credentials: None,
+            tls: None,
         }
     }
 }
@@ -215,23 +221,29 @@ impl ScyllaStore {
             .request_timeout(Some(config.timeout))
             .build()
             .into_handle();
-        let session = tokio::time::timeout(
-            config.timeout * 3,
-            SessionBuilder::new()
-                .known_nodes(&config.nodes)
-                .connection_timeout(config.timeout)
-                .default_execution_profile_handle(profile)
-                .build(),
-        )
-        .await
-        .map_err(|_| {
-            Error::Unavailable(format!(
-                "no CQL node of {:?} answered within {:?}",
-                config.nodes,
-                config.timeout * 3
-            ))
-        })?
-        .map_err(|e| Error::Unavailable(format!("connecting to {:?}: {e}", config.nodes)))?;
+        let mut builder = SessionBuilder::new()
+            .known_nodes(&config.nodes)
+            .connection_timeout(config.timeout)
+            .default_execution_profile_handle(profile)
+            .tls_context(config.tls.clone());
+        if let Some(c) = &config.credentials {
+            builder = builder.user(&c.username, &c.password);
+        }
+        let session = tokio::time::timeout(config.timeout * 3, builder.build())
+            .await
+            .map_err(|_| {
+                Error::Unavailable(format!(
+                    "no CQL node of {:?} answered within {:?}",
+                    config.nodes,
+                    config.timeout * 3
+                ))
+            })?
+            .map_err(|e| {
+                Error::Unavailable(format!(
+                    "connecting to the CQL nodes {:?}: {e}",
+                    config.nodes
+                ))
+            })?;
         let upgraded = schema::migrate(&session, &config).await?;
         let legacy_until = upgraded.map(|at| at + config.idempotency_ttl);
         let s = Statements::prepare(&session, &config).await?;

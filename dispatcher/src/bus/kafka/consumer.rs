@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rdkafka::client::ClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -30,8 +29,8 @@ pub(super) fn subscribe(config: &KafkaConfig) -> Result<mpsc::Receiver<Partition
         events,
         topic: config.messages_topic(),
     };
-    let consumer: StreamConsumer<GroupContext> = ClientConfig::new()
-        .set("bootstrap.servers", &config.brokers)
+    let consumer: StreamConsumer<GroupContext> = config
+        .client()
         .set("group.id", &config.group)
         .set("partition.assignment.strategy", "cooperative-sticky")
         // Stored offsets are committed right after each batch (see `committer`); the

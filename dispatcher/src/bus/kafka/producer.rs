@@ -15,7 +15,6 @@
 use std::time::Duration;
 
 use rdkafka::client::ClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{
     BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer,
@@ -78,8 +77,8 @@ pub(super) struct Producer {
 impl Producer {
     pub(super) fn new(config: &KafkaConfig, breaker: Breaker) -> Result<Self> {
         let timeout_ms = config.publish_timeout.as_millis().to_string();
-        let inner: ThreadedProducer<Reports> = ClientConfig::new()
-            .set("bootstrap.servers", &config.brokers)
+        let inner: ThreadedProducer<Reports> = config
+            .client()
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", config.linger.as_millis().to_string())
