@@ -151,6 +151,15 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_BACKEND_TIMEOUT_MS", default_value_t = 5000)]
     pub backend_timeout_ms: u64,
 
+    /// The embedded store's block cache, in MiB.
+    #[arg(long, env = "GATEWAY_STORE_CACHE_MIB", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    pub store_cache_mib: u64,
+
+    /// The embedded store's memtable per busy keyspace, in MiB: the store holds at most
+    /// about the cache plus 4.9 times this in memory (smaller: more frequent flushes).
+    #[arg(long, env = "GATEWAY_STORE_MEMTABLE_MIB", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub store_memtable_mib: u64,
+
     /// Partitions of the in-process inbound log (embedded mode).
     #[arg(long, env = "GATEWAY_PARTITIONS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub partitions: u32,

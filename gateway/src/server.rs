@@ -110,6 +110,8 @@ pub async fn start(config: Config) -> Result<Running, Error> {
                 data_dir: config.data_dir.clone(),
                 keys,
                 idempotency_ttl: Duration::from_secs(48 * 3600),
+                cache_bytes: config.store_cache_mib << 20,
+                memtable_bytes: config.store_memtable_mib << 20,
             })
             .await?,
         );

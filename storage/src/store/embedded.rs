@@ -50,10 +50,11 @@ const SCHEMA_VERSION: u64 = 4;
 const READ_SCAN_LIMIT: usize = 10_000;
 /// The store's directory inside the data directory.
 const STORE_DIR: &str = "store";
-/// Memory bounds: the block cache, and each keyspace's memtable before it is flushed.
-const CACHE_BYTES: u64 = 16 << 20;
-const MEMTABLE_BYTES: u64 = 32 << 20;
-const SMALL_MEMTABLE_BYTES: u64 = 4 << 20;
+/// Memory bounds by default: the block cache, and the memtable of each of the four busy
+/// keyspaces before it is flushed (the other seven get an eighth of that). Smaller
+/// memtables flush more often, which stalls the writer more often (docs/benchmarks.md).
+const DEFAULT_CACHE_BYTES: u64 = 16 << 20;
+const DEFAULT_MEMTABLE_BYTES: u64 = 32 << 20;
 
 /// Where and how the embedded store keeps its data.
 #[derive(Clone, Debug)]
@@ -62,6 +63,11 @@ pub struct EmbeddedConfig {
     pub keys: KeySource,
     /// How long idempotency records are kept (the protocol promises at least 24 hours).
     pub idempotency_ttl: Duration,
+    /// The block cache, in bytes.
+    pub cache_bytes: u64,
+    /// The memtable of each busy keyspace, in bytes; the store holds at most about
+    /// `cache_bytes + 4.9 × memtable_bytes` in memory.
+    pub memtable_bytes: u64,
 }
 
 impl EmbeddedConfig {
@@ -70,6 +76,8 @@ impl EmbeddedConfig {
             data_dir: data_dir.into(),
             keys: KeySource::DevGenerated,
             idempotency_ttl: Duration::from_secs(48 * 3600),
+            cache_bytes: DEFAULT_CACHE_BYTES,
+            memtable_bytes: DEFAULT_MEMTABLE_BYTES,
         }
     }
 }
@@ -249,10 +257,13 @@ impl CompactionFilter for ExpireSendsFilter {
 }
 
 impl Db {
-    fn open(path: &std::path::Path, keys: Keyring, idempotency_ttl: Duration) -> Result<Self> {
+    fn open(path: &std::path::Path, keys: Keyring, config: &EmbeddedConfig) -> Result<Self> {
+        let idempotency_ttl = config.idempotency_ttl;
         let ttl_ms = u64::try_from(idempotency_ttl.as_millis()).unwrap_or(u64::MAX);
+        let big = config.memtable_bytes.max(1 << 20);
+        let small = (big / 8).max(1 << 20);
         let database = Database::builder(path)
-            .cache_size(CACHE_BYTES)
+            .cache_size(config.cache_bytes)
             // The writer thread persists once per group (`sync`); without this every
             // write would also be flushed to the operating system on its own.
             .manual_journal_persist(true)
@@ -276,17 +287,17 @@ impl Db {
             })
         };
         let db = Db {
-            messages: open("messages", MEMTABLE_BYTES)?,
-            pending: open("pending", MEMTABLE_BYTES)?,
-            sends: open("sends", MEMTABLE_BYTES)?,
-            receipts: open("receipt_outbox", SMALL_MEMTABLE_BYTES)?,
-            markers: open("read_markers", SMALL_MEMTABLE_BYTES)?,
-            delivered: open("delivered_markers", SMALL_MEMTABLE_BYTES)?,
-            inbox: open("inbox", MEMTABLE_BYTES)?,
-            groups: open("groups", SMALL_MEMTABLE_BYTES)?,
-            devices: open("devices", SMALL_MEMTABLE_BYTES)?,
-            one_time_keys: open("one_time_keys", SMALL_MEMTABLE_BYTES)?,
-            meta: open("meta", SMALL_MEMTABLE_BYTES)?,
+            messages: open("messages", big)?,
+            pending: open("pending", big)?,
+            sends: open("sends", big)?,
+            receipts: open("receipt_outbox", small)?,
+            markers: open("read_markers", small)?,
+            delivered: open("delivered_markers", small)?,
+            inbox: open("inbox", big)?,
+            groups: open("groups", small)?,
+            devices: open("devices", small)?,
+            one_time_keys: open("one_time_keys", small)?,
+            meta: open("meta", small)?,
             database,
             keys,
             idempotency_ttl,
@@ -456,7 +467,7 @@ impl EmbeddedStore {
         })?;
         let keys = Keyring::load(&config.keys, dir)?;
         let path = dir.join(STORE_DIR);
-        let db = Db::open(&path, keys.clone(), config.idempotency_ttl)?;
+        let db = Db::open(&path, keys.clone(), &config)?;
         migrate::from_redb_if_present(dir, &db)?;
         db.check_schema()?;
         let writer = GroupCommit::start("store-writer", db.clone(), Db::sync)?;
