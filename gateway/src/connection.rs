@@ -247,8 +247,11 @@ async fn write_loop<S>(
                     }
                 };
                 if written.is_err() {
+                    // Most often the peer closed first (tungstenite refuses to send after
+                    // its close frame): what is queued, the close reply among it, is
+                    // still flushed below.
                     conn.drop_connection();
-                    return;
+                    break;
                 }
             }
             _ = ping.tick() => {
@@ -261,9 +264,9 @@ async fn write_loop<S>(
                 tokio::select! {
                     sent = sink.send(WsMessage::Ping(Default::default())) => if sent.is_err() {
                         conn.drop_connection();
-                        return;
+                        break;
                     },
-                    _ = conn.closed().cancelled() => return,
+                    _ = conn.closed().cancelled() => break,
                 }
             }
         }

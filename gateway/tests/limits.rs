@@ -43,6 +43,76 @@ async fn a_text_frame_that_is_not_utf8_closes_with_1007() {
     );
 }
 
+/// A client frame as a client must send it: final, masked.
+fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut frame = vec![0x80 | opcode, 0x80 | payload.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// The opcodes of the (unmasked, short or 16-bit sized) server frames in `data`.
+fn server_opcodes(mut data: &[u8]) -> Vec<u8> {
+    let mut opcodes = Vec::new();
+    while data.len() >= 2 {
+        let (mut start, mut len) = (2, usize::from(data[1] & 0x7f));
+        if len == 126 && data.len() >= 4 {
+            (start, len) = (4, usize::from(u16::from_be_bytes([data[2], data[3]])));
+        }
+        opcodes.push(data[0] & 0x0f);
+        data = &data[(start + len).min(data.len())..];
+    }
+    opcodes
+}
+
+/// A ping and a close sent together, right after the handshake (while the server still
+/// writes its `welcome`): the pong and the close reply both come back before the server
+/// closes TCP (Autobahn 7.3.x, and 60% of tries used to end with a bare FIN). Two worker
+/// threads: the reader and the writer must race as they do in the binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_right_after_a_ping_gets_the_pong_and_a_close_reply() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = start(|_| {}).await;
+    for attempt in 0..100 {
+        let mut tcp = tokio::net::TcpStream::connect(gw.client_addr)
+            .await
+            .expect("connect");
+        let request = format!(
+            "GET /ws?device=d{attempt} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+             Upgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            gw.token("alice")
+        );
+        tcp.write_all(request.as_bytes()).await.expect("handshake");
+        let mut response = Vec::new();
+        let mut byte = [0u8; 1];
+        while !response.ends_with(b"\r\n\r\n") {
+            tcp.read_exact(&mut byte).await.expect("response");
+            response.push(byte[0]);
+        }
+        assert!(response.starts_with(b"HTTP/1.1 101"), "{response:?}");
+        let mut frames = client_frame(0x9, b"hello");
+        frames.extend(client_frame(0x8, &[0x03, 0xe8, b'b', b'y', b'e']));
+        tcp.write_all(&frames).await.expect("ping and close");
+        let mut answer = Vec::new();
+        tokio::time::timeout(common::WAIT, tcp.read_to_end(&mut answer))
+            .await
+            .expect("the server closes TCP in time")
+            .expect("read");
+        let opcodes = server_opcodes(&answer);
+        assert!(
+            opcodes.contains(&0xa),
+            "attempt {attempt}: no pong in {opcodes:?}"
+        );
+        assert_eq!(
+            opcodes.last(),
+            Some(&0x8),
+            "attempt {attempt}: no close reply in {opcodes:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_body_over_the_limit_is_too_large_and_nothing_is_sent() {
     let gw = start(|_| {}).await;
