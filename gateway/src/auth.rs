@@ -1,5 +1,8 @@
-//! Client authentication: HS256 JWTs checked once, at the WebSocket handshake.
+//! Client authentication: JWTs checked once, at the WebSocket handshake: HS256 with the
+//! operator's secret, and, with `--jwks-url`, tokens an identity provider signs with the
+//! keys it publishes ([`crate::jwks`]).
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -22,7 +25,7 @@ impl AuthError {
             K::ExpiredSignature => "expired",
             K::ImmatureSignature => "not valid yet (`nbf` is in the future)",
             K::InvalidSignature => "bad signature",
-            K::InvalidAlgorithm | K::InvalidAlgorithmName => "wrong algorithm (HS256 only)",
+            K::InvalidAlgorithm | K::InvalidAlgorithmName => "wrong algorithm",
             K::InvalidAudience => "wrong audience (`aud`)",
             K::InvalidIssuer => "wrong issuer (`iss`)",
             K::MissingRequiredClaim(_) => {
@@ -54,6 +57,9 @@ pub struct Auth {
     decoding: DecodingKey,
     encoding: EncodingKey,
     validation: Validation,
+    /// HS256 tokens are accepted (off when only an identity provider's keys are).
+    hs256: bool,
+    jwks: Option<Arc<crate::jwks::Jwks>>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -90,7 +96,54 @@ impl Auth {
             decoding: DecodingKey::from_secret(secret),
             encoding: EncodingKey::from_secret(secret),
             validation,
+            hs256: true,
+            jwks: None,
         }
+    }
+
+    /// Also accepts tokens signed with the provider's published keys; `hs256` says
+    /// whether the secret's tokens still are.
+    pub fn with_jwks(mut self, jwks: Arc<crate::jwks::Jwks>, hs256: bool) -> Self {
+        self.jwks = Some(jwks);
+        self.hs256 = hs256;
+        self
+    }
+
+    /// The user id a token was issued for, by whichever key the token's header names:
+    /// HS256 with the secret, or the provider's key `kid` with the one algorithm that key
+    /// verifies (so a token cannot choose a weaker check than its key's).
+    pub async fn authenticate(&self, token: &str) -> Result<String, AuthError> {
+        let Some(jwks) = &self.jwks else {
+            return self.verify(token);
+        };
+        if token.is_empty() {
+            return Err(AuthError::Missing);
+        }
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|_| AuthError::Invalid("malformed"))?;
+        if header.alg == Algorithm::HS256 {
+            if !self.hs256 {
+                return Err(AuthError::Invalid("wrong algorithm"));
+            }
+            return self.verify(token);
+        }
+        let kid = header.kid.ok_or(AuthError::Invalid(
+            "no `kid` in the header: name the signing key",
+        ))?;
+        let (key, algorithm) = jwks
+            .key(&kid)
+            .await
+            .ok_or(AuthError::Invalid("unknown signing key (`kid`)"))?;
+        if header.alg != algorithm {
+            return Err(AuthError::Invalid("wrong algorithm"));
+        }
+        let mut validation = self.validation.clone();
+        validation.algorithms = vec![algorithm];
+        let data = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|e| {
+            tracing::debug!(error = %e, "token refused");
+            AuthError::from_jwt(&e)
+        })?;
+        valid_user(data.claims.sub)
     }
 
     /// The user id a token was issued for.
@@ -103,13 +156,7 @@ impl Auth {
                 tracing::debug!(error = %e, "token refused");
                 AuthError::from_jwt(&e)
             })?;
-        let user = data.claims.sub;
-        if !storage::is_valid_id(&user) {
-            return Err(AuthError::Invalid(
-                "`sub` is not a valid user id (1-64 characters of A-Z a-z 0-9 _ . @ -)",
-            ));
-        }
-        Ok(user)
+        valid_user(data.claims.sub)
     }
 
     /// A token for `user` valid for `ttl` (dev mode and tests).
@@ -127,6 +174,15 @@ impl Auth {
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .unwrap_or_default()
     }
+}
+
+fn valid_user(user: String) -> Result<String, AuthError> {
+    if !storage::is_valid_id(&user) {
+        return Err(AuthError::Invalid(
+            "`sub` is not a valid user id (1-64 characters of A-Z a-z 0-9 _ . @ -)",
+        ));
+    }
+    Ok(user)
 }
 
 #[cfg(test)]

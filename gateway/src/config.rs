@@ -104,6 +104,16 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10)]
     pub handshake_timeout_secs: u64,
 
+    /// An identity provider's JSON Web Key Set: tokens it signs (RS256, ES256, EdDSA …,
+    /// the key named by `kid`) are accepted beside `--jwt-secret`'s HS256 ones.
+    #[arg(long, env = "GATEWAY_JWKS_URL")]
+    pub jwks_url: Option<String>,
+
+    /// Seconds between fetches of `--jwks-url` (an unknown `kid` also fetches, at most
+    /// every 5 s).
+    #[arg(long, env = "GATEWAY_JWKS_REFRESH_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub jwks_refresh_secs: u64,
+
     /// When set, client tokens must carry this audience (`aud`).
     #[arg(long, env = "GATEWAY_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
@@ -338,8 +348,14 @@ impl Config {
                     .into(),
             );
         }
-        if !self.dev_mode() && self.jwt_secret.as_deref().is_none_or(str::is_empty) {
-            return Err("--jwt-secret (GATEWAY_JWT_SECRET) is required outside dev mode".into());
+        if !self.dev_mode()
+            && self.jwt_secret.as_deref().is_none_or(str::is_empty)
+            && self.jwks_url.is_none()
+        {
+            return Err(
+                "--jwt-secret (GATEWAY_JWT_SECRET) or --jwks-url is required outside dev mode"
+                    .into(),
+            );
         }
         if self.max_body_bytes >= self.max_frame_bytes {
             return Err(format!(

@@ -14,6 +14,7 @@ pub mod config;
 pub mod connection;
 pub mod e2ee;
 pub mod hub;
+pub mod jwks;
 pub mod limits;
 pub mod media;
 pub mod metrics;

@@ -84,9 +84,18 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         .node_id
         .clone()
         .unwrap_or_else(|| format!("gw-{:08x}", rand::random::<u32>()));
+    let given_secret = config.jwt_secret.as_deref().is_some_and(|s| !s.is_empty());
+    let hs256 = given_secret || config.dev_mode();
     let secret = match &config.jwt_secret {
         Some(secret) if !secret.is_empty() => secret.clone().into_bytes(),
+        // Only an identity provider signs tokens: HS256 is off, and the secret (which
+        // also signs the embedded mode's media URLs) is this process's own.
+        _ if !config.dev_mode() => rand::random::<[u8; 32]>().to_vec(),
         _ => dev_secret(&config.data_dir)?,
+    };
+    let jwks = match &config.jwks_url {
+        Some(url) => Some(crate::jwks::Jwks::fetch(url).await.map_err(Error::Config)?),
+        None => None,
     };
 
     let keys = match (&config.keys_file, &config.keys) {
@@ -134,7 +143,10 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     let app = Arc::new(App::new(
         config,
         node.clone(),
-        Auth::requiring(&secret, required),
+        match &jwks {
+            Some(jwks) => Auth::requiring(&secret, required).with_jwks(jwks.clone(), hs256),
+            None => Auth::requiring(&secret, required),
+        },
         store,
         presence,
         bus,
@@ -154,6 +166,12 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     );
 
     let shutdown = CancellationToken::new();
+    if let Some(jwks) = &jwks {
+        jwks.refresh_every(
+            Duration::from_secs(app.config.jwks_refresh_secs),
+            shutdown.clone(),
+        );
+    }
     if let Some(tls) = &tls {
         tls.reload_on_change(
             Duration::from_secs(app.config.tls_reload_secs),
@@ -520,7 +538,7 @@ async fn upgrade(
         })
         .map(str::trim);
     let token = bearer.or(query.token.as_deref()).unwrap_or("");
-    let user = match app.auth.verify(token) {
+    let user = match app.auth.authenticate(token).await {
         Ok(user) => user,
         Err(e) => {
             metrics::counter!("gateway_auth_failures_total").increment(1);

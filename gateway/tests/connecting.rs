@@ -303,3 +303,166 @@ async fn operator_endpoints_report_health_readiness_and_metrics() {
         "{text}"
     );
 }
+
+/// An identity provider's key: an ES256 key pair made by the test, and its JWK.
+struct ProviderKey {
+    kid: String,
+    encoding: jsonwebtoken::EncodingKey,
+    jwk: Value,
+}
+
+fn provider_key(kid: &str) -> ProviderKey {
+    use base64::Engine as _;
+    let pair = rcgen::KeyPair::generate().expect("P-256 key");
+    let point = pair.public_key_raw();
+    assert_eq!(point.len(), 65, "an uncompressed P-256 point");
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    ProviderKey {
+        kid: kid.into(),
+        encoding: jsonwebtoken::EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes())
+            .expect("PKCS#8 PEM"),
+        jwk: json!({"kty":"EC","crv":"P-256","use":"sig","alg":"ES256","kid":kid,
+                    "x":b64(&point[1..33]),"y":b64(&point[33..])}),
+    }
+}
+
+fn provider_token(key: &ProviderKey, sub: &str) -> String {
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some(key.kid.clone());
+    jsonwebtoken::encode(
+        &header,
+        &json!({"sub": sub, "exp": now_secs() + 600}),
+        &key.encoding,
+    )
+    .expect("sign")
+}
+
+/// Serves `set` at `/jwks` and counts the fetches.
+async fn serve_jwks(
+    set: std::sync::Arc<std::sync::Mutex<Value>>,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let fetches = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = axum::Router::new().route(
+        "/jwks",
+        axum::routing::get({
+            let (set, fetches) = (set.clone(), fetches.clone());
+            move || async move {
+                fetches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                axum::Json(set.lock().expect("set").clone())
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, fetches)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_an_identity_provider_signs_are_checked_against_its_published_keys() {
+    let first = provider_key("k1");
+    let set = std::sync::Arc::new(std::sync::Mutex::new(json!({"keys": [first.jwk]})));
+    let (jwks, fetches) = serve_jwks(set.clone()).await;
+    let gw = start(|c| {
+        c.jwks_url = Some(format!("http://{jwks}/jwks"));
+        c.jwks_refresh_secs = 3600;
+    })
+    .await;
+    let url = gw.ws_url("");
+    let connects = |token: String, user: &'static str| {
+        let url = url.clone();
+        async move { try_connect_url(&url, &token, user).await.is_ok() }
+    };
+    assert!(connects(provider_token(&first, "alice"), "alice").await);
+    // The operator's HS256 tokens still work beside the provider's.
+    assert!(connects(gw.token("bob"), "bob").await);
+
+    // A key the provider rotates in is fetched when a token first names it.
+    let second = provider_key("k2");
+    set.lock().expect("set")["keys"] = json!([first.jwk, second.jwk]);
+    let before = fetches.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(connects(provider_token(&second, "carol"), "carol").await);
+    assert_eq!(
+        fetches.load(std::sync::atomic::Ordering::SeqCst),
+        before + 1
+    );
+
+    // A key the set does not hold, a `kid` naming another key, and the provider's key
+    // id on an HS256 token signed with its public coordinates: all 401, in plain words.
+    let stranger = provider_key("k1");
+    let forged = provider_token(&stranger, "mallory");
+    let (status, body) = refused(gw.ws_url(&format!("?token={forged}"))).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (401, r#"{"error":"invalid token: bad signature"}"#)
+    );
+    let unknown = provider_token(&provider_key("k9"), "mallory");
+    let (status, body) = refused(gw.ws_url(&format!("?token={unknown}"))).await;
+    assert_eq!(status, 401);
+    assert!(body.contains("unknown signing key"), "{body}");
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.kid = Some("k1".into());
+    let confused = jsonwebtoken::encode(
+        &header,
+        &json!({"sub": "mallory", "exp": now_secs() + 600}),
+        &jsonwebtoken::EncodingKey::from_secret(first.jwk["x"].as_str().expect("x").as_bytes()),
+    )
+    .expect("sign");
+    assert_eq!(
+        refused_status(gw.ws_url(&format!("?token={confused}"))).await,
+        401
+    );
+    // Made-up key ids do not make the gateway fetch the set again and again.
+    let before = fetches.load(std::sync::atomic::Ordering::SeqCst);
+    for n in 0..5 {
+        let made_up = provider_token(&provider_key(&format!("x{n}")), "mallory");
+        assert_eq!(
+            refused_status(gw.ws_url(&format!("?token={made_up}"))).await,
+            401
+        );
+    }
+    assert!(fetches.load(std::sync::atomic::Ordering::SeqCst) <= before + 1);
+}
+
+#[tokio::test]
+async fn with_only_a_jwks_url_hs256_tokens_are_refused_and_a_dead_url_stops_start_up() {
+    let key = provider_key("k1");
+    let set = std::sync::Arc::new(std::sync::Mutex::new(json!({"keys": [key.jwk]})));
+    let (jwks, _) = serve_jwks(set).await;
+    let gw = start(|c| {
+        c.jwt_secret = None;
+        c.dev = Some(false);
+        c.jwks_url = Some(format!("http://{jwks}/jwks"));
+    })
+    .await;
+    let token = provider_token(&key, "alice");
+    assert!(try_connect_url(&gw.ws_url(""), &token, "alice")
+        .await
+        .is_ok());
+    let hs = gateway::auth::Auth::new(SECRET.as_bytes()).mint("bob", Duration::from_secs(60));
+    let (status, body) = refused(gw.ws_url(&format!("?token={hs}"))).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (401, r#"{"error":"invalid token: wrong algorithm"}"#)
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = gateway::Config::defaults();
+    config.listen = "127.0.0.1:0".parse().expect("addr");
+    config.admin_listen = "127.0.0.1:0".parse().expect("addr");
+    config.data_dir = dir.path().to_path_buf();
+    config.dev = Some(false);
+    config.jwks_url = Some("http://127.0.0.1:9/jwks".into());
+    let error = gateway::start(config).await.expect_err("no JWKS there");
+    assert!(
+        error
+            .to_string()
+            .contains("JWKS at http://127.0.0.1:9/jwks"),
+        "{error}"
+    );
+}
