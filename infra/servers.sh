@@ -105,20 +105,40 @@ run_redis_cluster() { # <dir> <port>: a node of a Redis Cluster
         --notify-keyspace-events Ex --protected-mode no --loglevel warning
 }
 
-run_kafka() { # <dir> <port>
-    local dir="$1" port="$2" controller
+run_kafka() { # <dir> <port>; with KAFKA_SECURE set (run kafka-secure), SASL/SCRAM over TLS
+    local dir="$1" port="$2" controller internal format=()
     mkdir -p "$dir"
     if [ ! -f "$dir/server.properties" ]; then
         controller="$(free_port)"
-        cat > "$dir/server.properties" <<PROPS
+        if [ -z "${KAFKA_SECURE:-}" ]; then
+            cat > "$dir/server.properties" <<PROPS
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+PROPS
+        else
+            # Clients get SASL/SCRAM over TLS on <port>; the controller and the broker's
+            # own listener (INTERNAL, which `wait` asks) stay plain on loopback.
+            internal="$(free_port)"
+            echo "$internal" > "$dir/internal-port"
+            cat > "$dir/server.properties" <<PROPS
+listeners=SASL_SSL://127.0.0.1:$port,INTERNAL://127.0.0.1:$internal,CONTROLLER://127.0.0.1:$controller
+advertised.listeners=SASL_SSL://127.0.0.1:$port,INTERNAL://127.0.0.1:$internal
+listener.security.protocol.map=SASL_SSL:SASL_SSL,INTERNAL:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=INTERNAL
+sasl.enabled.mechanisms=SCRAM-SHA-256
+listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+ssl.keystore.type=PEM
+ssl.keystore.location=$CHAT_SERVERS_TLS/server-bundle.pem
+PROPS
+            format=(--add-scram "SCRAM-SHA-256=[name=$SECURE_USER,password=$SECURE_PASSWORD]")
+        fi
+        cat >> "$dir/server.properties" <<PROPS
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=127.0.0.1:$controller
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
-inter.broker.listener.name=PLAINTEXT
 log.dirs=$dir/data
 num.partitions=1
 auto.create.topics.enable=false
@@ -132,7 +152,7 @@ group.initial.rebalance.delay.ms=0
 PROPS
         java -cp "$KAFKA_LIBS/*" kafka.tools.StorageTool format --standalone \
             -t "$(java -cp "$KAFKA_LIBS/*" kafka.tools.StorageTool random-uuid 2>/dev/null)" \
-            -c "$dir/server.properties" >&2
+            "${format[@]}" -c "$dir/server.properties" >&2
     fi
     exec java -Xms256m -Xmx512m -XX:+UseG1GC -Djava.awt.headless=true \
         -Dlog4j.configuration=file:/dev/null \
@@ -549,46 +569,8 @@ run_redis_secure() { # <dir> <port>: TLS only, one ACL user, the default user of
         --notify-keyspace-events Ex --protected-mode no --loglevel warning
 }
 
-run_kafka_secure() { # <dir> <port>: SASL/SCRAM over TLS on <port>; the controller and
-    # the broker's own listener (INTERNAL, which `wait` asks) stay plain on loopback.
-    local dir="$1" port="$2" tls="$CHAT_SERVERS_TLS" controller internal
-    mkdir -p "$dir"
-    if [ ! -f "$dir/server.properties" ]; then
-        controller="$(free_port)"
-        internal="$(free_port)"
-        echo "$internal" > "$dir/internal-port"
-        cat > "$dir/server.properties" <<PROPS
-process.roles=broker,controller
-node.id=1
-controller.quorum.bootstrap.servers=127.0.0.1:$controller
-listeners=SASL_SSL://127.0.0.1:$port,INTERNAL://127.0.0.1:$internal,CONTROLLER://127.0.0.1:$controller
-advertised.listeners=SASL_SSL://127.0.0.1:$port,INTERNAL://127.0.0.1:$internal
-controller.listener.names=CONTROLLER
-listener.security.protocol.map=SASL_SSL:SASL_SSL,INTERNAL:PLAINTEXT,CONTROLLER:PLAINTEXT
-inter.broker.listener.name=INTERNAL
-sasl.enabled.mechanisms=SCRAM-SHA-256
-listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
-ssl.keystore.type=PEM
-ssl.keystore.location=$tls/server-bundle.pem
-log.dirs=$dir/data
-num.partitions=1
-auto.create.topics.enable=false
-offsets.topic.replication.factor=1
-offsets.topic.num.partitions=8
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
-group.initial.rebalance.delay.ms=0
-PROPS
-        java -cp "$KAFKA_LIBS/*" kafka.tools.StorageTool format --standalone \
-            -t "$(java -cp "$KAFKA_LIBS/*" kafka.tools.StorageTool random-uuid 2>/dev/null)" \
-            --add-scram "SCRAM-SHA-256=[name=$SECURE_USER,password=$SECURE_PASSWORD]" \
-            -c "$dir/server.properties" >&2
-    fi
-    exec java -Xms256m -Xmx512m -XX:+UseG1GC -Djava.awt.headless=true \
-        -Dlog4j.configuration=file:/dev/null \
-        -cp "$KAFKA_LIBS/*" kafka.Kafka "$dir/server.properties"
+run_kafka_secure() { # <dir> <port>
+    KAFKA_SECURE=1 run_kafka "$1" "$2"
 }
 
 run_cassandra_secure() { # <dir> <port>: passwords and client encryption required

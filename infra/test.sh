@@ -14,6 +14,17 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
+# Starts a set of test servers (`infra/servers.sh <up-…> <dir>`), printing its log; stops
+# the run with the log when they do not start.
+start_servers() { # <up command> <state dir>
+  if ! infra/servers.sh "$1" "$2" > "$2/up.log" 2>&1; then
+    cat "$2/up.log" >&2
+    echo "test servers ($1) did not start (logs above)" >&2
+    exit 1
+  fi
+  cat "$2/up.log" >&2
+}
+
 # Each stage prints how long it took.
 stage_started=$SECONDS
 stage() { # <name of the stage that just ended>
@@ -91,12 +102,7 @@ unset TEST_S3_ENDPOINT TEST_S3_BUCKET TEST_S3_ACCESS_KEY_ID TEST_S3_SECRET_ACCES
 # quickly, naming the backend, for each wrong password, missing CA or plain connection.
 secure="$(mktemp -d /tmp/chat-secure.XXXXXX)"
 trap 'infra/servers.sh down "$state"; infra/servers.sh down "$secure"; rm -rf "$state" "$secure"' EXIT
-if ! infra/servers.sh up-secure "$secure" > "$secure/up.log" 2>&1; then
-  cat "$secure/up.log" >&2
-  echo "secure test servers did not start (logs above)" >&2
-  exit 1
-fi
-cat "$secure/up.log" >&2
+start_servers up-secure "$secure"
 (
   set -a
   # shellcheck disable=SC1091
@@ -109,12 +115,7 @@ stage "secure servers suite"
 
 replicated="$(mktemp -d /tmp/chat-replicated.XXXXXX)"
 trap 'infra/servers.sh down "$state"; infra/servers.sh down "$secure"; infra/servers.sh down "$replicated"; rm -rf "$state" "$secure" "$replicated"' EXIT
-if ! infra/servers.sh up-replicated "$replicated" > "$replicated/up.log" 2>&1; then
-  cat "$replicated/up.log" >&2
-  echo "replicated test servers did not start (logs above)" >&2
-  exit 1
-fi
-cat "$replicated/up.log" >&2
+start_servers up-replicated "$replicated"
 stage "start replicated servers"
 set -a
 # shellcheck disable=SC1091
