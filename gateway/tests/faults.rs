@@ -917,12 +917,7 @@ async fn a_rolling_restart_behind_haproxy_loses_nothing() {
     let options = loadtest::scenario::Options {
         body_bytes: 64,
         drain: Duration::from_secs(30),
-        partial: false,
-        progress: false,
-        connect_timeout: Duration::from_secs(60),
-        e2ee: false,
-        attachments: 0.0,
-        attachment_bytes: 0,
+        ..Default::default()
     };
     let load = tokio::spawn(async move {
         let workload = loadtest::scenario::Workload::Direct {

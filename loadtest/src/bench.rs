@@ -296,12 +296,8 @@ async fn direct_with(
         // Ends as soon as nothing is owed; an overloaded system gets time to work off its
         // backlog, so that what is reported lost is lost, not late.
         drain: Duration::from_secs(30),
-        partial: false,
-        progress: false,
-        connect_timeout: Duration::from_secs(60),
         e2ee,
-        attachments: 0.0,
-        attachment_bytes: 0,
+        ..Options::default()
     };
     // CPU is counted from the start of the send phase, once every user is connected.
     let meter = Arc::new(Mutex::new(None));
@@ -435,12 +431,7 @@ pub async fn idle_kib_per_conn(url: &str, pid: u32, conns: u32) -> anyhow::Resul
     let options = Options {
         body_bytes: 0,
         drain: Duration::ZERO,
-        partial: false,
-        progress: false,
-        connect_timeout: Duration::from_secs(60),
-        e2ee: false,
-        attachments: 0.0,
-        attachment_bytes: 0,
+        ..Options::default()
     };
     let outcome = scenario::run(&f, &workload, &options, Some(gate)).await?;
     let after = after

@@ -131,6 +131,22 @@ pub struct Options {
     pub attachment_bytes: usize,
 }
 
+/// A quiet run of plain 100-byte messages: no progress bar, no attachments, one process.
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            body_bytes: 100,
+            drain: Duration::from_secs(10),
+            partial: false,
+            progress: false,
+            connect_timeout: Duration::from_secs(60),
+            e2ee: false,
+            attachments: 0.0,
+            attachment_bytes: 0,
+        }
+    }
+}
+
 /// What a run measured, before reporting.
 #[derive(Debug, Default)]
 pub struct Outcome {

@@ -49,12 +49,7 @@ fn options() -> Options {
     Options {
         body_bytes: 64,
         drain: Duration::from_secs(15),
-        partial: false,
-        progress: false,
-        connect_timeout: Duration::from_secs(60),
-        e2ee: false,
-        attachments: 0.0,
-        attachment_bytes: 0,
+        ..Options::default()
     }
 }
 
