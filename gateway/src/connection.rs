@@ -130,6 +130,7 @@ async fn serve_inner<S>(
         .in_current_span(),
     );
     read_loop(stream, &conn, &app).await;
+    conn.reader_stopped();
     // Whatever ended the reader, the writer and the replay end too.
     conn.close(CloseCode::Normal);
     let _ = replay_done.await;
@@ -271,6 +272,18 @@ async fn write_loop<S>(
             }
         }
     }
+    if conn.close_code() == Some(CloseCode::Restart) {
+        // A drain: the client gets the answers to the sends it made before the close
+        // frame, so it does not send them again through another node, where they could
+        // overtake the originals.
+        let settle = app.config.backend_timeout() + Duration::from_secs(1);
+        if Box::pin(timeout(settle, settle_sends(&mut sink, &outbound, &conn)))
+            .await
+            .is_err()
+        {
+            tracing::info!("sends still unanswered at the end of the drain");
+        }
+    }
     if let Some(code) = conn.close_code() {
         let reason = match code {
             CloseCode::Policy => "too slow: reconnect to get what you missed",
@@ -290,6 +303,35 @@ async fn write_loop<S>(
         .await;
     }
     let _ = Box::pin(timeout(Duration::from_secs(2), sink.close())).await;
+}
+
+/// Writes what is queued until the reader has stopped and every send it read has its
+/// answer queued (answers come from the dispatcher, or `unavailable` at the send's deadline),
+/// then what remains. Checked after each frame and every 20 ms: an answer is queued before
+/// its send stops counting as waiting.
+async fn settle_sends<S>(
+    sink: &mut SplitSink<WebSocketStream<S>, WsMessage>,
+    outbound: &flume::Receiver<Utf8Bytes>,
+    conn: &ConnHandle,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    loop {
+        let settled = conn.settled();
+        while let Ok(frame) = outbound.try_recv() {
+            if sink.feed(WsMessage::Text(frame)).await.is_err() {
+                return;
+            }
+        }
+        if sink.flush().await.is_err() || settled {
+            return;
+        }
+        if let Ok(Ok(frame)) = timeout(Duration::from_millis(20), outbound.recv_async()).await {
+            if sink.feed(WsMessage::Text(frame)).await.is_err() {
+                return;
+            }
+        }
+    }
 }
 
 /// Replays the pending queue again on a live connection. For after presence was restored:

@@ -46,6 +46,8 @@ pub struct ConnHandle {
     held: Mutex<Option<Vec<(Uuid, Utf8Bytes)>>>,
     /// A catch-up was asked for while a replay ran: it reads the queue again.
     replay_again: AtomicBool,
+    /// The reader stopped: no new send starts (a drain waits for the last answers).
+    reader_stopped: AtomicBool,
     /// Users whose presence this connection subscribed to.
     watching: Mutex<HashSet<String>>,
     /// Milliseconds (monotonic, from the hub's clock) of the last frame from the client.
@@ -79,6 +81,7 @@ impl ConnHandle {
             close_code: AtomicU16::new(0),
             held: Mutex::new(Some(Vec::new())),
             replay_again: AtomicBool::new(false),
+            reader_stopped: AtomicBool::new(false),
             watching: Mutex::new(HashSet::new()),
             last_heard: AtomicU64::new(0),
             sends: Mutex::new(Vec::new()),
@@ -89,7 +92,9 @@ impl ConnHandle {
     /// Queues a frame for the client according to its class (see the module doc).
     /// Returns whether the connection took it: `false` once it is closing.
     pub fn deliver(&self, frame: Utf8Bytes, class: Class) -> bool {
-        if self.closed.is_cancelled() {
+        // A draining connection (1012) still takes frames: its writer sends what the
+        // client is owed (the answers to its last sends) before the close frame.
+        if self.closed.is_cancelled() && self.close_code() != Some(CloseCode::Restart) {
             return false;
         }
         match class {
@@ -220,38 +225,68 @@ impl ConnHandle {
         lock(&self.sends).push((number, client_msg_id, Instant::now()));
     }
 
-    /// Takes the oldest send waiting under this `client_msg_id`; `None` when none waits
-    /// (answered already, or given up on).
+    /// Takes the oldest send waiting under this `client_msg_id` without answering it (the
+    /// caller answers); `None` when none waits (answered already, or given up on).
     pub fn take_answer(&self, client_msg_id: &str) -> Option<Instant> {
         let mut sends = lock(&self.sends);
         let at = sends.iter().position(|(_, c, _)| c == client_msg_id)?;
         Some(sends.remove(at).2)
     }
 
-    /// Gives up on one send; its `client_msg_id` if it was still waiting.
-    fn expire(&self, number: u64) -> Option<String> {
+    /// Answers the oldest send waiting under this `client_msg_id` with `frame`; when it
+    /// was received, or `None` (and nothing queued) when none waits. The frame is queued
+    /// before the send stops counting as waiting: a draining connection that finds no
+    /// send waiting finds every answer in its queue ([`ConnHandle::sends_waiting`]).
+    pub fn answer(
+        &self,
+        client_msg_id: &str,
+        frame: impl FnOnce() -> Utf8Bytes,
+    ) -> Option<Instant> {
         let mut sends = lock(&self.sends);
-        let at = sends.iter().position(|(n, _, _)| *n == number)?;
-        Some(sends.remove(at).1)
+        let at = sends.iter().position(|(_, c, _)| c == client_msg_id)?;
+        self.deliver(frame(), Class::Reliable);
+        Some(sends.remove(at).2)
+    }
+
+    /// Whether any send still waits for its answer.
+    pub fn sends_waiting(&self) -> bool {
+        !lock(&self.sends).is_empty()
+    }
+
+    /// Notes that the reader stopped: no new send can start on this connection.
+    pub fn reader_stopped(&self) {
+        self.reader_stopped.store(true, Ordering::Release);
+    }
+
+    /// Whether the reader stopped and no send waits for its answer: a draining connection
+    /// has queued everything it owes the client.
+    pub fn settled(&self) -> bool {
+        self.reader_stopped.load(Ordering::Acquire) && !self.sends_waiting()
+    }
+
+    /// Gives up on one send, answering it `unavailable` if it was still waiting.
+    fn expire(&self, number: u64, message: &str) {
+        let mut sends = lock(&self.sends);
+        let Some(at) = sends.iter().position(|(n, _, _)| *n == number) else {
+            return;
+        };
+        self.deliver(refusal_of_send(&sends[at].1, message), Class::Reliable);
+        sends.remove(at);
     }
 
     /// Answers a send that will not get an answer from the dispatcher: `unavailable`.
     pub fn fail_send(&self, client_msg_id: &str, message: &str) {
-        if self.take_answer(client_msg_id).is_some() {
-            self.refuse_send(client_msg_id, message);
-        }
+        self.answer(client_msg_id, || refusal_of_send(client_msg_id, message));
     }
+}
 
-    fn refuse_send(&self, client_msg_id: &str, message: &str) {
-        metrics::counter!("gateway_messages_total", "outcome" => "unavailable").increment(1);
-        metrics::counter!("gateway_errors_total", "code" => "unavailable").increment(1);
-        let mut refusal = Refusal::new(ErrorCode::Unavailable, message);
-        refusal.client_msg_id = Some(client_msg_id.to_owned());
-        self.deliver(
-            Utf8Bytes::from(refusal.into_frame().to_json()),
-            Class::Reliable,
-        );
-    }
+/// The `unavailable` answer to a send that was not confirmed, counted in the metrics.
+fn refusal_of_send(client_msg_id: &str, message: &str) -> Utf8Bytes {
+    metrics::counter!("gateway_messages_total", "outcome" => "unavailable").increment(1);
+    metrics::counter!("gateway_errors_total", "code" => "unavailable").increment(1);
+    let mut refusal = Refusal::new(ErrorCode::Unavailable, message);
+    refusal.client_msg_id = Some(client_msg_id.to_owned());
+    Utf8Bytes::from(refusal.into_frame().to_json())
 }
 
 /// Sends waiting for their answer, oldest first: all wait the same time, so the queue's
@@ -285,13 +320,11 @@ impl Deadlines {
                 }
             };
             let Some(conn) = conn.upgrade() else { continue };
-            if let Some(client_msg_id) = conn.expire(number) {
-                conn.refuse_send(
-                    &client_msg_id,
-                    "the message was not confirmed in time; it may be stored: send it again \
-                     with the same client_msg_id",
-                );
-            }
+            conn.expire(
+                number,
+                "the message was not confirmed in time; it may be stored: send it again \
+                 with the same client_msg_id",
+            );
         }
     }
 }
@@ -467,9 +500,8 @@ impl Hub {
                     // Once per send: the answer to a record read twice (a rebalance, a
                     // retry) finds nothing waiting, and neither does one for a send that
                     // was already refused as late (the client sends that one again).
-                    if !answered(conn, client_msg_id, &delivery.payload) {
-                        continue;
-                    }
+                    answered(conn, client_msg_id, &delivery.payload, frame.clone());
+                    continue;
                 }
                 let frame = match per_device {
                     Some(m) => {
@@ -495,10 +527,11 @@ impl Hub {
     }
 }
 
-/// Clears a send's wait and records how it ended; false when no send was waiting.
-fn answered(conn: &ConnHandle, client_msg_id: &str, payload: &Payload) -> bool {
-    let Some(since) = conn.take_answer(client_msg_id) else {
-        return false;
+/// Answers a waiting send with `frame` and records how it ended; nothing when no send was
+/// waiting.
+fn answered(conn: &ConnHandle, client_msg_id: &str, payload: &Payload, frame: Utf8Bytes) {
+    let Some(since) = conn.answer(client_msg_id, || frame) else {
+        return;
     };
     match payload {
         Payload::Sent { .. } => {
@@ -510,7 +543,6 @@ fn answered(conn: &ConnHandle, client_msg_id: &str, payload: &Payload) -> bool {
             metrics::counter!("gateway_errors_total", "code" => "unavailable").increment(1);
         }
     }
-    true
 }
 
 /// Connections whose registration with presence failed: until the node's next successful

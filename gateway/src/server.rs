@@ -354,7 +354,8 @@ async fn run(
         .await;
 
     // Drain: refuse new upgrades, then close every connection with 1012, spread over the
-    // drain period so that clients do not all reconnect at the same instant.
+    // drain period so that clients do not all reconnect at the same instant. Each stops
+    // reading and sends the answers to the sends it read before its close frame.
     app.start_draining();
     let conns = app.hub.all();
     tracing::info!(connections = conns.len(), "draining");

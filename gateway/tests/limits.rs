@@ -412,6 +412,86 @@ async fn a_draining_gateway_closes_with_1012_and_nothing_is_lost() {
     assert_eq!(message["message_id"], sent["message_id"]);
 }
 
+/// A drain answers every send the gateway read before its 1012: a client that got no
+/// answer for a send may send it again elsewhere, where it could overtake the original, so
+/// every message stored from the closed connection must have been answered on it.
+#[tokio::test]
+async fn a_draining_gateway_answers_the_sends_it_read_before_closing() {
+    const SENDS: usize = 100;
+    let mut gw = start(|c| {
+        c.rate_per_sec = 10_000;
+        c.rate_burst = 10_000;
+    })
+    .await;
+    let mut alice = gw.connect("alice").await;
+    for i in 0..SENDS {
+        alice
+            .send(json!({"type":"send","client_msg_id":format!("c-{i}"),"to":"bob","body":format!("m{i}")}))
+            .await;
+    }
+    let first = alice.recv_type("sent").await;
+    assert_eq!(first["client_msg_id"], "c-0");
+    // The drain begins while the sends are being read and stored; what was stored is then
+    // read back through the node that stays (or a gateway on the same data after the stop).
+    let (answered, gw) = if common::cluster_mode() {
+        let draining = gw.drain_first();
+        let answered = answers_until_1012(&mut alice).await;
+        draining.await;
+        (answered, gw)
+    } else {
+        let stopping = tokio::spawn(gw.stop());
+        let answered = answers_until_1012(&mut alice).await;
+        let dir = stopping.await.expect("stopped");
+        (answered, common::start_in(dir, |_| {}).await)
+    };
+    let answered: std::collections::HashSet<String> =
+        answered.into_iter().chain(["0".to_owned()]).collect();
+    let mut alice = gw.connect("alice").await;
+    alice
+        .send(json!({"type":"history","ref":"h","conversation":"dm:alice:bob","limit":SENDS}))
+        .await;
+    let page = alice.recv_type("history").await;
+    let stored: Vec<String> = page["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| {
+            m["body"]
+                .as_str()
+                .unwrap_or_default()
+                .trim_start_matches('m')
+                .to_owned()
+        })
+        .collect();
+    assert!(!stored.is_empty(), "nothing was stored before the drain");
+    let unanswered: Vec<&String> = stored.iter().filter(|s| !answered.contains(*s)).collect();
+    assert!(
+        unanswered.is_empty(),
+        "stored but not answered before the close: {unanswered:?} ({} stored, {} answered)",
+        stored.len(),
+        answered.len()
+    );
+}
+
+/// The sends answered (by `client_msg_id` without its `c-`) until the server closed with 1012.
+async fn answers_until_1012(client: &mut common::Client) -> std::collections::HashSet<String> {
+    let mut answered = std::collections::HashSet::new();
+    loop {
+        match client.try_recv(Duration::from_secs(30)).await {
+            Ok(Some(frame)) => {
+                if let Some(id) = frame["client_msg_id"].as_str() {
+                    answered.insert(id.trim_start_matches("c-").to_owned());
+                }
+            }
+            Ok(None) => panic!("no close within 30 s"),
+            Err(ended) => {
+                assert_eq!(ended.code(), Some(1012), "{ended:?}");
+                return answered;
+            }
+        }
+    }
+}
+
 /// In a cluster: alice is on the first gateway and bob on the second; the first drains,
 /// alice reconnects (to the second) and carries on; bob gets everything.
 async fn a_draining_node_of_a_cluster_hands_its_clients_to_the_other() {
