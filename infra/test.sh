@@ -3,7 +3,8 @@
 # fetches Redis (apt), Apache Kafka and Apache Cassandra (Maven Central, cached in .cache/),
 # builds SeaweedFS (the S3-compatible server for media; Go module proxy, cached in .cache/),
 # Chromium (apt) and playwright-core (npm, cached in .cache/pw) for the browser check,
-# HAProxy (apt) and the manifest validators (PyPI, cached in .cache/validate),
+# HAProxy (apt) and the manifest validators (PyPI, cached in .cache/validate), kosoku
+# (the Autobahn|Testsuite cases; PyPI, cached in .cache/autobahn),
 # starts them on free loopback ports, runs every suite (embedded and distributed) and
 # stops the servers again, also when a test fails.
 set -euo pipefail
@@ -72,6 +73,13 @@ infra/browser.sh target/debug/gateway
 # And a picture between two demo-page users through a cluster, its media on the S3 server.
 infra/browser.sh target/debug/gateway target/debug/dispatcher "$state/backends.env"
 stage "browser check"
+
+# WebSocket conformance: the Autobahn|Testsuite cases (kosoku, PyPI, cached in
+# .cache/autobahn) against an embedded gateway and against a cluster on the servers, each
+# result compared with infra/autobahn-expected.json.
+infra/autobahn.sh target/debug/gateway
+infra/autobahn.sh target/debug/gateway target/debug/dispatcher "$state/backends.env"
+stage "autobahn"
 
 # The end-to-end protocol suite again, against a cluster of 2 gateways and 2 dispatchers
 # on the real servers (each test its own keyspace, topics, group and key prefix; two at a

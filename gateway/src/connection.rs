@@ -8,7 +8,7 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use presence::{Location, PresenceService};
 use storage::MessageStore;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{interval_at, timeout, Duration, Instant};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -28,6 +28,9 @@ const REPLAY_PAGE: usize = 100;
 const MAX_WRITE_BATCH: usize = 64;
 /// How long a closing connection may take to finish its last write and send the close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(10);
+/// How long, after its close frame, a connection reads and discards what the client still
+/// sends while waiting for it to close its side (see `linger`).
+const LINGER: Duration = Duration::from_secs(2);
 
 /// The two halves of an upgraded connection.
 pub type Halves<S> = (
@@ -129,12 +132,16 @@ async fn serve_inner<S>(
         }
         .in_current_span(),
     );
-    read_loop(stream, &conn, &app).await;
+    let stream = read_loop(stream, &conn, &app).await;
     conn.reader_stopped();
     // Whatever ended the reader, the writer and the replay end too.
     conn.close(CloseCode::Normal);
     let _ = replay_done.await;
-    let _ = writer.await;
+    if let Ok(sink) = writer.await {
+        if let Ok(ws) = stream.reunite(sink) {
+            Box::pin(linger(ws)).await;
+        }
+    }
 
     app.hub.unregister(&conn);
     metrics::gauge!("gateway_connections_active").decrement(1);
@@ -151,44 +158,46 @@ async fn serve_inner<S>(
     tracing::debug!(close_code = ?conn.close_code(), "disconnected");
 }
 
+/// Reads frames until the connection closes, and gives the stream back for `linger`.
 async fn read_loop<S>(
     mut stream: SplitStream<WebSocketStream<S>>,
     conn: &Arc<ConnHandle>,
     app: &Arc<App>,
-) where
+) -> SplitStream<WebSocketStream<S>>
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let session = Session::new(conn.clone(), app.clone());
     loop {
         let next = tokio::select! {
             biased;
-            _ = conn.closed().cancelled() => return,
+            _ = conn.closed().cancelled() => return stream,
             next = stream.next() => next,
         };
         let message = match next {
-            None => return,
+            None => return stream,
             Some(Ok(message)) => message,
             Some(Err(WsError::Capacity(e))) => {
                 tracing::info!(error = %e, "frame over the limit, closing with 1009");
                 metrics::counter!("gateway_oversize_frames_total").increment(1);
                 conn.close(CloseCode::Size);
-                return;
+                return stream;
             }
             Some(Err(WsError::Utf8(e))) => {
                 // RFC 6455 §8.1: a text frame that is not UTF-8 fails the connection with
                 // 1007 (Autobahn 6.x expects it).
                 tracing::info!(error = %e, "a text frame is not UTF-8, closing with 1007");
                 conn.close(CloseCode::Invalid);
-                return;
+                return stream;
             }
             Some(Err(WsError::Protocol(e))) => {
                 tracing::info!(error = %e, "WebSocket protocol error");
                 conn.close(CloseCode::Protocol);
-                return;
+                return stream;
             }
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "read failed");
-                return;
+                return stream;
             }
         };
         conn.heard(app.now_ms());
@@ -202,10 +211,31 @@ async fn read_loop<S>(
             WsMessage::Binary(_) => session.refuse(Refusal::bad_request(
                 "binary frames are not part of the protocol: send JSON in text frames",
             )),
-            WsMessage::Close(_) => return,
+            WsMessage::Close(_) => return stream,
             WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => {}
         }
     }
+}
+
+/// The end of a connection after its close frame is out: half-closes it, then reads and
+/// discards what the client still sends until it closes its side too, for at most `LINGER`.
+/// Closing a socket with unread bytes in it makes the kernel answer with a reset, and a
+/// reset can destroy the close frame before the client reads it: a 1009 in the middle of
+/// a 16 MiB message, or a 1012 while the client is still sending, would reach the client
+/// as a bare reset (RFC 6455 §7.1.1: the server closes the TCP connection after the close
+/// handshake; Autobahn 9.x).
+async fn linger<S>(mut ws: WebSocketStream<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let io = ws.get_mut();
+    let _ = timeout(LINGER, async {
+        io.shutdown().await?;
+        let mut discard = [0u8; 4096];
+        while io.read(&mut discard).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
 }
 
 async fn write_loop<S>(
@@ -213,7 +243,8 @@ async fn write_loop<S>(
     outbound: flume::Receiver<Utf8Bytes>,
     conn: Arc<ConnHandle>,
     app: Arc<App>,
-) where
+) -> SplitSink<WebSocketStream<S>, WsMessage>
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let heartbeat = app.config.heartbeat();
@@ -243,7 +274,10 @@ async fn write_loop<S>(
                         // it a bounded grace so the close frame can follow what was sent.
                         match Box::pin(timeout(CLOSE_GRACE, &mut write)).await {
                             Ok(written) => written,
-                            Err(_) => return,
+                            Err(_) => {
+                                drop(write);
+                                return sink;
+                            }
                         }
                     }
                 };
@@ -303,6 +337,7 @@ async fn write_loop<S>(
         .await;
     }
     let _ = Box::pin(timeout(Duration::from_secs(2), sink.close())).await;
+    sink
 }
 
 /// Writes what is queued until the reader has stopped and every send it read has its
