@@ -72,7 +72,7 @@ pub struct BackendArgs {
 
     /// Partitions of the topics when this process creates them; dispatchers scale up to
     /// this many.
-    #[arg(long, env = "KAFKA_PARTITIONS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    #[arg(long, env = "KAFKA_PARTITIONS", default_value_t = KafkaConfig::DEFAULT_PARTITIONS, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub kafka_partitions: u32,
 
     /// Replication factor of topics created here. Default: 3, or the broker count when

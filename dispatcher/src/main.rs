@@ -61,7 +61,7 @@ struct Config {
     backend_timeout_ms: u64,
 
     /// Seconds a device stays online without a heartbeat (as on the gateways).
-    #[arg(long, env = "GATEWAY_PRESENCE_TTL_SECS", default_value_t = 300)]
+    #[arg(long, env = "PRESENCE_TTL_SECS", default_value_t = 300)]
     presence_ttl_secs: u64,
 
     /// Log format.

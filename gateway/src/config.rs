@@ -64,7 +64,7 @@ pub struct Config {
     pub heartbeat_secs: u64,
 
     /// Seconds a device stays online without a heartbeat from its node.
-    #[arg(long, env = "GATEWAY_PRESENCE_TTL_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "PRESENCE_TTL_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     pub presence_ttl_secs: u64,
 
     /// Messages per second a user may send (per gateway node).

@@ -196,7 +196,8 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     })
 }
 
-/// The dev-mode signing secret, generated into the data dir once so tokens survive restarts.
+/// The dev-mode signing secret, generated into the data dir once (readable by its owner
+/// only) so tokens survive restarts.
 fn dev_secret(data_dir: &Path) -> Result<Vec<u8>, Error> {
     let path = data_dir.join("dev-jwt-secret");
     std::fs::create_dir_all(data_dir)?;
@@ -204,7 +205,9 @@ fn dev_secret(data_dir: &Path) -> Result<Vec<u8>, Error> {
         Ok(secret) if !secret.trim().is_empty() => Ok(secret.trim().as_bytes().to_vec()),
         _ => {
             let secret = hex::encode(rand::random::<[u8; 32]>());
-            std::fs::write(&path, &secret)?;
+            // Owner-only, as the dev keys are (an empty file left over is replaced).
+            let _ = std::fs::remove_file(&path);
+            storage::crypto::write_private(&path, &secret)?;
             tracing::warn!(path = %path.display(), "dev mode: generated a JWT secret");
             Ok(secret.into_bytes())
         }

@@ -203,7 +203,8 @@ fn associated_data(id: Uuid, conversation: &str, from: &str) -> Vec<u8> {
     aad
 }
 
-fn write_private(path: &Path, contents: &str) -> Result<()> {
+/// Writes a new file that only its owner may read (0600 on Unix): keys and secrets.
+pub fn write_private(path: &Path, contents: &str) -> Result<()> {
     use std::io::Write;
     let io = |source| Error::Io {
         path: path.display().to_string(),

@@ -80,11 +80,15 @@ impl std::fmt::Debug for Settings {
 }
 
 impl KafkaConfig {
+    /// Partitions of a topic created here unless configured (`--kafka-partitions`):
+    /// dispatchers scale up to this many.
+    pub const DEFAULT_PARTITIONS: u32 = 32;
+
     pub fn new(brokers: impl Into<String>) -> Self {
         KafkaConfig {
             brokers: brokers.into(),
             topic_prefix: "chat.".into(),
-            partitions: 8,
+            partitions: Self::DEFAULT_PARTITIONS,
             replication: None,
             group: "chat-dispatchers".into(),
             publish_timeout: Duration::from_secs(5),
