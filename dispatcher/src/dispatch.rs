@@ -359,6 +359,7 @@ impl Dispatcher {
                         "duplicate"
                     };
                     metrics::counter!("dispatcher_messages_total", "outcome" => kind).increment(1);
+                    tracing::debug!(message_id = %appended.id, outcome = kind, "persisted");
                     if let (Some(origin), Some(client_msg_id)) = (&origin, client_msg_id) {
                         outcome.events.push(Event::Answer {
                             sender: message.from.clone(),
@@ -413,6 +414,7 @@ impl Dispatcher {
         reason: &str,
     ) {
         metrics::counter!("dispatcher_messages_total", "outcome" => "failed").increment(1);
+        tracing::warn!(message_id = %message.id, %reason, redelivered, "a message could not be persisted");
         if redelivered {
             outcome.stopped = true;
         } else if let (Some(origin), Some(client_msg_id)) = (origin, client_msg_id) {
@@ -759,6 +761,12 @@ impl Dispatcher {
                         let age = (now_ms() - message.ts).max(0) as f64 / 1000.0;
                         metrics::histogram!("dispatcher_route_latency_seconds").record(age);
                     }
+                    tracing::debug!(
+                        message_id = %message.id,
+                        nodes = by_node.len(),
+                        offline = offline.len(),
+                        "routed"
+                    );
                     for (node, users) in by_node {
                         out.push(
                             &node,

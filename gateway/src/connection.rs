@@ -203,14 +203,17 @@ where
         conn.heard(app.now_ms());
         match message {
             WsMessage::Text(text) => {
-                metrics::counter!("gateway_frames_received_total").increment(1);
                 // Boxed: handling a request is a large state machine (every backend call
                 // it may make); inline, every idle connection would carry it.
                 Box::pin(session.on_text(&text)).await;
             }
-            WsMessage::Binary(_) => session.refuse(Refusal::bad_request(
-                "binary frames are not part of the protocol: send JSON in text frames",
-            )),
+            WsMessage::Binary(_) => {
+                metrics::counter!("gateway_frames_received_total", "type" => "invalid")
+                    .increment(1);
+                session.refuse(Refusal::bad_request(
+                    "binary frames are not part of the protocol: send JSON in text frames",
+                ))
+            }
             WsMessage::Close(_) => return stream,
             WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => {}
         }

@@ -411,6 +411,16 @@ impl Hub {
         lock(&self.conns).values().map(Vec::len).sum()
     }
 
+    /// Frames waiting in the outbound queues of this node's connections: in all, and in
+    /// the fullest one (sampled for `gateway_outbound_queued_frames`).
+    pub fn queued_frames(&self) -> (usize, usize) {
+        lock(&self.conns)
+            .values()
+            .flatten()
+            .map(|conn| conn.out.len())
+            .fold((0, 0), |(all, fullest), n| (all + n, fullest.max(n)))
+    }
+
     /// Hands a delivery from the node channel to the local connections it names. (A
     /// receipt or group notice that reaches none is not lost: it is kept in the store until
     /// confirmed.)

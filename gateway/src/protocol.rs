@@ -308,6 +308,32 @@ pub struct ToDeviceSend {
 }
 
 impl ClientFrame {
+    /// The frame's `type` on the wire (the label of `gateway_frames_received_total`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientFrame::Send { .. } => "send",
+            ClientFrame::Ack { .. } => "ack",
+            ClientFrame::Read { .. } => "read",
+            ClientFrame::Typing { .. } => "typing",
+            ClientFrame::History { .. } => "history",
+            ClientFrame::Conversations { .. } => "conversations",
+            ClientFrame::GroupInfo { .. } => "group_info",
+            ClientFrame::SubscribePresence { .. } => "subscribe_presence",
+            ClientFrame::CreateGroup { .. } => "create_group",
+            ClientFrame::AddMembers { .. } => "add_members",
+            ClientFrame::RemoveMembers { .. } => "remove_members",
+            ClientFrame::Ping { .. } => "ping",
+            ClientFrame::KeysUpload { .. } => "keys_upload",
+            ClientFrame::Devices { .. } => "devices",
+            ClientFrame::KeysClaim { .. } => "keys_claim",
+            ClientFrame::ToDevice { .. } => "to_device",
+            ClientFrame::RemoveDevice { .. } => "remove_device",
+            ClientFrame::MediaUpload { .. } => "media_upload",
+            ClientFrame::MediaComplete { .. } => "media_complete",
+            ClientFrame::MediaUrl { .. } => "media_url",
+        }
+    }
+
     /// Parses one text frame. A refusal carries the request's `ref` or `client_msg_id`
     /// whenever the frame had one, even if the rest of it was wrong.
     pub fn parse(text: &str) -> Result<ClientFrame, Refusal> {

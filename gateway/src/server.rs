@@ -33,6 +33,9 @@ use crate::auth::Auth;
 use crate::config::Config;
 use crate::tls::Tls;
 use crate::{connection, Error};
+
+/// How often the outbound queues' depth is sampled for the metrics.
+const QUEUE_SAMPLE: Duration = Duration::from_secs(5);
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 /// A started gateway: its bound addresses and the means to stop it.
@@ -277,16 +280,24 @@ async fn run(
         }
     });
 
-    // Sends the dispatcher did not answer in time get `unavailable`.
+    // Sends the dispatcher did not answer in time get `unavailable`; and the outbound
+    // queues' depth, sampled.
     let deadline_task = tokio::spawn({
         let (app, stop) = (app.clone(), background.clone());
         async move {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut sample = tokio::time::interval(QUEUE_SAMPLE);
+            sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tick.tick() => app.deadlines.expire(std::time::Instant::now()),
+                    _ = sample.tick() => {
+                        let (all, fullest) = app.hub.queued_frames();
+                        metrics::gauge!("gateway_outbound_queued_frames").set(all as f64);
+                        metrics::gauge!("gateway_outbound_queue_fullest_frames").set(fullest as f64);
+                    }
                 }
             }
         }

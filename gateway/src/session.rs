@@ -12,6 +12,7 @@ use storage::{
     Notice, MAX_GROUP_MEMBERS,
 };
 use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::app::App;
@@ -149,8 +150,13 @@ impl Session {
     pub async fn on_text(&self, text: &str) {
         let frame = match ClientFrame::parse(text) {
             Ok(frame) => frame,
-            Err(refusal) => return self.refuse(refusal),
+            Err(refusal) => {
+                metrics::counter!("gateway_frames_received_total", "type" => "invalid")
+                    .increment(1);
+                return self.refuse(refusal);
+            }
         };
+        metrics::counter!("gateway_frames_received_total", "type" => frame.kind()).increment(1);
         let (reference, client_msg_id) = match &frame {
             ClientFrame::Send { client_msg_id, .. } => (None, Some(client_msg_id.clone())),
             ClientFrame::History { reference, .. }
@@ -663,13 +669,19 @@ impl Session {
             let (conn, client_msg_id) = (self.conn.clone(), client_msg_id.clone());
             Box::new(move |e| conn.fail_send(&client_msg_id, &e.to_string()))
         };
+        // The message id on the span of its way into the log (the dispatcher's events
+        // carry it too: `persisted`, `routed`).
+        let span = tracing::info_span!("send", message_id = %id, %client_msg_id);
         if let Err(refusal) = self
             .call(self.app.bus.publish(envelope, Some(failed)))
+            .instrument(span.clone())
             .await
         {
+            span.in_scope(|| tracing::info!(code = ?refusal.code, "send refused"));
             self.conn.take_answer(&client_msg_id);
             return Err(refusal);
         }
+        span.in_scope(|| tracing::debug!("published"));
         Ok(())
     }
 

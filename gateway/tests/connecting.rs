@@ -281,7 +281,7 @@ async fn a_silent_connection_is_dropped_after_the_handshake_timeout() {
 #[tokio::test]
 async fn operator_endpoints_report_health_readiness_and_metrics() {
     let gw = start(|_| {}).await;
-    let _alice = gw.connect("alice").await;
+    let alice = gw.connect("alice").await;
     let health = reqwest::get(gw.admin("/healthz")).await.expect("healthz");
     assert_eq!(health.status(), 200);
     let ready = reqwest::get(gw.admin("/readyz")).await.expect("readyz");
@@ -302,6 +302,17 @@ async fn operator_endpoints_report_health_readiness_and_metrics() {
         text.contains("# TYPE gateway_connections_active gauge"),
         "{text}"
     );
+    // Frames are counted by their type; what is not a request counts as `invalid`.
+    let mut alice = alice;
+    let ping = r#"gateway_frames_received_total{type="ping"}"#;
+    let invalid = r#"gateway_frames_received_total{type="invalid"}"#;
+    let (pings, invalids) = (gw.metric(ping).await, gw.metric(invalid).await);
+    alice.send(json!({"type":"ping","ref":"m-1"})).await;
+    assert_eq!(alice.recv().await, json!({"type":"pong","ref":"m-1"}));
+    alice.send_text("not json").await;
+    alice.recv_type("error").await;
+    assert!(gw.metric(ping).await > pings);
+    assert!(gw.metric(invalid).await > invalids);
 }
 
 /// An identity provider's key: an ES256 key pair made by the test, and its JWK.

@@ -33,7 +33,12 @@ struct Reports {
     breaker: Breaker,
 }
 
-impl ClientContext for Reports {}
+impl ClientContext for Reports {
+    /// librdkafka's statistics (every 5 s): the records it holds, queued or in flight.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        metrics::gauge!("bus_producer_queued_records").set(statistics.msg_cnt as f64);
+    }
+}
 
 impl ProducerContext for Reports {
     type DeliveryOpaque = Box<Notice>;
@@ -90,6 +95,7 @@ impl Producer {
             .set("message.timeout.ms", &timeout_ms)
             .set("socket.connection.setup.timeout.ms", &timeout_ms)
             .set("reconnect.backoff.max.ms", "1000")
+            .set("statistics.interval.ms", "5000")
             .create_with_context(Reports {
                 breaker: breaker.clone(),
             })
