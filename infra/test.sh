@@ -82,8 +82,9 @@ infra/autobahn.sh target/debug/gateway target/debug/dispatcher "$state/backends.
 stage "autobahn"
 
 # The end-to-end protocol suite again, against a cluster of 2 gateways and 2 dispatchers
-# on the real servers (each test its own keyspace, topics, group and key prefix; two at a
-# time, to keep the single Cassandra node's schema changes quick).
+# on the real servers, its clients through HAProxy (installed by validate.sh); each test
+# its own keyspace, topics, group and key prefix; two at a time, to keep the single
+# Cassandra node's schema changes quick.
 CHAT_TEST_CLUSTER=1 cargo test -p gateway --locked \
   --test connecting --test frames --test guarantees --test inbox --test limits --test push --test e2ee \
   --test media \

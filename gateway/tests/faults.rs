@@ -7,6 +7,7 @@ mod common;
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
+use common::haproxy::{free_port, Haproxy};
 use common::process::spawn;
 use common::{Client, Server, CLUSTER_KEYS, SECRET, WAIT};
 use gateway::Config;
@@ -738,134 +739,6 @@ async fn restarting_each_gateway_under_load_delivers_every_accepted_message() {
     );
 }
 
-/// A free loopback port.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-/// HAProxy as `infra/haproxy.cfg` configures it (least connections, `/readyz` health
-/// checks every 2 s), in front of gateways at `(client port, admin port)`, with a stats
-/// listener to see which servers it counts as up and its runtime API on a socket.
-struct Haproxy {
-    child: tokio::process::Child,
-    port: u16,
-    stats: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Haproxy {
-    async fn start(gateways: &[(u16, u16)]) -> Haproxy {
-        let shipped = std::fs::read_to_string(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra/haproxy.cfg"),
-        )
-        .expect("infra/haproxy.cfg");
-        let (port, stats) = (free_port(), free_port());
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = String::new();
-        for line in shipped.lines() {
-            let trimmed = line.trim_start();
-            if trimmed.starts_with("server ") {
-                continue;
-            }
-            config.push_str(&match trimmed {
-                // The file descriptors a test process may have, not production's; the
-                // runtime API an operator drains a server with.
-                l if l.starts_with("maxconn") => format!(
-                    "    maxconn 4000\n    stats socket {}/admin.sock level admin",
-                    dir.path().display()
-                ),
-                l if l.starts_with("bind ") => format!("    bind 127.0.0.1:{port}"),
-                _ => line.to_owned(),
-            });
-            config.push('\n');
-        }
-        for (i, (client, admin)) in gateways.iter().enumerate() {
-            config.push_str(&format!(
-                "    server gateway-{} 127.0.0.1:{client} port {admin}\n",
-                i + 1
-            ));
-        }
-        config.push_str(&format!(
-            "\nlisten stats\n    bind 127.0.0.1:{stats}\n    stats enable\n    stats uri /\n"
-        ));
-        let path = dir.path().join("haproxy.cfg");
-        std::fs::write(&path, config).expect("write haproxy.cfg");
-        let child = tokio::process::Command::new("haproxy")
-            .arg("-db")
-            .arg("-f")
-            .arg(&path)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("haproxy is installed (infra/validate.sh installs it)");
-        let haproxy = Haproxy {
-            child,
-            port,
-            stats,
-            dir,
-        };
-        for i in 1..=gateways.len() {
-            haproxy.wait_until(&format!("gateway-{i}"), true).await;
-        }
-        haproxy
-    }
-
-    /// Sends one command to HAProxy's runtime API and returns its answer.
-    async fn command(&self, command: &str) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut socket = tokio::net::UnixStream::connect(self.dir.path().join("admin.sock"))
-            .await
-            .expect("HAProxy's runtime API");
-        socket
-            .write_all(format!("{command}\n").as_bytes())
-            .await
-            .expect("send a command");
-        let mut answer = String::new();
-        socket
-            .read_to_string(&mut answer)
-            .await
-            .expect("read the answer");
-        answer
-    }
-
-    /// Waits until HAProxy's health checks count `server` as up (or, `up` false, as down).
-    async fn wait_until(&self, server: &str, up: bool) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let csv = reqwest::get(format!("http://127.0.0.1:{}/;csv", self.stats))
-                .await
-                .ok();
-            let csv = match csv {
-                Some(response) => response.text().await.unwrap_or_default(),
-                None => String::new(),
-            };
-            let is_up = csv.lines().any(|l| {
-                let fields: Vec<&str> = l.split(',').collect();
-                fields.get(1) == Some(&server) && fields.get(17) == Some(&"UP")
-            });
-            if is_up == up {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{server} is not {} in HAProxy",
-                if up { "up" } else { "down" }
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-}
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
-}
-
 /// The rolling restart an operator does, through the load balancer clients use: with
 /// `loadtest` traffic flowing through HAProxy, each gateway and then each dispatcher is
 /// stopped with SIGTERM (a gateway drains: its clients are closed with 1012 and reconnect
@@ -901,7 +774,7 @@ async fn a_rolling_restart_behind_haproxy_loses_nothing() {
     let dispatcher = || spawn("dispatcher", &env, &["--admin-listen", "127.0.0.1:0"]);
     let mut gateways = vec![gateway(ports[0]).await, gateway(ports[1]).await];
     let mut dispatchers = vec![dispatcher().await, dispatcher().await];
-    let lb = Haproxy::start(&ports).await;
+    let lb = Haproxy::start(&ports, false).await;
 
     // 100 users, 100 msgs/s for 45 s, all through HAProxy.
     let fleet = loadtest::scenario::Fleet {

@@ -1,6 +1,7 @@
 //! A test gateway on loopback and a small WebSocket client that speaks the protocol.
 #![allow(dead_code)]
 
+pub(crate) mod haproxy;
 pub(crate) mod process;
 
 use std::net::SocketAddr;
@@ -24,8 +25,9 @@ pub(crate) const WAIT: Duration = Duration::from_secs(15);
 /// The system under test: one embedded gateway, or, when `CHAT_TEST_CLUSTER` is set, a
 /// distributed cluster of two gateways and two dispatchers on the real Kafka, CQL and
 /// Redis servers named by `TEST_KAFKA_BROKERS`, `TEST_SCYLLA_NODES` and `TEST_REDIS_URL`.
-/// In a cluster, successive connections alternate between the gateways, so a test's
-/// sender and recipient sit on different nodes.
+/// In a cluster, clients connect through HAProxy (`infra/haproxy.cfg`, as in production)
+/// and successive connections alternate between the gateways, so a test's sender and
+/// recipient sit on different nodes.
 pub(crate) struct TestGateway {
     pub running: Option<Running>,
     pub client_addr: SocketAddr,
@@ -41,6 +43,8 @@ struct Cluster {
     template: Config,
     peer: Option<Running>,
     peer_addr: SocketAddr,
+    /// The load balancer every `connect` goes through; `gw=1|2` picks the gateway.
+    lb: haproxy::Haproxy,
     dispatchers: Vec<(
         tokio_util::sync::CancellationToken,
         tokio::task::JoinHandle<()>,
@@ -172,6 +176,14 @@ async fn start_cluster(dir: tempfile::TempDir, tune: impl Fn(&mut Config)) -> Te
         });
         dispatchers.push((stop, task));
     }
+    let lb = haproxy::Haproxy::start(
+        &[
+            (first.client_addr.port(), first.admin_addr.port()),
+            (second.client_addr.port(), second.admin_addr.port()),
+        ],
+        true,
+    )
+    .await;
     TestGateway {
         client_addr: first.client_addr,
         admin_addr: first.admin_addr,
@@ -180,6 +192,7 @@ async fn start_cluster(dir: tempfile::TempDir, tune: impl Fn(&mut Config)) -> Te
         auth: Auth::new(SECRET.as_bytes()),
         cluster: Some(Cluster {
             template,
+            lb,
             peer_addr: second.client_addr,
             peer: Some(second),
             dispatchers,
@@ -250,22 +263,26 @@ impl TestGateway {
         self.connect_device(user, "default").await
     }
 
-    /// Connects a device; in a cluster, to each gateway in turn.
+    /// Connects a device; in a cluster, through HAProxy to each gateway in turn (only to
+    /// the second once the first was drained).
     pub(crate) async fn connect_device(&self, user: &str, device: &str) -> Client {
-        let addr = match &self.cluster {
+        let url = match &self.cluster {
             Some(cluster) => {
                 let n = cluster
                     .next
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if n % 2 == 0 {
-                    self.client_addr
+                let gw = if n % 2 == 1 || self.running.is_none() {
+                    2
                 } else {
-                    cluster.peer_addr
-                }
+                    1
+                };
+                format!(
+                    "ws://127.0.0.1:{}/ws?device={device}&gw={gw}",
+                    cluster.lb.port
+                )
             }
-            None => self.client_addr,
+            None => format!("ws://{}/ws?device={device}", self.client_addr),
         };
-        let url = format!("ws://{addr}/ws?device={device}");
         connect_url(&url, &self.token(user), user).await
     }
 
