@@ -23,13 +23,46 @@ pub enum Guarded<E> {
     Inner(E),
 }
 
+/// Publishes a breaker's state as `backend_breaker_state{backend}`: 0 closed, 1 half open
+/// (one probe call let through), 2 open (calls rejected).
+#[derive(Clone, Debug)]
+struct StateGauge(&'static str);
+
+impl StateGauge {
+    fn new(backend: &'static str) -> Self {
+        let gauge = StateGauge(backend);
+        gauge.set(0.0);
+        gauge
+    }
+
+    fn set(&self, state: f64) {
+        metrics::gauge!("backend_breaker_state", "backend" => self.0).set(state);
+    }
+}
+
+impl failsafe::Instrument for StateGauge {
+    fn on_call_rejected(&self) {}
+
+    fn on_open(&self) {
+        self.set(2.0);
+    }
+
+    fn on_half_open(&self) {
+        self.set(1.0);
+    }
+
+    fn on_closed(&self) {
+        self.set(0.0);
+    }
+}
+
 /// A circuit breaker for one backend: it opens after 5 consecutive failures, rejects calls
 /// for 1 s (growing, jittered, up to 10 s while failures continue), then lets one call
 /// through to probe.
 #[derive(Clone)]
 pub struct Breaker {
     name: &'static str,
-    machine: StateMachine<ConsecutiveFailures<EqualJittered>, ()>,
+    machine: StateMachine<ConsecutiveFailures<EqualJittered>, StateGauge>,
     timeout: Duration,
 }
 
@@ -50,7 +83,10 @@ impl Breaker {
         let policy = failsafe::failure_policy::consecutive_failures(5, backoff);
         Breaker {
             name,
-            machine: Config::new().failure_policy(policy).build(),
+            machine: Config::new()
+                .failure_policy(policy)
+                .instrument(StateGauge::new(name))
+                .build(),
             timeout,
         }
     }
