@@ -402,6 +402,8 @@ async fn replay(conn: Arc<ConnHandle>, app: Arc<App>) {
             return;
         }
         if conn.finish_replay(&replayed) {
+            // The device's pending queues as it found them on connecting.
+            metrics::histogram!("gateway_replayed_messages").record(replayed.len() as f64);
             return;
         }
     }

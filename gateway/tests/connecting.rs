@@ -313,6 +313,17 @@ async fn operator_endpoints_report_health_readiness_and_metrics() {
     alice.recv_type("error").await;
     assert!(gw.metric(ping).await > pings);
     assert!(gw.metric(invalid).await > invalids);
+    // Each connection's replay of its pending queues is measured (alice's was empty).
+    assert!(
+        gw.metric_reaches("gateway_replayed_messages_count", 1.0)
+            .await
+            >= 1.0
+    );
+    assert!(
+        gw.metric(r#"gateway_replayed_messages_bucket{le="0"}"#)
+            .await
+            >= 1.0
+    );
 }
 
 /// An identity provider's key: an ES256 key pair made by the test, and its JWK.
