@@ -44,11 +44,6 @@ def mint_token(base, user):
         return json.load(response)["token"]
 
 
-async def read_head(reader):
-    head = await reader.readuntil(b"\r\n\r\n")
-    return head
-
-
 async def read_frame(reader):
     """One whole frame as the server sent it (servers do not mask)."""
     header = await reader.readexactly(2)
@@ -98,14 +93,14 @@ class Proxy:
             client_writer.close()
 
     async def relay(self, client_reader, client_writer):
-        head = await read_head(client_reader)
+        head = await client_reader.readuntil(b"\r\n\r\n")
         user = f"autobahn-{next(self.users)}"
         token = await asyncio.to_thread(mint_token, self.base, user)
         _, rest = head.split(b"\r\n", 1)
         head = f"GET /ws?token={token}&device=autobahn HTTP/1.1\r\n".encode() + rest
         server_reader, server_writer = await asyncio.open_connection(self.host, int(self.port))
         server_writer.write(head)
-        response = await read_head(server_reader)
+        response = await server_reader.readuntil(b"\r\n\r\n")
         client_writer.write(response)
         if response.startswith(b"HTTP/1.1 101"):
             opcode, payload = await read_frame(server_reader)

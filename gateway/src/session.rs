@@ -670,18 +670,19 @@ impl Session {
             Box::new(move |e| conn.fail_send(&client_msg_id, &e.to_string()))
         };
         // The message id on the span of its way into the log (the dispatcher's events
-        // carry it too: `persisted`, `routed`).
-        let span = tracing::info_span!("send", message_id = %id, %client_msg_id);
+        // carry it too: `persisted`, `routed`). Debug level: at the default level a send
+        // pays for no span; a refusal is logged with the id either way.
+        let span = tracing::debug_span!("send", message_id = %id, %client_msg_id);
         if let Err(refusal) = self
             .call(self.app.bus.publish(envelope, Some(failed)))
-            .instrument(span.clone())
+            .instrument(span)
             .await
         {
-            span.in_scope(|| tracing::info!(code = ?refusal.code, "send refused"));
+            tracing::info!(message_id = %id, code = ?refusal.code, "send refused");
             self.conn.take_answer(&client_msg_id);
             return Err(refusal);
         }
-        span.in_scope(|| tracing::debug!("published"));
+        tracing::debug!(message_id = %id, "published");
         Ok(())
     }
 
