@@ -35,9 +35,14 @@ struct Config {
     #[command(flatten)]
     backends: BackendArgs,
 
-    /// Key ring file for at-rest encryption (the same as the gateways').
+    /// Key ring file for at-rest encryption (the same as the gateways'). Read again on
+    /// SIGHUP and when it changes.
     #[arg(long, env = "STORAGE_KEYS_FILE")]
     keys_file: Option<PathBuf>,
+
+    /// Seconds between checks of the key file for a change (0: reload on SIGHUP only).
+    #[arg(long, env = "STORAGE_KEYS_RELOAD_SECS", default_value_t = 10)]
+    keys_reload_secs: u64,
 
     /// The key ring inline (comma or newline separated), instead of a file.
     #[arg(
@@ -122,6 +127,10 @@ async fn main() -> anyhow::Result<()> {
         .route("/metrics", get(render_metrics))
         .with_state(admin);
     let stop = CancellationToken::new();
+    store
+        .keys()
+        .reload_on_change(Duration::from_secs(config.keys_reload_secs), stop.clone())
+        .context("watching the key file")?;
     let admin_server = tokio::spawn({
         let stop = stop.clone();
         async move {

@@ -36,6 +36,8 @@ pub struct App {
     /// Confirmed receipts, forgotten in batches.
     pub receipt_drops: ReceiptDrops,
     pub metrics: PrometheusHandle,
+    /// The at-rest key re-encryption this node runs or ran last (admin port).
+    pub reencryptions: crate::admin::Reencryptions,
     /// Every connection task, so that a drain can wait for them.
     pub tracker: TaskTracker,
     draining: AtomicBool,
@@ -72,6 +74,7 @@ impl App {
             unlocated: Unlocated::default(),
             receipt_drops,
             metrics,
+            reencryptions: Default::default(),
             tracker: TaskTracker::new(),
             draining: AtomicBool::new(false),
             started: Instant::now(),

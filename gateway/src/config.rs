@@ -25,7 +25,7 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// Operator port: /healthz, /readyz, /metrics.
+    /// Operator port: /healthz, /readyz, /metrics, /admin/keys (keep it off public networks).
     #[arg(long, env = "GATEWAY_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
     pub admin_listen: SocketAddr,
 
@@ -46,9 +46,15 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_NODE_ID")]
     pub node_id: Option<String>,
 
-    /// Key ring file for at-rest encryption: lines of `<id>:<64 hex chars>`, last is primary.
+    /// Key ring file for at-rest encryption: lines of `<id>:<64 hex chars>` and optionally
+    /// `primary=<id>` (else the last key is primary). Read again on SIGHUP and when it
+    /// changes; `gateway keys --help` rotates it.
     #[arg(long, env = "STORAGE_KEYS_FILE")]
     pub keys_file: Option<PathBuf>,
+
+    /// Seconds between checks of the key file for a change (0: reload on SIGHUP only).
+    #[arg(long, env = "STORAGE_KEYS_RELOAD_SECS", default_value_t = 10)]
+    pub keys_reload_secs: u64,
 
     /// The key ring inline (comma or newline separated), instead of a file.
     #[arg(

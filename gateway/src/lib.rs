@@ -15,6 +15,7 @@ pub mod connection;
 pub mod e2ee;
 pub mod hub;
 pub mod jwks;
+pub mod keys;
 pub mod limits;
 pub mod media;
 pub mod metrics;

@@ -175,6 +175,10 @@ pub async fn start(config: Config) -> Result<Running, Error> {
             shutdown.clone(),
         );
     }
+    app.store.keys().reload_on_change(
+        Duration::from_secs(app.config.keys_reload_secs),
+        shutdown.clone(),
+    )?;
     if let Some(tls) = &tls {
         tls.reload_on_change(
             Duration::from_secs(app.config.tls_reload_secs),

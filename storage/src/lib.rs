@@ -24,4 +24,6 @@ pub use model::{
     OlmCiphertext, OneTimeKey, Receipt, ReceiptStatus, ToDevice, MAX_DEVICES_PER_USER,
     MAX_GROUP_MEMBERS, MAX_ONE_TIME_KEYS,
 };
-pub use store::{EmbeddedConfig, EmbeddedStore, MessageStore, ScyllaConfig, ScyllaStore, Store};
+pub use store::{
+    EmbeddedConfig, EmbeddedStore, MessageStore, Reencryption, ScyllaConfig, ScyllaStore, Store,
+};

@@ -2,10 +2,12 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use uuid::Uuid;
 
+use crate::crypto::Keyring;
 use crate::error::Result;
 use crate::model::{
     AckedMessage, Appended, Claimed, Conversation, Device, DeviceKeys, Group, InboxEntry, Marker,
@@ -174,6 +176,30 @@ pub trait MessageStore: Send + Sync + 'static {
 
     /// Answers when the backend can serve reads (for `/readyz`).
     fn ping(&self) -> impl Future<Output = Result<()>> + Send;
+
+    /// Seals every stored message body that its key ring's primary key did not seal again
+    /// with the primary key, counting in `progress` as it goes, while the store keeps
+    /// serving: every row stays readable throughout (it is rewritten whole, in place). Run
+    /// it after every process has the new primary (messages written meanwhile by a process
+    /// that has not would be left behind; a second pass finds them). Idempotent.
+    fn reencrypt(&self, progress: &Reencryption) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// How far a [`MessageStore::reencrypt`] pass has got.
+#[derive(Debug, Default)]
+pub struct Reencryption {
+    /// Message rows read.
+    pub scanned: AtomicU64,
+    /// Of those, rows sealed again with the primary key.
+    pub rewritten: AtomicU64,
+}
+
+impl Reencryption {
+    pub(crate) fn add(&self, scanned: u64, rewritten: u64) {
+        self.scanned.fetch_add(scanned, Ordering::Relaxed);
+        self.rewritten.fetch_add(rewritten, Ordering::Relaxed);
+        metrics::counter!("storage_reencrypted_rows_total").increment(rewritten);
+    }
 }
 
 /// The store that runs: one variant per backend, chosen from configuration. Its single
@@ -203,6 +229,15 @@ fn record(op: &'static str, started: Instant, ok: bool) {
 }
 
 impl Store {
+    /// The key ring the store seals and opens message bodies with; reloading it changes
+    /// the store's keys.
+    pub fn keys(&self) -> &Keyring {
+        match self {
+            Store::Embedded(s) => s.keys(),
+            Store::Scylla(s) => s.keys(),
+        }
+    }
+
     /// The backend's name, for logs and `/readyz`.
     pub fn backend(&self) -> &'static str {
         match self {
@@ -304,6 +339,13 @@ impl MessageStore for Store {
     }
     async fn ping(&self) -> Result<()> {
         observed!(self, "ping", |s| s.ping())
+    }
+    async fn reencrypt(&self, progress: &Reencryption) -> Result<()> {
+        // Not timed with the operations: a pass over every row is no request.
+        match self {
+            Store::Embedded(s) => s.reencrypt(progress).await,
+            Store::Scylla(s) => s.reencrypt(progress).await,
+        }
     }
 }
 

@@ -22,6 +22,7 @@ mod migrate;
 mod writer;
 
 use std::collections::BTreeSet;
+use std::ops::Bound;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -40,7 +41,9 @@ use crate::model::{
     device_address, user_of, AckedMessage, Appended, Claimed, Conversation, Device, DeviceKeys,
     Group, InboxEntry, Marker, Message, NewMessage, Notice, OneTimeKey,
 };
-use crate::store::{check_supply, inbox_page, inbox_users, MessageStore, StoredThisCall};
+use crate::store::{
+    check_supply, inbox_page, inbox_users, MessageStore, Reencryption, StoredThisCall,
+};
 
 /// The on-disk format this build writes. Version 1 was a redb file (`store.redb`), which
 /// is migrated on first open; 3 added inboxes; 4 added device keys and end-to-end
@@ -50,6 +53,10 @@ const SCHEMA_VERSION: u64 = 4;
 const READ_SCAN_LIMIT: usize = 10_000;
 /// The store's directory inside the data directory.
 const STORE_DIR: &str = "store";
+
+/// Message rows a re-encryption pass reads at a time, and seals again in one commit at
+/// most.
+const REENCRYPT_PAGE: usize = 512;
 /// Memory bounds by default: the block cache, and the memtable of each of the four busy
 /// keyspaces before it is flushed (the other seven get an eighth of that). Smaller
 /// memtables flush more often, which stalls the writer more often (docs/benchmarks.md).
@@ -203,6 +210,13 @@ fn id_key(prefix: &str, id: u128) -> Vec<u8> {
     key(prefix, &id.to_be_bytes())
 }
 
+/// The name in a `hash prefix ␀ id` key.
+fn name_of(key: &[u8]) -> Result<&str> {
+    key.get(8..key.len().saturating_sub(17))
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .ok_or_else(|| Error::Backend("a stored message key is malformed".into()))
+}
+
 /// The id at the end of a `prefix ␀ id` key.
 fn id_of(key: &[u8]) -> Result<u128> {
     key.len()
@@ -350,10 +364,7 @@ impl Db {
         for row in self.messages.iter() {
             let key = row.key()?;
             let id = id_of(&key)?;
-            let name = key
-                .get(8..key.len().saturating_sub(17))
-                .and_then(|b| std::str::from_utf8(b).ok())
-                .ok_or_else(|| Error::Backend("a stored message key is malformed".into()))?;
+            let name = name_of(&key)?;
             let at = latest.entry(name.to_owned()).or_default();
             *at = (*at).max(id);
         }
@@ -450,6 +461,11 @@ impl Db {
 }
 
 impl EmbeddedStore {
+    /// The key ring the store seals and opens message bodies with.
+    pub fn keys(&self) -> &Keyring {
+        &self.inner.db.keys
+    }
+
     /// Opens (creating if needed) the store in `config.data_dir`, migrating a store of an
     /// earlier version found there. Fails with a clear message if another process has it
     /// open.
@@ -1090,5 +1106,71 @@ impl MessageStore for EmbeddedStore {
             Ok(())
         })
         .await
+    }
+
+    async fn reencrypt(&self, progress: &Reencryption) -> Result<()> {
+        // Pages in key order, read on the blocking pool; the stale rows of each page are
+        // sealed again on the writer thread, which re-reads each one there: writes are
+        // serialised by that thread, so nothing can change a row between the read and
+        // the rewrite (and message rows only ever change here).
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let from = after.clone();
+            let (stale, last, scanned) = self
+                .read(move |db| {
+                    let primary = db.keys.primary();
+                    let start = from.map_or(Bound::Unbounded, Bound::Excluded);
+                    let (mut stale, mut last, mut scanned) = (Vec::new(), None, 0u64);
+                    for row in db
+                        .messages
+                        .range::<Vec<u8>, _>((start, Bound::Unbounded))
+                        .take(REENCRYPT_PAGE)
+                    {
+                        let (key, value) = row.into_inner()?;
+                        let stored: StoredMessage = decode(&value)?;
+                        if Keyring::sealed_with(&stored.sealed) != Some(primary) {
+                            stale.push(key.to_vec());
+                        }
+                        last = Some(key.to_vec());
+                        scanned += 1;
+                    }
+                    Ok((stale, last, scanned))
+                })
+                .await?;
+            let rewritten = if stale.is_empty() {
+                0
+            } else {
+                self.write(true, move |db| {
+                    let mut batch = db.batch();
+                    let mut rewritten = 0u64;
+                    for key in stale {
+                        let Some(value) = db.messages.get(&key)? else {
+                            continue;
+                        };
+                        let stored: StoredMessage = decode(&value)?;
+                        let id = Uuid::from_u128(id_of(&key)?);
+                        let name = name_of(&key)?;
+                        if let Some(sealed) =
+                            db.keys.reseal(id, name, &stored.from, &stored.sealed)?
+                        {
+                            let record = encode(&StoredMessage {
+                                from: stored.from,
+                                sealed,
+                            })?;
+                            batch.insert(&db.messages, key, record);
+                            rewritten += 1;
+                        }
+                    }
+                    batch.commit()?;
+                    Ok(rewritten)
+                })
+                .await?
+            };
+            progress.add(scanned, rewritten);
+            match last {
+                Some(key) if scanned == REENCRYPT_PAGE as u64 => after = Some(key),
+                _ => return Ok(()),
+            }
+        }
     }
 }

@@ -30,6 +30,7 @@ mod schema;
 mod statements;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,6 +39,7 @@ use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::errors::ExecutionError;
+use scylla::response::PagingState;
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::{Consistency, SerialConsistency};
 use scylla::value::{CqlValue, Row};
@@ -45,7 +47,7 @@ use uuid::Uuid;
 
 use self::batcher::{Batcher, Limits, Write};
 use self::statements::Statements;
-use super::{check_supply, inbox_page, inbox_users, MessageStore, StoredThisCall};
+use super::{check_supply, inbox_page, inbox_users, MessageStore, Reencryption, StoredThisCall};
 use crate::crypto::Keyring;
 use crate::error::{Error, Result};
 use crate::model::{
@@ -111,6 +113,9 @@ const SENDS_PER_READ: usize = 100;
 /// Requests (other than the batched writes) outstanding at once: past that, callers wait
 /// here rather than queue inside the cluster until their requests time out.
 const MAX_REQUESTS: usize = 32;
+
+/// Message rows a re-encryption pass reads per page.
+const REENCRYPT_PAGE: i32 = 256;
 
 /// A send record's key: user ids never contain `:`, so the split is unambiguous.
 fn send_key(sender: &str, client_msg_id: &str) -> String {
@@ -211,6 +216,11 @@ fn row_bytes(parts: &[&str], blob: usize) -> usize {
 }
 
 impl ScyllaStore {
+    /// The key ring the store seals and opens message bodies with.
+    pub fn keys(&self) -> &Keyring {
+        &self.inner.config.keys
+    }
+
     /// Connects, creates the keyspace when missing, runs pending migrations (one process
     /// at a time, under an LWT lease) and prepares every statement.
     pub async fn connect(config: ScyllaConfig) -> Result<Self> {
@@ -291,6 +301,38 @@ impl ScyllaStore {
             }
         };
         // The wait for a slot does not count against the request's timeout.
+        let _slot = inner
+            .requests
+            .acquire()
+            .await
+            .map_err(|_| Error::Unavailable("the ScyllaDB store is closing".into()))?;
+        inner
+            .breaker
+            .call(is_unavailable, retry(is_unavailable, once))
+            .await
+            .map_err(guarded)
+    }
+
+    /// One page of a paged statement, under the breaker and retried like [`Self::run`].
+    async fn page(
+        &self,
+        statement: &PreparedStatement,
+        paging: PagingState,
+    ) -> Result<(
+        scylla::response::query_result::QueryResult,
+        scylla::response::PagingStateResponse,
+    )> {
+        let inner = &self.inner;
+        let once = || {
+            let paging = paging.clone();
+            async move {
+                inner
+                    .session
+                    .execute_single_page(statement, (), paging)
+                    .await
+                    .map_err(exec_error)
+            }
+        };
         let _slot = inner
             .requests
             .acquire()
@@ -1045,5 +1087,43 @@ impl MessageStore for ScyllaStore {
     async fn ping(&self) -> Result<()> {
         self.run(&self.inner.s.ping, ()).await?;
         Ok(())
+    }
+
+    async fn reencrypt(&self, progress: &Reencryption) -> Result<()> {
+        // The table a page at a time (token order, so a row written meanwhile may or may
+        // not be seen: it is sealed with the primary anyway); each page's stale rows are
+        // sealed again and written back concurrently. A rewrite replaces one sealed body
+        // with another of the same plaintext, so a reader sees the old or the new, both
+        // readable while both keys are in the ring.
+        let s = &self.inner.s;
+        let mut paging = PagingState::start();
+        loop {
+            let (result, next) = self.page(&s.messages_scan, paging).await?;
+            let rows = result.into_rows_result().map_err(rows_error)?;
+            let mut scanned = 0u64;
+            let mut writes = Vec::new();
+            for row in rows
+                .rows::<(String, i32, Uuid, String, Vec<u8>)>()
+                .map_err(rows_error)?
+            {
+                let (conversation, bucket, id, from, sealed) = row.map_err(rows_error)?;
+                scanned += 1;
+                if let Some(sealed) =
+                    self.inner
+                        .config
+                        .keys
+                        .reseal(id, &conversation, &from, &sealed)?
+                {
+                    writes.push(self.run(&s.message_reseal, (sealed, conversation, bucket, id)));
+                }
+            }
+            let rewritten = writes.len() as u64;
+            try_join_all(writes).await?;
+            progress.add(scanned, rewritten);
+            match next.into_paging_control_flow() {
+                ControlFlow::Continue(state) => paging = state,
+                ControlFlow::Break(()) => return Ok(()),
+            }
+        }
     }
 }

@@ -14,6 +14,8 @@ pub(super) struct Statements {
     pub(super) legacy_send_get: PreparedStatement,
     pub(super) message_put: PreparedStatement,
     pub(super) message_get: PreparedStatement,
+    pub(super) messages_scan: PreparedStatement,
+    pub(super) message_reseal: PreparedStatement,
     pub(super) bucket_put: PreparedStatement,
     pub(super) buckets_upto: PreparedStatement,
     pub(super) history_before: PreparedStatement,
@@ -86,6 +88,21 @@ impl Statements {
             .await?,
             message_get: prepare(format!(
                 "SELECT sender, sealed FROM {ks}.messages \
+                 WHERE conversation = ? AND bucket = ? AND id = ?"
+            ))
+            .await?,
+            // Every message row, a page at a time (re-encryption).
+            messages_scan: {
+                let mut scan = prepare(format!(
+                    "SELECT conversation, bucket, id, sender, sealed FROM {ks}.messages"
+                ))
+                .await?;
+                scan.set_page_size(super::REENCRYPT_PAGE);
+                scan
+            },
+            // Message rows are never deleted, so this cannot bring one back.
+            message_reseal: prepare(format!(
+                "UPDATE {ks}.messages SET sealed = ? \
                  WHERE conversation = ? AND bucket = ? AND id = ?"
             ))
             .await?,
