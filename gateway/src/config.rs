@@ -98,6 +98,11 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_MAX_FRAME_BYTES", default_value_t = 128 * 1024)]
     pub max_frame_bytes: usize,
 
+    /// Most WebSocket frames one message may arrive in (control frames aside); more
+    /// closes with 1009.
+    #[arg(long, env = "GATEWAY_MAX_FRAGMENTS", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_fragments: u32,
+
     /// Largest message `body`, in bytes of UTF-8; larger gets `too_large`.
     #[arg(long, env = "GATEWAY_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,

@@ -14,6 +14,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
+
+use crate::fragments::TooManyFragments;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -183,6 +185,12 @@ where
                 conn.close(CloseCode::Size);
                 return stream;
             }
+            Some(Err(WsError::Io(e))) if TooManyFragments::is(&e) => {
+                tracing::info!(error = %e, "a message in too many frames, closing with 1009");
+                metrics::counter!("gateway_oversize_frames_total").increment(1);
+                conn.close(CloseCode::Size);
+                return stream;
+            }
             Some(Err(WsError::Utf8(e))) => {
                 // RFC 6455 §8.1: a text frame that is not UTF-8 fails the connection with
                 // 1007 (Autobahn 6.x expects it).
@@ -235,8 +243,16 @@ where
     let _ = timeout(LINGER, async {
         io.shutdown().await?;
         let mut discard = [0u8; 4096];
-        while io.read(&mut discard).await? > 0 {}
-        Ok::<_, std::io::Error>(())
+        loop {
+            match io.read(&mut discard).await {
+                Ok(0) => return Ok::<_, std::io::Error>(()),
+                Ok(_) => {}
+                // The rest of a message cut short by the size limit may still go over the
+                // fragment cap: that read fails once, and the cap is off after it.
+                Err(e) if TooManyFragments::is(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
     })
     .await;
 }
@@ -324,7 +340,7 @@ where
     if let Some(code) = conn.close_code() {
         let reason = match code {
             CloseCode::Policy => "too slow: reconnect to get what you missed",
-            CloseCode::Size => "frame too large",
+            CloseCode::Size => "message too large, or in too many frames",
             CloseCode::Restart => "server restarting: reconnect",
             CloseCode::Away => "heartbeat timeout",
             _ => "",

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod e2ee;
+pub mod fragments;
 pub mod hub;
 pub mod jwks;
 pub mod keys;

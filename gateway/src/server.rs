@@ -26,6 +26,8 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
+
+use crate::fragments::FragmentCap;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
@@ -624,13 +626,14 @@ async fn upgrade(
         );
     };
     let config = app.ws_config();
+    let max_fragments = app.config.max_fragments as usize;
     app.tracker.spawn({
         let app = app.clone();
         async move {
             match on_upgrade.await {
                 Ok(upgraded) => {
                     let ws = WebSocketStream::from_raw_socket(
-                        TokioIo::new(upgraded),
+                        FragmentCap::new(TokioIo::new(upgraded), max_fragments),
                         Role::Server,
                         Some(config),
                     )

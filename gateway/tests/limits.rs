@@ -43,6 +43,45 @@ async fn a_text_frame_that_is_not_utf8_closes_with_1007() {
     );
 }
 
+/// A message may come in at most `--max-fragments` frames: at the cap it is read, past it
+/// the connection closes with 1009, however small the frames (a million empty continuation
+/// frames would otherwise each cost a frame's work); what was sent before is kept.
+#[tokio::test]
+async fn a_message_in_too_many_frames_closes_with_1009() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    let gw = start(|c| c.max_fragments = 16).await;
+    let mut alice = gw.connect("alice").await;
+    let sent = alice.send_message("bob", "before", "f1").await;
+
+    let ping = br#"{"type":"ping","ref":"in sixteen frames"}"#;
+    let pieces: Vec<&[u8]> = (0..16)
+        .map(|i| &ping[i * ping.len() / 16..(i + 1) * ping.len() / 16])
+        .collect();
+    for (i, piece) in pieces.iter().enumerate() {
+        let opcode = if i == 0 { Data::Text } else { Data::Continue };
+        let frame = Frame::message(piece.to_vec(), OpCode::Data(opcode), i == 15);
+        alice.ws.send(Message::Frame(frame)).await.expect("send");
+    }
+    assert_eq!(alice.recv_type("pong").await["ref"], "in sixteen frames");
+
+    let start = Frame::message(b"{".to_vec(), OpCode::Data(Data::Text), false);
+    alice.ws.send(Message::Frame(start)).await.expect("send");
+    for _ in 0..1000 {
+        let empty = Frame::message(Vec::new(), OpCode::Data(Data::Continue), false);
+        if alice.ws.send(Message::Frame(empty)).await.is_err() {
+            break;
+        }
+    }
+    let ended = alice.ended().await;
+    assert_eq!(ended.code(), Some(1009), "{ended:?}");
+    let mut bob = gw.connect("bob").await;
+    assert_eq!(
+        bob.recv_type("message").await["message_id"],
+        sent["message_id"]
+    );
+}
+
 /// A client frame as a client must send it: final, masked.
 fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     let mask = [0x37, 0xfa, 0x21, 0x3d];
