@@ -302,6 +302,22 @@ async fn operator_endpoints_report_health_readiness_and_metrics() {
         text.contains("# TYPE gateway_connections_active gauge"),
         "{text}"
     );
+    // Every metric has its catalogue row as HELP text, and the counters without labels are
+    // exported before their first event (nothing in this test binary is closed with 1008).
+    assert!(
+        text.contains("# HELP gateway_connections_total connections welcomed"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "# HELP gateway_slow_consumer_disconnects_total connections closed with 1008"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("\ngateway_slow_consumer_disconnects_total 0\n"),
+        "{text}"
+    );
     // Frames are counted by their type; what is not a request counts as `invalid`.
     let mut alice = alice;
     let ping = r#"gateway_frames_received_total{type="ping"}"#;

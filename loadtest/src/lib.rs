@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod client;
 pub mod e2ee;
+pub mod hostile;
 pub mod ledger;
 pub mod relay;
 pub mod report;

@@ -96,6 +96,27 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
     },
+    /// Direct traffic at one rate twice: alone, then beside hostile clients (half-finished
+    /// handshakes, slow readers with messages sent to them) while a probe times a
+    /// newcomer's connect; reports both latencies and their ratio. Exits 3 when the p99
+    /// under attack is over twice the baseline's or a newcomer waited a second or more.
+    Hostile {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        traffic: Traffic,
+        /// Half-finished handshakes held open at any time.
+        #[arg(long, default_value_t = 1000)]
+        half_open: u32,
+        /// Clients that read one frame per --slow-read-every-ms.
+        #[arg(long, default_value_t = 1000)]
+        slow_readers: u32,
+        /// Messages a second sent to the slow readers, in all.
+        #[arg(long, default_value_t = 100.0)]
+        slow_rate: f64,
+        #[arg(long, default_value_t = 1000)]
+        slow_read_every_ms: u64,
+    },
     /// Embedded gateway against the relay, interleaved: max rates, ratio, memory, p99.
     Bench {
         /// Where to write the results.
@@ -336,6 +357,28 @@ async fn main() -> anyhow::Result<()> {
                 0
             }
         }
+        Command::Hostile {
+            common,
+            traffic,
+            half_open,
+            slow_readers,
+            slow_rate,
+            slow_read_every_ms,
+        } => {
+            let attack = |url: String, tokens: Tokens, prefix: String, source_ips| {
+                loadtest::hostile::HostileConfig {
+                    url,
+                    tokens,
+                    prefix,
+                    half_open,
+                    slow_readers,
+                    slow_rate,
+                    slow_read_every: Duration::from_millis(slow_read_every_ms.max(1)),
+                    source_ips,
+                }
+            };
+            hostile(common, traffic, attack).await?
+        }
         Command::Idle { common, hold_secs } => {
             drive(
                 common,
@@ -544,6 +587,156 @@ async fn drive(
             .with_context(|| format!("writing the plot {}", path.display()))?;
     }
     Ok(if verdict.clean() { 0 } else { 2 })
+}
+
+/// `loadtest hostile`: the baseline, the attack, the same workload under it, the verdict.
+async fn hostile(
+    common: Common,
+    traffic: Traffic,
+    attack: impl FnOnce(String, Tokens, String, Vec<IpAddr>) -> loadtest::hostile::HostileConfig,
+) -> anyhow::Result<i32> {
+    let Some(url) = common.urls.first().cloned() else {
+        bail!("give a --url");
+    };
+    if common.users > PER_PROCESS || common.processes.is_some_and(|p| p > 1) {
+        bail!("hostile runs in one process: at most {PER_PROCESS} --users and no --processes");
+    }
+    if traffic.rate.len() != 1 {
+        bail!("hostile compares one --rate with itself under attack: give one rate");
+    }
+    let tokens = match &common.jwt_secret {
+        Some(secret) => Tokens::Secret(secret.clone()),
+        None => Tokens::Dev,
+    };
+    let prefix = common
+        .prefix
+        .clone()
+        .unwrap_or_else(|| format!("lt{:06x}-", rand::random::<u32>() & 0xff_ffff));
+    let source_ips: Vec<IpAddr> = (1..=common.source_ips)
+        .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i)))
+        .collect();
+    let options = Options {
+        body_bytes: traffic.body_bytes,
+        drain: Duration::from_secs_f64(traffic.drain_secs),
+        partial: false,
+        progress: false,
+        connect_timeout: Duration::from_secs_f64(common.connect_timeout_secs),
+        e2ee: false,
+        attachments: 0.0,
+        attachment_bytes: 0,
+    };
+    let workload = Workload::Direct {
+        rates: traffic.rate.clone(),
+        step: Duration::from_secs_f64(traffic.step_secs),
+    };
+    let run = |phase: &str| {
+        let fleet = Fleet {
+            urls: common.urls.clone(),
+            tokens: tokens.clone(),
+            users: common.users,
+            first_user: 0,
+            local_users: common.users,
+            prefix: format!("{prefix}{phase}-"),
+            source_ips: source_ips.clone(),
+            concurrency: common.concurrency,
+        };
+        let (workload, options) = (&workload, &options);
+        async move {
+            let outcome = scenario::run(&fleet, workload, options, None).await?;
+            let verdict = outcome.ledger.verdict();
+            Ok::<_, anyhow::Error>(Report::new(
+                "direct",
+                fleet.urls.clone(),
+                fleet.users,
+                1,
+                &outcome.stats,
+                verdict,
+                outcome.send_secs,
+            ))
+        }
+    };
+
+    eprintln!(
+        "hostile: baseline, {} msgs/s for {} s",
+        traffic.rate[0], traffic.step_secs
+    );
+    let baseline = run("base").await?;
+    let config = attack(
+        url,
+        tokens.clone(),
+        format!("{prefix}bad-"),
+        source_ips.clone(),
+    );
+    eprintln!(
+        "hostile: starting {} half-open handshakes and {} slow readers ({} msgs/s to them)",
+        config.half_open, config.slow_readers, config.slow_rate
+    );
+    let attack = loadtest::hostile::Attack::start(config).await?;
+    eprintln!("hostile: the same traffic under attack");
+    let under = run("under").await;
+    let attack = attack.stop().await;
+    let under = under?;
+
+    let ratio = under.delivery_latency.p99_ms / baseline.delivery_latency.p99_ms.max(0.001);
+    let newcomer = &attack.newcomer_connect;
+    let ratio_ok = ratio <= 2.0;
+    let connect_ok =
+        newcomer.count > 0 && newcomer.max_ms < 1000.0 && attack.newcomer_failures == 0;
+    let met = |ok: bool| if ok { "met" } else { "MISSED" };
+    let phase = |name: &str, r: &Report| {
+        println!(
+            "{name:<13} delivered {:>8.1} msgs/s of {:>8.1} offered; send→delivered p50 {:.1} ms, p99 {:.1} ms; lost {}, reordered {}",
+            r.delivered_per_sec,
+            r.offered_per_sec,
+            r.delivery_latency.p50_ms,
+            r.delivery_latency.p99_ms,
+            r.verdict.lost,
+            r.verdict.reordered
+        )
+    };
+    phase("baseline", &baseline);
+    phase("under attack", &under);
+    println!("p99 ratio     {ratio:.2} (bound ≤ 2: {})", met(ratio_ok));
+    println!(
+        "newcomers     {} connects, p50 {:.1} ms, max {:.1} ms, {} failed (bound < 1 s: {})",
+        newcomer.count,
+        newcomer.p50_ms,
+        newcomer.max_ms,
+        attack.newcomer_failures,
+        met(connect_ok)
+    );
+    println!(
+        "half-open     {} opened, {} dropped by the server, {} connect failures",
+        attack.half_open_opened,
+        attack.half_open_dropped_by_server,
+        attack.half_open_connect_failures
+    );
+    println!(
+        "slow readers  {} connected, {} frames read, {} closed by the server; {} messages sent to them, {} accepted, {} refused",
+        attack.slow_readers_connected,
+        attack.slow_reader_frames_read,
+        attack.slow_readers_closed_by_server,
+        attack.spam_sent,
+        attack.spam_accepted,
+        attack.spam_refused
+    );
+    if let Some(path) = &common.json {
+        let json = serde_json::json!({
+            "baseline": baseline,
+            "under_attack": under,
+            "attack": attack,
+            "p99_ratio": ratio,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(if !baseline.verdict.clean() || !under.verdict.clean() {
+        2
+    } else if !(ratio_ok && connect_ok) {
+        3
+    } else {
+        0
+    })
 }
 
 /// Runs the same command in `processes` children, each with a share of the users, starts
