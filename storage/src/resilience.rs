@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
+use backon::Retryable;
 use failsafe::backoff::EqualJittered;
 use failsafe::failure_policy::ConsecutiveFailures;
 use failsafe::futures::CircuitBreaker as _;
@@ -147,15 +147,79 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
-    // Full jitter: each wait is uniform in [0, the exponential delay].
-    let backoff = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(50))
-        .with_max_delay(Duration::from_secs(2))
-        .with_max_times(4)
-        .build()
-        .map(|delay| delay.mul_f64(rand::random::<f64>()));
+    let backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2)).take(4);
     op.retry(backoff)
         .sleep(tokio::time::sleep)
         .when(retryable)
         .await
+}
+
+/// Exponential backoff with full jitter, the one every retry loop of the workspace uses
+/// (store calls, Kafka partitions read again, presence written again after a Redis
+/// reconnect): the n-th wait is uniform in `[0, min(base × 2ⁿ, max)]`, so that clients
+/// that failed together do not retry together.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub const fn new(base: Duration, max: Duration) -> Self {
+        Backoff {
+            base,
+            max,
+            attempt: 0,
+        }
+    }
+
+    /// The next wait's ceiling, without the jitter.
+    pub fn ceiling(&self) -> Duration {
+        self.base
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.max)
+    }
+
+    /// Back to the first wait (after a success).
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+impl Iterator for Backoff {
+    type Item = Duration;
+
+    /// The next wait; the sequence never ends (`take` bounds it).
+    fn next(&mut self) -> Option<Duration> {
+        let wait = self.ceiling().mul_f64(rand::random::<f64>());
+        self.attempt = self.attempt.saturating_add(1);
+        Some(wait)
+    }
+}
+
+#[cfg(test)]
+mod backoff_tests {
+    use super::*;
+
+    #[test]
+    fn waits_double_up_to_the_cap_with_jitter_and_start_over_on_reset() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(500));
+        let ceilings: Vec<_> = (0..5)
+            .map(|_| {
+                let ceiling = backoff.ceiling();
+                let wait = backoff.next().expect("endless");
+                assert!(wait <= ceiling, "{wait:?} over {ceiling:?}");
+                ceiling.as_millis()
+            })
+            .collect();
+        assert_eq!(ceilings, [100, 200, 400, 500, 500]);
+        backoff.reset();
+        assert_eq!(backoff.ceiling(), Duration::from_millis(100));
+        // Jittered: a thousand waits are not all the same.
+        let waits: std::collections::BTreeSet<_> = (0..1000)
+            .map(|_| Backoff::new(Duration::from_secs(1), Duration::from_secs(1)).next())
+            .collect();
+        assert!(waits.len() > 900);
+    }
 }

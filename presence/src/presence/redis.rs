@@ -30,7 +30,7 @@ use fred::prelude::{
 use fred::types::Value;
 use tokio::sync::{broadcast, mpsc, watch};
 
-use storage::resilience::{Breaker, Guarded};
+use storage::resilience::{Backoff, Breaker, Guarded};
 
 use super::{Location, NodeDelivery, PresenceService, Quota, Status};
 use crate::error::{Error, Result};
@@ -577,7 +577,7 @@ impl Shared {
         // would be neither delivered live nor replayed.
         let mut left = devices;
         let mut restored = 0usize;
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         let give_up = tokio::time::Instant::now() + REASSERT_FOR;
         loop {
             let mut failed = Vec::new();
@@ -600,8 +600,7 @@ impl Shared {
                 );
                 break;
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
+            tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(2))).await;
             left = failed;
         }
         tracing::info!(restored, "presence written again after a Redis reconnect");

@@ -4,8 +4,13 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use storage::resilience::Backoff;
+
+/// The longest wait before a partition is read again after a failed record.
+const REWIND_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
 /// Offsets of one partition (of one assignment of it).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Offsets {
     /// Bumped whenever the partition is read again from an earlier offset (a seek back):
     /// verdicts on records handed out before belong to an older generation and move
@@ -17,8 +22,9 @@ pub(super) struct Offsets {
     highest: i64,
     /// Highest offset stored for commit (the next read starts after it).
     stored: i64,
-    /// Consecutive failures, for the backoff before reading a failed record again.
-    failures: u32,
+    /// The wait before reading a failed record again: longer after each consecutive
+    /// failure, from the start after a success.
+    backoff: Backoff,
     /// A seek back is scheduled.
     rewinding: bool,
 }
@@ -40,9 +46,13 @@ pub(super) enum Settled {
 impl Offsets {
     pub(super) fn new() -> Self {
         Offsets {
+            generation: 0,
+            open: BTreeSet::new(),
             highest: -1,
             stored: -1,
-            ..Offsets::default()
+            // 200 ms doubling: the first wait is at most 200 ms, the sixth at most 5 s.
+            backoff: Backoff::new(Duration::from_millis(200), REWIND_BACKOFF_MAX),
+            rewinding: false,
         }
     }
 
@@ -69,7 +79,7 @@ impl Offsets {
         }
         if persisted {
             self.open.remove(&offset);
-            self.failures = 0;
+            self.backoff.reset();
             let safe = match self.open.first() {
                 Some(first) => first - 1,
                 None => self.highest,
@@ -84,14 +94,9 @@ impl Offsets {
             return Settled::Nothing;
         }
         self.rewinding = true;
-        self.failures = self.failures.saturating_add(1);
-        // Full jitter over an exponential ceiling: 100 ms doubling, at most 5 s.
-        let ceiling = Duration::from_millis(100)
-            .saturating_mul(1u32 << self.failures.min(6))
-            .min(Duration::from_secs(5));
         Settled::Rewind {
             to: self.open.first().copied().unwrap_or(offset).min(offset),
-            wait: ceiling.mul_f64(rand::random::<f64>()),
+            wait: self.backoff.next().unwrap_or(REWIND_BACKOFF_MAX),
         }
     }
 
