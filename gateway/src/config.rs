@@ -25,6 +25,11 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
+    /// Connections waiting to be accepted on the client port, at most (the kernel caps it
+    /// at `net.core.somaxconn`): room for a reconnect storm.
+    #[arg(long, env = "GATEWAY_LISTEN_BACKLOG", default_value_t = 4096)]
+    pub listen_backlog: u32,
+
     /// Operator port: /healthz, /readyz, /metrics, /admin/keys (keep it off public networks).
     #[arg(long, env = "GATEWAY_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
     pub admin_listen: SocketAddr,
