@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio_rustls::rustls::crypto::{aws_lc_rs, CryptoProvider};
 use tokio_rustls::rustls::pki_types::pem::PemObject;
@@ -95,55 +95,19 @@ impl Tls {
     /// Reads the files again on SIGHUP, and when either file's modification time changes
     /// (checked every `poll`; zero: only on SIGHUP), until `stop`.
     pub fn reload_on_change(&self, poll: Duration, stop: CancellationToken) -> std::io::Result<()> {
-        #[cfg(unix)]
-        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         let current = self.current.clone();
-        tokio::spawn(async move {
-            let mut seen = stamps(&current);
-            let mut tick = tokio::time::interval(if poll.is_zero() {
-                Duration::from_secs(3600)
-            } else {
-                poll
-            });
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                #[cfg(unix)]
-                let hangup = hangup.recv();
-                #[cfg(not(unix))]
-                let hangup = std::future::pending::<Option<()>>();
-                let why = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = hangup => "SIGHUP",
-                    _ = tick.tick() => {
-                        let now = stamps(&current);
-                        if poll.is_zero() || now == seen {
-                            continue;
-                        }
-                        "the files changed"
-                    }
-                };
-                seen = stamps(&current);
-                match current.reload() {
-                    Ok(()) => {
-                        metrics::counter!("gateway_tls_reloads_total", "result" => "ok")
-                            .increment(1);
-                        tracing::info!(cert = %current.cert.display(), why, "TLS certificate reloaded");
-                    }
-                    Err(e) => {
-                        metrics::counter!("gateway_tls_reloads_total", "result" => "failed")
-                            .increment(1);
-                        tracing::error!(error = %e, why, "TLS certificate not reloaded: the one in use stays");
-                    }
-                }
+        let files = vec![current.cert.clone(), current.key.clone()];
+        storage::watch::on_change(files, poll, stop, move |why| match current.reload() {
+            Ok(()) => {
+                metrics::counter!("gateway_tls_reloads_total", "result" => "ok").increment(1);
+                tracing::info!(cert = %current.cert.display(), why, "TLS certificate reloaded");
             }
-        });
-        Ok(())
+            Err(e) => {
+                metrics::counter!("gateway_tls_reloads_total", "result" => "failed").increment(1);
+                tracing::error!(error = %e, why, "TLS certificate not reloaded: the one in use stays");
+            }
+        })
     }
-}
-
-fn stamps(current: &Current) -> (Option<SystemTime>, Option<SystemTime>) {
-    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
-    (modified(&current.cert), modified(&current.key))
 }
 
 fn load(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedKey, String> {

@@ -231,6 +231,30 @@ struct Common {
     rate_divisor: u32,
 }
 
+impl Common {
+    /// Where tokens come from: minted with `--jwt-secret`, or a dev gateway's `/dev/token`.
+    fn tokens(&self) -> Tokens {
+        match &self.jwt_secret {
+            Some(secret) => Tokens::Secret(secret.clone()),
+            None => Tokens::Dev,
+        }
+    }
+
+    /// `--prefix`, or a fresh random one for this run.
+    fn prefix(&self) -> String {
+        self.prefix
+            .clone()
+            .unwrap_or_else(|| format!("lt{:06x}-", rand::random::<u32>() & 0xff_ffff))
+    }
+
+    /// 127.0.0.1 … 127.0.0.N for `--source-ips N`.
+    fn source_addresses(&self) -> Vec<IpAddr> {
+        (1..=self.source_ips)
+            .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i)))
+            .collect()
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 struct Traffic {
     /// Total msgs/s; several comma-separated rates run as consecutive steps.
@@ -461,17 +485,8 @@ async fn drive(
     if common.urls.is_empty() {
         bail!("give at least one --url");
     }
-    let tokens = match &common.jwt_secret {
-        Some(secret) => Tokens::Secret(secret.clone()),
-        None => Tokens::Dev,
-    };
-    let prefix = common
-        .prefix
-        .clone()
-        .unwrap_or_else(|| format!("lt{:06x}-", rand::random::<u32>() & 0xff_ffff));
-    let source_ips = (1..=common.source_ips)
-        .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i)))
-        .collect();
+    let (tokens, prefix) = (common.tokens(), common.prefix());
+    let source_ips = common.source_addresses();
     let traffic = traffic.unwrap_or(Traffic {
         rate: vec![],
         step_secs: 0.0,
@@ -604,17 +619,8 @@ async fn hostile(
     if traffic.rate.len() != 1 {
         bail!("hostile compares one --rate with itself under attack: give one rate");
     }
-    let tokens = match &common.jwt_secret {
-        Some(secret) => Tokens::Secret(secret.clone()),
-        None => Tokens::Dev,
-    };
-    let prefix = common
-        .prefix
-        .clone()
-        .unwrap_or_else(|| format!("lt{:06x}-", rand::random::<u32>() & 0xff_ffff));
-    let source_ips: Vec<IpAddr> = (1..=common.source_ips)
-        .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i)))
-        .collect();
+    let (tokens, prefix) = (common.tokens(), common.prefix());
+    let source_ips = common.source_addresses();
     let options = Options {
         body_bytes: traffic.body_bytes,
         drain: Duration::from_secs_f64(traffic.drain_secs),

@@ -335,40 +335,12 @@ impl Keyring {
         let Some(path) = self.file.clone() else {
             return Ok(());
         };
-        #[cfg(unix)]
-        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         let keys = self.clone();
         metrics::gauge!("storage_key_primary").set(f64::from(keys.primary()));
-        let modified = move || fs::metadata(&path).and_then(|m| m.modified()).ok();
-        tokio::spawn(async move {
-            let mut seen = modified();
-            let mut tick = tokio::time::interval(if poll.is_zero() {
-                std::time::Duration::from_secs(3600)
-            } else {
-                poll
-            });
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                #[cfg(unix)]
-                let hangup = hangup.recv();
-                #[cfg(not(unix))]
-                let hangup = std::future::pending::<Option<()>>();
-                let why = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = hangup => "SIGHUP",
-                    _ = tick.tick() => {
-                        if poll.is_zero() || modified() == seen {
-                            continue;
-                        }
-                        "the file changed"
-                    }
-                };
-                seen = modified();
-                // Counted and logged there; the ring in use stays on failure.
-                let _ = keys.reload_logged(why);
-            }
-        });
-        Ok(())
+        crate::watch::on_change(vec![path], poll, stop, move |why| {
+            // Counted and logged there; the ring in use stays on failure.
+            let _ = keys.reload_logged(why);
+        })
     }
 
     /// [`Keyring::reload`], counted in `storage_key_reloads_total` and logged with `why`.

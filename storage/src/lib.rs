@@ -13,6 +13,7 @@ pub mod model;
 pub mod resilience;
 pub mod store;
 pub mod tls;
+pub mod watch;
 
 /// The CQL consistency levels, for [`ScyllaConfig::consistency`].
 pub use ::scylla::statement::Consistency;

@@ -300,17 +300,7 @@ impl ScyllaStore {
                     .map_err(exec_error)
             }
         };
-        // The wait for a slot does not count against the request's timeout.
-        let _slot = inner
-            .requests
-            .acquire()
-            .await
-            .map_err(|_| Error::Unavailable("the ScyllaDB store is closing".into()))?;
-        inner
-            .breaker
-            .call(is_unavailable, retry(is_unavailable, once))
-            .await
-            .map_err(guarded)
+        self.guarded(once).await
     }
 
     /// One page of a paged statement, under the breaker and retried like [`Self::run`].
@@ -333,12 +323,23 @@ impl ScyllaStore {
                     .map_err(exec_error)
             }
         };
-        let _slot = inner
+        self.guarded(once).await
+    }
+
+    /// Runs a request (`once`, repeatable) in a request slot, under the breaker, retried.
+    async fn guarded<T, F, Fut>(&self, once: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        // The wait for a slot does not count against the request's timeout.
+        let _slot = self
+            .inner
             .requests
             .acquire()
             .await
             .map_err(|_| Error::Unavailable("the ScyllaDB store is closing".into()))?;
-        inner
+        self.inner
             .breaker
             .call(is_unavailable, retry(is_unavailable, once))
             .await
