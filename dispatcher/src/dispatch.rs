@@ -14,9 +14,10 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::bus::{Bus, Commit, InboundLog, Partition, Record};
 use crate::envelope::{Envelope, PushEvent};
 use crate::error::Result;
+use crate::log::{Commit, InboundLog, Log, Partition, Record};
+use crate::startup::Backends;
 
 /// Most records taken from a partition at once.
 const MAX_BATCH: usize = 256;
@@ -101,7 +102,7 @@ impl Recent {
 pub struct Dispatcher {
     store: Store,
     presence: Presence,
-    bus: Bus,
+    log: Log,
 }
 
 fn now_ms() -> i64 {
@@ -149,11 +150,16 @@ struct Outcome {
 }
 
 impl Dispatcher {
-    pub fn new(store: Store, presence: Presence, bus: Bus) -> Self {
+    pub fn new(backends: Backends) -> Self {
+        let Backends {
+            store,
+            presence,
+            log,
+        } = backends;
         Dispatcher {
             store,
             presence,
-            bus,
+            log,
         }
     }
 
@@ -163,7 +169,7 @@ impl Dispatcher {
     /// single batch, so that the backends see few, large requests instead of many small
     /// ones (group commit across partitions).
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
-        let mut assigned = self.bus.subscribe().await?;
+        let mut assigned = self.log.subscribe().await?;
         let tracker = TaskTracker::new();
         let (handoff, batches) = mpsc::channel::<Handoff>(1024);
         tracker.spawn(self.clone().combine(batches).in_current_span());
@@ -824,7 +830,7 @@ impl Dispatcher {
             }
         });
         let pushes = pushes.into_iter().map(|event| async move {
-            if let Err(e) = self.bus.publish_push(event).await {
+            if let Err(e) = self.log.publish_push(event).await {
                 tracing::warn!(error = %e, "push event failed");
             }
         });

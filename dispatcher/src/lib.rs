@@ -6,16 +6,18 @@
 //! holding the recipients (or leave the message pending and emit a push-notification
 //! event), answer the sending connection, and only then commit. It knows nothing of
 //! WebSockets or of the client protocol.
+//!
+//! It is also where both binaries' start-up lives ([`startup`]: backend flags, the
+//! [`startup::Backends`] they give, logging, metrics, readiness, signals), since the
+//! gateway already depends on it.
 
-pub mod backends;
-pub mod bus;
 pub mod dispatch;
 pub mod envelope;
 pub mod error;
-pub mod logging;
-pub mod metrics;
+pub mod log;
+pub mod startup;
 
-pub use bus::{Bus, Failed, InboundLog, KafkaConfig, KafkaLog, MemoryLog, Partition, Record};
 pub use dispatch::Dispatcher;
 pub use envelope::{Envelope, PushEvent};
 pub use error::{Error, Result};
+pub use log::{Failed, InboundLog, KafkaConfig, KafkaLog, Log, MemoryLog, Partition, Record};

@@ -8,19 +8,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::Router;
 use clap::Parser;
-use dispatcher::backends::BackendArgs;
-use dispatcher::logging::LogFormat;
-use dispatcher::{Bus, Dispatcher, InboundLog};
+use dispatcher::startup::logging::LogFormat;
+use dispatcher::startup::{self, BackendArgs, Backends};
+use dispatcher::Dispatcher;
 use metrics_exporter_prometheus::PrometheusHandle;
-use presence::{Presence, PresenceService};
-use serde_json::json;
 use storage::crypto::{KeySource, Keyring};
-use storage::{MessageStore, Store};
 use tokio_util::sync::CancellationToken;
 
 /// jemalloc: under load glibc malloc cost a quarter of the CPU (consolidation, and arena
@@ -75,9 +72,7 @@ struct Config {
 }
 
 struct Admin {
-    store: Store,
-    presence: Presence,
-    bus: Bus,
+    backends: Backends,
     metrics: PrometheusHandle,
     timeout: Duration,
 }
@@ -85,7 +80,7 @@ struct Admin {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    dispatcher::logging::init(config.log_format);
+    startup::logging::init(config.log_format);
     match config.backends.distributed() {
         Ok(true) => {}
         Ok(false) => anyhow::bail!(
@@ -104,17 +99,15 @@ async fn main() -> anyhow::Result<()> {
     };
     let keys = Keyring::load(&keys, std::path::Path::new(".")).context("loading the key ring")?;
     let timeout = Duration::from_millis(config.backend_timeout_ms.max(1));
-    let (store, presence, bus) = config
+    let backends = config
         .backends
         .connect(keys, Duration::from_secs(config.presence_ttl_secs), timeout)
         .await
         .context("connecting the backends")?;
 
     let admin = Arc::new(Admin {
-        store: store.clone(),
-        presence: presence.clone(),
-        bus: bus.clone(),
-        metrics: dispatcher::metrics::handle(),
+        backends: backends.clone(),
+        metrics: startup::metrics::handle(),
         timeout,
     });
     let listener = tokio::net::TcpListener::bind(config.admin_listen)
@@ -127,7 +120,8 @@ async fn main() -> anyhow::Result<()> {
         .route("/metrics", get(render_metrics))
         .with_state(admin);
     let stop = CancellationToken::new();
-    store
+    backends
+        .store
         .keys()
         .reload_on_change(Duration::from_secs(config.keys_reload_secs), stop.clone())
         .context("watching the key file")?;
@@ -141,8 +135,8 @@ async fn main() -> anyhow::Result<()> {
     });
     tracing::info!(admin = %admin_addr, "dispatcher ready");
 
-    let run = tokio::spawn(Dispatcher::new(store, presence, bus).run(stop.clone()));
-    shutdown_signal().await;
+    let run = tokio::spawn(Dispatcher::new(backends).run(stop.clone()));
+    startup::shutdown_signal().await;
     tracing::info!("shutdown requested");
     stop.cancel();
     run.await
@@ -153,37 +147,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn readyz(State(admin): State<Arc<Admin>>) -> impl IntoResponse {
-    async fn check<E: std::fmt::Display>(
-        timeout: Duration,
-        call: impl std::future::Future<Output = Result<(), E>>,
-    ) -> String {
-        match tokio::time::timeout(timeout, call).await {
-            Ok(Ok(())) => "ok".into(),
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => "timed out".into(),
-        }
-    }
-    let t = admin.timeout;
-    let (store, presence, bus) = tokio::join!(
-        check(t, admin.store.ping()),
-        check(t, admin.presence.ping()),
-        check(t, admin.bus.ping()),
-    );
-    let ready = [&store, &presence, &bus].iter().all(|r| r.as_str() == "ok");
-    let body = json!({
-        "status": if ready { "ready" } else { "unavailable" },
-        "checks": {
-            format!("store:{}", admin.store.backend()): store,
-            format!("presence:{}", admin.presence.backend()): presence,
-            format!("bus:{}", admin.bus.backend()): bus,
-        }
-    });
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, Json(body))
+    startup::readiness(admin.backends.readiness(admin.timeout).await)
 }
 
 async fn render_metrics(State(admin): State<Arc<Admin>>) -> impl IntoResponse {
@@ -192,19 +156,4 @@ async fn render_metrics(State(admin): State<Arc<Admin>>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         admin.metrics.render(),
     )
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

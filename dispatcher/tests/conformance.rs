@@ -5,12 +5,12 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
-use dispatcher::{Bus, Envelope, InboundLog, KafkaConfig, KafkaLog, MemoryLog, Partition};
+use dispatcher::{Envelope, InboundLog, KafkaConfig, KafkaLog, Log, MemoryLog, Partition};
 use tokio::time::timeout;
 use uuid::Uuid;
 
 trait Backend {
-    fn make() -> impl Future<Output = Bus>;
+    fn make() -> impl Future<Output = Log>;
 
     /// False when the backend's server is not configured here (the suite is skipped,
     /// which `server_url` refuses under CI).
@@ -22,15 +22,15 @@ trait Backend {
 struct Memory;
 
 impl Backend for Memory {
-    async fn make() -> Bus {
-        Bus::Memory(MemoryLog::new(4, 64))
+    async fn make() -> Log {
+        Log::Memory(MemoryLog::new(4, 64))
     }
 }
 
 struct Kafka;
 
 impl Backend for Kafka {
-    async fn make() -> Bus {
+    async fn make() -> Log {
         let brokers = server_url("TEST_KAFKA_BROKERS").expect("checked by available()");
         let mut config = KafkaConfig::new(brokers);
         // Every test its own topics and consumer group on the shared broker.
@@ -38,7 +38,7 @@ impl Backend for Kafka {
         config.topic_prefix = format!("t{tag}.");
         config.group = format!("g{tag}");
         config.partitions = 4;
-        Bus::Kafka(KafkaLog::connect(config).await.expect("kafka"))
+        Log::Kafka(KafkaLog::connect(config).await.expect("kafka"))
     }
 
     fn available() -> bool {
@@ -71,8 +71,8 @@ fn ack(user: &str) -> Envelope {
 
 /// Consumes every assigned partition, committing each record, until `count` records
 /// arrived; returns `(partition, envelope)` in consumption order per partition.
-async fn consume(bus: &Bus, count: usize) -> Vec<(u32, Envelope)> {
-    let mut assigned = bus.subscribe().await.expect("subscribe");
+async fn consume(log: &Log, count: usize) -> Vec<(u32, Envelope)> {
+    let mut assigned = log.subscribe().await.expect("subscribe");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some(mut partition) = assigned.recv().await {
@@ -100,7 +100,7 @@ async fn consume(bus: &Bus, count: usize) -> Vec<(u32, Envelope)> {
 }
 
 async fn one_key_is_one_ordered_partition<B: Backend>() {
-    let bus = B::make().await;
+    let log = B::make().await;
     let users: Vec<String> = (0..8).map(|i| format!("user{i}")).collect();
     let mut sent: HashMap<String, Vec<Envelope>> = HashMap::new();
     let mut publishers = Vec::new();
@@ -108,18 +108,18 @@ async fn one_key_is_one_ordered_partition<B: Backend>() {
     for user in &users {
         let envelopes: Vec<Envelope> = (0..25).map(|_| ack(user)).collect();
         sent.insert(user.clone(), envelopes.clone());
-        let (bus, lost) = (bus.clone(), lost.clone());
+        let (log, lost) = (log.clone(), lost.clone());
         publishers.push(tokio::spawn(async move {
             for e in envelopes {
                 let lost = lost.clone();
                 let failed: dispatcher::Failed = Box::new(move |_| {
                     lost.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 });
-                bus.publish(e, Some(failed)).await.expect("publish");
+                log.publish(e, Some(failed)).await.expect("publish");
             }
         }));
     }
-    let got = consume(&bus, 200).await;
+    let got = consume(&log, 200).await;
     for p in publishers {
         p.await.expect("publisher");
     }
@@ -142,8 +142,8 @@ async fn one_key_is_one_ordered_partition<B: Backend>() {
 /// in-process log, which holds nothing of its own) says so, for the dispatcher to tell
 /// the publisher.
 async fn a_record_not_persisted_is_not_lost<B: Backend>() {
-    let bus = B::make().await;
-    let mut assigned = bus.subscribe().await.expect("subscribe");
+    let log = B::make().await;
+    let mut assigned = log.subscribe().await.expect("subscribe");
     let (tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let refused = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
@@ -168,7 +168,7 @@ async fn a_record_not_persisted_is_not_lost<B: Backend>() {
         }
     });
     let envelope = ack("zoe");
-    bus.publish(envelope.clone(), None).await.expect("publish");
+    log.publish(envelope.clone(), None).await.expect("publish");
     let (first, redelivered, got) = timeout(Duration::from_secs(30), seen.recv())
         .await
         .expect("the record within 30 s")
@@ -184,7 +184,7 @@ async fn a_record_not_persisted_is_not_lost<B: Backend>() {
         assert_eq!(again, envelope);
     } else {
         assert_eq!(
-            bus.backend(),
+            log.backend(),
             "memory",
             "only the in-process log cannot redeliver"
         );
@@ -242,12 +242,12 @@ async fn the_kafka_producer_keeps_going_far_past_its_queue_bound() {
     config.group = format!("g{tag}");
     config.partitions = 4;
     config.max_queued = 200;
-    let bus = Bus::Kafka(KafkaLog::connect(config).await.expect("kafka"));
+    let log = Log::Kafka(KafkaLog::connect(config).await.expect("kafka"));
     let published = timeout(Duration::from_secs(20), async {
         let mut tick = tokio::time::interval(Duration::from_millis(1));
         for i in 0..2_000 {
             tick.tick().await;
-            bus.publish(ack(&format!("user{}", i % 50)), None)
+            log.publish(ack(&format!("user{}", i % 50)), None)
                 .await
                 .expect("publish");
         }

@@ -4,13 +4,10 @@
 
 use std::time::Duration;
 
-use dispatcher::{Bus, Dispatcher, Envelope, InboundLog, MemoryLog};
-use presence::{
-    ConnRef, Location, MemoryPresence, NodeDelivery, Payload, Presence, PresenceService,
-};
-use storage::{
-    ts_of, Conversation, EmbeddedConfig, EmbeddedStore, Message, MessageStore, ReceiptStatus, Store,
-};
+use dispatcher::startup::Backends;
+use dispatcher::{Dispatcher, Envelope, InboundLog, Log};
+use presence::{ConnRef, Location, NodeDelivery, Payload, Presence, PresenceService};
+use storage::{ts_of, Conversation, EmbeddedConfig, Message, MessageStore, ReceiptStatus, Store};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
@@ -19,7 +16,7 @@ use uuid::Uuid;
 struct Harness {
     store: Store,
     presence: Presence,
-    bus: Bus,
+    log: Log,
     /// The node of the test's own sending connection: answers to sends arrive here.
     answers: UnboundedReceiver<Vec<NodeDelivery>>,
     shutdown: CancellationToken,
@@ -37,21 +34,21 @@ impl Drop for Harness {
 
 async fn start() -> Harness {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::Embedded(
-        EmbeddedStore::open(EmbeddedConfig::new(dir.path()))
-            .await
-            .expect("store"),
-    );
-    let presence = Presence::Memory(MemoryPresence::new(Duration::from_secs(60)));
-    let bus = Bus::Memory(MemoryLog::new(4, 64));
+    let backends = Backends::embedded(EmbeddedConfig::new(dir.path()), Duration::from_secs(60), 4)
+        .await
+        .expect("backends");
     let shutdown = CancellationToken::new();
-    let answers = presence.deliveries(ORIGIN).await.expect("deliveries");
-    let dispatcher = Dispatcher::new(store.clone(), presence.clone(), bus.clone());
+    let answers = backends
+        .presence
+        .deliveries(ORIGIN)
+        .await
+        .expect("deliveries");
+    let dispatcher = Dispatcher::new(backends.clone());
     tokio::spawn(dispatcher.run(shutdown.clone()));
     Harness {
-        store,
-        presence,
-        bus,
+        store: backends.store,
+        presence: backends.presence,
+        log: backends.log,
         answers,
         shutdown,
         _dir: dir,
@@ -100,7 +97,7 @@ async fn publish_message(h: &mut Harness, message: Message, client_msg_id: &str)
         }),
         client_msg_id: Some(client_msg_id.into()),
     };
-    h.bus.publish(envelope, None).await.expect("publish");
+    h.log.publish(envelope, None).await.expect("publish");
     answer(h, client_msg_id).await
 }
 
@@ -170,7 +167,7 @@ async fn the_senders_other_devices_get_an_echo_but_not_the_sending_one() {
         origin: Some(origin.clone()),
         client_msg_id: Some("e1".into()),
     };
-    h.bus.publish(envelope, None).await.expect("publish");
+    h.log.publish(envelope, None).await.expect("publish");
     // One publish to n1: the answer to the sending connection, then the echo to the
     // others, which leaves the sending one out.
     let batch = next(&mut node).await;
@@ -211,7 +208,7 @@ async fn a_replayed_message_is_stored_once_and_not_redelivered_after_ack() {
             .len(),
         1
     );
-    h.bus
+    h.log
         .publish(
             Envelope::Ack {
                 user: "bob".into(),
@@ -247,7 +244,7 @@ async fn two_acks_of_one_message_make_one_receipt() {
     // Two of bob's devices ack at once: both acks are in the log before either is handled
     // (one ordered partition for bob), and only the first finds the message pending.
     for _ in 0..2 {
-        h.bus
+        h.log
             .publish(
                 Envelope::Ack {
                     user: "bob".into(),
@@ -279,7 +276,7 @@ async fn receipts_are_kept_until_confirmed_and_pushed_to_online_senders() {
     publish_message(&mut h, m1.clone(), "m1").await;
     publish_message(&mut h, m2.clone(), "m2").await;
     // Alice is offline: the delivered receipt is kept for her.
-    h.bus
+    h.log
         .publish(
             Envelope::Ack {
                 user: "bob".into(),
@@ -304,7 +301,7 @@ async fn receipts_are_kept_until_confirmed_and_pushed_to_online_senders() {
     // Alice is online: the read receipt for m2 goes to her node and covers m1 too.
     let mut node = h.presence.deliveries("n1").await.expect("deliveries");
     online(&h, "alice", "n1", "phone", 1).await;
-    h.bus
+    h.log
         .publish(
             Envelope::Read {
                 user: "bob".into(),

@@ -9,11 +9,8 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use dispatcher::InboundLog;
-use presence::PresenceService;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use storage::{MessageStore, Reencryption};
-use tokio::time::timeout;
 
 use crate::app::App;
 
@@ -146,52 +143,17 @@ async fn reencrypt(State(app): State<Arc<App>>) -> impl IntoResponse {
     (StatusCode::ACCEPTED, Json(key_state(&app)))
 }
 
-async fn check<E: std::fmt::Display>(
-    app: &App,
-    call: impl std::future::Future<Output = Result<(), E>>,
-) -> Result<(), String> {
-    match timeout(app.config.backend_timeout(), call).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("timed out".into()),
-    }
-}
-
 async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
-    let results = [
-        (
-            format!("store:{}", app.store.backend()),
-            check(&app, app.store.ping()).await,
-        ),
-        (
-            format!("presence:{}", app.presence.backend()),
-            check(&app, app.presence.ping()).await,
-        ),
-        (
-            format!("bus:{}", app.bus.backend()),
-            check(&app, app.bus.ping()).await,
-        ),
-        (
-            "gateway".to_owned(),
-            if app.is_draining() {
-                Err("draining".into())
-            } else {
-                Ok(())
-            },
-        ),
-    ];
-    let ready = results.iter().all(|(_, r)| r.is_ok());
-    let checks: Map<String, Value> = results
-        .into_iter()
-        .map(|(name, r)| (name, Value::String(r.err().unwrap_or_else(|| "ok".into()))))
-        .collect();
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    let body = json!({"status": if ready { "ready" } else { "unavailable" }, "checks": checks});
-    (status, Json(body))
+    let mut checks = app.backends().readiness(app.config.backend_timeout()).await;
+    checks.push((
+        "gateway".to_owned(),
+        if app.is_draining() {
+            Err("draining".into())
+        } else {
+            Ok(())
+        },
+    ));
+    dispatcher::startup::readiness(checks)
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {

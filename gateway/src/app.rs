@@ -3,7 +3,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use dispatcher::Bus;
+use dispatcher::startup::Backends;
+use dispatcher::Log;
 use metrics_exporter_prometheus::PrometheusHandle;
 use presence::Presence;
 use storage::blob::Blobs;
@@ -23,7 +24,7 @@ pub struct App {
     pub auth: Auth,
     pub store: Store,
     pub presence: Presence,
-    pub bus: Bus,
+    pub log: Log,
     /// Where attachments' bytes go; `None` in a cluster without a bucket.
     pub blobs: Option<Blobs>,
     pub hub: Hub,
@@ -45,17 +46,19 @@ pub struct App {
 }
 
 impl App {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: Config,
         node: String,
         auth: Auth,
-        store: Store,
-        presence: Presence,
-        bus: Bus,
+        backends: Backends,
         blobs: Option<Blobs>,
         metrics: PrometheusHandle,
     ) -> Self {
+        let Backends {
+            store,
+            presence,
+            log,
+        } = backends;
         let sends = SendLimiter::new(config.rate_per_sec, config.rate_burst);
         let claims = ClaimLimiter::new(config.key_claims_per_sec, config.key_claim_burst);
         let receipt_drops = ReceiptDrops::start(store.clone());
@@ -65,7 +68,7 @@ impl App {
             auth,
             store,
             presence,
-            bus,
+            log,
             blobs,
             hub: Hub::default(),
             deadlines: Deadlines::default(),
@@ -78,6 +81,15 @@ impl App {
             tracker: TaskTracker::new(),
             draining: AtomicBool::new(false),
             started: Instant::now(),
+        }
+    }
+
+    /// The three backends (handles: cheap to clone), as `/readyz` checks them.
+    pub fn backends(&self) -> Backends {
+        Backends {
+            store: self.store.clone(),
+            presence: self.presence.clone(),
+            log: self.log.clone(),
         }
     }
 

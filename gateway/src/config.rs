@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-pub use dispatcher::logging::LogFormat;
+pub use dispatcher::startup::logging::LogFormat;
 
 /// With no backend configured the gateway runs the whole system in one process: the
 /// dispatcher on an in-process partitioned log, the embedded store in `--data-dir`, and
@@ -201,7 +201,7 @@ pub struct Config {
     pub log_format: LogFormat,
 
     #[command(flatten)]
-    pub backends: dispatcher::backends::BackendArgs,
+    pub backends: dispatcher::startup::BackendArgs,
 
     #[command(flatten)]
     pub media: MediaArgs,

@@ -43,37 +43,14 @@ async fn main() -> anyhow::Result<()> {
         return gateway::keys::run(command).await;
     }
     let config = cli.config;
-    dispatcher::logging::init(config.log_format);
+    dispatcher::startup::logging::init(config.log_format);
 
     let running = gateway::start(config)
         .await
         .context("starting the gateway")?;
-    shutdown_signal().await;
+    dispatcher::startup::shutdown_signal().await;
     tracing::info!("shutdown requested, draining");
     running.shutdown();
     running.wait().await;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
 }

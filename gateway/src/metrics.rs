@@ -1,3 +1,3 @@
 //! The process-wide Prometheus recorder, shared with the `dispatcher` binary.
 
-pub use dispatcher::metrics::handle;
+pub use dispatcher::startup::metrics::handle;

@@ -12,15 +12,16 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use dispatcher::{Bus, Dispatcher, MemoryLog};
+use dispatcher::startup::Backends;
+use dispatcher::Dispatcher;
 use futures_util::StreamExt;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use presence::{MemoryPresence, Presence, PresenceService};
+use presence::PresenceService;
 use serde::Deserialize;
 use serde_json::json;
 use storage::crypto::{KeySource, Keyring};
-use storage::{EmbeddedConfig, EmbeddedStore, Store};
+use storage::EmbeddedConfig;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -105,37 +106,31 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         (None, None) => KeySource::DevGenerated,
     };
     let dispatcher_stop = CancellationToken::new();
-    let (store, presence, bus, dispatcher) = if config.is_distributed() {
+    let (backends, dispatcher) = if config.is_distributed() {
         // One gateway of a cluster: dispatchers run as their own processes.
         let keys = Keyring::load(&keys, &config.data_dir)?;
-        let (store, presence, bus) = config
+        let backends = config
             .backends
             .connect(keys, config.presence_ttl(), config.backend_timeout())
             .await?;
-        (store, presence, bus, None)
+        (backends, None)
     } else {
         // The embedded system: no backend is configured.
-        let store = Store::Embedded(
-            EmbeddedStore::open(EmbeddedConfig {
-                data_dir: config.data_dir.clone(),
-                keys,
-                idempotency_ttl: Duration::from_secs(48 * 3600),
-                cache_bytes: config.store_cache_mib << 20,
-                memtable_bytes: config.store_memtable_mib << 20,
-            })
-            .await?,
-        );
-        let presence = Presence::Memory(MemoryPresence::new(config.presence_ttl()));
-        let bus = Bus::Memory(MemoryLog::new(config.partitions, 1024));
-        let dispatcher = tokio::spawn(
-            Dispatcher::new(store.clone(), presence.clone(), bus.clone())
-                .run(dispatcher_stop.clone()),
-        );
-        (store, presence, bus, Some(dispatcher))
+        let store = EmbeddedConfig {
+            data_dir: config.data_dir.clone(),
+            keys,
+            idempotency_ttl: Duration::from_secs(48 * 3600),
+            cache_bytes: config.store_cache_mib << 20,
+            memtable_bytes: config.store_memtable_mib << 20,
+        };
+        let backends = Backends::embedded(store, config.presence_ttl(), config.partitions).await?;
+        let dispatcher =
+            tokio::spawn(Dispatcher::new(backends.clone()).run(dispatcher_stop.clone()));
+        (backends, Some(dispatcher))
     };
 
     let blobs = crate::media::open(&config, client_addr, &secret)?;
-    let deliveries = presence.deliveries(&node).await?;
+    let deliveries = backends.presence.deliveries(&node).await?;
     let required = crate::auth::Required {
         audience: config.jwt_audience.clone(),
         issuer: config.jwt_issuer.clone(),
@@ -148,9 +143,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
             Some(jwks) => Auth::requiring(&secret, required).with_jwks(jwks.clone(), hs256),
             None => Auth::requiring(&secret, required),
         },
-        store,
-        presence,
-        bus,
+        backends,
         blobs,
         crate::metrics::handle(),
     ));
@@ -161,7 +154,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         dev = app.config.dev_mode(),
         store = app.store.backend(),
         presence = app.presence.backend(),
-        bus = app.bus.backend(),
+        log = app.log.backend(),
         media = app.blobs.as_ref().map_or("none", |b| b.backend()),
         "gateway ready"
     );

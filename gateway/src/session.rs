@@ -674,7 +674,7 @@ impl Session {
         // pays for no span; a refusal is logged with the id either way.
         let span = tracing::debug_span!("send", message_id = %id, %client_msg_id);
         if let Err(refusal) = self
-            .call(self.app.bus.publish(envelope, Some(failed)))
+            .call(self.app.log.publish(envelope, Some(failed)))
             .instrument(span)
             .await
         {
@@ -697,7 +697,7 @@ impl Session {
                 conn.deliver(Utf8Bytes::from(frame), Class::Reliable);
             })
         };
-        self.call(self.app.bus.publish(envelope, Some(failed)))
+        self.call(self.app.log.publish(envelope, Some(failed)))
             .await
     }
 

@@ -79,7 +79,8 @@ async fn wrong_credentials_or_no_tls_stop_start_up_naming_the_backend() {
     );
 
     let (kafka, _) = refused(|c| {
-        c.backends.kafka_security_protocol = dispatcher::backends::KafkaSecurity::SaslPlaintext;
+        c.backends.kafka_security_protocol =
+            dispatcher::startup::backends::KafkaSecurity::SaslPlaintext;
         c.backends.kafka_ca_file = None;
     })
     .await;

@@ -78,7 +78,7 @@ pub(crate) fn replication() -> i32 {
 
 /// The credentials and TLS settings of servers that require them (`infra/servers.sh
 /// up-secure` names them in `TEST_*` variables); nothing for the others.
-pub(crate) fn secured(b: &mut dispatcher::backends::BackendArgs) {
+pub(crate) fn secured(b: &mut dispatcher::startup::backends::BackendArgs) {
     use clap::ValueEnum;
     let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     if let Some(protocol) = var("TEST_KAFKA_SECURITY_PROTOCOL") {
@@ -162,13 +162,13 @@ async fn start_cluster(dir: tempfile::TempDir, tune: impl Fn(&mut Config)) -> Te
     let template = config("dispatcher");
     for _ in 0..2 {
         let keys = storage::crypto::Keyring::parse(CLUSTER_KEYS).expect("keys");
-        let (store, presence, bus) = template
+        let backends = template
             .backends
             .connect(keys, template.presence_ttl(), template.backend_timeout())
             .await
             .expect("dispatcher backends");
         let stop = tokio_util::sync::CancellationToken::new();
-        let run = dispatcher::Dispatcher::new(store, presence, bus).run(stop.clone());
+        let run = dispatcher::Dispatcher::new(backends).run(stop.clone());
         let task = tokio::spawn(async move {
             if let Err(e) = run.await {
                 eprintln!("dispatcher failed: {e}");
@@ -237,9 +237,9 @@ impl TestGateway {
     /// The backends `/readyz` reports in this mode.
     pub(crate) fn backend_checks(&self) -> [&'static str; 3] {
         if self.cluster.is_some() {
-            ["store:scylla", "presence:redis", "bus:kafka"]
+            ["store:scylla", "presence:redis", "log:kafka"]
         } else {
-            ["store:embedded", "presence:memory", "bus:memory"]
+            ["store:embedded", "presence:memory", "log:memory"]
         }
     }
 
@@ -316,11 +316,12 @@ impl TestGateway {
         let store = match &template {
             Some(template) => {
                 let keys = storage::crypto::Keyring::parse(CLUSTER_KEYS).expect("keys");
-                let (store, _, _) = template
+                let store = template
                     .backends
                     .connect(keys, template.presence_ttl(), template.backend_timeout())
                     .await
-                    .expect("backends");
+                    .expect("backends")
+                    .store;
                 view.push_str(&log_records(&template.backends.kafka_topic_prefix));
                 store
             }

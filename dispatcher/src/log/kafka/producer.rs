@@ -22,8 +22,8 @@ use rdkafka::producer::{
 use storage::resilience::Breaker;
 
 use super::{unavailable, KafkaConfig};
-use crate::bus::Failed;
 use crate::error::{Error, Result};
+use crate::log::Failed;
 
 /// What a record carries to its delivery report: who to tell if it fails.
 struct Notice(Option<Failed>);
@@ -36,7 +36,7 @@ struct Reports {
 impl ClientContext for Reports {
     /// librdkafka's statistics (every 5 s): the records it holds, queued or in flight.
     fn stats(&self, statistics: rdkafka::Statistics) {
-        metrics::gauge!("bus_producer_queued_records").set(statistics.msg_cnt as f64);
+        metrics::gauge!("inbound_log_producer_queued_records").set(statistics.msg_cnt as f64);
     }
 }
 
@@ -48,7 +48,7 @@ impl ProducerContext for Reports {
             Ok(_) => self.breaker.record(true),
             Err((e, _)) => {
                 self.breaker.record(false);
-                metrics::counter!("bus_delivery_failures_total").increment(1);
+                metrics::counter!("inbound_log_delivery_failures_total").increment(1);
                 tracing::warn!(error = %e, "Kafka did not take a record");
                 if let Some(failed) = notice.0 {
                     failed(produce_error(e.clone()));

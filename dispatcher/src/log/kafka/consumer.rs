@@ -18,9 +18,9 @@ use tokio::sync::mpsc::error::TrySendError;
 
 use super::offsets::{Offsets, Settled};
 use super::{unavailable, KafkaConfig};
-use crate::bus::{Partition, Record};
 use crate::envelope::Envelope;
 use crate::error::Result;
+use crate::log::{Partition, Record};
 
 /// Joins the consumer group and starts the task that feeds each assigned partition.
 pub(super) fn subscribe(config: &KafkaConfig) -> Result<mpsc::Receiver<Partition>> {

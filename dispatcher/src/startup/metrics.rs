@@ -28,7 +28,7 @@ const COUNT_HISTOGRAMS: [&str; 4] = [
 /// The metric catalogue of docs/operations.md: every metric with its type, labels and
 /// meaning. The test command checks it against the code (`infra/check-observability.py`),
 /// so it is also where the HELP text comes from.
-const CATALOGUE: &str = include_str!("../../docs/operations.md");
+const CATALOGUE: &str = include_str!("../../../docs/operations.md");
 
 /// Gives every metric of the catalogue its HELP text, and makes the counters without labels
 /// appear (at 0) before their first event, so a dashboard sees them from the first scrape.

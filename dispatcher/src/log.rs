@@ -146,50 +146,50 @@ pub trait InboundLog: Send + Sync + 'static {
 
 /// The inbound log that runs, chosen from configuration.
 #[derive(Clone, Debug)]
-pub enum Bus {
+pub enum Log {
     Memory(MemoryLog),
     Kafka(KafkaLog),
 }
 
-impl Bus {
+impl Log {
     pub fn backend(&self) -> &'static str {
         match self {
-            Bus::Memory(_) => "memory",
-            Bus::Kafka(_) => "kafka",
+            Log::Memory(_) => "memory",
+            Log::Kafka(_) => "kafka",
         }
     }
 }
 
-impl InboundLog for Bus {
+impl InboundLog for Log {
     async fn publish(&self, envelope: Envelope, failed: Option<Failed>) -> Result<()> {
         let result = match self {
-            Bus::Memory(log) => log.publish(envelope, failed).await,
-            Bus::Kafka(log) => log.publish(envelope, failed).await,
+            Log::Memory(log) => log.publish(envelope, failed).await,
+            Log::Kafka(log) => log.publish(envelope, failed).await,
         };
         let outcome = match &result {
             Ok(_) => "ok",
             Err(Error::Unavailable(_)) => "unavailable",
             Err(_) => "rejected",
         };
-        metrics::counter!("bus_publish_total", "outcome" => outcome).increment(1);
+        metrics::counter!("inbound_log_publish_total", "outcome" => outcome).increment(1);
         result
     }
     async fn publish_push(&self, event: PushEvent) -> Result<()> {
         match self {
-            Bus::Memory(log) => log.publish_push(event).await,
-            Bus::Kafka(log) => log.publish_push(event).await,
+            Log::Memory(log) => log.publish_push(event).await,
+            Log::Kafka(log) => log.publish_push(event).await,
         }
     }
     async fn subscribe(&self) -> Result<mpsc::Receiver<Partition>> {
         match self {
-            Bus::Memory(log) => log.subscribe().await,
-            Bus::Kafka(log) => log.subscribe().await,
+            Log::Memory(log) => log.subscribe().await,
+            Log::Kafka(log) => log.subscribe().await,
         }
     }
     async fn ping(&self) -> Result<()> {
         match self {
-            Bus::Memory(log) => log.ping().await,
-            Bus::Kafka(log) => log.ping().await,
+            Log::Memory(log) => log.ping().await,
+            Log::Kafka(log) => log.ping().await,
         }
     }
 }

@@ -1,4 +1,5 @@
-//! Choosing and connecting the backends: the flags both binaries share.
+//! Choosing and connecting the backends: the flags both binaries share, and the
+//! [`Backends`] they give.
 //!
 //! Given `--kafka-brokers`, `--scylla-nodes` and `--redis-url` (all three), a process runs
 //! distributed; given none, the gateway runs the embedded system. Anything in between is
@@ -9,12 +10,62 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use presence::{Presence, RedisConfig, RedisPresence};
+use presence::{MemoryPresence, Presence, PresenceService, RedisConfig, RedisPresence};
 use storage::crypto::Keyring;
 use storage::tls::{client_config, secret, Credentials};
-use storage::{ScyllaConfig, ScyllaStore, Store};
+use storage::{EmbeddedConfig, EmbeddedStore, MessageStore, ScyllaConfig, ScyllaStore, Store};
 
-use crate::bus::{Bus, KafkaConfig, KafkaLog, KafkaSettings};
+use crate::log::{InboundLog, KafkaConfig, KafkaLog, KafkaSettings, Log, MemoryLog};
+
+/// The three backends a process runs on: all distributed ([`BackendArgs::connect`]) or
+/// all embedded ([`Backends::embedded`]).
+#[derive(Clone, Debug)]
+pub struct Backends {
+    pub store: Store,
+    pub presence: Presence,
+    pub log: Log,
+}
+
+impl Backends {
+    /// The embedded system's backends: the store in its data directory, presence in memory,
+    /// and an in-process log of `partitions` partitions.
+    pub async fn embedded(
+        store: EmbeddedConfig,
+        presence_ttl: Duration,
+        partitions: u32,
+    ) -> crate::Result<Backends> {
+        Ok(Backends {
+            store: Store::Embedded(EmbeddedStore::open(store).await?),
+            presence: Presence::Memory(MemoryPresence::new(presence_ttl)),
+            log: Log::Memory(MemoryLog::new(partitions, 1024)),
+        })
+    }
+
+    /// The readiness checks (`/readyz`): each backend by name (`store:scylla`, …) with
+    /// `Ok` or why it did not answer within `timeout`. The three are asked at once.
+    pub async fn readiness(&self, timeout: Duration) -> Vec<(String, Result<(), String>)> {
+        async fn check<E: std::fmt::Display>(
+            timeout: Duration,
+            call: impl std::future::Future<Output = Result<(), E>>,
+        ) -> Result<(), String> {
+            match tokio::time::timeout(timeout, call).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("timed out".into()),
+            }
+        }
+        let (store, presence, log) = tokio::join!(
+            check(timeout, self.store.ping()),
+            check(timeout, self.presence.ping()),
+            check(timeout, self.log.ping()),
+        );
+        vec![
+            (format!("store:{}", self.store.backend()), store),
+            (format!("presence:{}", self.presence.backend()), presence),
+            (format!("log:{}", self.log.backend()), log),
+        ]
+    }
+}
 
 /// How a client talks to the Kafka brokers (librdkafka's `security.protocol`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -219,7 +270,7 @@ impl BackendArgs {
         keys: Keyring,
         presence_ttl: Duration,
         timeout: Duration,
-    ) -> crate::Result<(Store, Presence, Bus)> {
+    ) -> crate::Result<Backends> {
         let (Some(brokers), Some(redis_url)) = (&self.kafka_brokers, &self.redis_url) else {
             return Err(crate::Error::Unavailable(
                 "distributed mode needs --kafka-brokers, --scylla-nodes and --redis-url".into(),
@@ -252,16 +303,16 @@ impl BackendArgs {
         redis.credentials = security.redis_credentials;
         redis.tls = security.redis_tls;
 
-        let (store, presence, bus) = tokio::try_join!(
+        let (store, presence, log) = tokio::try_join!(
             async { Ok::<_, crate::Error>(ScyllaStore::connect(scylla).await?) },
             async { Ok::<_, crate::Error>(RedisPresence::connect(redis).await?) },
             KafkaLog::connect(kafka),
         )?;
-        Ok((
-            Store::Scylla(store),
-            Presence::Redis(presence),
-            Bus::Kafka(bus),
-        ))
+        Ok(Backends {
+            store: Store::Scylla(store),
+            presence: Presence::Redis(presence),
+            log: Log::Kafka(log),
+        })
     }
 
     /// The credentials and TLS settings of the three backends, secrets read from their
