@@ -33,6 +33,9 @@ use tokio::sync::{broadcast, mpsc, watch};
 use storage::resilience::{Backoff, Breaker, Guarded};
 
 use super::{Location, NodeDelivery, PresenceService, Quota, Status};
+use keys::{member, parse_member, Keys};
+
+mod keys;
 use crate::error::{Error, Result};
 
 /// How long a reconnect keeps retrying to write this process's devices again.
@@ -88,6 +91,8 @@ impl std::fmt::Debug for RedisPresence {
 
 struct Shared {
     config: RedisConfig,
+    /// The names of every key and channel, under `config.prefix`.
+    keys: Keys,
     client: fred::clients::Client,
     subscriber: SubscriberClient,
     changes: broadcast::Sender<Status>,
@@ -122,66 +127,24 @@ struct Local {
 
 /// Adds a device and answers 1 when the user had no live device before.
 /// KEYS: devs · ARGV: member, expires, now, ttl
-const CONNECT: &str = r"
-local live = redis.call('ZCOUNT', KEYS[1], '(' .. ARGV[3], '+inf')
-local mine = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if mine and tonumber(mine) > tonumber(ARGV[3]) then live = live - 1 end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-if live == 0 then return 1 else return 0 end
-";
+const CONNECT: &str = include_str!("redis/scripts/connect.lua");
 
 /// Removes a device and answers 1 when it was the user's last live one (last seen is set).
 /// KEYS: devs, seen · ARGV: member, now, seen ttl (s)
-const DISCONNECT: &str = r"
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
-if redis.call('ZCOUNT', KEYS[1], '(' .. ARGV[2], '+inf') > 0 then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
-return 1
-";
+const DISCONNECT: &str = include_str!("redis/scripts/disconnect.lua");
 
 /// Re-adds a device (heartbeat, or after Redis lost it) and pushes the key's TTL out.
 /// KEYS: devs · ARGV: member, expires, ttl
-const REFRESH: &str = r"
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
-";
+const REFRESH: &str = include_str!("redis/scripts/refresh.lua");
 
 /// Removes every device of a dead node from one user; answers 1 when the user has no live
 /// device left (last seen is set).
 /// KEYS: devs, seen · ARGV: node, now, seen ttl (s)
-const REAP_USER: &str = r"
-local removed = 0
-for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local node = string.match(m, '^(.*)|[^|]*|[^|]*$')
-  if node == ARGV[1] then
-    redis.call('ZREM', KEYS[1], m)
-    removed = removed + 1
-  end
-end
-if removed == 0 then return 0 end
-if redis.call('ZCOUNT', KEYS[1], '(' .. ARGV[2], '+inf') > 0 then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
-return 1
-";
+const REAP_USER: &str = include_str!("redis/scripts/reap_user.lua");
 
 /// GCRA on the server's clock (every gateway shares it): KEYS[1] holds the theoretical
 /// arrival time in µs; ARGV: µs per send, burst. Returns 1 when the send may go.
-const TAKE_SEND: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local tat = tonumber(redis.call('GET', KEYS[1])) or now
-if tat < now then tat = now end
-local next_tat = tat + interval
-if next_tat - now > interval * tonumber(ARGV[2]) then return 0 end
-redis.call('SET', KEYS[1], string.format('%.0f', next_tat), 'PX', math.ceil((next_tat - now) / 1000) + 1)
-return 1
-";
+const TAKE_SEND: &str = include_str!("redis/scripts/take_send.lua");
 
 const SEEN_TTL_SECS: i64 = 30 * 24 * 3600;
 
@@ -190,22 +153,6 @@ fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or_default()
-}
-
-fn member(at: &Location) -> String {
-    format!("{}|{}|{}", at.node, at.conn, at.device)
-}
-
-fn parse_member(m: &str) -> Option<Location> {
-    let mut parts = m.rsplitn(3, '|');
-    let device = parts.next()?;
-    let conn = parts.next()?.parse().ok()?;
-    let node = parts.next()?;
-    Some(Location {
-        node: node.to_owned(),
-        device: device.to_owned(),
-        conn,
-    })
 }
 
 /// The URL without the password it may carry, for errors and logs.
@@ -285,6 +232,7 @@ impl RedisPresence {
 
         let (changes, _) = broadcast::channel(4096);
         let shared = Arc::new(Shared {
+            keys: Keys::new(&config.prefix),
             config,
             client,
             subscriber,
@@ -311,7 +259,7 @@ impl RedisPresence {
         tokio::spawn(sweep(weak));
         shared
             .subscriber
-            .subscribe(shared.changes_channel())
+            .subscribe(shared.keys.changes_channel())
             .await
             .map_err(fail)?;
         if shared.client.is_clustered() {
@@ -385,35 +333,12 @@ impl Shared {
     fn local(&self) -> MutexGuard<'_, Local> {
         self.local.lock().unwrap_or_else(|e| e.into_inner())
     }
-    fn devs_key(&self, user: &str) -> String {
-        format!("{{{}:u:{user}}}:devs", self.config.prefix)
-    }
-    fn seen_key(&self, user: &str) -> String {
-        format!("{{{}:u:{user}}}:seen", self.config.prefix)
-    }
-    fn sends_key(&self, user: &str) -> String {
-        format!("{{{}:u:{user}}}:sends", self.config.prefix)
-    }
-    /// Every node that marked itself alive and was not reaped since.
-    fn nodes_key(&self) -> String {
-        format!("{{{}}}:nodes", self.config.prefix)
-    }
-    fn node_key(&self, node: &str, what: &str) -> String {
-        format!("{{{}:n:{node}}}:{what}", self.config.prefix)
-    }
-    fn deliver_channel(&self, node: &str) -> String {
-        format!("{}:deliver:{node}", self.config.prefix)
-    }
-    fn changes_channel(&self) -> String {
-        format!("{}:changes", self.config.prefix)
-    }
-
     /// Tells every process (this one included, through the subscription) of a change.
     async fn announce(&self, status: &Status) -> Result<()> {
         let payload = serde_json::to_string(status).map_err(|e| Error::Backend(e.to_string()))?;
         let _: i64 = self
             .client
-            .publish(self.changes_channel(), payload)
+            .publish(self.keys.changes_channel(), payload)
             .await
             .map_err(fail)?;
         Ok(())
@@ -425,7 +350,7 @@ impl Shared {
             .client
             .eval(
                 REFRESH,
-                vec![self.devs_key(user)],
+                vec![self.keys.devs_key(user)],
                 vec![
                     Value::from(member(at)),
                     Value::from(now_ms() + ttl),
@@ -436,7 +361,7 @@ impl Shared {
             .map_err(fail)?;
         let _: i64 = self
             .client
-            .sadd(self.node_key(&at.node, "users"), user)
+            .sadd(self.keys.node_key(&at.node, "users"), user)
             .await
             .map_err(fail)?;
         Ok(())
@@ -446,7 +371,7 @@ impl Shared {
         let _: Value = self
             .client
             .set(
-                self.node_key(node, "alive"),
+                self.keys.node_key(node, "alive"),
                 1,
                 Some(Expiration::PX(millis(self.config.node_ttl))),
                 None,
@@ -457,7 +382,7 @@ impl Shared {
         // After the liveness key: a sweep never finds a listed node without one.
         let _: i64 = self
             .client
-            .sadd(self.nodes_key(), node)
+            .sadd(self.keys.nodes_key(), node)
             .await
             .map_err(fail)?;
         Ok(())
@@ -467,11 +392,15 @@ impl Shared {
     /// notification (in a Redis Cluster those are per shard, and a subscriber hears only
     /// its own shard's), and that catches a notification missed while disconnected.
     async fn sweep_dead_nodes(&self) -> Result<()> {
-        let nodes: Vec<String> = self.client.smembers(self.nodes_key()).await.map_err(fail)?;
+        let nodes: Vec<String> = self
+            .client
+            .smembers(self.keys.nodes_key())
+            .await
+            .map_err(fail)?;
         let checks = nodes.iter().map(|node| async move {
             let alive: i64 = self
                 .client
-                .exists(self.node_key(node, "alive"))
+                .exists(self.keys.node_key(node, "alive"))
                 .await
                 .map_err(fail)?;
             Ok::<_, Error>((alive == 0).then_some(node))
@@ -492,7 +421,7 @@ impl Shared {
         let locked: Option<String> = self
             .client
             .set(
-                self.node_key(node, "reap"),
+                self.keys.node_key(node, "reap"),
                 1,
                 Some(Expiration::EX(30)),
                 Some(SetOptions::NX),
@@ -505,7 +434,7 @@ impl Shared {
         }
         let users: Vec<String> = self
             .client
-            .smembers(self.node_key(node, "users"))
+            .smembers(self.keys.node_key(node, "users"))
             .await
             .map_err(fail)?;
         tracing::info!(node, users = users.len(), "reaping a dead node's presence");
@@ -515,7 +444,7 @@ impl Shared {
                 .client
                 .eval(
                     REAP_USER,
-                    vec![self.devs_key(&user), self.seen_key(&user)],
+                    vec![self.keys.devs_key(&user), self.keys.seen_key(&user)],
                     vec![
                         Value::from(node),
                         Value::from(now),
@@ -536,14 +465,14 @@ impl Shared {
         let _: i64 = self
             .client
             .del(vec![
-                self.node_key(node, "users"),
-                self.node_key(node, "reap"),
+                self.keys.node_key(node, "users"),
+                self.keys.node_key(node, "reap"),
             ])
             .await
             .map_err(fail)?;
         let _: i64 = self
             .client
-            .srem(self.nodes_key(), node)
+            .srem(self.keys.nodes_key(), node)
             .await
             .map_err(fail)?;
         Ok(())
@@ -628,7 +557,7 @@ async fn listen(shared: Weak<Shared>, mut rx: broadcast::Receiver<fred::types::M
             continue;
         };
         let channel = message.channel.to_string();
-        if channel == shared.changes_channel() {
+        if channel == shared.keys.changes_channel() {
             match serde_json::from_str::<Status>(&text) {
                 Ok(status) => {
                     let _ = shared.changes.send(status);
@@ -637,7 +566,7 @@ async fn listen(shared: Weak<Shared>, mut rx: broadcast::Receiver<fred::types::M
             }
             continue;
         }
-        let Some(node) = channel.strip_prefix(&format!("{}:deliver:", shared.config.prefix)) else {
+        let Some(node) = shared.keys.delivery_node(&channel) else {
             continue;
         };
         let sender = shared.local().channels.get(node).cloned();
@@ -671,19 +600,14 @@ async fn expiries(shared: Weak<Shared>, mut rx: broadcast::Receiver<fred::types:
         let Some(key) = event.key.as_str().map(str::to_owned) else {
             continue;
         };
-        let user_prefix = format!("{{{}:u:", shared.config.prefix);
-        let node_prefix = format!("{{{}:n:", shared.config.prefix);
-        if let Some(user) = key
-            .strip_prefix(&user_prefix)
-            .and_then(|k| k.strip_suffix("}:devs"))
-        {
+        if let Some(user) = shared.keys.devs_user(&key) {
             // The user's last device timed out: every process hears this event, and each
             // tells its own subscribers.
             let now = now_ms();
             let _: std::result::Result<Value, _> = shared
                 .client
                 .set(
-                    shared.seen_key(user),
+                    shared.keys.seen_key(user),
                     now,
                     Some(Expiration::EX(SEEN_TTL_SECS)),
                     None,
@@ -695,10 +619,7 @@ async fn expiries(shared: Weak<Shared>, mut rx: broadcast::Receiver<fred::types:
                 online: false,
                 last_seen: Some(now),
             });
-        } else if let Some(node) = key
-            .strip_prefix(&node_prefix)
-            .and_then(|k| k.strip_suffix("}:alive"))
-        {
+        } else if let Some(node) = shared.keys.alive_node(&key) {
             let node = node.to_owned();
             tokio::spawn(async move {
                 if let Err(e) = shared.reap(&node).await {
@@ -790,14 +711,14 @@ impl RedisPresence {
         let now = now_ms();
         let _: i64 = s
             .client
-            .sadd(s.node_key(&at.node, "users"), user)
+            .sadd(s.keys.node_key(&at.node, "users"), user)
             .await
             .map_err(fail)?;
         let came_online: i64 = s
             .client
             .eval(
                 CONNECT,
-                vec![s.devs_key(user)],
+                vec![s.keys.devs_key(user)],
                 vec![
                     Value::from(member(at)),
                     Value::from(now + ttl),
@@ -839,7 +760,7 @@ impl RedisPresence {
             .client
             .eval(
                 DISCONNECT,
-                vec![s.devs_key(user), s.seen_key(user)],
+                vec![s.keys.devs_key(user), s.keys.seen_key(user)],
                 vec![
                     Value::from(member(at)),
                     Value::from(now),
@@ -851,7 +772,7 @@ impl RedisPresence {
         if last_on_node {
             let _: i64 = s
                 .client
-                .srem(s.node_key(&at.node, "users"), user)
+                .srem(s.keys.node_key(&at.node, "users"), user)
                 .await
                 .map_err(fail)?;
         }
@@ -892,13 +813,13 @@ impl RedisPresence {
         let lookups = users.iter().map(|user| async move {
             let live: i64 = s
                 .client
-                .zcount(s.devs_key(user), now, f64::INFINITY)
+                .zcount(s.keys.devs_key(user), now, f64::INFINITY)
                 .await
                 .map_err(fail)?;
             let seen: Option<i64> = if live > 0 {
                 None
             } else {
-                s.client.get(s.seen_key(user)).await.map_err(fail)?
+                s.client.get(s.keys.seen_key(user)).await.map_err(fail)?
             };
             Ok(Status {
                 user: user.clone(),
@@ -915,7 +836,7 @@ impl RedisPresence {
         let lookups = users.iter().map(|user| async move {
             let members: Vec<String> = s
                 .client
-                .zrangebyscore(s.devs_key(user), now, f64::INFINITY, false, None)
+                .zrangebyscore(s.keys.devs_key(user), now, f64::INFINITY, false, None)
                 .await
                 .map_err(fail)?;
             Ok::<_, Error>((user, members))
@@ -936,7 +857,7 @@ impl RedisPresence {
             serde_json::to_string(&deliveries).map_err(|e| Error::Backend(e.to_string()))?;
         let _: i64 = s
             .client
-            .publish(s.deliver_channel(node), payload)
+            .publish(s.keys.deliver_channel(node), payload)
             .await
             .map_err(fail)?;
         Ok(())
@@ -955,7 +876,7 @@ impl RedisPresence {
         let (tx, rx) = mpsc::unbounded_channel();
         s.local().channels.insert(node.to_owned(), tx);
         s.subscriber
-            .subscribe(s.deliver_channel(node))
+            .subscribe(s.keys.deliver_channel(node))
             .await
             .map_err(fail)?;
         s.mark_alive(node).await?;
@@ -970,7 +891,7 @@ impl RedisPresence {
             .client
             .eval(
                 TAKE_SEND,
-                vec![s.sends_key(user)],
+                vec![s.keys.sends_key(user)],
                 vec![
                     Value::from(interval),
                     Value::from(i64::from(quota.burst.max(1))),
