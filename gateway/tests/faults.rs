@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use common::haproxy::{free_port, Haproxy};
 use common::process::spawn;
-use common::{Client, Server, CLUSTER_KEYS, SECRET, WAIT};
+use common::servers::Server;
+use common::{Client, CLUSTER_KEYS, SECRET, WAIT};
 use gateway::Config;
 use serde_json::json;
 

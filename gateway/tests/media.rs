@@ -7,7 +7,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{start, Client, Server, TestGateway};
+use common::servers::Server;
+use common::{start, Client, TestGateway};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
