@@ -13,27 +13,26 @@
 //! Keys are byte strings that sort the way the data is read: `conversation ␀ id` for
 //! history, `user ␀ id` for pending queues (user ids and conversation names never contain a
 //! zero byte), message ids as 16 big-endian bytes (UUIDv7: time order), each behind an
-//! 8-byte hash of its name (see [`key`]).
+//! 8-byte hash of its name (`rows.rs`, with the row types).
 //!
 //! This backend serves a single process; for several gateway nodes use the distributed
 //! store.
 
 mod migrate;
+mod rows;
 mod writer;
 
 use std::collections::BTreeSet;
 use std::ops::Bound;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use fjall::compaction::filter::{
-    CompactionFilter, CompactionFilterResult, Context, Factory, ItemAccessor, Verdict,
-};
+use fjall::compaction::filter::Factory;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistMode};
-use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use self::rows::*;
 use self::writer::GroupCommit;
 use crate::crypto::{KeySource, Keyring};
 use crate::error::{Error, Result};
@@ -89,37 +88,6 @@ impl EmbeddedConfig {
     }
 }
 
-/// A message row: the sender in clear, the body sealed by [`Keyring::seal`].
-#[derive(Serialize, Deserialize)]
-struct StoredMessage {
-    from: String,
-    sealed: Vec<u8>,
-}
-
-/// A pending entry names its message's conversation and sender, so an ack needs no other
-/// read.
-#[derive(Serialize, Deserialize)]
-struct PendingEntry {
-    conversation: String,
-    from: String,
-}
-
-/// A device with published keys: its identity and its fallback key. Its one-time keys are
-/// rows of their own (`one_time_keys`, under its queue's address).
-#[derive(Serialize, Deserialize)]
-struct DeviceRecord {
-    keys: DeviceKeys,
-    fallback: Option<OneTimeKey>,
-}
-
-/// `(sender, client_msg_id) →` the message a send stored.
-#[derive(Serialize, Deserialize)]
-struct SendRecord {
-    id: u128,
-    conversation: String,
-    created_ms: u64,
-}
-
 /// A cheap-clone handle to the embedded store.
 #[derive(Clone)]
 pub struct EmbeddedStore {
@@ -166,108 +134,6 @@ struct Db {
     meta: Keyspace,
     keys: Keyring,
     idempotency_ttl: Duration,
-}
-
-fn backend(e: fjall::Error) -> Error {
-    Error::Backend(format!("embedded store: {e}"))
-}
-
-impl From<fjall::Error> for Error {
-    fn from(e: fjall::Error) -> Self {
-        backend(e)
-    }
-}
-
-fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
-    postcard::to_stdvec(value).map_err(|e| Error::Backend(format!("encoding a record: {e}")))
-}
-
-fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T> {
-    postcard::from_bytes(bytes).map_err(|e| Error::Backend(format!("decoding a record: {e}")))
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
-}
-
-/// `hash(prefix) prefix ␀ rest`. The 8-byte hash first (xxh3, stable across builds and
-/// platforms) makes keys of different names differ in their first bytes: the memtables'
-/// skip lists compare keys all the time, and names share long prefixes (`dm:…`). Keys of
-/// one name still sort together, by `rest`.
-fn key(prefix: &str, rest: &[u8]) -> Vec<u8> {
-    let mut key = Vec::with_capacity(8 + prefix.len() + 1 + rest.len());
-    key.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(prefix.as_bytes()).to_be_bytes());
-    key.extend_from_slice(prefix.as_bytes());
-    key.push(0);
-    key.extend_from_slice(rest);
-    key
-}
-
-fn id_key(prefix: &str, id: u128) -> Vec<u8> {
-    key(prefix, &id.to_be_bytes())
-}
-
-/// The name in a `hash prefix ␀ id` key.
-fn name_of(key: &[u8]) -> Result<&str> {
-    key.get(8..key.len().saturating_sub(17))
-        .and_then(|b| std::str::from_utf8(b).ok())
-        .ok_or_else(|| Error::Backend("a stored message key is malformed".into()))
-}
-
-/// The id at the end of a `prefix ␀ id` key.
-fn id_of(key: &[u8]) -> Result<u128> {
-    key.len()
-        .checked_sub(16)
-        .and_then(|at| key.get(at..))
-        .and_then(|bytes| <[u8; 16]>::try_from(bytes).ok())
-        .map(u128::from_be_bytes)
-        .ok_or_else(|| Error::Backend("a stored key is too short".into()))
-}
-
-fn id_value(bytes: &[u8]) -> Result<u128> {
-    <[u8; 16]>::try_from(bytes)
-        .map(u128::from_be_bytes)
-        .map_err(|_| Error::Backend("a stored id is not 16 bytes".into()))
-}
-
-fn parse_conversation(name: &str) -> Result<Conversation> {
-    name.parse()
-        .map_err(|e| Error::Backend(format!("stored conversation: {e}")))
-}
-
-/// Drops idempotency records past their time during compactions (reads ignore expired
-/// ones that are still there), so no scan is ever needed to prune them.
-struct ExpireSends {
-    ttl_ms: u64,
-}
-
-impl Factory for ExpireSends {
-    fn name(&self) -> &str {
-        "expire-send-records"
-    }
-
-    fn make_filter(&self, _: &Context) -> Box<dyn CompactionFilter> {
-        Box::new(ExpireSendsFilter {
-            cutoff_ms: now_ms().saturating_sub(self.ttl_ms),
-        })
-    }
-}
-
-struct ExpireSendsFilter {
-    cutoff_ms: u64,
-}
-
-impl CompactionFilter for ExpireSendsFilter {
-    fn filter_item(&mut self, item: ItemAccessor<'_>, _: &Context) -> CompactionFilterResult {
-        let value = item.value()?;
-        Ok(match decode::<SendRecord>(&value) {
-            Ok(record) if record.created_ms < self.cutoff_ms => Verdict::Remove,
-            _ => Verdict::Keep,
-        })
-    }
 }
 
 impl Db {
