@@ -2,7 +2,6 @@
 //! distributed cluster. Run any number; Kafka spreads the partitions over them.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,10 +13,10 @@ use axum::routing::get;
 use axum::Router;
 use clap::Parser;
 use dispatcher::startup::logging::LogFormat;
-use dispatcher::startup::{self, BackendArgs, Backends};
+use dispatcher::startup::{self, BackendArgs, Backends, KeyArgs};
 use dispatcher::Dispatcher;
 use metrics_exporter_prometheus::PrometheusHandle;
-use storage::crypto::{KeySource, Keyring};
+use storage::crypto::Keyring;
 use tokio_util::sync::CancellationToken;
 
 /// jemalloc: under load glibc malloc cost a quarter of the CPU (consolidation, and arena
@@ -32,23 +31,9 @@ struct Config {
     #[command(flatten)]
     backends: BackendArgs,
 
-    /// Key ring file for at-rest encryption (the same as the gateways'). Read again on
-    /// SIGHUP and when it changes.
-    #[arg(long, env = "STORAGE_KEYS_FILE")]
-    keys_file: Option<PathBuf>,
-
-    /// Seconds between checks of the key file for a change (0: reload on SIGHUP only).
-    #[arg(long, env = "STORAGE_KEYS_RELOAD_SECS", default_value_t = 10)]
-    keys_reload_secs: u64,
-
-    /// The key ring inline (comma or newline separated), instead of a file.
-    #[arg(
-        long,
-        env = "STORAGE_KEYS",
-        hide_env_values = true,
-        conflicts_with = "keys_file"
-    )]
-    keys: Option<String>,
+    /// The at-rest key ring (the same as the gateways').
+    #[command(flatten)]
+    keys: KeyArgs,
 
     /// Operator port: /healthz, /readyz, /metrics.
     #[arg(
@@ -90,12 +75,10 @@ async fn main() -> anyhow::Result<()> {
         Err(e) => anyhow::bail!(e),
     }
     config.backends.security().map_err(anyhow::Error::msg)?;
-    let keys = match (&config.keys_file, &config.keys) {
-        (Some(path), _) => KeySource::File(path.clone()),
-        (None, Some(inline)) => KeySource::Inline(inline.clone()),
-        (None, None) => anyhow::bail!(
+    let Some(keys) = config.keys.source() else {
+        anyhow::bail!(
             "set STORAGE_KEYS or STORAGE_KEYS_FILE: the at-rest key ring the gateways use"
-        ),
+        )
     };
     let keys = Keyring::load(&keys, std::path::Path::new(".")).context("loading the key ring")?;
     let timeout = Duration::from_millis(config.backend_timeout_ms.max(1));
@@ -123,7 +106,7 @@ async fn main() -> anyhow::Result<()> {
     backends
         .store
         .keys()
-        .reload_on_change(Duration::from_secs(config.keys_reload_secs), stop.clone())
+        .reload_on_change(config.keys.reload_every(), stop.clone())
         .context("watching the key file")?;
     let admin_server = tokio::spawn({
         let stop = stop.clone();

@@ -1,8 +1,10 @@
 //! What both binaries do to start and stop, in one place so that their `main`s read alike:
-//! the backend flags and the [`Backends`] they give (distributed or embedded), logging, the
+//! the backend flags and the [`Backends`] they give (distributed or embedded), the key ring's
+//! flags, logging, the
 //! metrics recorder, the readiness answer, and the signals that begin a shutdown.
 
 pub mod backends;
+pub mod keys;
 pub mod logging;
 pub mod metrics;
 
@@ -11,6 +13,7 @@ use axum::Json;
 use serde_json::{json, Map, Value};
 
 pub use backends::{BackendArgs, Backends};
+pub use keys::KeyArgs;
 
 /// The `/readyz` answer from named checks: `200 {"status":"ready","checks":{name:"ok"}}`
 /// when every check passed, else `503` with `"unavailable"` and each failure's reason.

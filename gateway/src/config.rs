@@ -51,24 +51,9 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_NODE_ID")]
     pub node_id: Option<String>,
 
-    /// Key ring file for at-rest encryption: lines of `<id>:<64 hex chars>` and optionally
-    /// `primary=<id>` (else the last key is primary). Read again on SIGHUP and when it
-    /// changes; `gateway keys --help` rotates it.
-    #[arg(long, env = "STORAGE_KEYS_FILE")]
-    pub keys_file: Option<PathBuf>,
-
-    /// Seconds between checks of the key file for a change (0: reload on SIGHUP only).
-    #[arg(long, env = "STORAGE_KEYS_RELOAD_SECS", default_value_t = 10)]
-    pub keys_reload_secs: u64,
-
-    /// The key ring inline (comma or newline separated), instead of a file.
-    #[arg(
-        long,
-        env = "STORAGE_KEYS",
-        hide_env_values = true,
-        conflicts_with = "keys_file"
-    )]
-    pub keys: Option<String>,
+    /// The at-rest key ring.
+    #[command(flatten)]
+    pub keys: dispatcher::startup::KeyArgs,
 
     /// Seconds between server pings; no pong within two intervals closes the connection.
     #[arg(long, env = "GATEWAY_HEARTBEAT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
@@ -357,7 +342,7 @@ impl Config {
         if distributed {
             self.backends.security()?;
         }
-        if distributed && self.keys.is_none() && self.keys_file.is_none() {
+        if distributed && self.keys.source().is_none() {
             return Err(
                 "distributed mode needs the at-rest key ring shared by every process: \
                  set STORAGE_KEYS or STORAGE_KEYS_FILE"

@@ -86,11 +86,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         None => None,
     };
 
-    let keys = match (&config.keys_file, &config.keys) {
-        (Some(path), _) => KeySource::File(path.clone()),
-        (None, Some(inline)) => KeySource::Inline(inline.clone()),
-        (None, None) => KeySource::DevGenerated,
-    };
+    let keys = config.keys.source().unwrap_or(KeySource::DevGenerated);
     let dispatcher_stop = CancellationToken::new();
     let (backends, dispatcher) = if config.is_distributed() {
         // One gateway of a cluster: dispatchers run as their own processes.
@@ -152,10 +148,9 @@ pub async fn start(config: Config) -> Result<Running, Error> {
             shutdown.clone(),
         );
     }
-    app.store.keys().reload_on_change(
-        Duration::from_secs(app.config.keys_reload_secs),
-        shutdown.clone(),
-    )?;
+    app.store
+        .keys()
+        .reload_on_change(app.config.keys.reload_every(), shutdown.clone())?;
     if let Some(tls) = &tls {
         tls.reload_on_change(
             Duration::from_secs(app.config.tls_reload_secs),

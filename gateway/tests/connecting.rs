@@ -535,8 +535,8 @@ async fn the_at_rest_key_is_rotated_without_a_restart() {
     let path = file.to_str().expect("utf-8 path").to_owned();
     storage::crypto::write_private(&file, &format!("1:{}\n", "5a".repeat(32))).expect("keys");
     let gw = start(|c| {
-        c.keys_file = Some(file.clone());
-        c.keys_reload_secs = 0;
+        c.keys.keys_file = Some(file.clone());
+        c.keys.keys_reload_secs = 0;
     })
     .await;
     let admin = gw.admin("");

@@ -116,7 +116,7 @@ pub(crate) fn distributed(config: &mut Config, tag: &str) {
     b.redis_prefix = tag.to_owned();
     b.node_ttl_secs = 3;
     secured(b);
-    config.keys = Some(CLUSTER_KEYS.into());
+    config.keys.keys = Some(CLUSTER_KEYS.into());
     // Media on the S3 server, when the servers include one.
     let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     if let Some(endpoint) = var("TEST_S3_ENDPOINT") {
