@@ -9,6 +9,7 @@ use futures_util::{SinkExt, StreamExt};
 use presence::{Location, PresenceService};
 use storage::MessageStore;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::task::JoinHandle;
 use tokio::time::{interval_at, timeout, Duration, Instant};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -40,12 +41,13 @@ pub type Halves<S> = (
     SplitStream<WebSocketStream<S>>,
 );
 
-/// Serves an upgraded connection until it closes. It takes the stream already split: an
-/// async fn keeps room for its arguments for as long as it runs, and the halves are a few
+/// Serves an upgraded connection until it closes. It takes the stream already split: the
+/// future keeps room for what it is given for as long as it runs, and the halves are a few
 /// words where the whole stream is hundreds of bytes — per connection, for its lifetime.
 ///
-/// A plain function returning the future, not an `async fn`: an outer async fn would store
-/// the arguments a second time, beside the inner future that owns them.
+/// An `async move` block, not an `async fn`: an async fn keeps its arguments and moves
+/// them into locals of its own, room for both in every idle connection's task; a block
+/// uses what it captured in place.
 ///
 /// `slot` is the user's connection slot on this node, held until the connection ends.
 pub fn serve<S>(
@@ -60,104 +62,98 @@ where
 {
     let id = app.hub.next_conn_id();
     let span = tracing::info_span!("conn", %user, %device, conn = id);
-    serve_inner(halves, user, device, id, app, slot).instrument(span)
-}
+    async move {
+        // The handle owns the names from here on: what the future keeps of its own is
+        // only room, not their allocations.
+        let (conn, outbound) =
+            ConnHandle::new(id, user, device, app.config.outbound_queue as usize);
+        conn.heard(app.now_ms());
+        // Queued before the connection is visible to anyone, so it is the first frame.
+        conn.deliver(
+            Utf8Bytes::from(
+                ServerFrame::Welcome {
+                    user: conn.user.clone(),
+                    device: conn.device.clone(),
+                    node: app.node.clone(),
+                    heartbeat_s: app.config.heartbeat_secs,
+                }
+                .to_json(),
+            ),
+            Class::Reliable,
+        );
+        app.hub.register(&conn);
+        metrics::gauge!("gateway_connections_active").increment(1);
+        metrics::counter!("gateway_connections_total").increment(1);
+        tracing::debug!("connected");
 
-async fn serve_inner<S>(
-    (sink, stream): Halves<S>,
-    user: String,
-    device: String,
-    id: u64,
-    app: Arc<App>,
-    _slot: Slot,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (conn, outbound) = ConnHandle::new(
-        id,
-        user.clone(),
-        device.clone(),
-        app.config.outbound_queue as usize,
-    );
-    conn.heard(app.now_ms());
-    // Queued before the connection is visible to anyone, so it is the first frame.
-    conn.deliver(
-        Utf8Bytes::from(
-            ServerFrame::Welcome {
-                user: user.clone(),
-                device: device.clone(),
-                node: app.node.clone(),
-                heartbeat_s: app.config.heartbeat_secs,
-            }
-            .to_json(),
-        ),
-        Class::Reliable,
-    );
-    app.hub.register(&conn);
-    metrics::gauge!("gateway_connections_active").increment(1);
-    metrics::counter!("gateway_connections_total").increment(1);
-    tracing::debug!("connected");
-
-    let location = Location {
-        node: app.node.clone(),
-        device,
-        conn: id,
-    };
-    // Boxed here and below: awaits that happen once per connection should not make the
-    // task that lives as long as the connection any larger.
-    match Box::pin(timeout(
-        app.config.backend_timeout(),
-        app.presence.connect(&user, &location),
-    ))
-    .await
-    {
-        Ok(Ok(_)) => {}
-        failed => {
+        // Boxed here and below: awaits that happen once per connection should not make the
+        // task that lives as long as the connection any larger.
+        if !Box::pin(locate(&conn, &app, true)).await {
             // Registered by the node's next heartbeat, and then caught up.
-            tracing::warn!(?failed, "presence connect failed");
             app.unlocated.push(&conn);
         }
-    }
 
-    let writer =
-        tokio::spawn(write_loop(sink, outbound, conn.clone(), app.clone()).in_current_span());
-    // The replay's end is signalled by dropping `replayed`, not by its JoinHandle: a task
-    // whose handle is held stays allocated, at its future's size, until the handle goes.
-    let (replayed, replay_done) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(
-        {
-            let (conn, app) = (conn.clone(), app.clone());
-            async move {
-                replay(conn, app).await;
-                drop(replayed);
+        let writer = tokio::spawn(
+            write_loop(halves.0, outbound, conn.clone(), app.clone()).in_current_span(),
+        );
+        // The replay's end is signalled by dropping `replayed`, not by its JoinHandle: a task
+        // whose handle is held stays allocated, at its future's size, until the handle goes.
+        let (replayed, replay_done) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(
+            {
+                let (conn, app) = (conn.clone(), app.clone());
+                async move {
+                    replay(conn, app).await;
+                    drop(replayed);
+                }
             }
-        }
-        .in_current_span(),
-    );
-    let stream = read_loop(stream, &conn, &app).await;
-    conn.reader_stopped();
-    // Whatever ended the reader, the writer and the replay end too.
-    conn.close(CloseCode::Normal);
-    let _ = replay_done.await;
-    if let Ok(sink) = writer.await {
-        if let Ok(ws) = stream.reunite(sink) {
-            Box::pin(linger(ws)).await;
-        }
-    }
+            .in_current_span(),
+        );
+        let stream = read_loop(halves.1, &conn, &app).await;
+        conn.reader_stopped();
+        // Whatever ended the reader, the writer and the replay end too.
+        conn.close(CloseCode::Normal);
+        let _ = replay_done.await;
+        // Boxed, and given the halves rather than the reunited stream: a value moved out of a
+        // local still has room kept for it in the future that awaits after the move, and the
+        // whole stream is hundreds of bytes of every idle connection's task.
+        Box::pin(linger(stream, writer)).await;
 
-    app.hub.unregister(&conn);
-    metrics::gauge!("gateway_connections_active").decrement(1);
-    match Box::pin(timeout(
-        app.config.backend_timeout(),
-        app.presence.disconnect(&user, &location),
-    ))
-    .await
-    {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "presence disconnect failed"),
-        Err(_) => tracing::warn!("presence disconnect timed out"),
+        app.hub.unregister(&conn);
+        metrics::gauge!("gateway_connections_active").decrement(1);
+        Box::pin(locate(&conn, &app, false)).await;
+        tracing::debug!(close_code = ?conn.close_code(), "disconnected");
+        // Held until here, then given back.
+        drop(slot);
     }
-    tracing::debug!(close_code = ?conn.close_code(), "disconnected");
+    .instrument(span)
+}
+
+/// Tells presence that the connection's device is here (`connected`) or gone, within the
+/// backend timeout; whether it worked (a failure is logged).
+async fn locate(conn: &ConnHandle, app: &App, connected: bool) -> bool {
+    let location = Location {
+        node: app.node.clone(),
+        device: conn.device.clone(),
+        conn: conn.id,
+    };
+    let within = app.config.backend_timeout();
+    let result = if connected {
+        timeout(within, app.presence.connect(&conn.user, &location)).await
+    } else {
+        timeout(within, app.presence.disconnect(&conn.user, &location)).await
+    };
+    match result {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, connected, "presence update failed");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(connected, "presence update timed out");
+            false
+        }
+    }
 }
 
 /// Reads frames until the connection closes, and gives the stream back for `linger`.
@@ -228,17 +224,24 @@ where
     }
 }
 
-/// The end of a connection after its close frame is out: half-closes it, then reads and
-/// discards what the client still sends until it closes its side too, for at most `LINGER`.
+/// The end of a connection after its close frame is out (once the writer has ended):
+/// half-closes it, then reads and discards what the client still sends until it closes its
+/// side too, for at most `LINGER`.
 /// Closing a socket with unread bytes in it makes the kernel answer with a reset, and a
 /// reset can destroy the close frame before the client reads it: a 1009 in the middle of
 /// a 16 MiB message, or a 1012 while the client is still sending, would reach the client
 /// as a bare reset (RFC 6455 §7.1.1: the server closes the TCP connection after the close
 /// handshake; Autobahn 9.x).
-async fn linger<S>(mut ws: WebSocketStream<S>)
-where
+async fn linger<S>(
+    stream: SplitStream<WebSocketStream<S>>,
+    writer: JoinHandle<SplitSink<WebSocketStream<S>, WsMessage>>,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let Ok(sink) = writer.await else { return };
+    let Ok(mut ws) = stream.reunite(sink) else {
+        return;
+    };
     let io = ws.get_mut();
     let _ = timeout(LINGER, async {
         io.shutdown().await?;
@@ -257,106 +260,115 @@ where
     .await;
 }
 
-async fn write_loop<S>(
+/// Writes what is queued, and pings, until the connection closes; then sends its close
+/// frame and gives the sink back for `linger`. An `async move` block for the reason
+/// `serve` is one: its task lives as long as the connection.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep its arguments twice, in every idle connection's task"
+)]
+fn write_loop<S>(
     mut sink: SplitSink<WebSocketStream<S>, WsMessage>,
     outbound: flume::Receiver<Utf8Bytes>,
     conn: Arc<ConnHandle>,
     app: Arc<App>,
-) -> SplitSink<WebSocketStream<S>, WsMessage>
+) -> impl Future<Output = SplitSink<WebSocketStream<S>, WsMessage>> + Send
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let heartbeat = app.config.heartbeat();
-    let mut ping = interval_at(Instant::now() + heartbeat, heartbeat);
-    loop {
-        tokio::select! {
-            biased;
-            _ = conn.closed().cancelled() => break,
-            frame = outbound.recv_async() => {
-                let Ok(frame) = frame else { break };
-                // Boxed: a write is short-lived, and inline its state would be part of
-                // every idle connection's task.
-                let mut write = Box::pin(async {
-                    sink.feed(WsMessage::Text(frame)).await?;
-                    for _ in 1..MAX_WRITE_BATCH {
-                        match outbound.try_recv() {
-                            Ok(frame) => sink.feed(WsMessage::Text(frame)).await?,
-                            Err(_) => break,
-                        }
-                    }
-                    sink.flush().await
-                });
-                let written = tokio::select! {
-                    written = &mut write => written,
-                    _ = conn.closed().cancelled() => {
-                        // Closing while a write is stuck (the client stopped reading): give
-                        // it a bounded grace so the close frame can follow what was sent.
-                        match Box::pin(timeout(CLOSE_GRACE, &mut write)).await {
-                            Ok(written) => written,
-                            Err(_) => {
-                                drop(write);
-                                return sink;
+    async move {
+        let heartbeat = app.config.heartbeat();
+        let mut ping = interval_at(Instant::now() + heartbeat, heartbeat);
+        loop {
+            tokio::select! {
+                biased;
+                _ = conn.closed().cancelled() => break,
+                frame = outbound.recv_async() => {
+                    let Ok(frame) = frame else { break };
+                    // Boxed: a write is short-lived, and inline its state would be part of
+                    // every idle connection's task.
+                    let mut write = Box::pin(async {
+                        sink.feed(WsMessage::Text(frame)).await?;
+                        for _ in 1..MAX_WRITE_BATCH {
+                            match outbound.try_recv() {
+                                Ok(frame) => sink.feed(WsMessage::Text(frame)).await?,
+                                Err(_) => break,
                             }
                         }
-                    }
-                };
-                if written.is_err() {
-                    // Most often the peer closed first (tungstenite refuses to send after
-                    // its close frame): what is queued, the close reply among it, is
-                    // still flushed below.
-                    conn.drop_connection();
-                    break;
-                }
-            }
-            _ = ping.tick() => {
-                let silent_ms = app.now_ms().saturating_sub(conn.last_heard());
-                if silent_ms > 2 * heartbeat.as_millis() as u64 {
-                    tracing::info!(silent_ms, "no pong within two heartbeats, closing");
-                    conn.close(CloseCode::Away);
-                    break;
-                }
-                tokio::select! {
-                    sent = sink.send(WsMessage::Ping(Default::default())) => if sent.is_err() {
+                        sink.flush().await
+                    });
+                    let written = tokio::select! {
+                        written = &mut write => written,
+                        _ = conn.closed().cancelled() => {
+                            // Closing while a write is stuck (the client stopped reading): give
+                            // it a bounded grace so the close frame can follow what was sent.
+                            match Box::pin(timeout(CLOSE_GRACE, &mut write)).await {
+                                Ok(written) => written,
+                                Err(_) => {
+                                    drop(write);
+                                    return sink;
+                                }
+                            }
+                        }
+                    };
+                    if written.is_err() {
+                        // Most often the peer closed first (tungstenite refuses to send after
+                        // its close frame): what is queued, the close reply among it, is
+                        // still flushed below.
                         conn.drop_connection();
                         break;
-                    },
-                    _ = conn.closed().cancelled() => break,
+                    }
+                }
+                _ = ping.tick() => {
+                    let silent_ms = app.now_ms().saturating_sub(conn.last_heard());
+                    if silent_ms > 2 * heartbeat.as_millis() as u64 {
+                        tracing::info!(silent_ms, "no pong within two heartbeats, closing");
+                        conn.close(CloseCode::Away);
+                        break;
+                    }
+                    tokio::select! {
+                        sent = sink.send(WsMessage::Ping(Default::default())) => if sent.is_err() {
+                            conn.drop_connection();
+                            break;
+                        },
+                        _ = conn.closed().cancelled() => break,
+                    }
                 }
             }
         }
-    }
-    if conn.close_code() == Some(CloseCode::Restart) {
-        // A drain: the client gets the answers to the sends it made before the close
-        // frame, so it does not send them again through another node, where they could
-        // overtake the originals.
-        let settle = app.config.backend_timeout() + Duration::from_secs(1);
-        if Box::pin(timeout(settle, settle_sends(&mut sink, &outbound, &conn)))
-            .await
-            .is_err()
-        {
-            tracing::info!("sends still unanswered at the end of the drain");
+        if conn.close_code() == Some(CloseCode::Restart) {
+            // A drain: the client gets the answers to the sends it made before the close
+            // frame, so it does not send them again through another node, where they could
+            // overtake the originals.
+            let settle = app.config.backend_timeout() + Duration::from_secs(1);
+            if Box::pin(timeout(settle, settle_sends(&mut sink, &outbound, &conn)))
+                .await
+                .is_err()
+            {
+                tracing::info!("sends still unanswered at the end of the drain");
+            }
         }
+        if let Some(code) = conn.close_code() {
+            let reason = match code {
+                CloseCode::Policy => "too slow: reconnect to get what you missed",
+                CloseCode::Size => "message too large, or in too many frames",
+                CloseCode::Restart => "server restarting: reconnect",
+                CloseCode::Away => "heartbeat timeout",
+                _ => "",
+            };
+            let frame = CloseFrame {
+                code,
+                reason: reason.into(),
+            };
+            let _ = Box::pin(timeout(
+                CLOSE_GRACE,
+                sink.send(WsMessage::Close(Some(frame))),
+            ))
+            .await;
+        }
+        let _ = Box::pin(timeout(Duration::from_secs(2), sink.close())).await;
+        sink
     }
-    if let Some(code) = conn.close_code() {
-        let reason = match code {
-            CloseCode::Policy => "too slow: reconnect to get what you missed",
-            CloseCode::Size => "message too large, or in too many frames",
-            CloseCode::Restart => "server restarting: reconnect",
-            CloseCode::Away => "heartbeat timeout",
-            _ => "",
-        };
-        let frame = CloseFrame {
-            code,
-            reason: reason.into(),
-        };
-        let _ = Box::pin(timeout(
-            CLOSE_GRACE,
-            sink.send(WsMessage::Close(Some(frame))),
-        ))
-        .await;
-    }
-    let _ = Box::pin(timeout(Duration::from_secs(2), sink.close())).await;
-    sink
 }
 
 /// Writes what is queued until the reader has stopped and every send it read has its

@@ -85,14 +85,28 @@ pub(crate) async fn spawn(
 
 /// An embedded gateway process on `data_dir` (dev mode off, tokens signed with the tests'
 /// secret, rate limits out of the way).
+#[allow(
+    dead_code,
+    reason = "not every test binary that shares this module uses it"
+)]
 pub(crate) async fn embedded_gateway(data_dir: &std::path::Path) -> Process {
+    embedded_gateway_with(data_dir, &[]).await
+}
+
+/// [`embedded_gateway`] with more environment variables.
+pub(crate) async fn embedded_gateway_with(
+    data_dir: &std::path::Path,
+    more_env: &[(&'static str, String)],
+) -> Process {
     let dir = data_dir.display().to_string();
+    let mut env = vec![
+        ("GATEWAY_JWT_SECRET", super::SECRET.to_owned()),
+        ("RUST_LOG", "info".to_owned()),
+    ];
+    env.extend_from_slice(more_env);
     spawn(
         "gateway",
-        &[
-            ("GATEWAY_JWT_SECRET", super::SECRET.into()),
-            ("RUST_LOG", "info".into()),
-        ],
+        &env,
         &[
             "--listen",
             "127.0.0.1:0",
