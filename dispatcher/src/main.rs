@@ -75,11 +75,7 @@ async fn main() -> anyhow::Result<()> {
         Err(e) => anyhow::bail!(e),
     }
     config.backends.security().map_err(anyhow::Error::msg)?;
-    let Some(keys) = config.keys.source() else {
-        anyhow::bail!(
-            "set STORAGE_KEYS or STORAGE_KEYS_FILE: the at-rest key ring the gateways use"
-        )
-    };
+    let keys = config.keys.required().map_err(anyhow::Error::msg)?;
     let keys = Keyring::load(&keys, std::path::Path::new(".")).context("loading the key ring")?;
     let timeout = Duration::from_millis(config.backend_timeout_ms.max(1));
     let backends = config

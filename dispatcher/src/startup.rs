@@ -1,7 +1,7 @@
 //! What both binaries do to start and stop, in one place so that their `main`s read alike:
 //! the backend flags and the [`Backends`] they give (distributed or embedded), the key ring's
-//! flags, logging, the
-//! metrics recorder, the readiness answer, and the signals that begin a shutdown.
+//! flags, logging, the metrics recorder, the readiness answer, and the signals that begin a
+//! shutdown.
 
 pub mod backends;
 pub mod keys;

@@ -341,13 +341,7 @@ impl Config {
         let distributed = self.backends.distributed()?;
         if distributed {
             self.backends.security()?;
-        }
-        if distributed && self.keys.source().is_none() {
-            return Err(
-                "distributed mode needs the at-rest key ring shared by every process: \
-                 set STORAGE_KEYS or STORAGE_KEYS_FILE"
-                    .into(),
-            );
+            self.keys.required()?;
         }
         if !self.dev_mode()
             && self.jwt_secret.as_deref().is_none_or(str::is_empty)

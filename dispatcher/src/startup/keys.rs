@@ -40,6 +40,16 @@ impl KeyArgs {
         }
     }
 
+    /// The ring the flags name, required: a cluster's processes must all read the same
+    /// one, so none may make up its own.
+    pub fn required(&self) -> Result<KeySource, String> {
+        self.source().ok_or_else(|| {
+            "distributed mode needs the at-rest key ring shared by every process: \
+             set STORAGE_KEYS or STORAGE_KEYS_FILE"
+                .to_owned()
+        })
+    }
+
     /// How often the key file is checked for a change (zero: on SIGHUP only).
     pub fn reload_every(&self) -> Duration {
         Duration::from_secs(self.keys_reload_secs)
