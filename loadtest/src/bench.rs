@@ -55,7 +55,8 @@ pub struct ClusterConfig {
     pub cpu_rate: f64,
     /// How long the light and CPU runs last.
     pub measure: Duration,
-    /// How long the cluster runs before anything is measured (JIT compilation).
+    /// How long the cluster runs at least before anything is measured (JIT compilation;
+    /// see [`warm_up`]).
     pub warm_up: Duration,
 }
 
@@ -200,7 +201,11 @@ pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
 
 /// CPU time a process has used (all its threads, user and system), seconds.
 pub fn cpu_secs(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_cpu_secs(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// User and system CPU, seconds, from the text of a `/proc/…/stat` file.
+fn stat_cpu_secs(stat: &str) -> Option<f64> {
     // The command name is in parentheses and may hold spaces: count from after it.
     let rest = stat.get(stat.rfind(')')? + 2..)?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -568,6 +573,90 @@ async fn start_cluster(
     Ok((gateway, dispatcher))
 }
 
+/// Longest the cluster is warmed up for while its JIT compilers are still busy.
+const MAX_WARM_UP: Duration = Duration::from_secs(240);
+
+/// The compilers' CPU (all server processes together, cores) below which the JVMs count as
+/// warm: a fresh Cassandra compiles with about half a core for its first minute of load,
+/// and what it compiles meanwhile is charged to every message measured.
+const WARM_JIT_CORES: f64 = 0.15;
+
+/// How the cluster was warmed up: how long, and what its JIT compilers used at the end.
+#[derive(Clone, Debug, serde::Serialize)]
+struct WarmUp {
+    secs: f64,
+    jit_cores_at_end: f64,
+}
+
+/// Traffic for at least `cluster.warm_up` (the first half at a low rate, then at the CPU
+/// rate), then on at the CPU rate in rounds of 10 seconds until the servers' JIT
+/// compiler threads have gone quiet, for at most [`MAX_WARM_UP`].
+async fn warm_up(
+    config: &BenchConfig,
+    cluster: &ClusterConfig,
+    target: &Target,
+) -> anyhow::Result<WarmUp> {
+    if config.progress {
+        eprintln!("warming the cluster up");
+    }
+    let started = Instant::now();
+    let servers: Vec<u32> = target
+        .pids
+        .iter()
+        .filter(|(name, _)| name != "gateway" && name != "dispatcher")
+        .map(|(_, pid)| *pid)
+        .collect();
+    let mut rounds = vec![
+        (200.0, cluster.warm_up / 2),
+        (cluster.cpu_rate, cluster.warm_up / 2),
+    ];
+    loop {
+        let jit_before = jit_secs(&servers);
+        let at = Instant::now();
+        for (rate, secs) in rounds.drain(..) {
+            direct(config, target, rate, secs).await?;
+        }
+        let jit_cores = (jit_secs(&servers) - jit_before) / at.elapsed().as_secs_f64().max(0.001);
+        if config.progress {
+            eprintln!(
+                "  warm-up at {:.0} s: the JIT compilers used {jit_cores:.2} cores",
+                started.elapsed().as_secs_f64()
+            );
+        }
+        if jit_cores < WARM_JIT_CORES || started.elapsed() >= MAX_WARM_UP {
+            return Ok(WarmUp {
+                secs: round2(started.elapsed().as_secs_f64()),
+                jit_cores_at_end: round2(jit_cores),
+            });
+        }
+        rounds.push((cluster.cpu_rate, Duration::from_secs(10)));
+    }
+}
+
+/// CPU time, seconds, of the JIT compiler threads (HotSpot's `C1 CompilerThre…` and
+/// `C2 CompilerThre…`) of these processes; processes without any count nothing.
+fn jit_secs(pids: &[u32]) -> f64 {
+    let mut total = 0.0;
+    for pid in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let path = task.path();
+            let is_compiler = std::fs::read_to_string(path.join("comm")).is_ok_and(|name| {
+                name.starts_with("C1 Compiler") || name.starts_with("C2 Compiler")
+            });
+            if is_compiler {
+                total += std::fs::read_to_string(path.join("stat"))
+                    .ok()
+                    .and_then(|stat| stat_cpu_secs(&stat))
+                    .unwrap_or(0.0);
+            }
+        }
+    }
+    total
+}
+
 /// Rate limits out of the way: the bench measures throughput, not the limiter.
 fn unlimited() -> [&'static str; 6] {
     [
@@ -682,14 +771,9 @@ pub async fn run(config: &BenchConfig, command_line: &str) -> anyhow::Result<Val
     let encrypted = direct_with(config, &system, e2ee_rate, config.step * 2, true).await?;
     log_step("e2ee", &encrypted, config.progress);
 
+    let mut warmed = None;
     if let (Some((target, _, _)), Some(cluster)) = (&cluster, &config.cluster) {
-        // Fresh JVMs compile as they go: warm the servers up before measuring them.
-        if config.progress {
-            eprintln!("warming the cluster up");
-        }
-        for rate in [200.0, cluster.cpu_rate] {
-            direct(config, target, rate, cluster.warm_up / 2).await?;
-        }
+        warmed = Some(warm_up(config, cluster, target).await?);
         for round in 1..=config.rounds {
             if config.progress {
                 eprintln!("cluster round {round}/{}", config.rounds);
@@ -801,6 +885,7 @@ pub async fn run(config: &BenchConfig, command_line: &str) -> anyhow::Result<Val
             "cluster_half_rate_step": at_half,
             "cluster_light_step": light,
             "cluster_cpu_step": cpu,
+            "cluster_warm_up": warmed,
         });
         if let (Some(result), Some(fields)) = (result.as_object_mut(), fields.as_object()) {
             result.extend(fields.clone());
@@ -875,4 +960,25 @@ pub fn summary(result: &Value) -> String {
         .filter(|k| !result[**k].is_null())
         .map(|k| format!("  {k:<36} {}\n", result[k]))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_is_read_after_a_command_name_with_spaces_and_parentheses() {
+        // Fields 14 and 15 of stat(5) (utime, stime), counted from after the last ')'.
+        let stat = "4242 (C2 Compiler (x)) S 1 4242 4242 0 -1 4194560 100 0 0 0 350 150 0 0 20 0";
+        let secs = stat_cpu_secs(stat).expect("a well-formed stat line");
+        assert!((secs - 500.0 / clock_ticks()).abs() < 1e-9, "read {secs}");
+        assert_eq!(stat_cpu_secs("4242 (truncated"), None);
+    }
+
+    #[test]
+    fn this_process_has_no_jit_compiler_threads() {
+        // A process without HotSpot's compiler threads (this test binary) counts nothing,
+        // and one that does not exist is skipped rather than failing the warm-up.
+        assert_eq!(jit_secs(&[std::process::id(), u32::MAX]), 0.0);
+    }
 }

@@ -169,7 +169,9 @@ enum Command {
         /// Seconds of the light and CPU runs.
         #[arg(long, default_value_t = 10.0)]
         measure_secs: f64,
-        /// Seconds of traffic the cluster gets before anything is measured.
+        /// Seconds of traffic the cluster gets at least before anything is measured; it
+        /// goes on, 10 s at a time and up to 240 s, until the servers' JIT compilers use
+        /// less than 0.15 cores.
         #[arg(long, default_value_t = 30.0)]
         warm_up_secs: f64,
     },
