@@ -129,8 +129,15 @@ impl ConsumerContext for GroupContext {
         if let Rebalance::Revoke(list) = rebalance {
             let revoked = self.partitions(list);
             tracing::info!(?revoked, "partitions revoked");
-            // Commit what was stored before another consumer takes these partitions over.
-            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+            // Commit what was stored before another consumer takes these partitions over
+            // (librdkafka's auto-commit on unassign covers it too). Asynchronously: this
+            // runs on a runtime worker, and a synchronous commit waits for the group
+            // coordinator without a bound, forever if the broker dies meanwhile (a
+            // dispatcher shutting down as its broker went away hung that way). A lost
+            // assignment is someone else's already: nothing to commit.
+            if consumer.assignment_lost() {
+                tracing::info!("assignment lost: its offsets are not committed");
+            } else if let Err(e) = consumer.commit_consumer_state(CommitMode::Async) {
                 if !matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) {
                     tracing::warn!(error = %e, "commit on revoke failed");
                 }
