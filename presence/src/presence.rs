@@ -170,7 +170,9 @@ macro_rules! observed {
         let started = Instant::now();
         let result = match $self {
             Presence::Memory($backend) => $call.await,
-            Presence::Redis($backend) => $call.await,
+            // Boxed: the client's futures run to tens of KiB, and inline they would make
+            // every caller's future (a connection's request handler) that large.
+            Presence::Redis($backend) => Box::pin($call).await,
         };
         let outcome = if result.is_ok() { "ok" } else { "error" };
         metrics::counter!("presence_ops_total", "op" => $op, "outcome" => outcome).increment(1);

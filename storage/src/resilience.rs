@@ -118,6 +118,9 @@ impl Breaker {
         F: Future<Output = Result<T, E>>,
     {
         let timeout = self.timeout;
+        // Boxed once here: inline, the call would be laid out three times over (as the
+        // argument, in the timeout, in the breaker's future), and backend calls are large.
+        let call = Box::pin(call);
         let timed = async move {
             match tokio::time::timeout(timeout, call).await {
                 Ok(Ok(v)) => Ok(v),

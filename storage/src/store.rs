@@ -215,7 +215,9 @@ macro_rules! observed {
         let started = Instant::now();
         let result = match $self {
             Store::Embedded($backend) => $call.await,
-            Store::Scylla($backend) => $call.await,
+            // Boxed: the driver's futures run to tens of KiB, and inline they would make
+            // every caller's future (a connection's request handler) that large.
+            Store::Scylla($backend) => Box::pin($call).await,
         };
         record($op, started, result.is_ok());
         result
@@ -344,7 +346,7 @@ impl MessageStore for Store {
         // Not timed with the operations: a pass over every row is no request.
         match self {
             Store::Embedded(s) => s.reencrypt(progress).await,
-            Store::Scylla(s) => s.reencrypt(progress).await,
+            Store::Scylla(s) => Box::pin(s.reencrypt(progress)).await,
         }
     }
 }
