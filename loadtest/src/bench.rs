@@ -600,12 +600,8 @@ async fn warm_up(
         eprintln!("warming the cluster up");
     }
     let started = Instant::now();
-    let servers: Vec<u32> = target
-        .pids
-        .iter()
-        .filter(|(name, _)| name != "gateway" && name != "dispatcher")
-        .map(|(_, pid)| *pid)
-        .collect();
+    // Every process of the target: only the JVMs have compiler threads to count.
+    let servers: Vec<u32> = target.pids.iter().map(|(_, pid)| *pid).collect();
     let mut rounds = vec![
         (200.0, cluster.warm_up / 2),
         (cluster.cpu_rate, cluster.warm_up / 2),
