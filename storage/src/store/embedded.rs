@@ -576,13 +576,14 @@ impl MessageStore for EmbeddedStore {
             let mut acked = Vec::new();
             let mut seen = BTreeSet::new();
             // The newest message acked per conversation (sent by someone else).
-            let mut delivered: std::collections::BTreeMap<String, u128> = Default::default();
-            let mut take = |id: u128, entry: AckedMessage, batch: &mut OwnedWriteBatch| {
+            let mut delivered: std::collections::BTreeMap<Conversation, u128> = Default::default();
+            let mut take = |key: Vec<u8>, entry: AckedMessage| {
                 // A pending key is written once and deleted once, so a weak tombstone
                 // (dropped with the entry when compaction meets them) is enough.
-                batch.remove_weak(&db.pending, id_key(&queue, id));
+                batch.remove_weak(&db.pending, key);
                 if entry.from != user {
-                    let at = delivered.entry(entry.conversation.to_string()).or_default();
+                    let id = entry.id.as_u128();
+                    let at = delivered.entry(entry.conversation.clone()).or_default();
                     *at = (*at).max(id);
                 }
                 acked.push(entry);
@@ -591,14 +592,15 @@ impl MessageStore for EmbeddedStore {
             for entry in known {
                 let id = entry.id.as_u128();
                 if seen.insert(id) {
-                    take(id, entry, &mut batch);
+                    take(id_key(&queue, id), entry);
                 }
             }
             for id in ids {
                 if !seen.insert(id) {
                     continue;
                 }
-                let Some(value) = db.pending.get(id_key(&queue, id))? else {
+                let pending_key = id_key(&queue, id);
+                let Some(value) = db.pending.get(&pending_key)? else {
                     continue;
                 };
                 let entry: PendingEntry = decode(&value)?;
@@ -607,10 +609,10 @@ impl MessageStore for EmbeddedStore {
                     conversation: parse_conversation(&entry.conversation)?,
                     from: entry.from,
                 };
-                take(id, entry, &mut batch);
+                take(pending_key, entry);
             }
             for (conversation, id) in delivered {
-                let marker = key(&conversation, user.as_bytes());
+                let marker = key(&conversation.to_string(), user.as_bytes());
                 let newer = match db.delivered.get(&marker)? {
                     Some(v) => id_value(&v)? >= id,
                     None => false,
