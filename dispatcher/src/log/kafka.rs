@@ -1,7 +1,7 @@
 //! The inbound log on Kafka: gateways produce, dispatchers consume in one consumer group.
 //!
-//! - Producer ([`producer`]): idempotent, `acks=all`, a short linger (2 ms by default) so
-//!   that one produce request carries what arrived meanwhile, lz4. `publish` queues the
+//! - Producer ([`producer`]): idempotent, `acks=all`, no linger by default (librdkafka
+//!   sends a request per partition, so a linger only gathers a partition's own records), lz4. `publish` queues the
 //!   record in call order; a record the broker does not take within the publish timeout is
 //!   reported to the publisher's callback (a circuit breaker then fails fast until the
 //!   broker is back).
@@ -93,7 +93,7 @@ impl KafkaConfig {
             group: "chat-dispatchers".into(),
             publish_timeout: Duration::from_secs(5),
             partition_buffer: 1024,
-            linger: Duration::from_millis(2),
+            linger: Duration::ZERO,
             fetch_wait: Duration::from_millis(5),
             max_queued: 100_000,
             security: Settings::default(),

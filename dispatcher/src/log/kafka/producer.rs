@@ -1,7 +1,6 @@
 //! The producer side of the Kafka log: gateways publish envelopes, dispatchers push events.
 //!
-//! Idempotent, `acks=all`, a short linger so that one request carries what arrived
-//! meanwhile, lz4. A record is queued in call order (librdkafka keeps a partition's
+//! Idempotent, `acks=all`, a linger of `--kafka-linger-ms` (none by default), lz4. A record is queued in call order (librdkafka keeps a partition's
 //! records in order, and the idempotent producer keeps them so across retries); nothing
 //! waits for its acknowledgement — the dispatcher's answer to the sending connection is
 //! what confirms a message — so no task and no wake-up of the runtime is spent per record
