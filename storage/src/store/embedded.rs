@@ -117,8 +117,10 @@ struct Inner {
 /// stack and allocator arena resident), for reads that take microseconds on two cores.
 const CONCURRENT_READS: usize = 32;
 
-/// Journal kept at most before the keyspaces holding its oldest part are flushed (fjall's
-/// default): a restart replays at most this much.
+/// Journal kept at most before every keyspace holding its oldest part is flushed at once
+/// (fjall's default; a restart replays at most this much). At 64 MiB that happened every
+/// ~20 s at 3,000 msgs/s and stalled the gateway for 100-300 ms; at 512 MiB the busy
+/// keyspaces flush one at a time, when their own memtable is full, long before.
 const MAX_JOURNAL_BYTES: u64 = 512 << 20;
 
 /// Threads for flushes and compactions: half the cores (at least one, at most four), so
@@ -160,10 +162,6 @@ impl Db {
             // The writer thread persists once per group (`sync`); without this every
             // write would also be flushed to the operating system on its own.
             .manual_journal_persist(true)
-            // Past this much journal, every keyspace still holding its oldest part is
-            // flushed at once: at 64 MiB that happened every ~20 s at 3,000 msgs/s and
-            // stalled the gateway for 100-300 ms; at 512 MiB the busy keyspaces flush one
-            // at a time, when their own memtable is full, long before.
             .max_journaling_size(MAX_JOURNAL_BYTES)
             .worker_threads(background_threads())
             .with_compaction_filter_factories(Arc::new(move |keyspace: &str| {

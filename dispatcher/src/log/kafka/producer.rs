@@ -1,15 +1,15 @@
 //! The producer side of the Kafka log: gateways publish envelopes, dispatchers push events.
 //!
-//! Idempotent, `acks=all`, a linger of `--kafka-linger-ms` (none by default), lz4. A record is queued in call order (librdkafka keeps a partition's
-//! records in order, and the idempotent producer keeps them so across retries); nothing
-//! waits for its acknowledgement — the dispatcher's answer to the sending connection is
-//! what confirms a message — so no task and no wake-up of the runtime is spent per record
-//! on success. A record the broker did not take within the publish timeout is reported to
-//! its publisher's callback. Delivery reports come by produce response (one event for many
-//! records); librdkafka's polling thread ([`ThreadedProducer`]) serves each as it comes —
-//! they must be served promptly, because librdkafka counts a record against its queue
-//! bound (`queue.buffering.max.messages`) until its report is served — and they feed the
-//! backend's circuit breaker.
+//! Idempotent, `acks=all`, a linger of `--kafka-linger-ms` (none by default), lz4. A record is
+//! queued in call order (librdkafka keeps a partition's records in order, and the idempotent
+//! producer keeps them so across retries); nothing waits for its acknowledgement — the dispatcher's
+//! answer to the sending connection is what confirms a message — so no task and no wake-up of the
+//! runtime is spent per record on success. A record the broker did not take within the publish
+//! timeout is reported to its publisher's callback. Delivery reports come by produce response (one
+//! event for many records); librdkafka's polling thread ([`ThreadedProducer`]) serves each as it
+//! comes — they must be served promptly, because librdkafka counts a record against its queue bound
+//! (`queue.buffering.max.messages`) until its report is served — and they feed the backend's
+//! circuit breaker.
 
 use std::time::Duration;
 
