@@ -270,9 +270,14 @@ JSON
 }
 
 # Waits until the server answers a real request, not merely until its port is open.
-wait_for() { # <kind> <port> [seconds] [host]
-    local kind="$1" port="$2" deadline=$((SECONDS + ${3:-180}))
+# Given the server's pid, it gives up as soon as the process has exited.
+wait_for() { # <kind> <port> [seconds] [host] [pid]
+    local kind="$1" port="$2" deadline=$((SECONDS + ${3:-180})) pid="${5:-}"
     until answers "$kind" "$port" "${4:-127.0.0.1}"; do
+        if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
+            log "$kind (pid $pid) exited before answering on port $port"
+            return 1
+        fi
         if [ $SECONDS -ge $deadline ]; then
             log "$kind on port $port did not answer in time"
             return 1
@@ -385,8 +390,10 @@ up() { # <state dir>
         log "started $kind on 127.0.0.1:$port (pid $!, log $state/$kind.log)"
     done
     while read -r pid kind port _; do
-        if ! wait_for "$kind" "$port" 240; then
+        if ! wait_for "$kind" "$port" 240 127.0.0.1 "$pid"; then
             tail -n 40 "$state/$kind.log" >&2 || true
+            # Leave nothing running behind a failed start.
+            down "$state"
             return 1
         fi
         log "$kind answers on port $port"
@@ -600,8 +607,9 @@ up_secure() { # <state dir>
         log "started $kind (credentials and TLS) on 127.0.0.1:$port (pid $!, log $state/$kind.log)"
     done
     while read -r pid kind port _; do
-        if ! wait_for "$kind-secure" "$port" 240; then
+        if ! wait_for "$kind-secure" "$port" 240 127.0.0.1 "$pid"; then
             tail -n 40 "$state/$kind.log" >&2 || true
+            down "$state"
             return 1
         fi
         log "$kind answers on port $port"
