@@ -205,6 +205,16 @@ pub(super) async fn read_loop(
                         let s = c.stats.second(second);
                         s.delivered += 1;
                         let _ = s.latency.record(latency);
+                    } else {
+                        // Allowed (a device drops a repeat by id) but counted: the id lets
+                        // the repeat be found in the servers' logs.
+                        tracing::warn!(
+                            user = me,
+                            message_id = %m.message_id,
+                            sender = body.sender,
+                            seq = body.seq,
+                            "delivered again"
+                        );
                     }
                 }
                 for a in &m.attachments {
