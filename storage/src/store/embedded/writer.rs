@@ -22,6 +22,9 @@ use crate::error::{Error, Result};
 /// Most jobs run between two syncs.
 pub(crate) const MAX_GROUP: usize = 1024;
 
+/// A durable sync that took at least this long is logged.
+const SLOW_SYNC: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Called once the job's group is finished, with the sync's outcome (`Ok` for a job that
 /// did not ask for durability).
 type Finish = Box<dyn FnOnce(Result<()>) + Send>;
@@ -121,7 +124,17 @@ fn run<C>(context: &C, jobs: &mpsc::Receiver<Job<C>>, sync: &impl Fn(&C, bool) -
         let started = Instant::now();
         let synced = sync(context, durable).map_err(|e| e.to_string());
         if durable {
-            metrics::histogram!("storage_commit_seconds").record(started.elapsed().as_secs_f64());
+            let took = started.elapsed();
+            metrics::histogram!("storage_commit_seconds").record(took.as_secs_f64());
+            if took >= SLOW_SYNC {
+                // Every write of the group, and of the groups gathering behind it, waited
+                // this long: worth a line that can be set beside the disk's other work.
+                tracing::warn!(
+                    ms = took.as_millis() as u64,
+                    jobs = finishes.len(),
+                    "a sync of the embedded store was slow"
+                );
+            }
         }
         for (durable, finish) in finishes.drain(..) {
             finish(match (&synced, durable) {
