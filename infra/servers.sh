@@ -28,6 +28,9 @@
 #                                               PasswordAuthenticator and client encryption;
 #                                               servers.env carries the credentials too
 #   infra/servers.sh down <state-dir>           stop what `up` started
+#
+# An `up` over a state dir whose servers still run is refused; one whose server exits or
+# does not answer stops the others it started and fails.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -379,9 +382,23 @@ PY
     esac
 }
 
+# A state dir whose servers still run is refused: starting over it would lose their pids,
+# and `down` could no longer stop them.
+refuse_live() { # <state dir>
+    local state="$1" pid kind
+    [ -f "$state/pids" ] || return 0
+    while read -r pid kind _; do
+        if kill -0 "$pid" 2>/dev/null; then
+            log "$state has a running $kind (pid $pid): run \`$0 down $state\` first"
+            return 1
+        fi
+    done < "$state/pids"
+}
+
 up() { # <state dir>
     local state="$1" kind port
     mkdir -p "$state"
+    refuse_live "$state" || return 1
     : > "$state/pids"
     for kind in redis kafka cassandra s3; do
         port="$(free_port)"
@@ -465,6 +482,7 @@ PROPS
 up_replicated() { # <state dir>
     local state="$1" i port id voters="" kafka_ports=() pid
     mkdir -p "$state"
+    refuse_live "$state" || return 1
     : > "$state/pids"
     # A Redis Cluster of three masters (no replicas: a lost master's slots are down
     # until it is back).
@@ -597,6 +615,7 @@ run_cassandra_secure() { # <dir> <port>: passwords and client encryption require
 up_secure() { # <state dir>
     local state="$1" kind port
     mkdir -p "$state"
+    refuse_live "$state" || return 1
     make_certificates "$state/tls"
     export CHAT_SERVERS_TLS="$state/tls" CHAT_SERVERS_STATE="$state"
     : > "$state/pids"
