@@ -395,10 +395,18 @@ refuse_live() { # <state dir>
     done < "$state/pids"
 }
 
+# Runs one of the `up` functions: refuses a state dir whose servers still run, and stops
+# whatever was started if the start fails (the script exits non-zero, or is killed).
+start() { # <up function> <state dir>
+    refuse_live "$2"
+    STARTING="$2"
+    trap '[ $? -eq 0 ] || down "$STARTING"' EXIT
+    "$1" "$2"
+}
+
 up() { # <state dir>
     local state="$1" kind port
     mkdir -p "$state"
-    refuse_live "$state" || return 1
     : > "$state/pids"
     for kind in redis kafka cassandra s3; do
         port="$(free_port)"
@@ -409,8 +417,6 @@ up() { # <state dir>
     while read -r pid kind port _; do
         if ! wait_for "$kind" "$port" 240 127.0.0.1 "$pid"; then
             tail -n 40 "$state/$kind.log" >&2 || true
-            # Leave nothing running behind a failed start.
-            down "$state"
             return 1
         fi
         log "$kind answers on port $port"
@@ -482,7 +488,6 @@ PROPS
 up_replicated() { # <state dir>
     local state="$1" i port id voters="" kafka_ports=() pid
     mkdir -p "$state"
-    refuse_live "$state" || return 1
     : > "$state/pids"
     # A Redis Cluster of three masters (no replicas: a lost master's slots are down
     # until it is back).
@@ -615,7 +620,6 @@ run_cassandra_secure() { # <dir> <port>: passwords and client encryption require
 up_secure() { # <state dir>
     local state="$1" kind port
     mkdir -p "$state"
-    refuse_live "$state" || return 1
     make_certificates "$state/tls"
     export CHAT_SERVERS_TLS="$state/tls" CHAT_SERVERS_STATE="$state"
     : > "$state/pids"
@@ -628,7 +632,6 @@ up_secure() { # <state dir>
     while read -r pid kind port _; do
         if ! wait_for "$kind-secure" "$port" 240 127.0.0.1 "$pid"; then
             tail -n 40 "$state/$kind.log" >&2 || true
-            down "$state"
             return 1
         fi
         log "$kind answers on port $port"
@@ -668,9 +671,9 @@ case "$cmd" in
 fetch) fetch ;;
 run) "run_${1//-/_}" "$2" "$3" ;;
 wait) wait_for "$@" ;;
-up) fetch; up "$1" ;;
-up-replicated) fetch; up_replicated "$1" ;;
-up-secure) fetch; up_secure "$1" ;;
+up) fetch; start up "$1" ;;
+up-replicated) fetch; start up_replicated "$1" ;;
+up-secure) fetch; start up_secure "$1" ;;
 down) down "$1" ;;
 *) sed -n '2,23p' "$0" >&2; exit 2 ;;
 esac
