@@ -236,8 +236,9 @@ impl Dispatcher {
     /// deliveries in log order); then commit each record. Acks and reads may be taken after
     /// later messages of their partition: they concern messages their user has received,
     /// which were stored by an earlier batch. Nothing is routed before it is stored, and
-    /// nothing is committed before it is routed: a dispatcher that dies in between has the
-    /// records read again (a duplicate delivery at worst, never a lost one).
+    /// nothing is committed before it is routed: a dispatcher that dies in between, or a
+    /// batch whose routing failed (presence unreachable), has the records read again (a
+    /// duplicate delivery at worst, never a lost one).
     async fn handle(&self, batch: Vec<(u64, Record)>, recent: &mut Recent) {
         let mut outcome = Outcome::default();
         let (mut messages, mut acks, mut reads) = (Vec::new(), Vec::new(), Vec::new());
@@ -276,9 +277,15 @@ impl Dispatcher {
                 Err("an earlier record failed".into()),
             ));
         }
-        self.route(outcome.events).await;
+        // A batch not routed in full is read again (its messages are stored: the second
+        // time they are only routed): a recipient connected all along would otherwise
+        // have them only on a catch-up or its next connect.
+        let routed = self.route(outcome.events).await;
         for (commit, result) in outcome.commits {
-            commit(result);
+            commit(match (result, &routed) {
+                (Ok(()), Err(e)) => Err(e.clone()),
+                (result, _) => result,
+            });
         }
     }
 
@@ -646,10 +653,11 @@ impl Dispatcher {
     /// Routes what a batch caused: every message to the online devices of those it is
     /// pending for (and, when new, to the sender's other devices), push events for
     /// recipients with no device online, receipts to their senders' devices (kept in the
-    /// store for a sender with none), and answers to the sending connections.
-    async fn route(&self, events: Vec<Event>) {
+    /// store for a sender with none), and answers to the sending connections. Fails when
+    /// the recipients could not be located or a node's deliveries not published.
+    async fn route(&self, events: Vec<Event>) -> std::result::Result<(), String> {
         if events.is_empty() {
-            return;
+            return Ok(());
         }
         let mut wanted = BTreeSet::new();
         for event in &events {
@@ -690,15 +698,17 @@ impl Dispatcher {
             }
         }
         let wanted: Vec<String> = wanted.into_iter().collect();
+        let mut unrouted = None;
         let located = if wanted.is_empty() {
             Some(HashMap::new())
         } else {
             match self.presence.locate(&wanted).await {
                 Ok(located) => Some(located),
                 Err(e) => {
-                    // Messages stay pending (they reach their recipients on the next
-                    // connect); receipts are kept for their senders' next connect.
+                    // Messages stay pending, and the batch is read again; receipts are
+                    // kept for their senders' next connect. Answers go out all the same.
                     tracing::warn!(error = %e, "locating recipients failed");
+                    unrouted = Some(format!("locating recipients failed: {e}"));
                     None
                 }
             }
@@ -824,20 +834,26 @@ impl Dispatcher {
         }
 
         let publishes = out.0.into_iter().map(|(node, deliveries)| async move {
-            if let Err(e) = self.presence.publish(&node, deliveries).await {
-                // What it carried is stored: pending messages come on the next connect.
+            let published = self.presence.publish(&node, deliveries).await;
+            if let Err(e) = &published {
+                // What it carried is stored, and the batch is read again.
                 tracing::warn!(error = %e, %node, "delivery to a node failed");
             }
+            published.map_err(|e| format!("delivery to node {node} failed: {e}"))
         });
         let pushes = pushes.into_iter().map(|event| async move {
             if let Err(e) = self.log.publish_push(event).await {
                 tracing::warn!(error = %e, "push event failed");
             }
         });
-        tokio::join!(
+        let (published, _) = tokio::join!(
             futures_util::future::join_all(publishes),
             futures_util::future::join_all(pushes),
         );
+        match unrouted {
+            Some(e) => Err(e),
+            None => published.into_iter().collect(),
+        }
     }
 
     /// The message as stored: a retried send carries a body of its own, but what was

@@ -143,8 +143,10 @@ pub trait PresenceService: Send + Sync + 'static {
     fn changes(&self) -> broadcast::Receiver<Status>;
 
     /// Counts the times this process registered its devices again after the backend had
-    /// lost them (Redis restarted, or was unreachable). Messages stored meanwhile found
-    /// their recipients offline: a node catches its connections up when this moves.
+    /// lost them (Redis restarted, or was unreachable), and renewed its delivery
+    /// subscriptions after losing them. Messages stored meanwhile found their recipients
+    /// offline, or were published to nobody: a node catches its connections up when this
+    /// moves.
     fn restorations(&self) -> watch::Receiver<u64>;
 
     /// Takes one send from `user`'s budget, which every node shares: `true` when the

@@ -96,7 +96,8 @@ struct Shared {
     client: fred::clients::Client,
     subscriber: SubscriberClient,
     changes: broadcast::Sender<Status>,
-    /// Bumped after each rewrite of what this process registered.
+    /// Bumped after each rewrite of what this process registered, and after each renewal
+    /// of the delivery subscriptions (deliveries published in between were lost).
     restorations: watch::Sender<u64>,
     local: Mutex<Local>,
     /// Fails fast while Redis is down; bounds every guarded operation.
@@ -245,7 +246,10 @@ impl RedisPresence {
         *shared
             .resubscriber
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(shared.subscriber.manage_subscriptions());
+            .unwrap_or_else(|e| e.into_inner()) = Some(tokio::spawn(resubscribe(
+            Arc::downgrade(&shared),
+            shared.subscriber.reconnect_rx(),
+        )));
         let weak = Arc::downgrade(&shared);
         tokio::spawn(listen(weak.clone(), shared.subscriber.message_rx()));
         tokio::spawn(expiries(
@@ -283,6 +287,44 @@ impl RedisPresence {
                 .map_err(fail)?;
         }
         Ok(RedisPresence { shared })
+    }
+}
+
+/// Renews the subscriber's subscriptions after each reconnect of it, then announces a
+/// restoration: what was published to a delivery channel while its subscription was gone
+/// (the subscriber's Redis, or Cluster primary, restarted) reached nobody, and the
+/// catch-up that the announcement starts comes after the subscription is back, so it
+/// replays every message stored before that. (fred's `manage_subscriptions` renews them
+/// too, but tells nobody when it is done.)
+async fn resubscribe(
+    shared: Weak<Shared>,
+    mut rx: broadcast::Receiver<fred::types::config::Server>,
+) {
+    loop {
+        match rx.recv().await {
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let give_up = tokio::time::Instant::now() + REASSERT_FOR;
+        loop {
+            match shared.subscriber.resubscribe_all().await {
+                Ok(()) => break,
+                Err(e) if tokio::time::Instant::now() > give_up => {
+                    tracing::warn!(error = %e, "presence: subscriptions not renewed");
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "presence: subscriptions not renewed yet");
+                    tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(2))).await;
+                }
+            }
+        }
+        tracing::info!("presence: delivery subscriptions renewed after a Redis reconnect");
+        shared.restorations.send_modify(|n| *n += 1);
     }
 }
 
