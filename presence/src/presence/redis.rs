@@ -312,8 +312,15 @@ async fn resubscribe(
         let give_up = tokio::time::Instant::now() + REASSERT_FOR;
         loop {
             match shared.subscriber.resubscribe_all().await {
-                Ok(()) => break,
+                Ok(()) => {
+                    tracing::info!(
+                        "presence: delivery subscriptions renewed after a Redis reconnect"
+                    );
+                    break;
+                }
                 Err(e) if tokio::time::Instant::now() > give_up => {
+                    // The next reconnect tries again; the catch-up below still replays
+                    // what was stored until now.
                     tracing::warn!(error = %e, "presence: subscriptions not renewed");
                     break;
                 }
@@ -323,7 +330,6 @@ async fn resubscribe(
                 }
             }
         }
-        tracing::info!("presence: delivery subscriptions renewed after a Redis reconnect");
         shared.restorations.send_modify(|n| *n += 1);
     }
 }
