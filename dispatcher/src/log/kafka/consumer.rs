@@ -2,6 +2,8 @@
 //! one ordered feed per assigned partition.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -15,6 +17,8 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
+
+use storage::resilience::Backoff;
 
 use super::offsets::{Offsets, Settled};
 use super::{unavailable, KafkaConfig};
@@ -162,13 +166,38 @@ impl ConsumerContext for GroupContext {
 struct Feed {
     records: mpsc::Sender<Record>,
     offsets: Arc<Mutex<Offsets>>,
-    revoked: Arc<std::sync::atomic::AtomicBool>,
+    revoked: Arc<AtomicBool>,
 }
 
 impl Feed {
     fn revoke(&self) {
-        self.revoked
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.revoked.store(true, Ordering::Release);
+    }
+
+    /// What tells a seek back whether this feed still stands.
+    fn watch(&self) -> FeedWatch {
+        FeedWatch {
+            revoked: self.revoked.clone(),
+            records: self.records.downgrade(),
+        }
+    }
+}
+
+/// Whether a feed still stands: not revoked, still held by the pump (which drops its feeds
+/// when it stops), and still read by the dispatcher.
+#[derive(Clone)]
+struct FeedWatch {
+    revoked: Arc<AtomicBool>,
+    records: mpsc::WeakSender<Record>,
+}
+
+impl FeedWatch {
+    fn stands(&self) -> bool {
+        !self.revoked.load(Ordering::Acquire)
+            && self
+                .records
+                .upgrade()
+                .is_some_and(|records| !records.is_closed())
     }
 }
 
@@ -282,7 +311,7 @@ async fn pump(
                         metrics::counter!("dispatcher_undecodable_records_total").increment(1);
                         drop(message);
                         let generation = lock(&feed.offsets).hand_out(offset);
-                        settler.settle(id, offset, generation, &feed.offsets, true);
+                        settler.settle(id, offset, generation, &feed.offsets, &feed.watch(), true);
                         continue;
                     }
                 };
@@ -291,13 +320,13 @@ async fn pump(
                 let records = feed.records.clone();
                 let generation = lock(&offsets).hand_out(offset);
                 let commit = {
-                    let (settler, offsets) = (settler.clone(), offsets.clone());
+                    let (settler, offsets, watch) = (settler.clone(), offsets.clone(), feed.watch());
                     move |outcome: std::result::Result<(), String>| {
                         if let Err(reason) = &outcome {
                             metrics::counter!("dispatcher_redeliveries_total").increment(1);
                             tracing::warn!(partition = id, offset, %reason, "record not persisted: it is read again");
                         }
-                        settler.settle(id, offset, generation, &offsets, outcome.is_ok());
+                        settler.settle(id, offset, generation, &offsets, &watch, outcome.is_ok());
                     }
                 };
                 if records.send(Record::new(envelope, commit)).await.is_err() {
@@ -330,6 +359,7 @@ impl Settler {
         offset: i64,
         generation: u64,
         offsets: &Arc<Mutex<Offsets>>,
+        feed: &FeedWatch,
         persisted: bool,
     ) {
         let (consumer, topic) = (&self.consumer, self.topic.as_str());
@@ -348,25 +378,165 @@ impl Settler {
             },
             Settled::Rewind { to, wait } => {
                 tracing::warn!(partition, offset = to, ?wait, "reading the partition again");
-                let (consumer, topic, offsets) =
-                    (consumer.clone(), topic.to_owned(), offsets.clone());
+                let (consumer, topic, offsets, feed) = (
+                    consumer.clone(),
+                    topic.to_owned(),
+                    offsets.clone(),
+                    feed.clone(),
+                );
                 tokio::spawn(async move {
-                    tokio::time::sleep(wait).await;
-                    let seek = tokio::task::spawn_blocking(move || {
-                        consumer.seek(
-                            &topic,
-                            partition,
-                            Offset::Offset(to),
-                            Duration::from_secs(5),
-                        )
-                    })
+                    seek_back(
+                        wait,
+                        seek_retries(),
+                        || feed.stands(),
+                        || {
+                            let (consumer, topic) = (consumer.clone(), topic.clone());
+                            async move {
+                                tokio::task::spawn_blocking(move || {
+                                    consumer.seek(
+                                        &topic,
+                                        partition,
+                                        Offset::Offset(to),
+                                        Duration::from_secs(5),
+                                    )
+                                })
+                                .await
+                                .map_err(|e| e.to_string())?
+                                .map_err(|e| e.to_string())
+                            }
+                        },
+                    )
                     .await;
-                    if let Ok(Err(e)) = seek {
-                        tracing::warn!(error = %e, partition, "seek back failed");
-                    }
                     lock(&offsets).rewound();
                 });
             }
         }
+    }
+}
+
+/// Longest wait between two attempts at a seek back that failed.
+const SEEK_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Waits between attempts at a seek back: 200 ms doubling, at most [`SEEK_RETRY_MAX`].
+fn seek_retries() -> Backoff {
+    Backoff::new(Duration::from_millis(200), SEEK_RETRY_MAX)
+}
+
+/// Seeks back after `wait`, and again after a growing wait while the seek fails and the
+/// feed still `stands`. A seek fails when the partition is not being fetched at that
+/// moment (librdkafka's `Local: Erroneous state`, seen as a partition was being assigned or
+/// moving): given up, the failed record would only be read again on the next rebalance,
+/// and its offset would hold back every commit of the partition until then. A feed that no
+/// longer stands needs no seek: whoever reads the partition next starts at the committed
+/// offset, below the failed record. Returns whether a seek succeeded.
+async fn seek_back<F, Fut>(
+    wait: Duration,
+    mut backoff: Backoff,
+    stands: impl Fn() -> bool,
+    mut seek: F,
+) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = std::result::Result<(), String>>,
+{
+    let mut wait = wait;
+    loop {
+        tokio::time::sleep(wait).await;
+        if !stands() {
+            return false;
+        }
+        match seek().await {
+            Ok(()) => return true,
+            Err(e) => {
+                metrics::counter!("dispatcher_seek_retries_total").increment(1);
+                wait = backoff.next().unwrap_or(SEEK_RETRY_MAX);
+                tracing::warn!(error = %e, ?wait, "seek back failed: trying again");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    /// Retries a millisecond apart.
+    fn quick() -> Backoff {
+        Backoff::new(Duration::from_millis(1), Duration::from_millis(1))
+    }
+
+    #[tokio::test]
+    async fn a_failed_seek_back_is_tried_again_until_it_succeeds() {
+        let attempts = AtomicUsize::new(0);
+        let done = seek_back(
+            Duration::ZERO,
+            quick(),
+            || true,
+            || {
+                let n = attempts.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if n < 3 {
+                        Err("Local: Erroneous state".to_owned())
+                    } else {
+                        Ok(())
+                    }
+                }
+            },
+        )
+        .await;
+        assert!(done);
+        assert_eq!(
+            attempts.load(Ordering::SeqCst),
+            4,
+            "three failures, then the seek"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_seek_back_stops_once_the_feed_no_longer_stands() {
+        let attempts = AtomicUsize::new(0);
+        let done = seek_back(
+            Duration::ZERO,
+            quick(),
+            // Stands for the first two attempts, then the partition is revoked.
+            || attempts.load(Ordering::SeqCst) < 2,
+            || {
+                attempts.fetch_add(1, Ordering::SeqCst);
+                async { Err::<(), _>("Local: Erroneous state".to_owned()) }
+            },
+        )
+        .await;
+        assert!(!done);
+        assert_eq!(attempts.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_feed_stands_until_revoked_dropped_or_no_longer_read() {
+        let feed = |records: mpsc::Sender<Record>| Feed {
+            records,
+            offsets: Arc::new(Mutex::new(Offsets::new())),
+            revoked: Arc::new(AtomicBool::new(false)),
+        };
+        let (tx, _rx) = mpsc::channel(1);
+        let standing = feed(tx);
+        let watch = standing.watch();
+        assert!(watch.stands());
+        standing.revoke();
+        assert!(!watch.stands(), "revoked");
+
+        let (tx, _rx) = mpsc::channel(1);
+        let dropped = feed(tx);
+        let watch = dropped.watch();
+        drop(dropped);
+        assert!(!watch.stands(), "the pump let go of it");
+
+        let (tx, rx) = mpsc::channel(1);
+        let unread = feed(tx);
+        let watch = unread.watch();
+        drop(rx);
+        assert!(!watch.stands(), "the dispatcher let go of it");
+        drop(unread);
     }
 }
