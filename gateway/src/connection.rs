@@ -429,9 +429,10 @@ async fn replay(conn: Arc<ConnHandle>, app: Arc<App>) {
         if !Box::pin(replay_pass(&conn, &app, &mut replayed)).await {
             return;
         }
-        if conn.finish_replay(&replayed) {
+        let count = replayed.len();
+        if conn.finish_replay(&mut replayed) {
             // The device's pending queues as it found them on connecting.
-            metrics::histogram!("gateway_replayed_messages").record(replayed.len() as f64);
+            metrics::histogram!("gateway_replayed_messages").record(count as f64);
             return;
         }
     }

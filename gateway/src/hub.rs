@@ -42,8 +42,8 @@ pub struct ConnHandle {
     capacity: usize,
     closed: CancellationToken,
     close_code: AtomicU16,
-    /// `Some` while pending messages are being replayed: live messages wait here.
-    held: Mutex<Option<Vec<(Uuid, Utf8Bytes)>>>,
+    /// Live messages held during a replay, and what the last replay sent.
+    replay: Mutex<ReplayState>,
     /// A catch-up was asked for while a replay ran: it reads the queue again.
     replay_again: AtomicBool,
     /// The reader stopped: no new send starts (a drain waits for the last answers).
@@ -63,6 +63,46 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Most live messages held back during a replay before the connection counts as too slow.
 const MAX_HELD: usize = 4096;
 
+/// How long live copies of what a replay sent are dropped after it ends.
+///
+/// A message stored for a device that was not connected yet reaches it twice when the
+/// device connects between the dispatcher storing the message and the dispatcher looking
+/// its recipients up: the replay finds it pending, and the lookup finds the device and
+/// delivers it live. A live copy that comes while the replay runs is held and dropped; one
+/// that comes after it ends is dropped here. It comes within one batch's routing (a
+/// presence lookup and a publish, each bounded by the store's and Redis's timeouts), or
+/// within a few backoffs when a batch whose routing failed is read again.
+pub const REPLAYED_KEPT: Duration = Duration::from_secs(30);
+
+/// A connection's replay state.
+struct ReplayState {
+    /// `Some` while pending messages are being replayed: live messages wait here.
+    held: Option<Vec<(Uuid, Utf8Bytes)>>,
+    /// What the last replay sent, kept a while after it ended (see [`REPLAYED_KEPT`]).
+    /// Boxed: most connections replay nothing and keep nothing.
+    replayed: Option<Box<Replayed>>,
+}
+
+struct Replayed {
+    ids: HashSet<Uuid>,
+    until: Instant,
+}
+
+impl ReplayState {
+    /// Whether a live message is a copy of one the last replay sent (forgets that replay
+    /// once its time is up).
+    fn sent_by_replay(&mut self, id: Uuid, now: Instant) -> bool {
+        match &self.replayed {
+            None => false,
+            Some(replayed) if replayed.until <= now => {
+                self.replayed = None;
+                false
+            }
+            Some(replayed) => replayed.ids.contains(&id),
+        }
+    }
+}
+
 impl ConnHandle {
     pub fn new(
         id: u64,
@@ -79,7 +119,10 @@ impl ConnHandle {
             capacity,
             closed: CancellationToken::new(),
             close_code: AtomicU16::new(0),
-            held: Mutex::new(Some(Vec::new())),
+            replay: Mutex::new(ReplayState {
+                held: Some(Vec::new()),
+                replayed: None,
+            }),
             replay_again: AtomicBool::new(false),
             reader_stopped: AtomicBool::new(false),
             watching: Mutex::new(HashSet::new()),
@@ -106,13 +149,17 @@ impl ConnHandle {
             }
             Class::Reliable => self.push(frame),
             Class::Message(id) => {
-                let mut held = lock(&self.held);
-                if let Some(held) = held.as_mut() {
+                let mut replay = lock(&self.replay);
+                if let Some(held) = replay.held.as_mut() {
                     if held.len() >= MAX_HELD {
                         self.close(CloseCode::Policy);
                         return false;
                     }
                     held.push((id, frame));
+                    return true;
+                }
+                if replay.sent_by_replay(id, Instant::now()) {
+                    metrics::counter!("gateway_replayed_repeats_dropped_total").increment(1);
                     return true;
                 }
                 self.push(frame)
@@ -146,27 +193,41 @@ impl ConnHandle {
     /// messages wait again until it ends. `false` when a replay is running already: that
     /// one then reads the queue once more before it ends ([`ConnHandle::finish_replay`]).
     pub fn begin_replay(&self) -> bool {
-        let mut held = lock(&self.held);
-        if held.is_some() {
+        let mut replay = lock(&self.replay);
+        if replay.held.is_some() {
             self.replay_again.store(true, Ordering::Release);
             return false;
         }
-        *held = Some(Vec::new());
+        replay.held = Some(Vec::new());
         true
     }
 
-    /// Ends the replay: releases held live messages, except those the replay already sent.
+    /// Ends the replay: releases held live messages, except those the replay already sent,
+    /// and keeps the ids it sent for [`REPLAYED_KEPT`] (see [`ReplayState::replayed`]).
     /// `false` (and nothing released) when a catch-up was asked for meanwhile: the replay
     /// reads the queue again first.
-    pub fn finish_replay(&self, replayed: &HashSet<Uuid>) -> bool {
-        let mut held = lock(&self.held);
+    pub fn finish_replay(&self, replayed: &mut HashSet<Uuid>) -> bool {
+        let mut replay = lock(&self.replay);
         if self.replay_again.swap(false, Ordering::AcqRel) {
             return false;
         }
-        for (id, frame) in held.take().unwrap_or_default() {
-            if !replayed.contains(&id) {
+        let now = Instant::now();
+        let mut sent = std::mem::take(replayed);
+        if let Some(earlier) = replay.replayed.take() {
+            if earlier.until > now {
+                sent.extend(earlier.ids);
+            }
+        }
+        for (id, frame) in replay.held.take().unwrap_or_default() {
+            if !sent.contains(&id) {
                 self.push(frame);
             }
+        }
+        if !sent.is_empty() {
+            replay.replayed = Some(Box::new(Replayed {
+                ids: sent,
+                until: now + REPLAYED_KEPT,
+            }));
         }
         true
     }
@@ -590,5 +651,66 @@ impl Drop for Slot {
                 slots.remove(&self.user);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(id: Uuid) -> Utf8Bytes {
+        Utf8Bytes::from(id.to_string())
+    }
+
+    #[test]
+    fn a_live_copy_of_a_replayed_message_is_dropped_during_and_after_the_replay() {
+        let (conn, rx) = ConnHandle::new(1, "u".into(), "d".into(), 16);
+        let (early, late, fresh) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
+        // A connection starts replaying: live messages wait.
+        assert!(conn.deliver(frame(early), Class::Message(early)));
+        assert!(rx.is_empty());
+        let mut replayed: HashSet<Uuid> = [early, late].into();
+        assert!(conn.finish_replay(&mut replayed));
+        assert!(
+            rx.is_empty(),
+            "the held copy of a replayed message is dropped"
+        );
+        // The dispatcher's live copy of a message the replay sent comes after it ended.
+        assert!(conn.deliver(frame(late), Class::Message(late)));
+        assert!(conn.deliver(frame(fresh), Class::Message(fresh)));
+        let got: Vec<_> = rx.drain().map(|f| f.to_string()).collect();
+        assert_eq!(got, vec![fresh.to_string()]);
+    }
+
+    #[test]
+    fn a_catch_up_keeps_what_the_replay_before_it_sent() {
+        let (conn, rx) = ConnHandle::new(1, "u".into(), "d".into(), 16);
+        let (first, second) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        assert!(conn.finish_replay(&mut [first].into()));
+        assert!(conn.begin_replay());
+        assert!(conn.deliver(frame(first), Class::Message(first)));
+        assert!(conn.finish_replay(&mut [second].into()));
+        assert!(conn.deliver(frame(second), Class::Message(second)));
+        assert!(
+            rx.is_empty(),
+            "copies of both replays' messages are dropped"
+        );
+    }
+
+    #[test]
+    fn what_a_replay_sent_is_forgotten_once_its_time_is_up() {
+        let now = Instant::now();
+        let (sent, other) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let mut state = ReplayState {
+            held: None,
+            replayed: Some(Box::new(Replayed {
+                ids: [sent].into(),
+                until: now + REPLAYED_KEPT,
+            })),
+        };
+        assert!(state.sent_by_replay(sent, now));
+        assert!(!state.sent_by_replay(other, now));
+        assert!(!state.sent_by_replay(sent, now + REPLAYED_KEPT));
+        assert!(state.replayed.is_none(), "forgotten");
     }
 }
