@@ -403,7 +403,8 @@ async fn settle_sends<S>(
 /// Replays the pending queue again on a live connection. For after presence was restored:
 /// a message stored while its recipient could not be located was not delivered live, and
 /// nothing else would bring it before the next connect. What the connection got live and
-/// has not acked yet comes again (clients drop repeats by `message_id`).
+/// has not acked yet comes again (clients drop repeats by `message_id`); what its last
+/// replay sent less than 30 s ago does not.
 pub async fn catch_up(conn: Arc<ConnHandle>, app: Arc<App>) {
     if conn.begin_replay() {
         metrics::counter!("gateway_catch_ups_total").increment(1);
@@ -422,14 +423,17 @@ pub async fn catch_up(conn: Arc<ConnHandle>, app: Arc<App>) {
 /// awaits it: every store call is boxed, so that the future holds pointers, not the
 /// backends' request state machines (inline, those cost ~13 KiB per idle connection).
 async fn replay(conn: Arc<ConnHandle>, app: Arc<App>) {
-    let mut replayed: HashSet<Uuid> = HashSet::new();
+    // Sent already on this connection: not sent again.
+    let mut replayed: HashSet<Uuid> = conn.recently_replayed();
+    let before = replayed.len();
     // A catch-up asked for while this runs would not see what was stored after this
-    // pass read the queue: it makes the pass run again before the replay ends.
+    // pass read the queue: it makes the pass run again before the replay ends (sending
+    // only what the passes before it did not).
     loop {
         if !Box::pin(replay_pass(&conn, &app, &mut replayed)).await {
             return;
         }
-        let count = replayed.len();
+        let count = replayed.len() - before;
         if conn.finish_replay(&mut replayed) {
             // The device's pending queues as it found them on connecting.
             metrics::histogram!("gateway_replayed_messages").record(count as f64);
@@ -474,7 +478,9 @@ async fn replay_pass(conn: &Arc<ConnHandle>, app: &Arc<App>, replayed: &mut Hash
         let Some(item) = oldest.and_then(|at| feeds[at].items.pop_front()) else {
             break;
         };
-        replayed.insert(item.id());
+        if !replayed.insert(item.id()) {
+            continue;
+        }
         let frame = Utf8Bytes::from(item.frame(conn).to_json());
         if !conn.send_waiting(frame).await {
             return false;
@@ -498,6 +504,9 @@ async fn replay_pass(conn: &Arc<ConnHandle>, app: &Arc<App>, replayed: &mut Hash
         };
         after = kept.last().map(|(id, _)| *id).or(after);
         for (id, notice) in &kept {
+            if !replayed.insert(*id) {
+                continue;
+            }
             if !conn
                 .send_waiting(Utf8Bytes::from(ServerFrame::notice(*id, notice).to_json()))
                 .await

@@ -202,33 +202,38 @@ impl ConnHandle {
         true
     }
 
-    /// Ends the replay: releases held live messages, except those the replay already sent,
-    /// and keeps the ids it sent for [`REPLAYED_KEPT`] (see [`ReplayState::replayed`]).
-    /// `false` (and nothing released) when a catch-up was asked for meanwhile: the replay
-    /// reads the queue again first.
+    /// What this connection's last replay sent, if it ended less than [`REPLAYED_KEPT`]
+    /// ago: a catch-up starts from it and does not send those again (they went out on this
+    /// connection, in order, before anything the catch-up sends).
+    pub fn recently_replayed(&self) -> HashSet<Uuid> {
+        let mut replay = lock(&self.replay);
+        match replay.replayed.take() {
+            Some(replayed) if replayed.until > Instant::now() => replayed.ids,
+            _ => HashSet::new(),
+        }
+    }
+
+    /// Ends the replay: releases held live messages, except those the replay sent (or
+    /// skipped as sent before), and keeps those ids for [`REPLAYED_KEPT`] (see
+    /// [`ReplayState::replayed`]). `false` (and nothing released) when a catch-up was
+    /// asked for meanwhile: the replay reads the queue again first.
     pub fn finish_replay(&self, replayed: &mut HashSet<Uuid>) -> bool {
         let mut replay = lock(&self.replay);
         if self.replay_again.swap(false, Ordering::AcqRel) {
             return false;
         }
-        let now = Instant::now();
-        let mut sent = std::mem::take(replayed);
-        if let Some(earlier) = replay.replayed.take() {
-            if earlier.until > now {
-                sent.extend(earlier.ids);
-            }
-        }
+        let sent = std::mem::take(replayed);
         for (id, frame) in replay.held.take().unwrap_or_default() {
             if !sent.contains(&id) {
                 self.push(frame);
             }
         }
-        if !sent.is_empty() {
-            replay.replayed = Some(Box::new(Replayed {
+        replay.replayed = (!sent.is_empty()).then(|| {
+            Box::new(Replayed {
                 ids: sent,
-                until: now + REPLAYED_KEPT,
-            }));
-        }
+                until: Instant::now() + REPLAYED_KEPT,
+            })
+        });
         true
     }
 
@@ -683,13 +688,16 @@ mod tests {
     }
 
     #[test]
-    fn a_catch_up_keeps_what_the_replay_before_it_sent() {
+    fn a_catch_up_starts_from_what_the_replay_before_it_sent() {
         let (conn, rx) = ConnHandle::new(1, "u".into(), "d".into(), 16);
         let (first, second) = (Uuid::from_u128(1), Uuid::from_u128(2));
         assert!(conn.finish_replay(&mut [first].into()));
         assert!(conn.begin_replay());
+        let mut replayed = conn.recently_replayed();
+        assert_eq!(replayed, [first].into());
+        replayed.insert(second);
         assert!(conn.deliver(frame(first), Class::Message(first)));
-        assert!(conn.finish_replay(&mut [second].into()));
+        assert!(conn.finish_replay(&mut replayed));
         assert!(conn.deliver(frame(second), Class::Message(second)));
         assert!(
             rx.is_empty(),
