@@ -27,6 +27,12 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 /// How often the outbound queues' depth is sampled for the metrics.
 const QUEUE_SAMPLE: Duration = Duration::from_secs(5);
 
+/// How long after presence says it was restored the catch-up of every connection starts.
+/// One outage restores more than once (a Redis Cluster reconnects once per primary, and the
+/// subscriber's connections renew their subscriptions on their own): every restoration
+/// within this time joins one catch-up instead of starting one each.
+const CATCH_UP_GATHER: Duration = Duration::from_millis(500);
+
 /// A started gateway: its bound addresses and the means to stop it.
 #[derive(Debug)]
 pub struct Running {
@@ -288,11 +294,21 @@ async fn run(
             let mut tick = tokio::time::interval(every);
             let mut failing = false;
             let mut restorations = PresenceService::restorations(&app.presence);
+            let mut catch_up_at: Option<tokio::time::Instant> = None;
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     Ok(()) = restorations.changed() => {
                         // Presence lost this node's devices and has them again.
+                        catch_up_at.get_or_insert_with(|| tokio::time::Instant::now() + CATCH_UP_GATHER);
+                    }
+                    () = async {
+                        match catch_up_at {
+                            Some(at) => tokio::time::sleep_until(at).await,
+                            None => std::future::pending().await,
+                        }
+                    } => {
+                        catch_up_at = None;
                         let all = app.hub.all();
                         tracing::info!(connections = all.len(), "catching up after presence was restored");
                         tokio::spawn(catch_up_all(all, app.clone()));
