@@ -74,6 +74,11 @@ const MAX_HELD: usize = 4096;
 /// within a few backoffs when a batch whose routing failed is read again.
 pub const REPLAYED_KEPT: Duration = Duration::from_secs(30);
 
+/// Most ids a connection keeps of its last replay: the newest (ids grow with time), as
+/// the messages being routed while the device connected are the newest it was sent. A
+/// connect storm after a restart must not hold whole pending queues in memory.
+const REPLAYED_KEPT_IDS: usize = 64;
+
 /// A connection's replay state.
 struct ReplayState {
     /// `Some` while pending messages are being replayed: live messages wait here.
@@ -86,6 +91,17 @@ struct ReplayState {
 struct Replayed {
     ids: HashSet<Uuid>,
     until: Instant,
+}
+
+/// The `n` highest ids of `ids`.
+fn newest(ids: HashSet<Uuid>, n: usize) -> HashSet<Uuid> {
+    if ids.len() <= n {
+        return ids;
+    }
+    let mut all: Vec<Uuid> = ids.into_iter().collect();
+    all.select_nth_unstable_by(n - 1, |a, b| b.cmp(a));
+    all.truncate(n);
+    all.into_iter().collect()
 }
 
 impl ReplayState {
@@ -230,11 +246,20 @@ impl ConnHandle {
         }
         replay.replayed = (!sent.is_empty()).then(|| {
             Box::new(Replayed {
-                ids: sent,
+                ids: newest(sent, REPLAYED_KEPT_IDS),
                 until: Instant::now() + REPLAYED_KEPT,
             })
         });
         true
+    }
+
+    /// Forgets what the last replay sent once its time is up (a connection that gets no
+    /// live message would otherwise keep it until it closes).
+    fn forget_old_replay(&self, now: Instant) {
+        let mut replay = lock(&self.replay);
+        if replay.replayed.as_ref().is_some_and(|r| r.until <= now) {
+            replay.replayed = None;
+        }
     }
 
     /// Asks the connection to close with `code` (tungstenite's names: `Policy` for a client
@@ -475,6 +500,14 @@ impl Hub {
 
     pub fn count(&self) -> usize {
         lock(&self.conns).values().map(Vec::len).sum()
+    }
+
+    /// Drops what connections keep of replays that ended more than [`REPLAYED_KEPT`] ago.
+    pub fn forget_old_replays(&self) {
+        let now = Instant::now();
+        for conn in lock(&self.conns).values().flatten() {
+            conn.forget_old_replay(now);
+        }
     }
 
     /// Frames waiting in the outbound queues of this node's connections: in all, and in
@@ -720,5 +753,17 @@ mod tests {
         assert!(!state.sent_by_replay(other, now));
         assert!(!state.sent_by_replay(sent, now + REPLAYED_KEPT));
         assert!(state.replayed.is_none(), "forgotten");
+    }
+
+    #[test]
+    fn a_connection_keeps_only_the_newest_ids_of_a_long_replay() {
+        let (conn, _rx) = ConnHandle::new(1, "u".into(), "d".into(), 16);
+        let mut replayed: HashSet<Uuid> = (0..1000u128).map(Uuid::from_u128).collect();
+        assert!(conn.finish_replay(&mut replayed));
+        let kept = conn.recently_replayed();
+        let expected: HashSet<Uuid> = (1000 - REPLAYED_KEPT_IDS as u128..1000)
+            .map(Uuid::from_u128)
+            .collect();
+        assert_eq!(kept, expected);
     }
 }

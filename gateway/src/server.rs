@@ -262,8 +262,8 @@ async fn run(
         }
     });
 
-    // Sends the dispatcher did not answer in time get `unavailable`; and the outbound
-    // queues' depth, sampled.
+    // Sends the dispatcher did not answer in time get `unavailable`; the outbound queues'
+    // depth, sampled; and what connections keep of their last replay, once its time is up.
     let deadline_task = tokio::spawn({
         let (app, stop) = (app.clone(), background.clone());
         async move {
@@ -279,6 +279,7 @@ async fn run(
                         let (all, fullest) = app.hub.queued_frames();
                         metrics::gauge!("gateway_outbound_queued_frames").set(all as f64);
                         metrics::gauge!("gateway_outbound_queue_fullest_frames").set(fullest as f64);
+                        app.hub.forget_old_replays();
                     }
                 }
             }
