@@ -502,21 +502,19 @@ impl Hub {
         lock(&self.conns).values().map(Vec::len).sum()
     }
 
-    /// Drops what connections keep of replays that ended more than [`REPLAYED_KEPT`] ago.
-    pub fn forget_old_replays(&self) {
+    /// One pass over this node's connections every few seconds: drops what they keep of
+    /// replays that ended more than [`REPLAYED_KEPT`] ago, and counts the frames waiting in
+    /// their outbound queues, in all and in the fullest one (sampled for
+    /// `gateway_outbound_queued_frames`).
+    pub fn sweep(&self) -> (usize, usize) {
         let now = Instant::now();
-        for conn in lock(&self.conns).values().flatten() {
-            conn.forget_old_replay(now);
-        }
-    }
-
-    /// Frames waiting in the outbound queues of this node's connections: in all, and in
-    /// the fullest one (sampled for `gateway_outbound_queued_frames`).
-    pub fn queued_frames(&self) -> (usize, usize) {
         lock(&self.conns)
             .values()
             .flatten()
-            .map(|conn| conn.out.len())
+            .map(|conn| {
+                conn.forget_old_replay(now);
+                conn.out.len()
+            })
             .fold((0, 0), |(all, fullest), n| (all + n, fullest.max(n)))
     }
 

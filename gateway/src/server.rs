@@ -276,10 +276,9 @@ async fn run(
                     _ = stop.cancelled() => return,
                     _ = tick.tick() => app.deadlines.expire(std::time::Instant::now()),
                     _ = sample.tick() => {
-                        let (all, fullest) = app.hub.queued_frames();
+                        let (all, fullest) = app.hub.sweep();
                         metrics::gauge!("gateway_outbound_queued_frames").set(all as f64);
                         metrics::gauge!("gateway_outbound_queue_fullest_frames").set(fullest as f64);
-                        app.hub.forget_old_replays();
                     }
                 }
             }

@@ -467,25 +467,25 @@ mod tests {
         Backoff::new(Duration::from_millis(1), Duration::from_millis(1))
     }
 
+    /// A seek that counts its attempts and fails the first `failures` of them.
+    fn seek_failing(
+        attempts: &AtomicUsize,
+        failures: usize,
+    ) -> impl FnMut() -> std::future::Ready<std::result::Result<(), String>> + '_ {
+        move || {
+            let n = attempts.fetch_add(1, Ordering::SeqCst);
+            std::future::ready(if n < failures {
+                Err("Local: Erroneous state".to_owned())
+            } else {
+                Ok(())
+            })
+        }
+    }
+
     #[tokio::test]
     async fn a_failed_seek_back_is_tried_again_until_it_succeeds() {
         let attempts = AtomicUsize::new(0);
-        let done = seek_back(
-            Duration::ZERO,
-            quick(),
-            || true,
-            || {
-                let n = attempts.fetch_add(1, Ordering::SeqCst);
-                async move {
-                    if n < 3 {
-                        Err("Local: Erroneous state".to_owned())
-                    } else {
-                        Ok(())
-                    }
-                }
-            },
-        )
-        .await;
+        let done = seek_back(Duration::ZERO, quick(), || true, seek_failing(&attempts, 3)).await;
         assert!(done);
         assert_eq!(
             attempts.load(Ordering::SeqCst),
@@ -502,10 +502,7 @@ mod tests {
             quick(),
             // Stands for the first two attempts, then the partition is revoked.
             || attempts.load(Ordering::SeqCst) < 2,
-            || {
-                attempts.fetch_add(1, Ordering::SeqCst);
-                async { Err::<(), _>("Local: Erroneous state".to_owned()) }
-            },
+            seek_failing(&attempts, usize::MAX),
         )
         .await;
         assert!(!done);
