@@ -149,6 +149,18 @@ struct Outcome {
     acked: HashSet<(String, Uuid)>,
 }
 
+impl Outcome {
+    /// A run of records to handle: none if it is empty, or if the batch has stopped (then
+    /// they are set aside, committed as failed and read again).
+    fn admit(&mut self, records: Vec<(u64, Record)>) -> Option<Vec<(u64, Record)>> {
+        if self.stopped {
+            self.unhandled.extend(records.into_iter().map(|(_, r)| r));
+            return None;
+        }
+        (!records.is_empty()).then_some(records)
+    }
+}
+
 impl Dispatcher {
     pub fn new(backends: Backends) -> Self {
         let Backends {
@@ -295,15 +307,9 @@ impl Dispatcher {
         outcome: &mut Outcome,
         recent: &mut Recent,
     ) {
-        if outcome.stopped {
-            outcome
-                .unhandled
-                .extend(records.into_iter().map(|(_, r)| r));
+        let Some(records) = outcome.admit(records) else {
             return;
-        }
-        if records.is_empty() {
-            return;
-        }
+        };
         let mut batch = Vec::with_capacity(records.len());
         let mut pending = Vec::with_capacity(records.len());
         let mut groups: HashMap<Uuid, Vec<String>> = HashMap::new();
@@ -487,15 +493,9 @@ impl Dispatcher {
         outcome: &mut Outcome,
         recent: &mut Recent,
     ) {
-        if outcome.stopped {
-            outcome
-                .unhandled
-                .extend(records.into_iter().map(|(_, r)| r));
+        let Some(records) = outcome.admit(records) else {
             return;
-        }
-        if records.is_empty() {
-            return;
-        }
+        };
         // One store call per queue: a message acked by two devices in this batch is removed
         // (and receipted) once. Each ack is taken from its user's queue first; what was not
         // pending there, from the acking device's own queue (end-to-end encrypted

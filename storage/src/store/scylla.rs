@@ -173,6 +173,19 @@ fn is_unavailable(e: &Error) -> bool {
     matches!(e, Error::Unavailable(_))
 }
 
+/// Runs a request (`once`, repeatable) under the breaker, retried while the cluster is
+/// unavailable.
+pub(super) async fn retried<T, F, Fut>(breaker: &Breaker, once: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    breaker
+        .call(is_unavailable, retry(is_unavailable, once))
+        .await
+        .map_err(guarded)
+}
+
 fn guarded(e: Guarded<Error>) -> Error {
     match e {
         Guarded::Inner(e) => e,
@@ -339,11 +352,7 @@ impl ScyllaStore {
             .acquire()
             .await
             .map_err(|_| Error::Unavailable("the ScyllaDB store is closing".into()))?;
-        self.inner
-            .breaker
-            .call(is_unavailable, retry(is_unavailable, once))
-            .await
-            .map_err(guarded)
+        retried(&self.inner.breaker, once).await
     }
 
     /// Rows of a result as typed tuples.

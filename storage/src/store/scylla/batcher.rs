@@ -26,9 +26,9 @@ use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{exec_error, guarded, is_unavailable};
+use super::{exec_error, retried};
 use crate::error::{Error, Result};
-use crate::resilience::{retry, Breaker};
+use crate::resilience::Breaker;
 
 /// Requests outstanding at once.
 const MAX_IN_FLIGHT: usize = 2;
@@ -194,36 +194,30 @@ async fn batched(group: &[Job], session: &Session, breaker: &Breaker) -> Result<
         batch.append_statement(write.statement.clone());
         values.push(write.values.as_ref());
     }
-    let call = retry(is_unavailable, || async {
+    retried(breaker, || async {
         session
             .batch(&batch, &values)
             .await
             .map(|_| ())
             .map_err(exec_error)
-    });
-    breaker
-        .call(is_unavailable, call)
-        .await
-        .map_err(guarded)
-        .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())
 }
 
 /// A piece that is one statement (or one too large for a batch): its statements one after
 /// the other (a piece holds more than one only when each fits a batch on its own).
 async fn singly(group: &[Job], session: &Session, breaker: &Breaker) -> Result<(), String> {
     for write in group.iter().flat_map(|j| &j.writes) {
-        let call = retry(is_unavailable, || async {
+        retried(breaker, || async {
             session
                 .execute_unpaged(&write.statement, write.values.as_ref())
                 .await
                 .map(|_| ())
                 .map_err(exec_error)
-        });
-        breaker
-            .call(is_unavailable, call)
-            .await
-            .map_err(guarded)
-            .map_err(|e| e.to_string())?;
+        })
+        .await
+        .map_err(|e| e.to_string())?;
     }
     Ok(())
 }
