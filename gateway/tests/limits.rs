@@ -399,7 +399,10 @@ async fn a_client_that_cannot_keep_up_is_closed_with_1008_and_gets_everything_on
                     .try_send(json!({"type":"ack","message_ids":[m["message_id"]]}))
                     .await;
             }
-            Ok(Some(_)) => {}
+            Ok(Some(frame)) => assert!(
+                common::is_incidental(&frame),
+                "bob: expected message, got {frame}"
+            ),
             Ok(None) => panic!("bob: no frame within {:?}", common::WAIT),
             Err(ended) if ended.code() == Some(1011) && reconnects < 5 => {
                 reconnects += 1;

@@ -304,7 +304,7 @@ impl Client {
 
 /// Frames a test that waits for something else may pass over: presence, typing, receipts
 /// and group notices.
-fn is_incidental(frame: &Value) -> bool {
+pub(crate) fn is_incidental(frame: &Value) -> bool {
     ["presence", "typing", "receipt"].contains(&frame["type"].as_str().unwrap_or(""))
         || (frame["type"] == "group" && frame.get("notice_id").is_some())
 }
