@@ -70,8 +70,14 @@ pub(super) fn subscribe(config: &KafkaConfig) -> Result<mpsc::Receiver<Partition
 
 /// The consumer, closed on a thread of its own when the last handle goes: closing leaves
 /// the group, which waits for the broker, and a broker that is down must not hang the
-/// runtime (or the process's exit) with it.
+/// runtime (or the process's exit) with it for longer than [`CLOSE_WAIT`].
 struct Detached(Option<StreamConsumer<GroupContext>>);
+
+/// How long dropping the consumer waits for its close. The wait is what lets a stopping
+/// dispatcher leave the group before the process exits: without it the exit could win, and
+/// the group then waited for the session timeout (6 s) before handing its partitions on,
+/// with every send to them waiting (a CI run's rolling restart saw 6 s without deliveries).
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 impl std::ops::Deref for Detached {
     type Target = StreamConsumer<GroupContext>;
@@ -86,9 +92,19 @@ impl std::ops::Deref for Detached {
 impl Drop for Detached {
     fn drop(&mut self) {
         if let Some(consumer) = self.0.take() {
-            let _ = std::thread::Builder::new()
+            let (closed, done) = std::sync::mpsc::channel();
+            let spawned = std::thread::Builder::new()
                 .name("kafka-consumer-close".into())
-                .spawn(move || drop(consumer));
+                .spawn(move || {
+                    drop(consumer);
+                    let _ = closed.send(());
+                });
+            if spawned.is_ok() && done.recv_timeout(CLOSE_WAIT).is_err() {
+                tracing::warn!(
+                    "the Kafka consumer did not close within {CLOSE_WAIT:?}: the group \
+                     hands its partitions on after the session timeout"
+                );
+            }
         }
     }
 }
