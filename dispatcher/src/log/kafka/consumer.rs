@@ -32,6 +32,7 @@ pub(super) fn subscribe(config: &KafkaConfig) -> Result<mpsc::Receiver<Partition
     let context = GroupContext {
         events,
         topic: config.messages_topic(),
+        closing: AtomicBool::new(false),
     };
     let consumer: StreamConsumer<GroupContext> = config
         .client()
@@ -92,6 +93,7 @@ impl std::ops::Deref for Detached {
 impl Drop for Detached {
     fn drop(&mut self) {
         if let Some(consumer) = self.0.take() {
+            consumer.context().closing.store(true, Ordering::Release);
             let (closed, done) = std::sync::mpsc::channel();
             let spawned = std::thread::Builder::new()
                 .name("kafka-consumer-close".into())
@@ -119,6 +121,11 @@ enum GroupEvent {
 struct GroupContext {
     events: mpsc::UnboundedSender<GroupEvent>,
     topic: String,
+    /// Set when the consumer is being closed: the revoke that closing brings commits
+    /// through librdkafka's own auto-commit on unassign, not through a commit of ours
+    /// issued from inside the close (a CI run's test process aborted on librdkafka's
+    /// assertion that nothing is in progress when its group terminates).
+    closing: AtomicBool,
 }
 
 impl GroupContext {
@@ -157,6 +164,8 @@ impl ConsumerContext for GroupContext {
             // assignment is someone else's already: nothing to commit.
             if consumer.assignment_lost() {
                 tracing::info!("assignment lost: its offsets are not committed");
+            } else if self.closing.load(Ordering::Acquire) {
+                tracing::debug!("closing: librdkafka commits the stored offsets on unassign");
             } else if let Err(e) = consumer.commit_consumer_state(CommitMode::Async) {
                 if !matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) {
                     tracing::warn!(error = %e, "commit on revoke failed");
