@@ -12,7 +12,9 @@ use crate::error::{Error, Result};
 mod kafka;
 mod memory;
 
-pub use kafka::{KafkaConfig, KafkaLog, Settings as KafkaSettings};
+pub use kafka::{
+    Compression as KafkaCompression, KafkaConfig, KafkaLog, Settings as KafkaSettings,
+};
 pub use memory::MemoryLog;
 
 /// What the dispatcher is told once it has dealt with a record.

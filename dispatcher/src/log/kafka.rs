@@ -1,7 +1,7 @@
 //! The inbound log on Kafka: gateways produce, dispatchers consume in one consumer group.
 //!
 //! - Producer ([`producer`]): idempotent, `acks=all`, no linger by default (librdkafka sends a
-//!   request per partition, so a linger only gathers a partition's own records), lz4. `publish`
+//!   request per partition, so a linger only gathers a partition's own records), uncompressed by default (`--kafka-compression`). `publish`
 //!   queues the record in call order; a record the broker does not take within the publish timeout
 //!   is reported to the publisher's callback (a circuit breaker then fails fast until the broker is
 //!   back).
@@ -59,12 +59,33 @@ pub struct KafkaConfig {
     pub linger: Duration,
     /// How long a fetch waits at the broker for records to gather.
     pub fetch_wait: Duration,
+    /// How the producers compress the records of a request (`compression.type`).
+    pub compression: Compression,
     /// Records the producer holds at most (queued, in flight, or with their delivery
     /// report not yet served): librdkafka's `queue.buffering.max.messages`.
     pub max_queued: usize,
     /// librdkafka settings for every client (producer, consumer, admin): TLS and SASL
     /// (`security.protocol`, `sasl.*`, `ssl.ca.location`). Values are not logged.
     pub security: Settings,
+}
+
+/// How a producer compresses the records it sends (librdkafka's `compression.type`; the
+/// broker keeps what the producer sent, and a consumer reads every codec).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Compression {
+    None,
+    Lz4,
+    Snappy,
+}
+
+impl Compression {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Lz4 => "lz4",
+            Compression::Snappy => "snappy",
+        }
+    }
 }
 
 /// librdkafka settings whose values may be secret: `Debug` shows the keys only.
@@ -95,6 +116,7 @@ impl KafkaConfig {
             partition_buffer: 1024,
             linger: Duration::ZERO,
             fetch_wait: Duration::from_millis(5),
+            compression: Compression::None,
             max_queued: 100_000,
             security: Settings::default(),
         }

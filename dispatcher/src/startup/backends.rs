@@ -15,7 +15,10 @@ use storage::crypto::Keyring;
 use storage::tls::{client_config, secret, Credentials};
 use storage::{EmbeddedConfig, EmbeddedStore, MessageStore, ScyllaConfig, ScyllaStore, Store};
 
-use crate::log::{InboundLog, KafkaConfig, KafkaLog, KafkaSettings, Log, MemoryLog};
+use crate::log::{
+    InboundLog, KafkaCompression as Compression, KafkaConfig, KafkaLog, KafkaSettings, Log,
+    MemoryLog,
+};
 
 /// The three backends a process runs on: all distributed ([`BackendArgs::connect`]) or
 /// all embedded ([`Backends::embedded`]).
@@ -146,6 +149,12 @@ pub struct BackendArgs {
     /// (`fetch.wait.max.ms`): fewer requests for the broker, up to that much more latency.
     #[arg(long, env = "KAFKA_FETCH_WAIT_MS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub kafka_fetch_wait_ms: u64,
+
+    /// How producers compress the records of a request (`compression.type`). None by
+    /// default: a request mostly carries one record of a few hundred bytes, which lz4
+    /// does not shrink and the broker would decompress to validate.
+    #[arg(long, env = "KAFKA_COMPRESSION", value_enum, default_value_t = Compression::None)]
+    pub kafka_compression: Compression,
 
     /// How to talk to the brokers: TLS (`ssl`, `sasl-ssl`) and SASL credentials
     /// (`sasl-plaintext`, `sasl-ssl`).
@@ -288,6 +297,7 @@ impl BackendArgs {
         kafka.publish_timeout = timeout;
         kafka.linger = Duration::from_millis(self.kafka_linger_ms);
         kafka.fetch_wait = Duration::from_millis(self.kafka_fetch_wait_ms);
+        kafka.compression = self.kafka_compression;
 
         let mut scylla = ScyllaConfig::new(self.scylla_nodes.clone(), keys);
         scylla.keyspace = self.scylla_keyspace.clone();

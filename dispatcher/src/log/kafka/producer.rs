@@ -1,8 +1,9 @@
 //! The producer side of the Kafka log: gateways publish envelopes, dispatchers push events.
 //!
-//! Idempotent, `acks=all`, a linger of `--kafka-linger-ms` (none by default), lz4. A record is
-//! queued in call order (librdkafka keeps a partition's records in order, and the idempotent
-//! producer keeps them so across retries); nothing waits for its acknowledgement — the dispatcher's
+//! Idempotent, `acks=all`, a linger of `--kafka-linger-ms` (none by default), compressed as
+//! `--kafka-compression` says (not by default). A record is queued in call order (librdkafka
+//! keeps a partition's records in order, and the idempotent producer keeps them so across
+//! retries); nothing waits for its acknowledgement — the dispatcher's
 //! answer to the sending connection is what confirms a message — so no task and no wake-up of the
 //! runtime is spent per record on success. A record the broker did not take within the publish
 //! timeout is reported to its publisher's callback. Delivery reports come by produce response (one
@@ -121,7 +122,7 @@ impl Producer {
                 "queue.buffering.max.messages",
                 config.max_queued.to_string(),
             )
-            .set("compression.type", "lz4")
+            .set("compression.type", config.compression.as_str())
             .set("message.timeout.ms", &timeout_ms)
             .set("socket.connection.setup.timeout.ms", &timeout_ms)
             .set("reconnect.backoff.max.ms", "1000")
