@@ -207,6 +207,13 @@ auto_snapshot: false
 # carries many writes); the default threshold of 10 would warn on every one.
 unlogged_batch_across_partitions_warn_threshold: 1000
 batch_size_warn_threshold: 64KiB
+# Every test prepares the store's ~45 statements in a keyspace of its own, so one node sees
+# thousands of them in a run. The default cache (10 MiB with this heap) filled after about
+# 150 test clusters, and from then on a statement prepared for a new keyspace was not
+# admitted: its execute came back "not prepared" even after the driver prepared it again,
+# and every later cluster failed to start (reproduced with 1 MiB after 14). A production
+# node has one keyspace and needs none of this.
+prepared_statements_cache_size: 256MiB
 ${CASSANDRA_EXTRA:-}
 YAML
     fi
