@@ -1,10 +1,10 @@
 //! The inbound log on Kafka: gateways produce, dispatchers consume in one consumer group.
 //!
 //! - Producer ([`producer`]): idempotent, `acks=all`, no linger by default (librdkafka sends a
-//!   request per partition, so a linger only gathers a partition's own records), uncompressed by default (`--kafka-compression`). `publish`
-//!   queues the record in call order; a record the broker does not take within the publish timeout
-//!   is reported to the publisher's callback (a circuit breaker then fails fast until the broker is
-//!   back).
+//!   request per partition, so a linger only gathers a partition's own records), uncompressed
+//!   by default (`--kafka-compression`). `publish` queues the record in call order; a record
+//!   the broker does not take within the publish timeout is reported to the publisher's
+//!   callback (a circuit breaker then fails fast until the broker is back).
 //! - Consumer fetches wait up to a few milliseconds (`fetch.wait.max.ms`, 5 by default)
 //!   for data to gather: a broker spends its CPU per request, and without the wait a
 //!   consumer would fetch once per record.
