@@ -33,18 +33,27 @@ struct Kafka;
 impl Backend for Kafka {
     async fn make() -> Log {
         let brokers = server_url("TEST_KAFKA_BROKERS").expect("checked by available()");
-        let mut config = KafkaConfig::new(brokers);
-        // Every test its own topics and consumer group on the shared broker.
-        let tag = Uuid::new_v4().simple().to_string();
-        config.topic_prefix = format!("t{tag}.");
-        config.group = format!("g{tag}");
-        config.partitions = 4;
-        Log::Kafka(KafkaLog::connect(config).await.expect("kafka"))
+        Log::Kafka(
+            KafkaLog::connect(kafka_config(&brokers))
+                .await
+                .expect("kafka"),
+        )
     }
 
     fn available() -> bool {
         server_url("TEST_KAFKA_BROKERS").is_some()
     }
+}
+
+/// A Kafka log's configuration with topics and a consumer group of its own on the shared
+/// broker, and four partitions.
+fn kafka_config(brokers: &str) -> KafkaConfig {
+    let mut config = KafkaConfig::new(brokers);
+    let tag = Uuid::new_v4().simple().to_string();
+    config.topic_prefix = format!("t{tag}.");
+    config.group = format!("g{tag}");
+    config.partitions = 4;
+    config
 }
 
 /// A test server's address from the environment (`infra/test.sh` sets it). Without it the
@@ -237,11 +246,7 @@ async fn the_kafka_producer_keeps_going_far_past_its_queue_bound() {
     let Some(brokers) = server_url("TEST_KAFKA_BROKERS") else {
         return;
     };
-    let mut config = KafkaConfig::new(brokers);
-    let tag = Uuid::new_v4().simple().to_string();
-    config.topic_prefix = format!("t{tag}.");
-    config.group = format!("g{tag}");
-    config.partitions = 4;
+    let mut config = kafka_config(&brokers);
     config.max_queued = 200;
     let log = Log::Kafka(KafkaLog::connect(config).await.expect("kafka"));
     let published = timeout(Duration::from_secs(20), async {
@@ -266,11 +271,7 @@ async fn compressed_records_read_back_whole_and_in_order() {
         return;
     };
     for compression in [KafkaCompression::Lz4, KafkaCompression::Snappy] {
-        let mut config = KafkaConfig::new(brokers.clone());
-        let tag = Uuid::new_v4().simple().to_string();
-        config.topic_prefix = format!("t{tag}.");
-        config.group = format!("g{tag}");
-        config.partitions = 4;
+        let mut config = kafka_config(&brokers);
         config.compression = compression;
         let log = Log::Kafka(KafkaLog::connect(config).await.expect("kafka"));
         let mut sent: HashMap<String, Vec<Envelope>> = HashMap::new();
