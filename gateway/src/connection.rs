@@ -295,6 +295,7 @@ where
                                 Err(_) => break,
                             }
                         }
+                        conn.took_frames();
                         sink.flush().await
                     });
                     let written = tokio::select! {
@@ -434,7 +435,7 @@ async fn replay(conn: Arc<ConnHandle>, app: Arc<App>) {
             return;
         }
         let count = replayed.len() - before;
-        if conn.finish_replay(&mut replayed) {
+        if Box::pin(conn.finish_replay(&mut replayed)).await {
             // The device's pending queues as it found them on connecting.
             metrics::histogram!("gateway_replayed_messages").record(count as f64);
             return;

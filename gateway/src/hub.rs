@@ -5,12 +5,19 @@
 //! presence frames are shed early, before the queue is half full; anything else that does
 //! not fit closes the connection with 1008, and the messages it missed stay pending in the
 //! store and are pushed again on reconnect. Nothing reliable is dropped silently.
+//!
+//! A replay (the pending queue pushed on connect) is the one producer that waits for room
+//! instead: it fills at most a quarter of the queue, so the answers, receipts and live
+//! frames that come while it runs find the rest free. Filled to the brim, a backlog larger
+//! than the socket's buffers closed any client that sent a request meanwhile.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use futures_util::task::AtomicWaker;
 use presence::{NodeDelivery, Payload, Status};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -39,7 +46,12 @@ pub struct ConnHandle {
     /// flume rather than tokio's mpsc: its queue is allocated lazily, so an idle
     /// connection's queue costs a few dozen bytes instead of a block of slots.
     out: flume::Sender<Utf8Bytes>,
-    capacity: usize,
+    /// `u32`, and `room` an `AtomicWaker` rather than a `Notify`: with them the handle's
+    /// allocation is 256 bytes, jemalloc's size class below 320.
+    capacity: u32,
+    /// Woken by the writer each time it takes frames: a waiting replay looks again (a
+    /// connection has one replay at a time).
+    room: AtomicWaker,
     closed: CancellationToken,
     close_code: AtomicU16,
     /// Live messages held during a replay, and what the last replay sent.
@@ -127,12 +139,14 @@ impl ConnHandle {
         capacity: usize,
     ) -> (Arc<Self>, flume::Receiver<Utf8Bytes>) {
         let (out, rx) = flume::bounded(capacity);
+        let capacity = u32::try_from(capacity).unwrap_or(u32::MAX);
         let handle = ConnHandle {
             id,
             user,
             device,
             out,
             capacity,
+            room: AtomicWaker::new(),
             closed: CancellationToken::new(),
             close_code: AtomicU16::new(0),
             replay: Mutex::new(ReplayState {
@@ -158,7 +172,8 @@ impl ConnHandle {
         }
         match class {
             Class::Sheddable => {
-                if self.out.len() * 2 >= self.capacity || self.out.try_send(frame).is_err() {
+                if self.out.len() * 2 >= self.capacity as usize || self.out.try_send(frame).is_err()
+                {
                     metrics::counter!("gateway_frames_shed_total").increment(1);
                 }
                 true
@@ -196,13 +211,43 @@ impl ConnHandle {
         }
     }
 
-    /// Queues a frame, waiting for room (used by the replay, which is this connection's own
-    /// task and may wait). `false` if the connection closed meanwhile.
-    pub async fn send_waiting(&self, frame: Utf8Bytes) -> bool {
+    /// Frames a replay may have queued at once: a quarter of the queue (see the module doc).
+    fn replay_share(&self) -> usize {
+        (self.capacity as usize / 4).max(1)
+    }
+
+    /// The writer took frames from the queue.
+    pub fn took_frames(&self) {
+        self.room.wake();
+    }
+
+    /// Waits until the queue holds fewer than the replay's share of frames (or the
+    /// connection closes: `false`).
+    async fn replay_room(&self) -> bool {
+        if self.out.len() < self.replay_share() {
+            return true;
+        }
+        metrics::counter!("gateway_replay_waits_total").increment(1);
+        let room = std::future::poll_fn(|cx| {
+            // Registered before the check: a frame taken in between wakes this task.
+            self.room.register(cx.waker());
+            if self.out.len() < self.replay_share() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        });
         tokio::select! {
-            sent = self.out.send_async(frame) => sent.is_ok(),
+            _ = room => true,
             _ = self.closed.cancelled() => false,
         }
+    }
+
+    /// Queues a frame of the replay, waiting for room within its share of the queue (the
+    /// replay is this connection's own task and may wait). `false` if the connection
+    /// closed meanwhile.
+    pub async fn send_waiting(&self, frame: Utf8Bytes) -> bool {
+        self.replay_room().await && self.push(frame)
     }
 
     /// Starts another replay of the pending queue on a live connection (a catch-up): live
@@ -230,27 +275,44 @@ impl ConnHandle {
     }
 
     /// Ends the replay: releases held live messages, except those the replay sent (or
-    /// skipped as sent before), and keeps those ids for [`REPLAYED_KEPT`] (see
-    /// [`ReplayState::replayed`]). `false` (and nothing released) when a catch-up was
-    /// asked for meanwhile: the replay reads the queue again first.
-    pub fn finish_replay(&self, replayed: &mut HashSet<Uuid>) -> bool {
-        let mut replay = lock(&self.replay);
-        if self.replay_again.swap(false, Ordering::AcqRel) {
-            return false;
-        }
-        let sent = std::mem::take(replayed);
-        for (id, frame) in replay.held.take().unwrap_or_default() {
-            if !sent.contains(&id) {
-                self.push(frame);
+    /// skipped as sent before), oldest first and within the replay's share of the queue
+    /// (live messages that come meanwhile are held behind them), and keeps those ids for
+    /// [`REPLAYED_KEPT`] (see [`ReplayState::replayed`]). `false` when a catch-up was asked
+    /// for meanwhile: the replay reads the queue again first, and then releases the rest.
+    pub async fn finish_replay(&self, replayed: &mut HashSet<Uuid>) -> bool {
+        loop {
+            if !self.replay_room().await {
+                return true;
+            }
+            let mut replay = lock(&self.replay);
+            if self.replay_again.swap(false, Ordering::AcqRel) {
+                return false;
+            }
+            let mut room = self.replay_share().saturating_sub(self.out.len());
+            let held = replay.held.get_or_insert_with(Vec::new);
+            let mut released = 0;
+            while room > 0 && released < held.len() {
+                let (id, frame) = &held[released];
+                released += 1;
+                if !replayed.contains(id) {
+                    self.push(frame.clone());
+                    room -= 1;
+                }
+            }
+            held.drain(..released);
+            if held.is_empty() {
+                // Under the same lock: a live message from now on is pushed, not held.
+                replay.held = None;
+                let sent = std::mem::take(replayed);
+                replay.replayed = (!sent.is_empty()).then(|| {
+                    Box::new(Replayed {
+                        ids: newest(sent, REPLAYED_KEPT_IDS),
+                        until: Instant::now() + REPLAYED_KEPT,
+                    })
+                });
+                return true;
             }
         }
-        replay.replayed = (!sent.is_empty()).then(|| {
-            Box::new(Replayed {
-                ids: newest(sent, REPLAYED_KEPT_IDS),
-                until: Instant::now() + REPLAYED_KEPT,
-            })
-        });
-        true
     }
 
     /// Forgets what the last replay sent once its time is up (a connection that gets no
@@ -698,15 +760,15 @@ mod tests {
         Utf8Bytes::from(id.to_string())
     }
 
-    #[test]
-    fn a_live_copy_of_a_replayed_message_is_dropped_during_and_after_the_replay() {
+    #[tokio::test]
+    async fn a_live_copy_of_a_replayed_message_is_dropped_during_and_after_the_replay() {
         let (conn, rx) = ConnHandle::new(1, "u".into(), "d".into(), 16);
         let (early, late, fresh) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
         // A connection starts replaying: live messages wait.
         assert!(conn.deliver(frame(early), Class::Message(early)));
         assert!(rx.is_empty());
         let mut replayed: HashSet<Uuid> = [early, late].into();
-        assert!(conn.finish_replay(&mut replayed));
+        assert!(conn.finish_replay(&mut replayed).await);
         assert!(
             rx.is_empty(),
             "the held copy of a replayed message is dropped"
@@ -718,22 +780,63 @@ mod tests {
         assert_eq!(got, vec![fresh.to_string()]);
     }
 
-    #[test]
-    fn a_catch_up_starts_from_what_the_replay_before_it_sent() {
+    #[tokio::test]
+    async fn a_catch_up_starts_from_what_the_replay_before_it_sent() {
         let (conn, rx) = ConnHandle::new(1, "u".into(), "d".into(), 16);
         let (first, second) = (Uuid::from_u128(1), Uuid::from_u128(2));
-        assert!(conn.finish_replay(&mut [first].into()));
+        assert!(conn.finish_replay(&mut [first].into()).await);
         assert!(conn.begin_replay());
         let mut replayed = conn.recently_replayed();
         assert_eq!(replayed, [first].into());
         replayed.insert(second);
         assert!(conn.deliver(frame(first), Class::Message(first)));
-        assert!(conn.finish_replay(&mut replayed));
+        assert!(conn.finish_replay(&mut replayed).await);
         assert!(conn.deliver(frame(second), Class::Message(second)));
         assert!(
             rx.is_empty(),
             "copies of both replays' messages are dropped"
         );
+    }
+
+    #[tokio::test]
+    async fn held_messages_are_released_in_order_within_the_replay_share() {
+        let (conn, rx) = ConnHandle::new(1, "u".into(), "d".into(), 8);
+        let share = conn.replay_share();
+        let held: Vec<Uuid> = (1..=6).map(Uuid::from_u128).collect();
+        for id in &held {
+            assert!(conn.deliver(frame(*id), Class::Message(*id)));
+        }
+        let finish = tokio::spawn({
+            let conn = conn.clone();
+            async move { conn.finish_replay(&mut HashSet::new()).await }
+        });
+        let late = Uuid::from_u128(7);
+        let mut got = Vec::new();
+        while got.len() < held.len() + 1 {
+            let next = rx.recv_async().await.expect("a frame");
+            assert!(
+                rx.len() < share,
+                "{} queued, the share is {share}",
+                rx.len() + 1
+            );
+            got.push(next.to_string());
+            conn.took_frames();
+            if got.len() == 2 {
+                // Comes while the held ones are being released: behind them.
+                assert!(conn.deliver(frame(late), Class::Message(late)));
+            }
+        }
+        assert!(finish.await.expect("finish"));
+        let expected: Vec<String> = held
+            .iter()
+            .chain([&late])
+            .map(|id| id.to_string())
+            .collect();
+        assert_eq!(got, expected);
+        // Released: a live message goes straight to the queue.
+        let fresh = Uuid::from_u128(8);
+        assert!(conn.deliver(frame(fresh), Class::Message(fresh)));
+        assert_eq!(rx.try_recv().map(|f| f.to_string()), Ok(fresh.to_string()));
     }
 
     #[test]
@@ -753,11 +856,11 @@ mod tests {
         assert!(state.replayed.is_none(), "forgotten");
     }
 
-    #[test]
-    fn a_connection_keeps_only_the_newest_ids_of_a_long_replay() {
+    #[tokio::test]
+    async fn a_connection_keeps_only_the_newest_ids_of_a_long_replay() {
         let (conn, _rx) = ConnHandle::new(1, "u".into(), "d".into(), 16);
         let mut replayed: HashSet<Uuid> = (0..1000u128).map(Uuid::from_u128).collect();
-        assert!(conn.finish_replay(&mut replayed));
+        assert!(conn.finish_replay(&mut replayed).await);
         let kept = conn.recently_replayed();
         let expected: HashSet<Uuid> = (1000 - REPLAYED_KEPT_IDS as u128..1000)
             .map(Uuid::from_u128)

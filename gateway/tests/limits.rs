@@ -570,3 +570,65 @@ async fn a_draining_node_of_a_cluster_hands_its_clients_to_the_other() {
         );
     }
 }
+
+/// A replay fills the outbound queue only halfway: a client that sends requests while a
+/// backlog larger than its socket buffers is being pushed gets its answers, and is not
+/// closed as too slow.
+#[tokio::test]
+async fn a_client_that_talks_during_a_long_replay_is_answered_not_closed() {
+    let gw = start(|c| {
+        c.outbound_queue = 8;
+        c.rate_per_sec = 10_000;
+        c.rate_burst = 10_000;
+    })
+    .await;
+    let mut alice = gw.connect("alice").await;
+    // Pending for bob: far more than socket buffers hold.
+    let body = "z".repeat(60 * 1024);
+    let mut ids = BTreeSet::new();
+    for i in 0..200 {
+        let sent = alice.send_message("bob", &body, &format!("c-{i}")).await;
+        ids.insert(sent["message_id"].as_str().unwrap_or("").to_owned());
+    }
+    // In a cluster the second connection goes to the second gateway: bob, the third, is on
+    // the first, whose metrics the test reads.
+    let _carol = gw.connect("carol").await;
+    let waits = gw.metric("gateway_replay_waits_total").await;
+    let mut bob = gw.connect("bob").await;
+    // Bob reads nothing until the replay has to wait for room in his queue (his socket
+    // buffers are full): then every answer goes into a queue the replay keeps busy.
+    assert!(
+        gw.metric_reaches("gateway_replay_waits_total", waits + 1.0)
+            .await
+            > waits,
+        "the replay never waited for bob"
+    );
+    let pings = ["p0", "p1", "p2"];
+    for p in pings {
+        bob.send(json!({"type":"ping","ref":p})).await;
+    }
+    let (mut got, mut pongs) = (BTreeSet::new(), Vec::new());
+    while got.len() < ids.len() || pongs.len() < pings.len() {
+        match bob.try_recv(common::WAIT).await {
+            Ok(Some(m)) if m["type"] == "message" => {
+                got.insert(m["message_id"].as_str().unwrap_or("").to_owned());
+                bob.send(json!({"type":"ack","message_ids":[m["message_id"]]}))
+                    .await;
+            }
+            Ok(Some(m)) if m["type"] == "pong" => pongs.push(m["ref"].clone()),
+            Ok(Some(frame)) => assert!(common::is_incidental(&frame), "bob: got {frame}"),
+            Ok(None) => panic!("bob: no frame within {:?}", common::WAIT),
+            Err(ended) => panic!(
+                "bob: {ended:?} after {} of {} messages, pongs {pongs:?}",
+                got.len(),
+                ids.len()
+            ),
+        }
+    }
+    assert_eq!(got, ids, "every pending message came");
+    assert_eq!(
+        pongs,
+        pings.map(Value::from),
+        "every ping answered, in order"
+    );
+}
