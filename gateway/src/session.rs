@@ -408,8 +408,13 @@ impl Session {
                 // Watch first, then read: a change in between is sent twice, never missed.
                 self.conn.watch(&users);
                 self.app.hub.add_watches(&self.conn, &users);
+                // Up to 500 frames, more than the queue may hold: sent as the client takes
+                // them (a connection closed meanwhile needs none).
                 for status in self.call(self.app.presence.status(&users)).await? {
-                    self.reply(ServerFrame::presence(&status));
+                    let frame = Utf8Bytes::from(ServerFrame::presence(&status).to_json());
+                    if !self.conn.send_waiting(frame).await {
+                        break;
+                    }
                 }
                 Ok(())
             }

@@ -224,6 +224,30 @@ async fn presence_is_sent_now_and_on_every_change() {
     assert_eq!(alice.error().await["code"], "bad_request");
 }
 
+/// The largest subscription the protocol allows is answered in full: 500 presence frames
+/// at once are more than the outbound queue holds (256), and none may be dropped or close
+/// the connection.
+#[tokio::test]
+async fn a_subscription_to_500_users_is_answered_for_each() {
+    let gw = start(|_| {}).await;
+    let mut alice = gw.connect("alice").await;
+    let users: Vec<String> = (0..500).map(|i| format!("u{i}")).collect();
+    alice
+        .send(json!({"type":"subscribe_presence","users":users}))
+        .await;
+    let mut answered = std::collections::BTreeSet::new();
+    while answered.len() < users.len() {
+        let frame = alice.recv().await;
+        assert_eq!(frame["type"], "presence", "{frame}");
+        assert_eq!(frame["status"], "offline", "{frame}");
+        answered.insert(frame["user"].as_str().unwrap_or_default().to_owned());
+    }
+    assert_eq!(answered, users.into_iter().collect());
+    // Still connected: a ping is answered.
+    alice.send(json!({"type":"ping","ref":"after"})).await;
+    assert_eq!(alice.recv_type("pong").await["ref"], "after");
+}
+
 #[tokio::test]
 async fn groups_are_created_changed_and_fan_out() {
     let gw = start(|_| {}).await;

@@ -593,12 +593,12 @@ async fn a_client_that_talks_during_a_long_replay_is_answered_not_closed() {
     // In a cluster the second connection goes to the second gateway: bob, the third, is on
     // the first, whose metrics the test reads.
     let _carol = gw.connect("carol").await;
-    let waits = gw.metric("gateway_replay_waits_total").await;
+    let waits = gw.metric("gateway_queue_waits_total").await;
     let mut bob = gw.connect("bob").await;
     // Bob reads nothing until the replay has to wait for room in his queue (his socket
     // buffers are full): then every answer goes into a queue the replay keeps busy.
     assert!(
-        gw.metric_reaches("gateway_replay_waits_total", waits + 1.0)
+        gw.metric_reaches("gateway_queue_waits_total", waits + 1.0)
             .await
             > waits,
         "the replay never waited for bob"
