@@ -51,12 +51,14 @@ S3_SECRET_KEY=chat-test-secret-key
 log() { echo "servers: $*" >&2; }
 
 fetch_maven() { # <pom dir> <libs dir>
-    local pom="$ROOT/infra/servers/$1/pom.xml" libs="$2"
-    if [ -f "$libs/.complete" ]; then return; fi
+    local pom="$ROOT/infra/servers/$1/pom.xml" libs="$2" sum
+    # The marker holds the pom's checksum: a changed pom fetches again.
+    sum="$(sha256sum "$pom" | cut -c1-64)"
+    if [ "$(cat "$libs/.complete" 2>/dev/null)" = "$sum" ]; then return; fi
     log "fetching $1 jars from Maven Central into $libs"
     rm -rf "$libs"
     mvn -q -B -f "$pom" dependency:copy-dependencies -DoutputDirectory="$libs" >&2
-    touch "$libs/.complete"
+    echo "$sum" > "$libs/.complete"
 }
 
 fetch() {
@@ -158,7 +160,7 @@ PROPS
             "${format[@]}" -c "$dir/server.properties" >&2
     fi
     exec java -Xms256m -Xmx512m -XX:+UseG1GC -Djava.awt.headless=true \
-        -Dlog4j.configuration=file:/dev/null \
+        -Dlog4j2.configurationFile="$ROOT/infra/servers/kafka/log4j2.properties" \
         -cp "$KAFKA_LIBS/*" kafka.Kafka "$dir/server.properties"
 }
 
