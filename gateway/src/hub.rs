@@ -6,6 +6,11 @@
 //! not fit closes the connection with 1008, and the messages it missed stay pending in the
 //! store and are pushed again on reconnect. Nothing reliable is dropped silently.
 //!
+//! Receipts and group notices, which the store keeps until a device of the user confirms
+//! them, come in bursts (a recipient that acks a backlog makes a receipt per message at
+//! once). One that finds the queue half full is left to a catch-up ([`Hub::dispatch`]
+//! returns the connection), which sends what is kept at the pace the client reads.
+//!
 //! What queues many frames at once waits for room instead: a replay (the pending queue
 //! pushed on connect) and the statuses that answer a presence subscription (up to 500).
 //! They fill at most a quarter of the queue, so the answers, receipts and live frames that
@@ -47,6 +52,8 @@ pub struct ConnHandle {
     /// flume rather than tokio's mpsc: its queue is allocated lazily, so an idle
     /// connection's queue costs a few dozen bytes instead of a block of slots.
     out: flume::Sender<Utf8Bytes>,
+    /// `u32`: with a `usize` the handle's allocation would be 232 bytes, in jemalloc's
+    /// 256-byte class (see `watching`).
     capacity: u32,
     /// Signalled by the writer each time it takes frames: what waits for room (see
     /// [`ConnHandle::send_waiting`]) looks again.
@@ -216,8 +223,8 @@ impl ConnHandle {
         }
     }
 
-    /// Frames that what queues many at once may have queued: a quarter of the queue (see
-    /// the module doc).
+    /// The most frames a producer that waits for room leaves queued: a quarter of the
+    /// queue (see the module doc).
     fn waiting_share(&self) -> usize {
         (self.capacity as usize / 4).max(1)
     }
@@ -248,6 +255,18 @@ impl ConnHandle {
                 _ = self.closed.cancelled() => return false,
             }
         }
+    }
+
+    /// Queues a receipt or group notice (kept in the store until a device of the user
+    /// confirms it; see the module doc). `false` when the queue is half full: the frame is
+    /// dropped, and the caller starts a catch-up, which sends it again from the store.
+    pub fn deliver_kept(&self, frame: Utf8Bytes) -> bool {
+        if self.out.len() * 2 >= self.capacity as usize {
+            metrics::counter!("gateway_kept_deferred_total").increment(1);
+            return false;
+        }
+        self.deliver(frame, Class::Reliable);
+        true
     }
 
     /// Queues a frame once the queue holds fewer than a quarter of its capacity, waiting
@@ -286,7 +305,8 @@ impl ConnHandle {
     /// skipped as sent before), oldest first and within the replay's share of the queue
     /// (live messages that come meanwhile are held behind them), and keeps those ids for
     /// [`REPLAYED_KEPT`] (see [`ReplayState::replayed`]). `false` when a catch-up was asked
-    /// for meanwhile: the replay reads the queue again first, and then releases the rest.
+    /// for meanwhile: the replay reads the queue again first, and then releases the rest;
+    /// `true` when done, or once the connection closed (nothing is left to do).
     pub async fn finish_replay(&self, replayed: &mut HashSet<Uuid>) -> bool {
         loop {
             if !self.room().await {
@@ -591,8 +611,9 @@ impl Hub {
 
     /// Hands a delivery from the node channel to the local connections it names. (A
     /// receipt or group notice that reaches none is not lost: it is kept in the store until
-    /// confirmed.)
-    pub fn dispatch(&self, node: &str, delivery: NodeDelivery) {
+    /// confirmed.) Adds to `behind` the connections a receipt or group notice did not fit
+    /// (see [`ConnHandle::deliver_kept`]): each wants a catch-up.
+    pub fn dispatch(&self, node: &str, delivery: NodeDelivery, behind: &mut Vec<Arc<ConnHandle>>) {
         // Answers go to the one connection that sent the message.
         // An end-to-end encrypted message is framed per device (each sees its own
         // ciphertext); anything else is serialized once, shared by every device it goes to.
@@ -656,6 +677,10 @@ impl Hub {
             Some(_) => Utf8Bytes::default(),
             None => Utf8Bytes::from(frame.to_json()),
         };
+        let kept = matches!(
+            delivery.payload,
+            Payload::Receipt { .. } | Payload::Group { .. }
+        );
         let except = delivery
             .except
             .as_ref()
@@ -687,7 +712,11 @@ impl Hub {
                     }
                     None => frame.clone(),
                 };
-                conn.deliver(frame, class);
+                if !kept {
+                    conn.deliver(frame, class);
+                } else if !conn.deliver_kept(frame) && !behind.iter().any(|b| b.id == conn.id) {
+                    behind.push(conn.clone());
+                }
             }
         }
     }

@@ -231,8 +231,12 @@ async fn run(
                     _ = stop.cancelled() => return,
                     batch = deliveries.recv() => match batch {
                         Some(batch) => {
+                            let mut behind = Vec::new();
                             for delivery in batch {
-                                app.hub.dispatch(&app.node, delivery);
+                                app.hub.dispatch(&app.node, delivery, &mut behind);
+                            }
+                            for conn in behind {
+                                tokio::spawn(connection::catch_up(conn, app.clone()));
                             }
                         }
                         None => return,
