@@ -10,6 +10,12 @@ use futures_util::SinkExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
+/// A send budget no test here reaches: for tests that send hundreds of messages quickly.
+fn unthrottled(c: &mut gateway::Config) {
+    c.rate_per_sec = 10_000;
+    c.rate_burst = 10_000;
+}
+
 #[tokio::test]
 async fn a_frame_over_the_limit_closes_with_1009() {
     let gw = start(|_| {}).await;
@@ -349,8 +355,7 @@ async fn a_users_send_budget_is_shared_by_all_their_devices_on_every_gateway() {
 async fn a_client_that_cannot_keep_up_is_closed_with_1008_and_gets_everything_on_reconnect() {
     let gw = start(|c| {
         c.outbound_queue = 8;
-        c.rate_per_sec = 10_000;
-        c.rate_burst = 10_000;
+        unthrottled(c);
     })
     .await;
     let mut alice = gw.connect("alice").await;
@@ -476,11 +481,7 @@ async fn a_draining_gateway_closes_with_1012_and_nothing_is_lost() {
 #[tokio::test]
 async fn a_draining_gateway_answers_the_sends_it_read_before_closing() {
     const SENDS: usize = 100;
-    let mut gw = start(|c| {
-        c.rate_per_sec = 10_000;
-        c.rate_burst = 10_000;
-    })
-    .await;
+    let mut gw = start(unthrottled).await;
     let mut alice = gw.connect("alice").await;
     for i in 0..SENDS {
         alice
@@ -578,8 +579,7 @@ async fn a_draining_node_of_a_cluster_hands_its_clients_to_the_other() {
 async fn a_client_that_talks_during_a_long_replay_is_answered_not_closed() {
     let gw = start(|c| {
         c.outbound_queue = 8;
-        c.rate_per_sec = 10_000;
-        c.rate_burst = 10_000;
+        unthrottled(c);
     })
     .await;
     let mut alice = gw.connect("alice").await;
@@ -639,11 +639,7 @@ async fn a_client_that_talks_during_a_long_replay_is_answered_not_closed() {
 #[tokio::test]
 async fn a_burst_of_receipts_larger_than_the_queue_reaches_a_sender_that_reads() {
     const BACKLOG: usize = 1_000;
-    let gw = start(|c| {
-        c.rate_per_sec = 10_000;
-        c.rate_burst = 10_000;
-    })
-    .await;
+    let gw = start(unthrottled).await;
     let mut alice = gw.connect("alice").await;
     let mut ids = BTreeSet::new();
     for i in 0..BACKLOG {
