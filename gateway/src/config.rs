@@ -97,7 +97,8 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
 
-    /// Frames queued for one connection before it counts as too slow (closed with 1008).
+    /// Frames queued for one connection. From half full, messages and receipts wait for a
+    /// catch-up from the store; an answer that does not fit closes it with 1008 (too slow).
     #[arg(long, env = "GATEWAY_OUTBOUND_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(u64).range(4..))]
     pub outbound_queue: u64,
 

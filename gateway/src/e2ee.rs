@@ -257,10 +257,12 @@ pub async fn to_devices(session: &Session, messages: Vec<ToDeviceSend>) -> Resul
         ));
     }
     let conn = &session.conn;
-    let id = Uuid::now_v7();
+    // An id per message, in the frame's order (ids of one process grow): several for one
+    // device are kept side by side and arrive in that order.
     let kept: Vec<(String, Uuid, Notice)> = messages
         .into_iter()
         .map(|m| {
+            let id = Uuid::now_v7();
             let notice = Notice::ToDevice(ToDevice {
                 from: conn.user.clone(),
                 from_device: conn.device.clone(),

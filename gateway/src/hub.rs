@@ -1,15 +1,21 @@
 //! The node's connections: who is connected here, and how a frame reaches them.
 //!
 //! Every connection has a bounded outbound queue drained by its writer task. What happens
-//! when that queue is full depends on what is being delivered ([`Class`]): typing and
-//! presence frames are shed early, before the queue is half full; anything else that does
-//! not fit closes the connection with 1008, and the messages it missed stay pending in the
-//! store and are pushed again on reconnect. Nothing reliable is dropped silently.
+//! when that queue fills depends on what is being delivered ([`Class`]): typing and
+//! presence frames are shed once it is half full; an answer that does not fit closes the
+//! connection with 1008, and the messages it missed stay pending in the store and are
+//! pushed again on reconnect. Nothing reliable is dropped silently.
 //!
-//! Receipts and group notices, which the store keeps until a device of the user confirms
-//! them, come in bursts (a recipient that acks a backlog makes a receipt per message at
-//! once). One that finds the queue half full is left to a catch-up ([`Hub::dispatch`]
-//! returns the connection), which sends what is kept at the pace the client reads.
+//! Messages, receipts and group notices are in the store until a device takes them, and
+//! come in bursts (a recipient that acks a backlog makes a receipt per message at once; a
+//! `to_device` frame may carry 2,048 messages for one device). One that finds the queue
+//! half full is left to a catch-up ([`Hub::dispatch`] returns the connection), which sends
+//! what is pending and kept at the pace the client reads, the other half left free for the
+//! answers to the client's own requests. A receipt is dropped (the catch-up sends it from
+//! the store); a message is held like the live messages of a replay, so that nothing
+//! overtakes it, and released after it unless the catch-up sent it. The held messages are
+//! bounded ([`MAX_HELD`], [`MAX_HELD_BYTES`]): a client that does not read at all is closed
+//! with 1008 once they are full.
 //!
 //! What queues many frames at once waits for room instead: a replay (the pending queue
 //! pushed on connect) and the statuses that answer a presence subscription (up to 500).
@@ -39,9 +45,21 @@ pub enum Class {
     Sheddable,
     /// Answers and receipts: if they do not fit, the connection is closed with 1008.
     Reliable,
-    /// A message: like `Reliable`, and held back while the pending queue is replayed so
-    /// that live messages never overtake older pending ones.
+    /// A message (or a to-device notice): held back while the pending queue is replayed so
+    /// that live messages never overtake older pending ones; when the queue is half full,
+    /// held, and the connection wants a catch-up ([`ConnHandle::deliver_message`]).
     Message(Uuid),
+}
+
+/// What became of a live message ([`ConnHandle::deliver_message`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivered {
+    /// Queued, or held while a replay runs (or dropped as a copy of one it sent).
+    Queued,
+    /// Held because the queue was half full: the connection wants a catch-up.
+    Behind,
+    /// The connection is closing (closed now if the held messages were full).
+    Closed,
 }
 
 /// The shared half of one connection: what the hub and the router need to reach it.
@@ -87,6 +105,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Most live messages held back during a replay before the connection counts as too slow.
 const MAX_HELD: usize = 4096;
 
+/// Most bytes of live messages held back during a replay before the connection counts as
+/// too slow: a client that reads nothing must not make the node hold every message sent to
+/// it.
+const MAX_HELD_BYTES: usize = 4 << 20;
+
 /// How long live copies of what a replay sent are dropped after it ends.
 ///
 /// A message stored for a device that was not connected yet reaches it twice when the
@@ -107,6 +130,12 @@ const REPLAYED_KEPT_IDS: usize = 64;
 struct ReplayState {
     /// `Some` while pending messages are being replayed: live messages wait here.
     held: Option<Vec<(Uuid, Utf8Bytes)>>,
+    /// The bytes of the frames in `held` (at most [`MAX_HELD_BYTES`]; `u32` keeps the
+    /// connection handle in jemalloc's 224-byte class).
+    held_bytes: u32,
+    /// A live message found the queue half full and started holding: the next
+    /// [`ConnHandle::begin_replay`] runs the catch-up for it.
+    owed: bool,
     /// What the last replay sent, kept a while after it ended (see [`REPLAYED_KEPT`]).
     /// Boxed: most connections replay nothing and keep nothing.
     replayed: Option<Box<Replayed>>,
@@ -163,6 +192,8 @@ impl ConnHandle {
             close_code: AtomicU16::new(0),
             replay: Mutex::new(ReplayState {
                 held: Some(Vec::new()),
+                held_bytes: 0,
+                owed: false,
                 replayed: None,
             }),
             replay_again: AtomicBool::new(false),
@@ -191,22 +222,48 @@ impl ConnHandle {
                 true
             }
             Class::Reliable => self.push(frame),
-            Class::Message(id) => {
-                let mut replay = lock(&self.replay);
-                if let Some(held) = replay.held.as_mut() {
-                    if held.len() >= MAX_HELD {
-                        self.close(CloseCode::Policy);
-                        return false;
-                    }
-                    held.push((id, frame));
-                    return true;
-                }
-                if replay.sent_by_replay(id, Instant::now()) {
-                    metrics::counter!("gateway_replayed_repeats_dropped_total").increment(1);
-                    return true;
-                }
-                self.push(frame)
+            Class::Message(id) => self.deliver_message(id, frame) != Delivered::Closed,
+        }
+    }
+
+    /// Queues a live message (see the module doc): held while a replay runs; held too when
+    /// the queue is half full, and then [`Delivered::Behind`]: the caller starts a catch-up
+    /// ([`ConnHandle::begin_replay`] runs it), after which the held messages are released.
+    pub fn deliver_message(&self, id: Uuid, frame: Utf8Bytes) -> Delivered {
+        if self.closed.is_cancelled() && self.close_code() != Some(CloseCode::Restart) {
+            return Delivered::Closed;
+        }
+        let mut replay = lock(&self.replay);
+        // Not held yet: queued while the queue is less than half full.
+        let behind = replay.held.is_none();
+        if behind {
+            if replay.sent_by_replay(id, Instant::now()) {
+                metrics::counter!("gateway_replayed_repeats_dropped_total").increment(1);
+                return Delivered::Queued;
             }
+            if self.out.len() * 2 < self.capacity as usize {
+                return match self.push(frame) {
+                    true => Delivered::Queued,
+                    false => Delivered::Closed,
+                };
+            }
+            metrics::counter!("gateway_messages_deferred_total").increment(1);
+            replay.held = Some(Vec::new());
+            replay.owed = true;
+        }
+        let bytes = replay.held_bytes as usize + frame.len();
+        let held = replay.held.get_or_insert_with(Vec::new);
+        if held.len() >= MAX_HELD || bytes > MAX_HELD_BYTES {
+            metrics::counter!("gateway_slow_consumer_disconnects_total").increment(1);
+            tracing::info!(user = %self.user, conn = self.id, held = held.len(), "too many live messages held, closing with 1008");
+            self.close(CloseCode::Policy);
+            return Delivered::Closed;
+        }
+        held.push((id, frame));
+        replay.held_bytes = bytes as u32;
+        match behind {
+            true => Delivered::Behind,
+            false => Delivered::Queued,
         }
     }
 
@@ -283,6 +340,10 @@ impl ConnHandle {
     pub fn begin_replay(&self) -> bool {
         let mut replay = lock(&self.replay);
         if replay.held.is_some() {
+            if std::mem::take(&mut replay.owed) {
+                // Held since a message found the queue half full: this is its catch-up.
+                return true;
+            }
             self.replay_again.store(true, Ordering::Release);
             return false;
         }
@@ -327,10 +388,12 @@ impl ConnHandle {
                     room -= 1;
                 }
             }
-            held.drain(..released);
-            if held.is_empty() {
+            let freed: usize = held.drain(..released).map(|(_, frame)| frame.len()).sum();
+            replay.held_bytes -= freed as u32;
+            if replay.held.as_ref().is_some_and(Vec::is_empty) {
                 // Under the same lock: a live message from now on is pushed, not held.
                 replay.held = None;
+                replay.held_bytes = 0;
                 let sent = std::mem::take(replayed);
                 replay.replayed = (!sent.is_empty()).then(|| {
                     Box::new(Replayed {
@@ -611,8 +674,9 @@ impl Hub {
 
     /// Hands a delivery from the node channel to the local connections it names. (A
     /// receipt or group notice that reaches none is not lost: it is kept in the store until
-    /// confirmed.) Adds to `behind` the connections a receipt or group notice did not fit
-    /// (see [`ConnHandle::deliver_kept`]): each wants a catch-up.
+    /// confirmed.) Adds to `behind` the connections a message, receipt or group notice found
+    /// behind (see [`ConnHandle::deliver_message`], [`ConnHandle::deliver_kept`]): each
+    /// wants a catch-up.
     pub fn dispatch(&self, node: &str, delivery: NodeDelivery, behind: &mut Vec<Arc<ConnHandle>>) {
         // Answers go to the one connection that sent the message.
         // An end-to-end encrypted message is framed per device (each sees its own
@@ -712,9 +776,15 @@ impl Hub {
                     }
                     None => frame.clone(),
                 };
-                if !kept {
-                    conn.deliver(frame, class);
-                } else if !conn.deliver_kept(frame) && !behind.iter().any(|b| b.id == conn.id) {
+                let wants_catch_up = match class {
+                    _ if kept => !conn.deliver_kept(frame),
+                    Class::Message(id) => conn.deliver_message(id, frame) == Delivered::Behind,
+                    _ => {
+                        conn.deliver(frame, class);
+                        false
+                    }
+                };
+                if wants_catch_up && !behind.iter().any(|b| b.id == conn.id) {
                     behind.push(conn.clone());
                 }
             }
@@ -877,12 +947,84 @@ mod tests {
         assert_eq!(rx.try_recv().map(|f| f.to_string()), Ok(fresh.to_string()));
     }
 
+    #[tokio::test]
+    async fn a_message_that_finds_the_queue_half_full_is_held_for_a_catch_up() {
+        let (conn, rx) = ConnHandle::new(1, "u".into(), "d".into(), 8);
+        assert!(conn.finish_replay(&mut HashSet::new()).await);
+        let ids: Vec<Uuid> = (1..=7).map(Uuid::from_u128).collect();
+        for id in &ids[..4] {
+            assert_eq!(conn.deliver_message(*id, frame(*id)), Delivered::Queued);
+        }
+        // Half full: held, and the connection wants a catch-up (once).
+        assert_eq!(
+            conn.deliver_message(ids[4], frame(ids[4])),
+            Delivered::Behind
+        );
+        assert_eq!(
+            conn.deliver_message(ids[5], frame(ids[5])),
+            Delivered::Queued
+        );
+        assert_eq!(rx.len(), 4);
+        assert!(conn.begin_replay(), "the catch-up it asked for runs");
+        assert!(
+            !conn.begin_replay(),
+            "another one reads the queue again instead"
+        );
+        // The catch-up sent the first held one (it is pending in the store).
+        let mut replayed: HashSet<Uuid> = [ids[4]].into();
+        let finish = tokio::spawn({
+            let conn = conn.clone();
+            async move {
+                // Asked for meanwhile: read the queue again, then done.
+                assert!(!conn.finish_replay(&mut replayed).await);
+                conn.finish_replay(&mut replayed).await
+            }
+        });
+        let mut got = Vec::new();
+        while got.len() < 5 {
+            got.push(rx.recv_async().await.expect("a frame").to_string());
+            conn.took_frames();
+        }
+        assert!(finish.await.expect("finish"));
+        let expected: Vec<String> = [0, 1, 2, 3, 5]
+            .iter()
+            .map(|&i| ids[i].to_string())
+            .collect();
+        assert_eq!(got, expected);
+        assert_eq!(
+            conn.deliver_message(ids[6], frame(ids[6])),
+            Delivered::Queued
+        );
+        assert_eq!(rx.try_recv().map(|f| f.to_string()), Ok(ids[6].to_string()));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_reads_nothing_is_closed_once_the_held_messages_are_full() {
+        let (conn, _rx) = ConnHandle::new(1, "u".into(), "d".into(), 8);
+        let big = Utf8Bytes::from("x".repeat(64 << 10));
+        let mut held = 0;
+        for n in 0.. {
+            match conn.deliver_message(Uuid::from_u128(n), big.clone()) {
+                Delivered::Queued | Delivered::Behind => held += big.len(),
+                Delivered::Closed => break,
+            }
+        }
+        assert!(held <= MAX_HELD_BYTES, "{held} bytes held");
+        assert!(
+            held + big.len() > MAX_HELD_BYTES,
+            "closed early, at {held} bytes"
+        );
+        assert_eq!(conn.close_code(), Some(CloseCode::Policy));
+    }
+
     #[test]
     fn what_a_replay_sent_is_forgotten_once_its_time_is_up() {
         let now = Instant::now();
         let (sent, other) = (Uuid::from_u128(1), Uuid::from_u128(2));
         let mut state = ReplayState {
             held: None,
+            held_bytes: 0,
+            owed: false,
             replayed: Some(Box::new(Replayed {
                 ids: [sent].into(),
                 until: now + REPLAYED_KEPT,

@@ -676,3 +676,60 @@ async fn a_burst_of_receipts_larger_than_the_queue_reaches_a_sender_that_reads()
     );
     assert!(gw.metric("gateway_catch_ups_total").await > 0.0);
 }
+
+/// One `to_device` frame may carry 2,048 messages, all for one device: far more than its
+/// queue holds, and all routed to it at once. They reach a device that reads, in the
+/// frame's order, and are all kept for it (each under an id of its own).
+#[tokio::test]
+async fn a_burst_of_to_device_messages_larger_than_the_queue_reaches_a_device_that_reads() {
+    const BURST: usize = 2_048;
+    const BASE64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    // Four base64 characters (three bytes) that say which message this is.
+    let ciphertext = |i: usize| {
+        let digit = |d: usize| char::from(BASE64[d % 64]);
+        format!("{}{}AA", digit(i / 64), digit(i))
+    };
+    let gw = start(unthrottled).await;
+    // First: on the gateway whose metrics these are.
+    let mut bob = gw.connect_device("bob", "phone").await;
+    let key = "A".repeat(43);
+    bob.send(json!({"type":"keys_upload","ref":"k","identity_key":key,"signing_key":key}))
+        .await;
+    bob.recv_type("keys").await;
+    let mut alice = gw.connect("alice").await;
+    let messages: Vec<Value> = (0..BURST)
+        .map(|i| json!({"user":"bob","device":"phone","type":0,"ciphertext":ciphertext(i)}))
+        .collect();
+    alice
+        .send(json!({"type":"to_device","ref":"t","messages":messages}))
+        .await;
+    alice.recv_type("to_device_sent").await;
+    let expected: Vec<String> = (0..BURST).map(ciphertext).collect();
+    // Live, then again on a connect (none was confirmed): each once, in order (repeats of
+    // an id are allowed and dropped, as a client does).
+    for round in ["live", "on reconnect"] {
+        let (mut ids, mut got) = (BTreeSet::new(), Vec::new());
+        while got.len() < BURST {
+            match bob.try_recv(common::WAIT).await {
+                Ok(Some(m)) if m["type"] == "to_device" => {
+                    if ids.insert(m["notice_id"].as_str().unwrap_or("").to_owned()) {
+                        got.push(m["e2ee"]["ciphertext"].as_str().unwrap_or("").to_owned());
+                    }
+                }
+                Ok(Some(frame)) => assert!(common::is_incidental(&frame), "bob: got {frame}"),
+                Ok(None) => panic!("bob {round}: no frame after {} of {BURST}", got.len()),
+                Err(ended) => panic!("bob {round}: {ended:?} after {} of {BURST}", got.len()),
+            }
+        }
+        assert!(got == expected, "bob {round}: out of order");
+        if round == "live" {
+            assert!(
+                gw.metric("gateway_messages_deferred_total").await > 0.0,
+                "the burst fitted in bob's queue: this test shows nothing"
+            );
+            assert!(gw.metric("gateway_catch_ups_total").await > 0.0);
+            bob.close().await;
+            bob = gw.connect_device("bob", "phone").await;
+        }
+    }
+}
