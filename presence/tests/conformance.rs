@@ -320,3 +320,52 @@ conformance!(
     heartbeats_keep_devices_alive,
     a_send_budget_allows_a_burst_then_refills,
 );
+
+/// Redis only: the scripts run by their SHA-1 (`EVALSHA`), so a server whose script cache
+/// was emptied (a restart, `SCRIPT FLUSH`) must be given them again.
+#[tokio::test]
+async fn redis_scripts_run_again_after_the_script_cache_is_flushed() {
+    use fred::interfaces::{ClientLike, LuaInterface};
+    if !Redis::available() {
+        return;
+    }
+    let p = Redis::make(Duration::from_secs(30)).await;
+    let quota = Quota {
+        per_second: 1,
+        burst: 2,
+    };
+    assert!(p.take_send("hal", quota).await.expect("take"));
+    assert!(p
+        .connect("hal", &at("n1", "phone", 1))
+        .await
+        .expect("connect"));
+    let url = server_url("TEST_REDIS_URL").expect("checked by available()");
+    let config = fred::prelude::Config::from_url(&url).expect("the test server's url");
+    let admin = fred::prelude::Builder::from_config(config)
+        .build()
+        .expect("a client");
+    admin.init().await.expect("connecting");
+    admin
+        .script_flush_cluster(false)
+        .await
+        .expect("SCRIPT FLUSH");
+    assert!(
+        p.take_send("hal", quota)
+            .await
+            .expect("take after the flush"),
+        "the second send of the burst"
+    );
+    assert!(
+        !p.take_send("hal", quota).await.expect("take"),
+        "the budget was kept across the flush"
+    );
+    admin
+        .script_flush_cluster(false)
+        .await
+        .expect("SCRIPT FLUSH");
+    assert!(p
+        .disconnect("hal", &at("n1", "phone", 1))
+        .await
+        .expect("disconnect after the flush"));
+    assert!(!p.status(&["hal".into()]).await.expect("status")[0].online);
+}

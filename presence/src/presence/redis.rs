@@ -17,16 +17,17 @@
 //! back, so presence recovers without clients reconnecting.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fred::clients::SubscriberClient;
-use fred::interfaces::{ConfigInterface, LuaInterface};
+use fred::interfaces::ConfigInterface;
 use fred::prelude::{
     Builder, ClientLike, Config, Error as RedisError, ErrorKind, EventInterface, Expiration,
     KeysInterface, PubsubInterface, ReconnectPolicy, SetOptions, SetsInterface,
     SortedSetsInterface,
 };
+use fred::types::scripts::Script;
 use fred::types::Value;
 use tokio::sync::{broadcast, mpsc, watch};
 
@@ -126,26 +127,34 @@ struct Local {
     channels: HashMap<String, mpsc::UnboundedSender<Vec<NodeDelivery>>>,
 }
 
+// The scripts run by their SHA-1 (`EVALSHA`); one that finds Redis without it (a restart
+// emptied its script cache) is loaded and run again (`evalsha_with_reload`).
+
 /// Adds a device and answers 1 when the user had no live device before.
 /// KEYS: devs · ARGV: member, expires, now, ttl
-const CONNECT: &str = include_str!("redis/scripts/connect.lua");
+static CONNECT: LazyLock<Script> =
+    LazyLock::new(|| Script::from_lua(include_str!("redis/scripts/connect.lua")));
 
 /// Removes a device and answers 1 when it was the user's last live one (last seen is set).
 /// KEYS: devs, seen · ARGV: member, now, seen ttl (s)
-const DISCONNECT: &str = include_str!("redis/scripts/disconnect.lua");
+static DISCONNECT: LazyLock<Script> =
+    LazyLock::new(|| Script::from_lua(include_str!("redis/scripts/disconnect.lua")));
 
 /// Re-adds a device (heartbeat, or after Redis lost it) and pushes the key's TTL out.
 /// KEYS: devs · ARGV: member, expires, ttl
-const REFRESH: &str = include_str!("redis/scripts/refresh.lua");
+static REFRESH: LazyLock<Script> =
+    LazyLock::new(|| Script::from_lua(include_str!("redis/scripts/refresh.lua")));
 
 /// Removes every device of a dead node from one user; answers 1 when the user has no live
 /// device left (last seen is set).
 /// KEYS: devs, seen · ARGV: node, now, seen ttl (s)
-const REAP_USER: &str = include_str!("redis/scripts/reap_user.lua");
+static REAP_USER: LazyLock<Script> =
+    LazyLock::new(|| Script::from_lua(include_str!("redis/scripts/reap_user.lua")));
 
 /// GCRA on the server's clock (every gateway shares it): KEYS[1] holds the theoretical
 /// arrival time in µs; ARGV: µs per send, burst. Returns 1 when the send may go.
-const TAKE_SEND: &str = include_str!("redis/scripts/take_send.lua");
+static TAKE_SEND: LazyLock<Script> =
+    LazyLock::new(|| Script::from_lua(include_str!("redis/scripts/take_send.lua")));
 
 const SEEN_TTL_SECS: i64 = 30 * 24 * 3600;
 
@@ -394,10 +403,9 @@ impl Shared {
 
     async fn refresh(&self, user: &str, at: &Location) -> Result<()> {
         let ttl = millis(self.config.ttl);
-        let _: i64 = self
-            .client
-            .eval(
-                REFRESH,
+        let _: i64 = REFRESH
+            .evalsha_with_reload(
+                &self.client,
                 vec![self.keys.devs_key(user)],
                 vec![
                     Value::from(member(at)),
@@ -488,10 +496,9 @@ impl Shared {
         tracing::info!(node, users = users.len(), "reaping a dead node's presence");
         for user in users {
             let now = now_ms();
-            let gone: i64 = self
-                .client
-                .eval(
-                    REAP_USER,
+            let gone: i64 = REAP_USER
+                .evalsha_with_reload(
+                    &self.client,
                     vec![self.keys.devs_key(&user), self.keys.seen_key(&user)],
                     vec![
                         Value::from(node),
@@ -762,10 +769,9 @@ impl RedisPresence {
             .sadd(s.keys.node_key(&at.node, "users"), user)
             .await
             .map_err(fail)?;
-        let came_online: i64 = s
-            .client
-            .eval(
-                CONNECT,
+        let came_online: i64 = CONNECT
+            .evalsha_with_reload(
+                &s.client,
                 vec![s.keys.devs_key(user)],
                 vec![
                     Value::from(member(at)),
@@ -804,10 +810,9 @@ impl RedisPresence {
             last
         };
         let now = now_ms();
-        let went_offline: i64 = s
-            .client
-            .eval(
-                DISCONNECT,
+        let went_offline: i64 = DISCONNECT
+            .evalsha_with_reload(
+                &s.client,
                 vec![s.keys.devs_key(user), s.keys.seen_key(user)],
                 vec![
                     Value::from(member(at)),
@@ -935,10 +940,9 @@ impl RedisPresence {
     async fn take_send_unguarded(&self, user: &str, quota: Quota) -> Result<bool> {
         let s = &self.shared;
         let interval = 1_000_000 / i64::from(quota.per_second.max(1));
-        let allowed: i64 = s
-            .client
-            .eval(
-                TAKE_SEND,
+        let allowed: i64 = TAKE_SEND
+            .evalsha_with_reload(
+                &s.client,
                 vec![s.keys.sends_key(user)],
                 vec![
                     Value::from(interval),
