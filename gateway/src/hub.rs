@@ -215,8 +215,7 @@ impl ConnHandle {
         }
         match class {
             Class::Sheddable => {
-                if self.out.len() * 2 >= self.capacity as usize || self.out.try_send(frame).is_err()
-                {
+                if self.half_full() || self.out.try_send(frame).is_err() {
                     metrics::counter!("gateway_frames_shed_total").increment(1);
                 }
                 true
@@ -241,7 +240,7 @@ impl ConnHandle {
                 metrics::counter!("gateway_replayed_repeats_dropped_total").increment(1);
                 return Delivered::Queued;
             }
-            if self.out.len() * 2 < self.capacity as usize {
+            if !self.half_full() {
                 return match self.push(frame) {
                     true => Delivered::Queued,
                     false => Delivered::Closed,
@@ -278,6 +277,12 @@ impl ConnHandle {
             }
             Err(flume::TrySendError::Disconnected(_)) => false,
         }
+    }
+
+    /// Whether the queue is at least half full: where typing and presence are shed, and
+    /// messages and receipts are left to a catch-up (see the module doc).
+    fn half_full(&self) -> bool {
+        self.out.len() * 2 >= self.capacity as usize
     }
 
     /// The most frames a producer that waits for room leaves queued: a quarter of the
@@ -318,7 +323,7 @@ impl ConnHandle {
     /// confirms it; see the module doc). `false` when the queue is half full: the frame is
     /// dropped, and the caller starts a catch-up, which sends it again from the store.
     pub fn deliver_kept(&self, frame: Utf8Bytes) -> bool {
-        if self.out.len() * 2 >= self.capacity as usize {
+        if self.half_full() {
             metrics::counter!("gateway_kept_deferred_total").increment(1);
             return false;
         }
