@@ -384,9 +384,13 @@ except (OSError, struct.error, ssl.SSLError):
     sys.exit(1)
 PY
     ;;
-    s3) # A signed listing of the test bucket: it exists (created after the rest is up).
-        [ "$(curl -s -o /dev/null -w '%{http_code}' --aws-sigv4 "aws:amz:us-east-1:s3" \
-            --user "$S3_ACCESS_KEY:$S3_SECRET_KEY" "http://127.0.0.1:$2/$S3_BUCKET/?list-type=2")" = 200 ] ;;
+    s3) # A signed write to the test bucket, then its removal: the bucket exists (it is
+        # created after the rest is up), and the first write of a fresh server, which grows
+        # its volumes (0.2 s idle, seconds on a busy machine), is behind us.
+        local url="http://127.0.0.1:$2/$S3_BUCKET/.ready" sign=(--aws-sigv4 "aws:amz:us-east-1:s3"
+            --user "$S3_ACCESS_KEY:$S3_SECRET_KEY" -H "x-amz-content-sha256: UNSIGNED-PAYLOAD")
+        [ "$(curl -s -o /dev/null -w '%{http_code}' "${sign[@]}" -X PUT --data-binary ready "$url")" = 200 ] &&
+            curl -s -o /dev/null "${sign[@]}" -X DELETE "$url" ;;
     *) log "unknown server kind $1"; return 2 ;;
     esac
 }

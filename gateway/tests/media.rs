@@ -369,7 +369,6 @@ async fn with_the_blob_store_down_media_is_unavailable_and_text_flows() {
         c.media.s3_bucket = Some("chat-media".into());
         c.media.s3_access_key_id = "chat-test".into();
         c.media.s3_secret_access_key = "chat-test-secret-key".into();
-        c.backend_timeout_ms = 2000;
     })
     .await;
     let (alice_id, bob_id) = (fresh("alice"), fresh("bob"));
