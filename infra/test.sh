@@ -33,6 +33,14 @@ stage() { # <name of the stage that just ended>
     stage_started=$SECONDS
 }
 
+# A clean run needs about 8 GB of disk: the test build (about 4 GB in target/), the cached
+# servers and tools (.cache/, under 1 GB) and the servers' data in /tmp. A full disk shows
+# up as a linker killed by SIGBUS, so say it first.
+free_kb=$(df -Pk "${CARGO_TARGET_DIR:-.}" | awk 'NR == 2 { print $4 }')
+if [ "${free_kb:-0}" -lt $((8 * 1024 * 1024)) ]; then
+  echo "warning: only $((free_kb / 1024)) MB free for target/; a clean run needs about 8 GB" >&2
+fi
+
 # librdkafka is built with OpenSSL (TLS and SASL/SCRAM to Kafka): its headers, from apt.
 if ! pkg-config --exists openssl 2>/dev/null; then
   infra/apt-install.sh libssl-dev pkg-config
