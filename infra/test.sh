@@ -36,8 +36,10 @@ stage() { # <name of the stage that just ended>
 # A clean run needs about 8 GB of disk: the test build (about 4 GB in target/), the cached
 # servers and tools (.cache/, under 1 GB) and the servers' data in /tmp. A full disk shows
 # up as a linker killed by SIGBUS, so say it first.
-free_kb=$(df -Pk "${CARGO_TARGET_DIR:-.}" | awk 'NR == 2 { print $4 }')
-if [ "${free_kb:-0}" -lt $((8 * 1024 * 1024)) ]; then
+target_dir="${CARGO_TARGET_DIR:-.}"
+[ -d "$target_dir" ] || target_dir=.
+free_kb=$(df -Pk "$target_dir" | awk 'NR == 2 { print $4 }') || free_kb=
+if [ -n "$free_kb" ] && [ "$free_kb" -lt $((8 * 1024 * 1024)) ]; then
   echo "warning: only $((free_kb / 1024)) MB free for target/; a clean run needs about 8 GB" >&2
 fi
 
