@@ -657,6 +657,17 @@ impl Hub {
         lock(&self.conns).values().flatten().cloned().collect()
     }
 
+    /// The connections of these users here.
+    pub fn of(&self, users: &[String]) -> Vec<Arc<ConnHandle>> {
+        let conns = lock(&self.conns);
+        users
+            .iter()
+            .filter_map(|user| conns.get(user))
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
     pub fn count(&self) -> usize {
         lock(&self.conns).values().map(Vec::len).sum()
     }

@@ -324,15 +324,24 @@ async fn run(
                                 tracing::warn!(error = %e, "presence heartbeat failed");
                                 failing = true;
                             }
-                            Ok(()) => {
+                            Ok(lost) => {
                                 // The heartbeat registered every device of this node again:
                                 // whatever was stored for them while they could not be
-                                // located is delivered now, not on their next connect.
+                                // located (heartbeats failed, a connect's registration
+                                // failed, or presence had lost the device: Redis came back
+                                // empty, or another process reaped this node as dead) is
+                                // delivered now, not on their next connect.
                                 let behind = if std::mem::take(&mut failing) {
                                     app.unlocated.take();
                                     app.hub.all()
                                 } else {
-                                    app.unlocated.take()
+                                    let mut behind = app.unlocated.take();
+                                    for conn in app.hub.of(&lost) {
+                                        if !behind.iter().any(|b| b.id == conn.id) {
+                                            behind.push(conn);
+                                        }
+                                    }
+                                    behind
                                 };
                                 if !behind.is_empty() {
                                     tracing::info!(connections = behind.len(), "catching up after presence was restored");

@@ -453,6 +453,57 @@ async fn restarting_redis_recovers_presence_and_live_delivery() {
     }
 }
 
+/// A device that presence lost while its connection stayed up (a Redis Cluster primary
+/// that came back empty, or the node reaped as dead by another process) is written again
+/// by its node's next heartbeat, which then catches that user up: what was stored for
+/// them meanwhile, with nobody to locate, reaches them without a reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_presence_lost_is_caught_up_after_the_next_heartbeat() {
+    use fred::interfaces::{ClientLike, KeysInterface};
+    if !common::cluster_mode() {
+        return;
+    }
+    let prefix = tag();
+    let gw = common::start({
+        let prefix = prefix.clone();
+        move |c| {
+            c.backends.redis_prefix = prefix.clone();
+            // A heartbeat every 3 s: the send below is routed well before the next one.
+            c.presence_ttl_secs = 9;
+        }
+    })
+    .await;
+    let mut alice = gw.connect("alice").await;
+    let mut bob = gw.connect("bob").await;
+    let first = alice.send_message("bob", "before", "c0").await;
+    let first = first["message_id"].as_str().unwrap_or_default().to_owned();
+    let got = receive_all(&mut bob, &[first].into(), WAIT).await;
+    assert_eq!(got.len(), 1, "bob got the first message live");
+
+    let redis = fred::prelude::Builder::from_config(
+        fred::prelude::Config::from_url(&common::server("TEST_REDIS_URL")).expect("redis url"),
+    )
+    .build()
+    .expect("a Redis client");
+    redis.init().await.expect("connecting to Redis");
+    let deleted: i64 = redis
+        .del(format!("{{{prefix}:u:bob}}:devs"))
+        .await
+        .expect("DEL");
+    assert_eq!(
+        deleted, 1,
+        "bob's devices, under the key presence documents"
+    );
+
+    let during = send_surely(&mut alice, "bob", "while bob cannot be located", "c1").await;
+    let expected: BTreeSet<String> = [during].into();
+    let got = receive_all(&mut bob, &expected, Duration::from_secs(30)).await;
+    assert_eq!(
+        got, expected,
+        "bob, connected all along, got it without reconnecting"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_broker_down_sends_fail_fast_and_succeed_once_it_is_back() {
     if !common::cluster_mode() {

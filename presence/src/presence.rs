@@ -114,8 +114,15 @@ pub trait PresenceService: Send + Sync + 'static {
     fn disconnect(&self, user: &str, at: &Location) -> impl Future<Output = Result<bool>> + Send;
 
     /// Keeps a node's devices alive for another TTL. A node that stops calling this (it
-    /// died) has its users go offline when the TTL runs out.
-    fn heartbeat(&self, node: &str, users: &[String]) -> impl Future<Output = Result<()>> + Send;
+    /// died) has its users go offline when the TTL runs out. Answers the users of whom
+    /// presence had lost a device and has it again (a Redis that came back empty, or the
+    /// node reaped as dead while it ran): messages stored meanwhile found that device
+    /// offline, and the node catches those users' connections up.
+    fn heartbeat(
+        &self,
+        node: &str,
+        users: &[String],
+    ) -> impl Future<Output = Result<Vec<String>>> + Send;
 
     fn status(&self, users: &[String]) -> impl Future<Output = Result<Vec<Status>>> + Send;
 
@@ -200,7 +207,7 @@ impl PresenceService for Presence {
     async fn disconnect(&self, user: &str, at: &Location) -> Result<bool> {
         observed!(self, "disconnect", |p| p.disconnect(user, at))
     }
-    async fn heartbeat(&self, node: &str, users: &[String]) -> Result<()> {
+    async fn heartbeat(&self, node: &str, users: &[String]) -> Result<Vec<String>> {
         observed!(self, "heartbeat", |p| p.heartbeat(node, users))
     }
     async fn status(&self, users: &[String]) -> Result<Vec<Status>> {

@@ -241,9 +241,11 @@ async fn heartbeats_keep_devices_alive<B: Backend>() {
     // Five heartbeats 500 ms apart cover more than the TTL.
     for _ in 0..5 {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        p.heartbeat("n1", &["erin".into()])
+        let lost = p
+            .heartbeat("n1", &["erin".into()])
             .await
             .expect("heartbeat");
+        assert!(lost.is_empty(), "a heartbeat in time finds nothing lost");
     }
     assert!(p.status(&["erin".into()]).await.expect("status")[0].online);
 }
@@ -368,4 +370,60 @@ async fn redis_scripts_run_again_after_the_script_cache_is_flushed() {
         .await
         .expect("disconnect after the flush"));
     assert!(!p.status(&["hal".into()]).await.expect("status")[0].online);
+}
+
+/// Redis only: a device that presence lost while its node ran (Redis came back empty, or
+/// another process reaped the node as dead) is written again by the next heartbeat, which
+/// says so: the node then catches its connections up.
+#[tokio::test]
+async fn redis_a_heartbeat_writes_a_lost_device_again_and_says_so() {
+    use fred::interfaces::{ClientLike, KeysInterface};
+    if !Redis::available() {
+        return;
+    }
+    let url = server_url("TEST_REDIS_URL").expect("checked by available()");
+    let mut config = RedisConfig::new(url.clone());
+    config.prefix = format!("t{:08x}", rand_u32());
+    config.ttl = Duration::from_secs(30);
+    let prefix = config.prefix.clone();
+    let p = Presence::Redis(RedisPresence::connect(config).await.expect("redis"));
+    p.connect("ivy", &at("n1", "phone", 1))
+        .await
+        .expect("connect");
+    assert!(
+        p.heartbeat("n1", &["ivy".into()])
+            .await
+            .expect("heartbeat")
+            .is_empty(),
+        "nothing lost yet"
+    );
+    let admin = fred::prelude::Builder::from_config(
+        fred::prelude::Config::from_url(&url).expect("the test server's url"),
+    )
+    .build()
+    .expect("a client");
+    admin.init().await.expect("connecting");
+    let deleted: i64 = admin
+        .del(format!("{{{prefix}:u:ivy}}:devs"))
+        .await
+        .expect("DEL");
+    assert_eq!(deleted, 1, "the device's key, as the module doc names it");
+    assert!(p.locate(&["ivy".into()]).await.expect("locate").is_empty());
+    assert_eq!(
+        p.heartbeat("n1", &["ivy".into()]).await.expect("heartbeat"),
+        vec!["ivy".to_owned()],
+        "the heartbeat says whose lost device it wrote again"
+    );
+    assert_eq!(
+        p.locate(&["ivy".into()]).await.expect("locate")["ivy"].len(),
+        1,
+        "located again"
+    );
+    assert!(
+        p.heartbeat("n1", &["ivy".into()])
+            .await
+            .expect("heartbeat")
+            .is_empty(),
+        "and the next one finds it there"
+    );
 }

@@ -181,19 +181,27 @@ impl PresenceService for MemoryPresence {
         Ok(went_offline.is_some())
     }
 
-    async fn heartbeat(&self, node: &str, users: &[String]) -> Result<()> {
-        let expires = Instant::now() + self.shared.ttl;
+    async fn heartbeat(&self, node: &str, users: &[String]) -> Result<Vec<String>> {
+        let now = Instant::now();
+        let expires = now + self.shared.ttl;
         let mut state = self.state();
+        // A device that expired is swept away (its user announced offline) and not
+        // written again here: this process holds it, so only a stalled node loses one.
+        // One caught between its expiry and the sweep was lost, and is back.
+        let mut lost = Vec::new();
         for user in users {
             if let Some(entry) = state.users.get_mut(user) {
                 for (l, e) in entry.devices.iter_mut() {
                     if l.node == node {
+                        if *e <= now && !lost.contains(user) {
+                            lost.push(user.clone());
+                        }
                         *e = expires;
                     }
                 }
             }
         }
-        Ok(())
+        Ok(lost)
     }
 
     async fn status(&self, users: &[String]) -> Result<Vec<Status>> {

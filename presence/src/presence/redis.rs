@@ -140,7 +140,8 @@ static CONNECT: LazyLock<Script> =
 static DISCONNECT: LazyLock<Script> =
     LazyLock::new(|| Script::from_lua(include_str!("redis/scripts/disconnect.lua")));
 
-/// Re-adds a device (heartbeat, or after Redis lost it) and pushes the key's TTL out.
+/// Re-adds a device (heartbeat, or after Redis lost it) and pushes the key's TTL out;
+/// answers 1 when it could not be located before (gone or expired).
 /// KEYS: devs · ARGV: member, expires, ttl
 static REFRESH: LazyLock<Script> =
     LazyLock::new(|| Script::from_lua(include_str!("redis/scripts/refresh.lua")));
@@ -401,9 +402,10 @@ impl Shared {
         Ok(())
     }
 
-    async fn refresh(&self, user: &str, at: &Location) -> Result<()> {
+    /// Writes a device again; `true` when presence had lost it.
+    async fn refresh(&self, user: &str, at: &Location) -> Result<bool> {
         let ttl = millis(self.config.ttl);
-        let _: i64 = REFRESH
+        let lost: i64 = REFRESH
             .evalsha_with_reload(
                 &self.client,
                 vec![self.keys.devs_key(user)],
@@ -420,7 +422,7 @@ impl Shared {
             .sadd(self.keys.node_key(&at.node, "users"), user)
             .await
             .map_err(fail)?;
-        Ok(())
+        Ok(lost == 1)
     }
 
     async fn mark_alive(&self, node: &str) -> Result<()> {
@@ -567,7 +569,7 @@ impl Shared {
             let mut failed = Vec::new();
             for (user, at) in left {
                 match self.refresh(&user, &at).await {
-                    Ok(()) => restored += 1,
+                    Ok(_) => restored += 1,
                     Err(e) => {
                         tracing::debug!(error = %e, user, "presence: device not restored yet");
                         failed.push((user, at));
@@ -840,12 +842,12 @@ impl RedisPresence {
         Ok(went_offline == 1)
     }
 
-    async fn heartbeat_unguarded(&self, node: &str, users: &[String]) -> Result<()> {
+    async fn heartbeat_unguarded(&self, node: &str, users: &[String]) -> Result<Vec<String>> {
         let s = &self.shared;
         let devices: Vec<(String, Location)> = {
             let local = s.local();
             let Some(on_node) = local.devices.get(node) else {
-                return Ok(());
+                return Ok(Vec::new());
             };
             users
                 .iter()
@@ -857,7 +859,13 @@ impl RedisPresence {
         let results =
             futures_util::future::join_all(devices.iter().map(|(user, at)| s.refresh(user, at)))
                 .await;
-        results.into_iter().collect()
+        let mut lost = Vec::new();
+        for ((user, _), result) in devices.into_iter().zip(results) {
+            if result? && !lost.contains(&user) {
+                lost.push(user);
+            }
+        }
+        Ok(lost)
     }
 
     async fn status_unguarded(&self, users: &[String]) -> Result<Vec<Status>> {
@@ -989,7 +997,7 @@ impl PresenceService for RedisPresence {
             .await
             .map_err(opened)
     }
-    async fn heartbeat(&self, node: &str, users: &[String]) -> Result<()> {
+    async fn heartbeat(&self, node: &str, users: &[String]) -> Result<Vec<String>> {
         // Many commands: bounded by each command's own timeout, not the breaker's.
         self.heartbeat_unguarded(node, users).await
     }
