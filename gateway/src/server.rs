@@ -2,6 +2,7 @@
 //! embedded with its in-process dispatcher), the tasks a running gateway keeps, and the
 //! drain on shutdown. The routes are in `routes.rs`, the accept loop in `listener.rs`.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -336,11 +337,11 @@ async fn run(
                                     app.hub.all()
                                 } else {
                                     let mut behind = app.unlocated.take();
-                                    for conn in app.hub.of(&lost) {
-                                        if !behind.iter().any(|b| b.id == conn.id) {
-                                            behind.push(conn);
-                                        }
-                                    }
+                                    let listed: HashSet<u64> =
+                                        behind.iter().map(|c| c.id).collect();
+                                    behind.extend(
+                                        app.hub.of(&lost).into_iter().filter(|c| !listed.contains(&c.id)),
+                                    );
                                     behind
                                 };
                                 if !behind.is_empty() {

@@ -193,7 +193,7 @@ impl PresenceService for MemoryPresence {
             if let Some(entry) = state.users.get_mut(user) {
                 for (l, e) in entry.devices.iter_mut() {
                     if l.node == node {
-                        if *e <= now && !lost.contains(user) {
+                        if *e <= now && lost.last() != Some(user) {
                             lost.push(user.clone());
                         }
                         *e = expires;

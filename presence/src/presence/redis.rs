@@ -859,9 +859,10 @@ impl RedisPresence {
         let results =
             futures_util::future::join_all(devices.iter().map(|(user, at)| s.refresh(user, at)))
                 .await;
-        let mut lost = Vec::new();
+        let mut lost: Vec<String> = Vec::new();
+        // A user's devices are next to each other.
         for ((user, _), result) in devices.into_iter().zip(results) {
-            if result? && !lost.contains(&user) {
+            if result? && lost.last() != Some(&user) {
                 lost.push(user);
             }
         }
