@@ -15,15 +15,26 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
-# Starts a set of test servers (`infra/servers.sh <up-…> <dir>`), printing its log; stops
-# the run with the log when they do not start.
+# Starts a set of test servers (`infra/servers.sh <up-…> <dir>`), printing its log. The
+# servers' ports are picked free just before they bind, so another process can take one
+# in between (a Kafka controller once found its port in use): a failed start is stopped,
+# cleared and tried once more on fresh ports; a second failure stops the run with the log.
 start_servers() { # <up command> <state dir>
-  if ! infra/servers.sh "$1" "$2" > "$2/up.log" 2>&1; then
+  local attempt
+  for attempt in 1 2; do
+    if infra/servers.sh "$1" "$2" > "$2/up.log" 2>&1; then
+      cat "$2/up.log" >&2
+      return 0
+    fi
     cat "$2/up.log" >&2
-    echo "test servers ($1) did not start (logs above)" >&2
-    exit 1
-  fi
-  cat "$2/up.log" >&2
+    infra/servers.sh down "$2" || true
+    find "$2" -mindepth 1 -delete
+    if [ "$attempt" = 1 ]; then
+      echo "test servers ($1) did not start (logs above); trying once more" >&2
+    fi
+  done
+  echo "test servers ($1) did not start twice (logs above)" >&2
+  exit 1
 }
 
 # Each stage prints how long it took.
