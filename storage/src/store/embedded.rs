@@ -19,6 +19,7 @@
 //! store.
 
 mod migrate;
+mod reclaim;
 mod rows;
 mod writer;
 
@@ -32,6 +33,7 @@ use fjall::compaction::filter::Factory;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistMode};
 use uuid::Uuid;
 
+use self::reclaim::Reclaimer;
 use self::rows::*;
 use self::writer::GroupCommit;
 use crate::crypto::{KeySource, Keyring};
@@ -106,6 +108,8 @@ struct Inner {
     /// Declared before `db` so that it drops first: the writer finishes its last group
     /// while the database is still open.
     writer: GroupCommit<Db>,
+    /// Also before `db`: it holds handles to the keyspaces.
+    _reclaimer: Reclaimer,
     db: Db,
     path: PathBuf,
     /// Reads running on the blocking pool at once, at most.
@@ -199,6 +203,26 @@ impl Db {
             idempotency_ttl,
         };
         Ok(db)
+    }
+
+    /// Every keyspace, for the thread that frees their flushed memtables.
+    fn keyspaces(&self) -> Vec<Keyspace> {
+        [
+            &self.messages,
+            &self.pending,
+            &self.sends,
+            &self.receipts,
+            &self.markers,
+            &self.delivered,
+            &self.inbox,
+            &self.groups,
+            &self.devices,
+            &self.one_time_keys,
+            &self.meta,
+        ]
+        .into_iter()
+        .cloned()
+        .collect()
     }
 
     /// Refuses data written by a newer build; records the version in a new store.
@@ -369,10 +393,12 @@ impl EmbeddedStore {
         migrate::from_redb_if_present(dir, &db)?;
         db.check_schema()?;
         let writer = GroupCommit::start("store-writer", db.clone(), Db::sync)?;
+        let reclaimer = Reclaimer::start(db.keyspaces())?;
         tracing::info!(path = %path.display(), primary_key = keys.primary(), "embedded store open");
         Ok(EmbeddedStore {
             inner: Arc::new(Inner {
                 writer,
+                _reclaimer: reclaimer,
                 db,
                 path,
                 reads: tokio::sync::Semaphore::new(CONCURRENT_READS),
