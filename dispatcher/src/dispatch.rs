@@ -5,8 +5,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use presence::{ConnRef, Location, NodeDelivery, Payload, Presence, PresenceService};
 use storage::{
-    device_address, device_of, user_of, AckedMessage, Appended, Conversation, Message,
-    MessageStore, NewMessage, Notice, Receipt, ReceiptStatus, Store,
+    device_address, device_of, user_of, Acked, AckedMessage, Appended, Conversation, Message,
+    MessageStore, NewMessage, Receipt, Store,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -120,8 +120,9 @@ enum Event {
         origin: Option<ConnRef>,
         appended: Appended,
     },
-    /// Receipts for the sender of the messages they name, each with the id it is kept
-    /// under until one of the sender's devices confirms it.
+    /// Receipts for the sender of the messages they name, each with the id the store
+    /// keeps it under (written with the ack or read marker that made it) until one of the
+    /// sender's devices confirms it.
     Receipts {
         to: String,
         receipts: Vec<(Uuid, Receipt)>,
@@ -552,7 +553,7 @@ impl Dispatcher {
             }
             device
                 .ids
-                .retain(|id| !of_user.acked.iter().any(|a| a.id == *id));
+                .retain(|id| !of_user.acked.iter().any(|a| a.message.id == *id));
         }
         devices.retain(|d| !d.ids.is_empty() || !d.known.is_empty());
         let results =
@@ -567,32 +568,16 @@ impl Dispatcher {
                 }
             }
         }
-        let ts = now_ms();
         for queue in users.iter_mut().chain(devices.iter_mut()) {
+            // The store kept a delivered receipt for each message someone else sent (per
+            // user for a user's queue, per device for a device's), in the ack's own write.
             let mut by_sender: Vec<(String, Vec<(Uuid, Receipt)>)> = Vec::new();
-            let user = user_of(&queue.queue).to_owned();
-            for AckedMessage {
-                id,
-                conversation,
-                from,
-            } in std::mem::take(&mut queue.acked)
-            {
-                outcome.acked.insert((queue.queue.clone(), id));
-                if from == user {
-                    continue;
-                }
-                // Per user for a user's queue, per device for a device's.
-                let receipt = Receipt {
-                    message_id: id,
-                    conversation,
-                    by: queue.queue.clone(),
-                    status: ReceiptStatus::Delivered,
-                    ts,
-                };
-                let receipt = (Uuid::now_v7(), receipt);
-                match by_sender.iter_mut().find(|(s, _)| *s == from) {
+            for Acked { message, receipt } in std::mem::take(&mut queue.acked) {
+                outcome.acked.insert((queue.queue.clone(), message.id));
+                let Some(receipt) = receipt else { continue };
+                match by_sender.iter_mut().find(|(s, _)| *s == message.from) {
                     Some((_, receipts)) => receipts.push(receipt),
-                    None => by_sender.push((from, vec![receipt])),
+                    None => by_sender.push((message.from, vec![receipt])),
                 }
             }
             for (to, receipts) in by_sender {
@@ -624,19 +609,12 @@ impl Dispatcher {
             return;
         };
         let result = match self.store.mark_read(&user, &conversation, message_id).await {
-            Ok(senders) => {
-                let ts = now_ms();
-                for to in senders {
-                    let receipt = Receipt {
-                        message_id,
-                        conversation: conversation.clone(),
-                        by: user.clone(),
-                        status: ReceiptStatus::Read,
-                        ts,
-                    };
+            Ok(receipts) => {
+                // Kept by the store with the marker.
+                for (to, id, receipt) in receipts {
                     outcome.events.push(Event::Receipts {
                         to,
-                        receipts: vec![(Uuid::now_v7(), receipt)],
+                        receipts: vec![(id, receipt)],
                     });
                 }
                 Ok(())
@@ -652,8 +630,8 @@ impl Dispatcher {
 
     /// Routes what a batch caused: every message to the online devices of those it is
     /// pending for (and, when new, to the sender's other devices), push events for
-    /// recipients with no device online, receipts to their senders' devices (kept in the
-    /// store for a sender with none), and answers to the sending connections. Fails when
+    /// recipients with no device online, receipts to their senders' online devices (the
+    /// store keeps them for every sender, online or not), and answers to the sending connections. Fails when
     /// the recipients could not be located or a node's deliveries not published.
     async fn route(&self, events: Vec<Event>) -> std::result::Result<(), String> {
         if events.is_empty() {
@@ -674,27 +652,6 @@ impl Dispatcher {
                     wanted.insert(to.clone());
                 }
                 Event::Answer { .. } => {}
-            }
-        }
-        // Receipts are kept before their senders are located: a sender whose device
-        // registers after the lookup finds them in its replay, and one that dies while a
-        // receipt is pushed to it gets it again on its next connect.
-        let keep: Vec<(String, Uuid, Notice)> = events
-            .iter()
-            .filter_map(|event| match event {
-                Event::Receipts { to, receipts } => {
-                    Some(receipts.iter().map(move |(id, receipt)| {
-                        (to.clone(), *id, Notice::Receipt(receipt.clone()))
-                    }))
-                }
-                _ => None,
-            })
-            .flatten()
-            .collect();
-        if !keep.is_empty() {
-            // One store call for the whole batch's receipts: they are written together.
-            if let Err(e) = self.store.push_notices(keep).await {
-                tracing::warn!(error = %e, "keeping receipts failed");
             }
         }
         let wanted: Vec<String> = wanted.into_iter().collect();
@@ -795,8 +752,8 @@ impl Dispatcher {
                     }
                 }
                 Event::Receipts { to, receipts } => {
-                    // Kept in every case (until a device of `to` confirms them), and
-                    // pushed to the devices online now.
+                    // Kept by the store already (until a device of `to` confirms them),
+                    // and pushed to the devices online now.
                     if let Some(at) = located.as_ref().and_then(|l| l.get(&to)) {
                         let mut nodes: Vec<&str> = at.iter().map(|l| l.node.as_str()).collect();
                         nodes.sort_unstable();
@@ -885,7 +842,7 @@ struct QueueAcks {
     known: Vec<AckedMessage>,
     commits: Vec<Commit>,
     /// What the store call removed.
-    acked: Vec<AckedMessage>,
+    acked: Vec<Acked>,
 }
 
 impl QueueAcks {
@@ -916,7 +873,7 @@ impl QueueAcks {
         }
     }
 
-    async fn ack(&mut self, store: &Store) -> storage::Result<Vec<AckedMessage>> {
+    async fn ack(&mut self, store: &Store) -> storage::Result<Vec<Acked>> {
         if self.ids.is_empty() && self.known.is_empty() {
             return Ok(Vec::new());
         }

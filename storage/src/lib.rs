@@ -19,10 +19,10 @@ pub mod watch;
 pub use ::scylla::statement::Consistency;
 pub use error::{Error, Result};
 pub use model::{
-    device_address, device_of, is_valid_id, ts_of, user_of, AckedMessage, Appended, Attachment,
-    Claimed, Conversation, Device, DeviceCiphertext, DeviceKeys, E2ee, ForDevice, Group,
-    GroupChange, GroupChangeKind, GroupCiphertext, InboxEntry, Marker, Message, NewMessage, Notice,
-    OlmCiphertext, OneTimeKey, Receipt, ReceiptStatus, ToDevice, MAX_DEVICES_PER_USER,
+    device_address, device_of, is_valid_id, ts_of, user_of, Acked, AckedMessage, Appended,
+    Attachment, Claimed, Conversation, Device, DeviceCiphertext, DeviceKeys, E2ee, ForDevice,
+    Group, GroupChange, GroupChangeKind, GroupCiphertext, InboxEntry, Marker, Message, NewMessage,
+    Notice, OlmCiphertext, OneTimeKey, Receipt, ReceiptStatus, ToDevice, MAX_DEVICES_PER_USER,
     MAX_GROUP_MEMBERS, MAX_ONE_TIME_KEYS,
 };
 pub use store::{

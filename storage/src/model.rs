@@ -450,6 +450,31 @@ pub struct AckedMessage {
     pub from: String,
 }
 
+/// What an ack did to one message: removed it from the queue and, when someone else sent
+/// it, kept a delivered receipt for its sender (under the receipt's notice id) in the same
+/// write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Acked {
+    pub message: AckedMessage,
+    pub receipt: Option<(Uuid, Receipt)>,
+}
+
+impl Acked {
+    /// `message` acked from `queue` now, with its delivered receipt for the sender unless
+    /// `queue` belongs to the sender.
+    pub fn new(message: AckedMessage, queue: &str) -> Self {
+        let receipt = (message.from != user_of(queue)).then(|| {
+            Receipt::now(
+                message.id,
+                &message.conversation,
+                queue,
+                ReceiptStatus::Delivered,
+            )
+        });
+        Acked { message, receipt }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ReceiptStatus {
@@ -467,6 +492,28 @@ pub struct Receipt {
     pub by: String,
     pub status: ReceiptStatus,
     pub ts: i64,
+}
+
+impl Receipt {
+    /// A receipt stamped now, with the new (time-ordered) id it is kept under.
+    pub fn now(
+        message_id: Uuid,
+        conversation: &Conversation,
+        by: &str,
+        status: ReceiptStatus,
+    ) -> (Uuid, Receipt) {
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let receipt = Receipt {
+            message_id,
+            conversation: conversation.clone(),
+            by: by.to_owned(),
+            status,
+            ts,
+        };
+        (Uuid::now_v7(), receipt)
+    }
 }
 
 /// What a change did to a group.

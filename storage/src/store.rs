@@ -10,8 +10,8 @@ use uuid::Uuid;
 use crate::crypto::Keyring;
 use crate::error::Result;
 use crate::model::{
-    AckedMessage, Appended, Claimed, Conversation, Device, DeviceKeys, Group, InboxEntry, Marker,
-    Message, NewMessage, Notice, OneTimeKey,
+    Acked, AckedMessage, Appended, Claimed, Conversation, Device, DeviceKeys, Group, InboxEntry,
+    Marker, Message, NewMessage, Notice, OneTimeKey, Receipt,
 };
 
 mod embedded;
@@ -75,22 +75,29 @@ pub trait MessageStore: Send + Sync + 'static {
     /// `known` are entries the caller knows to be pending (it appended them, and nothing
     /// else acks this user's messages meanwhile): a backend may remove and report them
     /// without reading them first. They are reported with the others.
+    ///
+    /// For each acked message someone else sent, a delivered receipt (by `user`, the
+    /// queue) is kept for its sender as [`MessageStore::push_notices`] would, and it is
+    /// kept before or together with the removal: an ack that fails may have kept receipts
+    /// (keeping one again when retried), but a removed entry always has its receipt.
     fn ack(
         &self,
         user: &str,
         ids: &[Uuid],
         known: Vec<AckedMessage>,
-    ) -> impl Future<Output = Result<Vec<AckedMessage>>> + Send;
+    ) -> impl Future<Output = Result<Vec<Acked>>> + Send;
 
     /// Moves `reader`'s read marker in a conversation up to `upto` (a message of that
-    /// conversation, else `NotFound`) and returns the senders, other than the reader, of
-    /// the messages it newly covers. A marker never moves back.
+    /// conversation, else `NotFound`), keeps a read receipt (for `upto`, by `reader`) for
+    /// each sender other than the reader of the messages it newly covers, and returns
+    /// them as (sender, id, receipt). A marker never moves back. As with
+    /// [`MessageStore::ack`], the receipts are kept before or together with the marker.
     fn mark_read(
         &self,
         reader: &str,
         conversation: &Conversation,
         upto: Uuid,
-    ) -> impl Future<Output = Result<Vec<String>>> + Send;
+    ) -> impl Future<Output = Result<Vec<(String, Uuid, Receipt)>>> + Send;
 
     /// Keeps notices, each for its user under its id (time-ordered), until a device of
     /// the user confirms it ([`MessageStore::drop_notices`]). Keeping one again is
@@ -267,15 +274,15 @@ impl MessageStore for Store {
     async fn pending(&self, user: &str, after: Option<Uuid>, limit: usize) -> Result<Vec<Message>> {
         observed!(self, "pending", |s| s.pending(user, after, limit))
     }
-    async fn ack(
-        &self,
-        user: &str,
-        ids: &[Uuid],
-        known: Vec<AckedMessage>,
-    ) -> Result<Vec<AckedMessage>> {
+    async fn ack(&self, user: &str, ids: &[Uuid], known: Vec<AckedMessage>) -> Result<Vec<Acked>> {
         observed!(self, "ack", |s| s.ack(user, ids, known))
     }
-    async fn mark_read(&self, reader: &str, c: &Conversation, upto: Uuid) -> Result<Vec<String>> {
+    async fn mark_read(
+        &self,
+        reader: &str,
+        c: &Conversation,
+        upto: Uuid,
+    ) -> Result<Vec<(String, Uuid, Receipt)>> {
         observed!(self, "mark_read", |s| s.mark_read(reader, c, upto))
     }
     async fn push_notices(&self, notices: Vec<(String, Uuid, Notice)>) -> Result<()> {

@@ -285,11 +285,11 @@ async fn pending_is_oldest_first_until_acked<S: MessageStore>(store: S) {
         .ack("bob", &[ms[0].id, ms[3].id, Uuid::now_v7()], Vec::new())
         .await
         .expect("ack");
-    let acked_ids: Vec<_> = acked.iter().map(|a| a.id).collect();
+    let acked_ids: Vec<_> = acked.iter().map(|a| a.message.id).collect();
     assert_eq!(acked_ids, vec![ms[0].id, ms[3].id]);
     assert!(acked
         .iter()
-        .all(|a| a.from == "alice" && a.conversation == c));
+        .all(|a| a.message.from == "alice" && a.message.conversation == c));
     assert!(
         store
             .ack("bob", &[ms[0].id], Vec::new())
@@ -329,14 +329,69 @@ async fn known_pending_entries_are_acked_like_the_others<S: MessageStore>(store:
         .ack("bob", &[m1.id, m2.id], vec![known])
         .await
         .expect("ack");
-    let mut ids: Vec<_> = acked.iter().map(|a| a.id).collect();
+    let mut ids: Vec<_> = acked.iter().map(|a| a.message.id).collect();
     ids.sort();
     assert_eq!(ids, vec![m1.id, m2.id]);
     assert!(acked
         .iter()
-        .all(|a| a.from == "alice" && a.conversation == c));
+        .all(|a| a.message.from == "alice" && a.message.conversation == c));
     let left = store.pending("bob", None, 10).await.expect("pending");
     assert_eq!(left, vec![m3]);
+}
+
+/// An ack keeps a delivered receipt for the sender of each message it removes (someone
+/// else's), in the same write: what it reports is what the sender will find kept.
+async fn acks_keep_delivered_receipts_for_the_senders<S: MessageStore>(store: S) {
+    let c = dm("alice", "bob");
+    let (m1, m2) = (message("alice", &c, "1"), message("alice", &c, "2"));
+    let note = message("bob", &c, "to self");
+    for m in [&m1, &m2] {
+        append_one(&store, m, &["bob"]).await;
+    }
+    append_one(&store, &note, &["bob"]).await;
+    let known = storage::AckedMessage {
+        id: m1.id,
+        conversation: c.clone(),
+        from: "alice".into(),
+    };
+    let acked = store
+        .ack("bob", &[m1.id, m2.id, note.id], vec![known])
+        .await
+        .expect("ack");
+    assert_eq!(acked.len(), 3, "{acked:?}");
+    let mut reported = Vec::new();
+    for a in &acked {
+        match &a.receipt {
+            Some((id, receipt)) => {
+                assert_eq!(a.message.from, "alice");
+                assert_eq!(receipt.message_id, a.message.id);
+                assert_eq!(receipt.conversation, c);
+                assert_eq!(receipt.by, "bob");
+                assert_eq!(receipt.status, ReceiptStatus::Delivered);
+                reported.push((*id, Notice::Receipt(receipt.clone())));
+            }
+            None => assert_eq!(a.message.id, note.id, "only one's own message has none"),
+        }
+    }
+    reported.sort_by_key(|(id, _)| *id);
+    assert_eq!(reported.len(), 2);
+    let kept = store.notices("alice", None, 100).await.expect("notices");
+    assert_eq!(kept, reported);
+    assert!(store
+        .notices("bob", None, 100)
+        .await
+        .expect("notices")
+        .is_empty());
+    // A repeated ack removes nothing, so it keeps nothing more.
+    assert!(store
+        .ack("bob", &[m1.id, m2.id], Vec::new())
+        .await
+        .expect("ack again")
+        .is_empty());
+    assert_eq!(
+        store.notices("alice", None, 100).await.expect("notices"),
+        reported
+    );
 }
 
 async fn read_markers_cover_earlier_messages<S: MessageStore>(store: S) {
@@ -348,8 +403,25 @@ async fn read_markers_cover_earlier_messages<S: MessageStore>(store: S) {
     for m in [&a1, &c1, &b1, &a2] {
         append_one(&store, m, &[]).await;
     }
+    let senders = |receipts: Vec<(String, Uuid, Receipt)>| -> Vec<String> {
+        receipts.into_iter().map(|(to, _, _)| to).collect()
+    };
     let covered = store.mark_read("bob", &g, b1.id).await.expect("read");
-    assert_eq!(covered, vec!["alice".to_string(), "carol".to_string()]);
+    assert_eq!(
+        senders(covered.clone()),
+        vec!["alice".to_string(), "carol".to_string()]
+    );
+    // Each sender's read receipt is kept for it, as returned.
+    for (to, id, receipt) in &covered {
+        assert_eq!(
+            (receipt.message_id, receipt.by.as_str(), receipt.status),
+            (b1.id, "bob", ReceiptStatus::Read)
+        );
+        assert_eq!(
+            store.notices(to, None, 10).await.expect("notices"),
+            vec![(*id, Notice::Receipt(receipt.clone()))]
+        );
+    }
     // Moving back or re-reading covers nothing new.
     assert!(store
         .mark_read("bob", &g, c1.id)
@@ -362,8 +434,17 @@ async fn read_markers_cover_earlier_messages<S: MessageStore>(store: S) {
         .expect("read")
         .is_empty());
     assert_eq!(
-        store.mark_read("bob", &g, a2.id).await.expect("read"),
+        senders(store.mark_read("bob", &g, a2.id).await.expect("read")),
         vec!["alice".to_string()]
+    );
+    assert_eq!(
+        store
+            .notices("alice", None, 10)
+            .await
+            .expect("notices")
+            .len(),
+        2,
+        "re-reads keep nothing, the further read kept one more"
     );
     let missing = store.mark_read("bob", &g, Uuid::now_v7()).await;
     assert!(matches!(missing, Err(Error::NotFound(_))), "{missing:?}");
@@ -1094,6 +1175,7 @@ conformance!(
     history_pages_newest_first,
     pending_is_oldest_first_until_acked,
     known_pending_entries_are_acked_like_the_others,
+    acks_keep_delivered_receipts_for_the_senders,
     read_markers_cover_earlier_messages,
     notices_are_kept_until_dropped,
     inboxes_list_conversations_by_latest_activity,

@@ -213,7 +213,7 @@ async fn a_version_1_keyspace_keeps_working_after_the_upgrade() {
     // An entry without a sender (version 1) still acks with its sender.
     let acked = store.ack("bob", &[id], Vec::new()).await.expect("ack");
     assert_eq!(acked.len(), 1);
-    assert_eq!(acked[0].from, "alice");
+    assert_eq!(acked[0].message.from, "alice");
     assert!(store
         .pending("bob", None, 10)
         .await

@@ -39,8 +39,9 @@ use self::writer::GroupCommit;
 use crate::crypto::{KeySource, Keyring};
 use crate::error::{Error, Result};
 use crate::model::{
-    device_address, user_of, AckedMessage, Appended, Claimed, Conversation, Device, DeviceKeys,
-    Group, InboxEntry, Marker, Message, NewMessage, Notice, OneTimeKey,
+    device_address, user_of, Acked, AckedMessage, Appended, Claimed, Conversation, Device,
+    DeviceKeys, Group, InboxEntry, Marker, Message, NewMessage, Notice, OneTimeKey, Receipt,
+    ReceiptStatus,
 };
 use crate::store::{
     check_supply, inbox_page, inbox_users, MessageStore, Reencryption, StoredThisCall,
@@ -600,15 +601,11 @@ impl MessageStore for EmbeddedStore {
         .await
     }
 
-    /// Not synced: an ack lost to a power cut only means the message comes again. `known`
+    /// Not synced: an ack lost to a power cut only means the message comes again (its
+    /// receipts are in the same write, so they are lost with it or kept with it). `known`
     /// entries are removed without reading them: a memtable lookup costs about as much as
     /// the insert that removes the entry (a profile at 4,000 msgs/s showed it).
-    async fn ack(
-        &self,
-        user: &str,
-        ids: &[Uuid],
-        known: Vec<AckedMessage>,
-    ) -> Result<Vec<AckedMessage>> {
+    async fn ack(&self, user: &str, ids: &[Uuid], known: Vec<AckedMessage>) -> Result<Vec<Acked>> {
         let queue = user.to_owned();
         let ids: Vec<u128> = ids.iter().map(|id| id.as_u128()).collect();
         self.write(false, move |db| {
@@ -619,22 +616,29 @@ impl MessageStore for EmbeddedStore {
             let mut seen = BTreeSet::new();
             // The newest message acked per conversation (sent by someone else).
             let mut delivered: std::collections::BTreeMap<Conversation, u128> = Default::default();
-            let mut take = |key: Vec<u8>, entry: AckedMessage| {
+            let mut take = |key: Vec<u8>, entry: AckedMessage| -> Result<()> {
                 // A pending key is written once and deleted once, so a weak tombstone
                 // (dropped with the entry when compaction meets them) is enough.
                 batch.remove_weak(&db.pending, key);
-                if entry.from != user {
-                    let id = entry.id.as_u128();
-                    let at = delivered.entry(entry.conversation.clone()).or_default();
-                    *at = (*at).max(id);
+                let done = Acked::new(entry, &queue);
+                if let Some((id, receipt)) = &done.receipt {
+                    let at = delivered.entry(receipt.conversation.clone()).or_default();
+                    *at = (*at).max(receipt.message_id.as_u128());
+                    let notice = Notice::Receipt(receipt.clone()).to_stored()?;
+                    batch.insert(
+                        &db.receipts,
+                        id_key(&done.message.from, id.as_u128()),
+                        notice,
+                    );
                 }
-                acked.push(entry);
+                acked.push(done);
+                Ok(())
             };
             // Entries the caller knows to be pending are removed without reading them.
             for entry in known {
                 let id = entry.id.as_u128();
                 if seen.insert(id) {
-                    take(id_key(&queue, id), entry);
+                    take(id_key(&queue, id), entry)?;
                 }
             }
             for id in ids {
@@ -651,7 +655,7 @@ impl MessageStore for EmbeddedStore {
                     conversation: parse_conversation(&entry.conversation)?,
                     from: entry.from,
                 };
-                take(pending_key, entry);
+                take(pending_key, entry)?;
             }
             for (conversation, id) in delivered {
                 let marker = key(&conversation.to_string(), user.as_bytes());
@@ -669,8 +673,13 @@ impl MessageStore for EmbeddedStore {
         .await
     }
 
-    async fn mark_read(&self, reader: &str, c: &Conversation, upto: Uuid) -> Result<Vec<String>> {
-        let (reader, conversation) = (reader.to_owned(), c.to_string());
+    async fn mark_read(
+        &self,
+        reader: &str,
+        c: &Conversation,
+        upto: Uuid,
+    ) -> Result<Vec<(String, Uuid, Receipt)>> {
+        let (reader, conversation, c) = (reader.to_owned(), c.to_string(), c.clone());
         self.write(true, move |db| {
             let upto = upto.as_u128();
             if !db.messages.contains_key(id_key(&conversation, upto))? {
@@ -697,8 +706,19 @@ impl MessageStore for EmbeddedStore {
                     senders.insert(stored.from);
                 }
             }
-            db.markers.insert(marker, upto.to_be_bytes())?;
-            Ok(senders.into_iter().collect())
+            // The receipts in the same write as the marker.
+            let mut batch = db.batch();
+            let mut receipts = Vec::with_capacity(senders.len());
+            for to in senders {
+                let (id, receipt) =
+                    Receipt::now(Uuid::from_u128(upto), &c, &reader, ReceiptStatus::Read);
+                let notice = Notice::Receipt(receipt.clone()).to_stored()?;
+                batch.insert(&db.receipts, id_key(&to, id.as_u128()), notice);
+                receipts.push((to, id, receipt));
+            }
+            batch.insert(&db.markers, marker, upto.to_be_bytes());
+            batch.commit()?;
+            Ok(receipts)
         })
         .await
     }

@@ -51,8 +51,8 @@ use super::{check_supply, inbox_page, inbox_users, MessageStore, Reencryption, S
 use crate::crypto::Keyring;
 use crate::error::{Error, Result};
 use crate::model::{
-    ts_of, user_of, AckedMessage, Appended, Claimed, Conversation, Device, DeviceKeys, Group,
-    InboxEntry, Marker, Message, NewMessage, Notice, OneTimeKey,
+    ts_of, user_of, Acked, AckedMessage, Appended, Claimed, Conversation, Device, DeviceKeys,
+    Group, InboxEntry, Marker, Message, NewMessage, Notice, OneTimeKey, Receipt, ReceiptStatus,
 };
 use crate::resilience::{retry, Breaker, Guarded};
 
@@ -676,12 +676,7 @@ impl MessageStore for ScyllaStore {
     /// for those the caller knows — then one delete of those found. A user's acks are
     /// serialised by the inbound log (one partition per user), so no two acks of the same
     /// entry read it at once.
-    async fn ack(
-        &self,
-        user: &str,
-        ids: &[Uuid],
-        known: Vec<AckedMessage>,
-    ) -> Result<Vec<AckedMessage>> {
+    async fn ack(&self, user: &str, ids: &[Uuid], known: Vec<AckedMessage>) -> Result<Vec<Acked>> {
         let s = &self.inner.s;
         // A device's queue moves its user's marker.
         let (queue, user) = (user, user_of(user));
@@ -716,9 +711,26 @@ impl MessageStore for ScyllaStore {
             });
         }
         if acked.is_empty() {
-            return Ok(acked);
+            return Ok(Vec::new());
         }
-        let found: Vec<Uuid> = acked.iter().map(|a| a.id).collect();
+        let mut acked: Vec<Acked> = acked.into_iter().map(|a| Acked::new(a, queue)).collect();
+        // The receipts go first: a batch across partitions is not atomic, so receipts
+        // written with the removal could be lost while the removal holds, and a retried
+        // ack would find nothing left to receipt. Written first, a failure at worst keeps
+        // a receipt twice (under two ids) when the ack is retried.
+        let receipts = acked
+            .iter()
+            .filter_map(|a| a.receipt.as_ref().map(|r| (&a.message.from, r)))
+            .map(|(to, (id, receipt))| {
+                let bytes = Notice::Receipt(receipt.clone()).to_stored()?;
+                let size = to.len() + bytes.len() + 16;
+                Ok(Write::new(&s.receipt_put, (to.clone(), *id, bytes), size))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if !receipts.is_empty() {
+            self.inner.writes.write(receipts).await?;
+        }
+        let found: Vec<Uuid> = acked.iter().map(|a| a.message.id).collect();
         let mut writes = vec![Write::new(
             &s.pending_delete,
             (queue.to_owned(), found.clone()),
@@ -726,9 +738,10 @@ impl MessageStore for ScyllaStore {
         )];
         // The delivered marker of each conversation, at its newest acked message.
         let mut newest: HashMap<&Conversation, Uuid> = HashMap::new();
-        for a in acked.iter().filter(|a| a.from != user) {
-            let at = newest.entry(&a.conversation).or_insert(a.id);
-            *at = (*at).max(a.id);
+        for (_, receipt) in acked.iter().filter_map(|a| a.receipt.as_ref()) {
+            let id = receipt.message_id;
+            let at = newest.entry(&receipt.conversation).or_insert(id);
+            *at = (*at).max(id);
         }
         for (conversation, id) in newest {
             let name = conversation.to_string();
@@ -741,13 +754,18 @@ impl MessageStore for ScyllaStore {
         }
         self.inner.writes.write(writes).await?;
         // Report in the order asked.
-        acked.sort_by_key(|a| ids.iter().position(|id| *id == a.id));
+        acked.sort_by_key(|a| ids.iter().position(|id| *id == a.message.id));
         Ok(acked)
     }
 
     /// A reader's reads are serialised by the inbound log (one partition per user), so the
     /// read-then-write of the marker does not race with itself.
-    async fn mark_read(&self, reader: &str, c: &Conversation, upto: Uuid) -> Result<Vec<String>> {
+    async fn mark_read(
+        &self,
+        reader: &str,
+        c: &Conversation,
+        upto: Uuid,
+    ) -> Result<Vec<(String, Uuid, Receipt)>> {
         let s = &self.inner.s;
         let conversation = c.to_string();
         if self.load(&conversation, upto).await?.is_none() {
@@ -791,9 +809,25 @@ impl MessageStore for ScyllaStore {
             senders.extend(rows.into_iter().map(|(from,)| from));
         }
         senders.remove(reader);
+        // The receipts before the marker (see `ack`): a failure after them keeps them
+        // again when the read is retried, never loses them.
+        let receipts: Vec<(String, Uuid, Receipt)> = senders
+            .into_iter()
+            .map(|to| {
+                let (id, receipt) = Receipt::now(upto, c, reader, ReceiptStatus::Read);
+                (to, id, receipt)
+            })
+            .collect();
+        if !receipts.is_empty() {
+            let notices = receipts
+                .iter()
+                .map(|(to, id, r)| (to.clone(), *id, Notice::Receipt(r.clone())))
+                .collect();
+            self.push_notices(notices).await?;
+        }
         self.run(&s.marker_put, (conversation.as_str(), reader, upto))
             .await?;
-        Ok(senders.into_iter().collect())
+        Ok(receipts)
     }
 
     async fn push_notices(&self, notices: Vec<(String, Uuid, Notice)>) -> Result<()> {
