@@ -427,3 +427,49 @@ async fn redis_a_heartbeat_writes_a_lost_device_again_and_says_so() {
         "and the next one finds it there"
     );
 }
+
+/// Redis only: devices that disconnect while their node's heartbeat is refreshing them stay
+/// offline. A refresh that reaches Redis after the device's removal (one of thousands in
+/// flight, or one retried after a reconnect) wrote it back until its TTL, and its user got
+/// no push meanwhile. The devices go last to first, so that the removals of the devices
+/// refreshed last overtake their refreshes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_devices_that_disconnect_during_a_heartbeat_stay_offline() {
+    if !Redis::available() {
+        return;
+    }
+    let p = std::sync::Arc::new(Redis::make(Duration::from_secs(30)).await);
+    let users: Vec<String> = (0..2_000).map(|i| format!("racer{i}")).collect();
+    for (conn, user) in (0u64..).zip(&users) {
+        p.connect(user, &at("n1", "phone", conn))
+            .await
+            .expect("connect");
+    }
+    let heartbeat = tokio::spawn({
+        let (p, users) = (p.clone(), users.clone());
+        async move { p.heartbeat("n1", &users).await }
+    });
+    let disconnects = tokio::spawn({
+        let (p, users) = (p.clone(), users.clone());
+        async move {
+            let devices: Vec<(u64, &String)> = (0u64..).zip(&users).collect();
+            for (conn, user) in devices.into_iter().rev() {
+                p.disconnect(user, &at("n1", "phone", conn))
+                    .await
+                    .expect("disconnect");
+            }
+        }
+    });
+    heartbeat.await.expect("heartbeat task").expect("heartbeat");
+    disconnects.await.expect("disconnect task");
+    let left = p.locate(&users).await.expect("locate");
+    let mut some: Vec<_> = left.keys().collect();
+    some.sort();
+    some.truncate(5);
+    assert!(
+        left.is_empty(),
+        "{} of {} disconnected users still located, among them {some:?}",
+        left.len(),
+        users.len()
+    );
+}

@@ -796,21 +796,30 @@ impl RedisPresence {
     }
 
     async fn disconnect_unguarded(&self, user: &str, at: &Location) -> Result<bool> {
-        let s = &self.shared;
-        let last_on_node = {
-            let mut local = s.local();
-            let mut last = false;
+        {
+            let mut local = self.shared.local();
             if let Some(users) = local.devices.get_mut(&at.node) {
                 if let Some(devices) = users.get_mut(user) {
                     devices.retain(|l| l.conn != at.conn);
                     if devices.is_empty() {
                         users.remove(user);
-                        last = true;
                     }
                 }
             }
-            last
-        };
+        }
+        self.unregister(user, at).await
+    }
+
+    /// Removes a device this process no longer holds from Redis (and its user from its
+    /// node's set when it was the user's last device there); answers whether the user went
+    /// offline, which is announced.
+    async fn unregister(&self, user: &str, at: &Location) -> Result<bool> {
+        let s = &self.shared;
+        let last_on_node = !s
+            .local()
+            .devices
+            .get(&at.node)
+            .is_some_and(|users| users.contains_key(user));
         let now = now_ms();
         let went_offline: i64 = DISCONNECT
             .evalsha_with_reload(
@@ -859,6 +868,24 @@ impl RedisPresence {
         let results =
             futures_util::future::join_all(devices.iter().map(|(user, at)| s.refresh(user, at)))
                 .await;
+        // A device that disconnected meanwhile may have been written again after its
+        // removal (its refresh reached Redis last, or was retried after a reconnect): it
+        // would look online until its TTL, and its user get no push. Removed again.
+        let gone: Vec<&(String, Location)> = {
+            let local = s.local();
+            let on_node = local.devices.get(node);
+            devices
+                .iter()
+                .filter(|(user, at)| {
+                    !on_node
+                        .and_then(|users| users.get(user))
+                        .is_some_and(|held| held.iter().any(|l| l.conn == at.conn))
+                })
+                .collect()
+        };
+        for (user, at) in gone {
+            self.unregister(user, at).await?;
+        }
         let mut lost: Vec<String> = Vec::new();
         // A user's devices are next to each other.
         for ((user, _), result) in devices.into_iter().zip(results) {
