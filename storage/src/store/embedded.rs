@@ -332,6 +332,20 @@ impl Db {
         self.database.batch()
     }
 
+    /// Keeps a receipt for `to` under `id`, in `batch` (with the ack or read marker that
+    /// made it).
+    fn keep_receipt(
+        &self,
+        batch: &mut OwnedWriteBatch,
+        to: &str,
+        id: Uuid,
+        receipt: &Receipt,
+    ) -> Result<()> {
+        let notice = Notice::Receipt(receipt.clone()).to_stored()?;
+        batch.insert(&self.receipts, id_key(to, id.as_u128()), notice);
+        Ok(())
+    }
+
     fn sync(&self, durable: bool) -> Result<()> {
         let mode = if durable {
             PersistMode::SyncData
@@ -624,12 +638,7 @@ impl MessageStore for EmbeddedStore {
                 if let Some((id, receipt)) = &done.receipt {
                     let at = delivered.entry(receipt.conversation.clone()).or_default();
                     *at = (*at).max(receipt.message_id.as_u128());
-                    let notice = Notice::Receipt(receipt.clone()).to_stored()?;
-                    batch.insert(
-                        &db.receipts,
-                        id_key(&done.message.from, id.as_u128()),
-                        notice,
-                    );
+                    db.keep_receipt(&mut batch, &done.message.from, *id, receipt)?;
                 }
                 acked.push(done);
                 Ok(())
@@ -712,8 +721,7 @@ impl MessageStore for EmbeddedStore {
             for to in senders {
                 let (id, receipt) =
                     Receipt::now(Uuid::from_u128(upto), &c, &reader, ReceiptStatus::Read);
-                let notice = Notice::Receipt(receipt.clone()).to_stored()?;
-                batch.insert(&db.receipts, id_key(&to, id.as_u128()), notice);
+                db.keep_receipt(&mut batch, &to, id, &receipt)?;
                 receipts.push((to, id, receipt));
             }
             batch.insert(&db.markers, marker, upto.to_be_bytes());

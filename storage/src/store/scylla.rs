@@ -718,17 +718,19 @@ impl MessageStore for ScyllaStore {
         // written with the removal could be lost while the removal holds, and a retried
         // ack would find nothing left to receipt. Written first, a failure at worst keeps
         // a receipt twice (under two ids) when the ack is retried.
-        let receipts = acked
+        let receipts: Vec<(String, Uuid, Notice)> = acked
             .iter()
-            .filter_map(|a| a.receipt.as_ref().map(|r| (&a.message.from, r)))
-            .map(|(to, (id, receipt))| {
-                let bytes = Notice::Receipt(receipt.clone()).to_stored()?;
-                let size = to.len() + bytes.len() + 16;
-                Ok(Write::new(&s.receipt_put, (to.clone(), *id, bytes), size))
+            .filter_map(|a| {
+                let (id, receipt) = a.receipt.as_ref()?;
+                Some((
+                    a.message.from.clone(),
+                    *id,
+                    Notice::Receipt(receipt.clone()),
+                ))
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect();
         if !receipts.is_empty() {
-            self.inner.writes.write(receipts).await?;
+            self.push_notices(receipts).await?;
         }
         let found: Vec<Uuid> = acked.iter().map(|a| a.message.id).collect();
         let mut writes = vec![Write::new(
