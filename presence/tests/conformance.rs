@@ -88,6 +88,23 @@ async fn next_change(rx: &mut broadcast::Receiver<Status>, user: &str) -> Status
     .expect("a presence change within 10 s")
 }
 
+/// The next `n` users announced online, sorted.
+async fn online(rx: &mut broadcast::Receiver<Status>, n: usize) -> Vec<String> {
+    let mut users = Vec::new();
+    timeout(Duration::from_secs(10), async {
+        while users.len() < n {
+            let status = rx.recv().await.expect("changes channel");
+            if status.online && !users.contains(&status.user) {
+                users.push(status.user);
+            }
+        }
+    })
+    .await
+    .expect("presence changes within 10 s");
+    users.sort();
+    users
+}
+
 async fn online_while_any_device_is_connected<B: Backend>() {
     let p = B::make(Duration::from_secs(60)).await;
     let mut changes = p.changes();
@@ -432,6 +449,85 @@ async fn redis_a_heartbeat_writes_a_lost_device_again_and_says_so() {
             .is_empty(),
         "and the next one finds it there"
     );
+}
+
+/// Redis only: a node that another process reaped as dead while it ran (it stalled, or
+/// could not reach Redis, for longer than the node TTL) writes its devices again at its
+/// next liveness refresh — its users are announced online again and a restoration is
+/// announced, so that it catches its connections up — instead of leaving them offline
+/// (messages to them queued, not delivered) until its next heartbeat.
+#[tokio::test]
+async fn redis_a_node_reaped_while_it_runs_writes_its_devices_again() {
+    use fred::interfaces::{ClientLike, KeysInterface, SetsInterface};
+    if !Redis::available() {
+        return;
+    }
+    let _scripts = SCRIPT_CACHE.lock().await;
+    let url = server_url("TEST_REDIS_URL").expect("checked by available()");
+    let mut config = RedisConfig::new(url.clone());
+    config.prefix = format!("t{:08x}", rand_u32());
+    config.ttl = Duration::from_secs(30);
+    // Liveness refreshed every second.
+    config.node_ttl = Duration::from_secs(3);
+    let prefix = config.prefix.clone();
+    let p = Presence::Redis(RedisPresence::connect(config).await.expect("redis"));
+    let _n1 = p.deliveries("n1").await.expect("deliveries");
+    let mut changes = p.changes();
+    p.connect("kim", &at("n1", "phone", 1))
+        .await
+        .expect("connect");
+    p.connect("lou", &at("n1", "laptop", 2))
+        .await
+        .expect("connect");
+    assert_eq!(online(&mut changes, 2).await, ["kim", "lou"], "connected");
+    let mut restorations = p.restorations();
+    // What a reap leaves, as the module doc names the keys: the users' devices gone, the
+    // node's user set gone, the node unlisted.
+    let admin = fred::prelude::Builder::from_config(
+        fred::prelude::Config::from_url(&url).expect("the test server's url"),
+    )
+    .build()
+    .expect("a client");
+    admin.init().await.expect("connecting");
+    for key in [
+        format!("{{{prefix}:u:kim}}:devs"),
+        format!("{{{prefix}:u:lou}}:devs"),
+        format!("{{{prefix}:n:n1}}:users"),
+    ] {
+        let deleted: i64 = admin.del(&key).await.expect("DEL");
+        assert_eq!(deleted, 1, "{key}, as the module doc names it");
+    }
+    let unlisted: i64 = admin
+        .srem(format!("{{{prefix}}}:nodes"), "n1")
+        .await
+        .expect("SREM");
+    assert_eq!(unlisted, 1, "the node was listed");
+    assert!(p
+        .locate(&["kim".into(), "lou".into()])
+        .await
+        .expect("locate")
+        .is_empty());
+    // Well before the next heartbeat (30 s by default; this test sends none).
+    timeout(Duration::from_secs(5), restorations.changed())
+        .await
+        .expect("a restoration within 5 s")
+        .expect("presence open");
+    let located = p
+        .locate(&["kim".into(), "lou".into()])
+        .await
+        .expect("locate");
+    assert_eq!(located.get("kim").map(Vec::len), Some(1), "{located:?}");
+    assert_eq!(located.get("lou").map(Vec::len), Some(1), "{located:?}");
+    assert_eq!(
+        online(&mut changes, 2).await,
+        ["kim", "lou"],
+        "announced online again"
+    );
+    let listed: bool = admin
+        .sismember(format!("{{{prefix}}}:nodes"), "n1")
+        .await
+        .expect("SISMEMBER");
+    assert!(listed, "the node is listed again");
 }
 
 /// Redis only: devices that disconnect while their node's heartbeat is refreshing them stay

@@ -9,6 +9,7 @@
 //! | `{P:n:<node>}:alive` | string | the node's liveness key, a few seconds of TTL, refreshed while the node runs |
 //! | `{P:n:<node>}:users` | set | users with a device on the node, so a dead node's users can be found |
 //! | `{P:n:<node>}:reap` | string | lock: one process reaps a dead node |
+//! | `{P}:nodes` | set | nodes that marked themselves alive and were not reaped since |
 //!
 //! Channels: `P:deliver:<node>` (a node's deliveries), `P:changes` (presence changes).
 //!
@@ -425,7 +426,9 @@ impl Shared {
         Ok(lost == 1)
     }
 
-    async fn mark_alive(&self, node: &str) -> Result<()> {
+    /// Sets a node's liveness key and lists the node; `true` when it was not listed (its
+    /// first call, or another process reaped it since the last: it looked dead).
+    async fn mark_alive(&self, node: &str) -> Result<bool> {
         let _: Value = self
             .client
             .set(
@@ -438,12 +441,12 @@ impl Shared {
             .await
             .map_err(fail)?;
         // After the liveness key: a sweep never finds a listed node without one.
-        let _: i64 = self
+        let added: i64 = self
             .client
             .sadd(self.keys.nodes_key(), node)
             .await
             .map_err(fail)?;
-        Ok(())
+        Ok(added == 1)
     }
 
     /// Reaps every listed node whose liveness key is gone: the path that needs no keyspace
@@ -468,14 +471,16 @@ impl Shared {
             .into_iter()
             .flatten()
         {
-            self.reap(node).await?;
+            self.reap(node, true).await?;
         }
         Ok(())
     }
 
     /// Takes a dead node's devices out of presence; its users with no device elsewhere go
-    /// offline. One process does it (a lock), every process hears the changes.
-    async fn reap(&self, node: &str) -> Result<()> {
+    /// offline. One process does it (a lock), every process hears the changes. With
+    /// `only_if_dead`, a node whose liveness key is back by the time the lock is taken
+    /// (found dead by a sweep or an expiry, then refreshed) is left alone.
+    async fn reap(&self, node: &str, only_if_dead: bool) -> Result<()> {
         let locked: Option<String> = self
             .client
             .set(
@@ -489,6 +494,21 @@ impl Shared {
             .map_err(fail)?;
         if locked.is_none() {
             return Ok(());
+        }
+        if only_if_dead {
+            let alive: i64 = self
+                .client
+                .exists(self.keys.node_key(node, "alive"))
+                .await
+                .map_err(fail)?;
+            if alive == 1 {
+                let _: i64 = self
+                    .client
+                    .del(self.keys.node_key(node, "reap"))
+                    .await
+                    .map_err(fail)?;
+                return Ok(());
+            }
         }
         let users: Vec<String> = self
             .client
@@ -533,6 +553,116 @@ impl Shared {
             .await
             .map_err(fail)?;
         Ok(())
+    }
+
+    /// Removes a device this process no longer holds from Redis (and its user from its
+    /// node's set when it was the user's last device there); answers whether the user went
+    /// offline, which is announced.
+    async fn unregister(&self, user: &str, at: &Location) -> Result<bool> {
+        let last_on_node = !self
+            .local()
+            .devices
+            .get(&at.node)
+            .is_some_and(|users| users.contains_key(user));
+        let now = now_ms();
+        let went_offline: i64 = DISCONNECT
+            .evalsha_with_reload(
+                &self.client,
+                vec![self.keys.devs_key(user), self.keys.seen_key(user)],
+                vec![
+                    Value::from(member(at)),
+                    Value::from(now),
+                    Value::from(SEEN_TTL_SECS),
+                ],
+            )
+            .await
+            .map_err(fail)?;
+        if last_on_node {
+            let _: i64 = self
+                .client
+                .srem(self.keys.node_key(&at.node, "users"), user)
+                .await
+                .map_err(fail)?;
+        }
+        if went_offline == 1 {
+            self.announce(&Status {
+                user: user.to_owned(),
+                online: false,
+                last_seen: Some(now),
+            })
+            .await?;
+        }
+        Ok(went_offline == 1)
+    }
+
+    /// Writes again every device this process holds on `node`, after another process
+    /// reaped the node as dead while it ran: its users are announced online again, devices
+    /// that disconnected meanwhile are removed again (as after a heartbeat), and a
+    /// restoration is announced, so that the node catches its connections up (what was
+    /// stored for them while they looked offline was queued, not delivered). A device that
+    /// cannot be written now is written by the node's next heartbeat.
+    async fn rewrite_node(&self, node: &str) {
+        let devices: Vec<(String, Location)> = {
+            let local = self.local();
+            local
+                .devices
+                .get(node)
+                .into_iter()
+                .flat_map(|users| {
+                    users.iter().flat_map(|(user, locations)| {
+                        locations.iter().map(move |l| (user.clone(), l.clone()))
+                    })
+                })
+                .collect()
+        };
+        let results =
+            futures_util::future::join_all(devices.iter().map(|(user, at)| self.refresh(user, at)))
+                .await;
+        let mut back: Vec<&str> = Vec::new();
+        let mut failed = 0usize;
+        for ((user, at), result) in devices.iter().zip(results) {
+            match result {
+                Ok(lost) => {
+                    if !self.holds(at, user) {
+                        if let Err(e) = self.unregister(user, at).await {
+                            tracing::warn!(error = %e, user, "presence: a device gone meanwhile was not removed again");
+                        }
+                    } else if lost && back.last() != Some(&user.as_str()) {
+                        back.push(user);
+                    }
+                }
+                Err(e) => {
+                    failed += 1;
+                    tracing::debug!(error = %e, user, "presence: device not written again");
+                }
+            }
+        }
+        for user in back {
+            let status = Status {
+                user: user.to_owned(),
+                online: true,
+                last_seen: None,
+            };
+            if let Err(e) = self.announce(&status).await {
+                tracing::warn!(error = %e, user, "presence: coming back online not announced");
+            }
+        }
+        tracing::info!(
+            node,
+            devices = devices.len(),
+            failed,
+            "presence: devices written again after this node was reaped"
+        );
+        self.restorations.send_modify(|n| *n += 1);
+    }
+
+    /// Whether this process still holds the device `at` of `user`.
+    fn holds(&self, at: &Location, user: &str) -> bool {
+        self.local()
+            .devices
+            .get(&at.node)
+            .and_then(|users| users.get(user))
+            .is_some_and(|held| held.iter().any(|l| l.conn == at.conn))
     }
 
     /// Writes everything this process registered again (after Redis restarted).
@@ -679,7 +809,7 @@ async fn expiries(shared: Weak<Shared>, mut rx: broadcast::Receiver<fred::types:
         } else if let Some(node) = shared.keys.alive_node(&key) {
             let node = node.to_owned();
             tokio::spawn(async move {
-                if let Err(e) = shared.reap(&node).await {
+                if let Err(e) = shared.reap(&node, true).await {
                     tracing::warn!(error = %e, node, "presence: reaping a dead node failed");
                 }
             });
@@ -737,8 +867,18 @@ async fn keep_alive(shared: Weak<Shared>, node: String) {
         if !open {
             return;
         }
-        if let Err(e) = strong.mark_alive(&node).await {
-            tracing::warn!(error = %e, node, "presence: liveness key not refreshed");
+        match strong.mark_alive(&node).await {
+            Ok(false) => {}
+            Ok(true) => {
+                // Unlisted since the last refresh: another process found the liveness key
+                // gone (this process stalled, or could not reach Redis, for longer than the
+                // node TTL) and reaped the node. Its devices are written again now, not by
+                // the next heartbeat up to a heartbeat interval later.
+                tracing::warn!(node, "presence: this node was reaped while it ran");
+                let (shared, node) = (strong.clone(), node.clone());
+                tokio::spawn(async move { shared.rewrite_node(&node).await });
+            }
+            Err(e) => tracing::warn!(error = %e, node, "presence: liveness key not refreshed"),
         }
         let every = strong.config.node_ttl / 3;
         drop(strong);
@@ -807,48 +947,7 @@ impl RedisPresence {
                 }
             }
         }
-        self.unregister(user, at).await
-    }
-
-    /// Removes a device this process no longer holds from Redis (and its user from its
-    /// node's set when it was the user's last device there); answers whether the user went
-    /// offline, which is announced.
-    async fn unregister(&self, user: &str, at: &Location) -> Result<bool> {
-        let s = &self.shared;
-        let last_on_node = !s
-            .local()
-            .devices
-            .get(&at.node)
-            .is_some_and(|users| users.contains_key(user));
-        let now = now_ms();
-        let went_offline: i64 = DISCONNECT
-            .evalsha_with_reload(
-                &s.client,
-                vec![s.keys.devs_key(user), s.keys.seen_key(user)],
-                vec![
-                    Value::from(member(at)),
-                    Value::from(now),
-                    Value::from(SEEN_TTL_SECS),
-                ],
-            )
-            .await
-            .map_err(fail)?;
-        if last_on_node {
-            let _: i64 = s
-                .client
-                .srem(s.keys.node_key(&at.node, "users"), user)
-                .await
-                .map_err(fail)?;
-        }
-        if went_offline == 1 {
-            s.announce(&Status {
-                user: user.to_owned(),
-                online: false,
-                last_seen: Some(now),
-            })
-            .await?;
-        }
-        Ok(went_offline == 1)
+        self.shared.unregister(user, at).await
     }
 
     async fn heartbeat_unguarded(&self, node: &str, users: &[String]) -> Result<Vec<String>> {
@@ -871,20 +970,10 @@ impl RedisPresence {
         // A device that disconnected meanwhile may have been written again after its
         // removal (its refresh reached Redis last, or was retried after a reconnect): it
         // would look online until its TTL, and its user get no push. Removed again.
-        let gone: Vec<&(String, Location)> = {
-            let local = s.local();
-            let on_node = local.devices.get(node);
-            devices
-                .iter()
-                .filter(|(user, at)| {
-                    !on_node
-                        .and_then(|users| users.get(user))
-                        .is_some_and(|held| held.iter().any(|l| l.conn == at.conn))
-                })
-                .collect()
-        };
-        for (user, at) in gone {
-            self.unregister(user, at).await?;
+        for (user, at) in &devices {
+            if !s.holds(at, user) {
+                s.unregister(user, at).await?;
+            }
         }
         let mut lost: Vec<String> = Vec::new();
         // A user's devices are next to each other.
@@ -960,7 +1049,7 @@ impl RedisPresence {
         // A node that restarts under the same name left devices that are gone now.
         let fresh = !s.local().devices.contains_key(node);
         if fresh {
-            s.reap(node).await?;
+            s.reap(node, false).await?;
         }
         let (tx, rx) = mpsc::unbounded_channel();
         s.local().channels.insert(node.to_owned(), tx);
