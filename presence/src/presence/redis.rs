@@ -698,8 +698,21 @@ impl Shared {
         loop {
             let mut failed = Vec::new();
             for (user, at) in left {
+                if !self.holds(&at, &user) {
+                    // Disconnected since: its removal may have reached Redis already.
+                    continue;
+                }
                 match self.refresh(&user, &at).await {
-                    Ok(_) => restored += 1,
+                    Ok(_) => {
+                        restored += 1;
+                        // Disconnected while its refresh was on its way, which may have
+                        // written it back after its removal (as in a heartbeat).
+                        if !self.holds(&at, &user) {
+                            if let Err(e) = self.unregister(&user, &at).await {
+                                tracing::debug!(error = %e, user, "presence: a device gone meanwhile was not removed again");
+                            }
+                        }
+                    }
                     Err(e) => {
                         tracing::debug!(error = %e, user, "presence: device not restored yet");
                         failed.push((user, at));
