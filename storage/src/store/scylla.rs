@@ -770,13 +770,15 @@ impl MessageStore for ScyllaStore {
     ) -> Result<Vec<(String, Uuid, Receipt)>> {
         let s = &self.inner.s;
         let conversation = c.to_string();
-        if self.load(&conversation, upto).await?.is_none() {
+        // The message and the reader's marker (the row may hold only a delivered marker),
+        // read at once.
+        let (message, previous) = tokio::try_join!(
+            self.load(&conversation, upto),
+            self.rows::<(Option<Uuid>,)>(&s.marker_get, (conversation.as_str(), reader)),
+        )?;
+        if message.is_none() {
             return Err(Error::NotFound(format!("message {upto} in {conversation}")));
         }
-        // The row may hold only a delivered marker.
-        let previous: Vec<(Option<Uuid>,)> = self
-            .rows(&s.marker_get, (conversation.as_str(), reader))
-            .await?;
         let previous = previous.into_iter().next().and_then(|(p,)| p);
         if previous.is_some_and(|p| p.as_u128() >= upto.as_u128()) {
             return Ok(Vec::new());
