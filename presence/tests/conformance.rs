@@ -576,3 +576,50 @@ async fn redis_devices_that_disconnect_during_a_heartbeat_stay_offline() {
         users.len()
     );
 }
+
+/// Redis only: a node that restarts under the same name takes the devices its previous
+/// process left out of presence, all of them, when it opens its deliveries: here 5,000
+/// users' devices left by another process (the reap runs them in chunks of 1,000,
+/// pipelined). Their users are offline afterwards, with a last-seen time.
+#[tokio::test]
+async fn redis_a_restarted_node_reaps_every_device_its_previous_process_left() {
+    if !Redis::available() {
+        return;
+    }
+    let _scripts = SCRIPT_CACHE.lock().await;
+    let url = server_url("TEST_REDIS_URL").expect("checked by available()");
+    let mut config = RedisConfig::new(url);
+    config.prefix = format!("t{:08x}", rand_u32());
+    config.ttl = Duration::from_secs(60);
+    let before = Presence::Redis(RedisPresence::connect(config.clone()).await.expect("redis"));
+    let users: Vec<String> = (0..5_000).map(|i| format!("left{i}")).collect();
+    futures_util::future::join_all((0u64..).zip(&users).map(|(conn, user)| {
+        let before = &before;
+        async move {
+            before
+                .connect(user, &at("n9", "phone", conn))
+                .await
+                .expect("connect")
+        }
+    }))
+    .await;
+    assert_eq!(
+        before.locate(&users).await.expect("locate").len(),
+        users.len()
+    );
+    let after = Presence::Redis(RedisPresence::connect(config).await.expect("redis"));
+    let _n9 = after.deliveries("n9").await.expect("deliveries");
+    let left = after.locate(&users).await.expect("locate");
+    assert!(
+        left.is_empty(),
+        "{} of {} still located",
+        left.len(),
+        users.len()
+    );
+    let statuses = after.status(&users).await.expect("status");
+    assert!(
+        statuses.iter().all(|s| !s.online && s.last_seen.is_some()),
+        "{:?}",
+        statuses.iter().find(|s| s.online || s.last_seen.is_none())
+    );
+}
