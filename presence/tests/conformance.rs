@@ -608,7 +608,10 @@ async fn redis_a_restarted_node_reaps_every_device_its_previous_process_left() {
         users.len()
     );
     let after = Presence::Redis(RedisPresence::connect(config).await.expect("redis"));
+    let started = std::time::Instant::now();
     let _n9 = after.deliveries("n9").await.expect("deliveries");
+    // Printed, not asserted: see ARCHITECTURE.md.
+    eprintln!("reaped {} devices in {:?}", users.len(), started.elapsed());
     let left = after.locate(&users).await.expect("locate");
     assert!(
         left.is_empty(),
