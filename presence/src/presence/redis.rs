@@ -159,8 +159,11 @@ static TAKE_SEND: LazyLock<Script> =
     LazyLock::new(|| Script::from_lua(include_str!("redis/scripts/take_send.lua")));
 
 const SEEN_TTL_SECS: i64 = 30 * 24 * 3600;
-/// Users of a dead node reaped at once.
-const REAP_CHUNK: usize = 1_000;
+/// Users reaped, or devices written again after a reconnect, at once (the client pipelines
+/// what is issued together): one after the other, at a network's round trip, a node of
+/// 100,000 took longer than the reap lock lives, and a shard that refused writes cost each
+/// device the command timeout in turn.
+const PIPELINED: usize = 1_000;
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -518,9 +521,7 @@ impl Shared {
             .await
             .map_err(fail)?;
         tracing::info!(node, users = users.len(), "reaping a dead node's presence");
-        // Users issued together are pipelined by the client, a chunk at a time: one after
-        // the other, a node of 100,000 users took longer than the lock lives.
-        for chunk in users.chunks(REAP_CHUNK) {
+        for chunk in users.chunks(PIPELINED) {
             let reaped = chunk.iter().map(|user| async move {
                 let now = now_ms();
                 let gone: i64 = REAP_USER
@@ -705,25 +706,28 @@ impl Shared {
         let give_up = tokio::time::Instant::now() + REASSERT_FOR;
         loop {
             let mut failed = Vec::new();
-            for (user, at) in left {
-                if !self.holds(&at, &user) {
-                    // Disconnected since: its removal may have reached Redis already.
-                    continue;
-                }
-                match self.refresh(&user, &at).await {
-                    Ok(_) => {
-                        restored += 1;
-                        // Disconnected while its refresh was on its way, which may have
-                        // written it back after its removal (as in a heartbeat).
-                        if !self.holds(&at, &user) {
-                            if let Err(e) = self.unregister(&user, &at).await {
-                                tracing::debug!(error = %e, user, "presence: a device gone meanwhile was not removed again");
+            // Disconnected since: its removal may have reached Redis already.
+            left.retain(|(user, at)| self.holds(at, user));
+            for chunk in left.chunks(PIPELINED) {
+                let results =
+                    futures_util::future::join_all(chunk.iter().map(|(u, at)| self.refresh(u, at)))
+                        .await;
+                for ((user, at), result) in chunk.iter().zip(results) {
+                    match result {
+                        Ok(_) => {
+                            restored += 1;
+                            // Disconnected while its refresh was on its way, which may have
+                            // written it back after its removal (as in a heartbeat).
+                            if !self.holds(at, user) {
+                                if let Err(e) = self.unregister(user, at).await {
+                                    tracing::debug!(error = %e, user, "presence: a device gone meanwhile was not removed again");
+                                }
                             }
                         }
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, user, "presence: device not restored yet");
-                        failed.push((user, at));
+                        Err(e) => {
+                            tracing::debug!(error = %e, user, "presence: device not restored yet");
+                            failed.push((user.clone(), at.clone()));
+                        }
                     }
                 }
             }
