@@ -35,17 +35,26 @@ struct Redis;
 
 impl Backend for Redis {
     async fn make(ttl: Duration) -> Presence {
-        let url = server_url("TEST_REDIS_URL").expect("checked by available()");
-        let mut config = RedisConfig::new(url);
-        // Every test its own key space on the shared server.
-        config.prefix = format!("t{:08x}", rand_u32());
-        config.ttl = ttl;
-        Presence::Redis(RedisPresence::connect(config).await.expect("redis"))
+        Presence::Redis(
+            RedisPresence::connect(redis_config(ttl))
+                .await
+                .expect("redis"),
+        )
     }
 
     fn available() -> bool {
         server_url("TEST_REDIS_URL").is_some()
     }
+}
+
+/// The test server's settings, with a key space of the test's own on the shared server and
+/// devices expiring `ttl` after their last heartbeat.
+fn redis_config(ttl: Duration) -> RedisConfig {
+    let url = server_url("TEST_REDIS_URL").expect("checked by available()");
+    let mut config = RedisConfig::new(url);
+    config.prefix = format!("t{:08x}", rand_u32());
+    config.ttl = ttl;
+    config
 }
 
 fn rand_u32() -> u32 {
@@ -404,10 +413,8 @@ async fn redis_a_heartbeat_writes_a_lost_device_again_and_says_so() {
     if !Redis::available() {
         return;
     }
-    let url = server_url("TEST_REDIS_URL").expect("checked by available()");
-    let mut config = RedisConfig::new(url.clone());
-    config.prefix = format!("t{:08x}", rand_u32());
-    config.ttl = Duration::from_secs(30);
+    let config = redis_config(Duration::from_secs(30));
+    let url = config.url.clone();
     let prefix = config.prefix.clone();
     let p = Presence::Redis(RedisPresence::connect(config).await.expect("redis"));
     p.connect("ivy", &at("n1", "phone", 1))
@@ -463,10 +470,8 @@ async fn redis_a_node_reaped_while_it_runs_writes_its_devices_again() {
         return;
     }
     let _scripts = SCRIPT_CACHE.lock().await;
-    let url = server_url("TEST_REDIS_URL").expect("checked by available()");
-    let mut config = RedisConfig::new(url.clone());
-    config.prefix = format!("t{:08x}", rand_u32());
-    config.ttl = Duration::from_secs(30);
+    let mut config = redis_config(Duration::from_secs(30));
+    let url = config.url.clone();
     // Liveness refreshed every second.
     config.node_ttl = Duration::from_secs(3);
     let prefix = config.prefix.clone();
@@ -587,10 +592,7 @@ async fn redis_a_restarted_node_reaps_every_device_its_previous_process_left() {
         return;
     }
     let _scripts = SCRIPT_CACHE.lock().await;
-    let url = server_url("TEST_REDIS_URL").expect("checked by available()");
-    let mut config = RedisConfig::new(url);
-    config.prefix = format!("t{:08x}", rand_u32());
-    config.ttl = Duration::from_secs(60);
+    let config = redis_config(Duration::from_secs(60));
     let before = Presence::Redis(RedisPresence::connect(config.clone()).await.expect("redis"));
     let users: Vec<String> = (0..5_000).map(|i| format!("left{i}")).collect();
     futures_util::future::join_all((0u64..).zip(&users).map(|(conn, user)| {
