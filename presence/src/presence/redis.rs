@@ -611,32 +611,17 @@ impl Shared {
     /// stored for them while they looked offline was queued, not delivered). A device that
     /// cannot be written now is written by the node's next heartbeat.
     async fn rewrite_node(&self, node: &str) {
-        let devices: Vec<(String, Location)> = {
-            let local = self.local();
-            local
-                .devices
-                .get(node)
-                .into_iter()
-                .flat_map(|users| {
-                    users.iter().flat_map(|(user, locations)| {
-                        locations.iter().map(move |l| (user.clone(), l.clone()))
-                    })
-                })
-                .collect()
-        };
-        let results =
-            futures_util::future::join_all(devices.iter().map(|(user, at)| self.refresh(user, at)))
-                .await;
+        let devices = self.held_devices(Some(node));
+        let (results, removed) = self.refresh_held(&devices).await;
+        if let Err(e) = removed {
+            tracing::warn!(error = %e, "presence: a device gone meanwhile was not removed again");
+        }
         let mut back: Vec<&str> = Vec::new();
         let mut failed = 0usize;
         for ((user, at), result) in devices.iter().zip(results) {
             match result {
                 Ok(lost) => {
-                    if !self.holds(at, user) {
-                        if let Err(e) = self.unregister(user, at).await {
-                            tracing::warn!(error = %e, user, "presence: a device gone meanwhile was not removed again");
-                        }
-                    } else if lost && back.last() != Some(&user.as_str()) {
+                    if lost && self.holds(at, user) && back.last() != Some(&user.as_str()) {
                         back.push(user);
                     }
                 }
@@ -674,23 +659,54 @@ impl Shared {
             .is_some_and(|held| held.iter().any(|l| l.conn == at.conn))
     }
 
+    /// The devices this process holds, on `node` or on all its nodes; a user's devices are
+    /// next to each other.
+    fn held_devices(&self, node: Option<&str>) -> Vec<(String, Location)> {
+        let local = self.local();
+        let nodes: Vec<&HashMap<String, Vec<Location>>> = match node {
+            Some(node) => local.devices.get(node).into_iter().collect(),
+            None => local.devices.values().collect(),
+        };
+        nodes
+            .into_iter()
+            .flat_map(|users| {
+                users.iter().flat_map(|(user, locations)| {
+                    locations.iter().map(move |l| (user.clone(), l.clone()))
+                })
+            })
+            .collect()
+    }
+
+    /// Writes `devices` again, [`PIPELINED`] at a time, then removes again each one this
+    /// process no longer holds: it disconnected meanwhile, and its refresh may have reached
+    /// Redis after its removal (one of thousands in flight, or one retried after a
+    /// reconnect), so that it would look online until its TTL and its user get no push.
+    /// Answers each refresh's result, in order (`true`: presence had lost the device), and
+    /// the first removal that failed.
+    async fn refresh_held(
+        &self,
+        devices: &[(String, Location)],
+    ) -> (Vec<Result<bool>>, Result<()>) {
+        let mut results = Vec::with_capacity(devices.len());
+        for chunk in devices.chunks(PIPELINED) {
+            let refreshed = chunk.iter().map(|(user, at)| self.refresh(user, at));
+            results.extend(futures_util::future::join_all(refreshed).await);
+        }
+        let mut removed = Ok(());
+        for (user, at) in devices {
+            if !self.holds(at, user) {
+                if let Err(e) = self.unregister(user, at).await {
+                    removed = removed.and(Err(e));
+                }
+            }
+        }
+        (results, removed)
+    }
+
     /// Writes everything this process registered again (after Redis restarted).
     async fn reassert(&self) {
-        let (nodes, devices): (Vec<String>, Vec<(String, Location)>) = {
-            let local = self.local();
-            (
-                local.channels.keys().cloned().collect(),
-                local
-                    .devices
-                    .values()
-                    .flat_map(|users| {
-                        users.iter().flat_map(|(user, locations)| {
-                            locations.iter().map(move |l| (user.clone(), l.clone()))
-                        })
-                    })
-                    .collect(),
-            )
-        };
+        let nodes: Vec<String> = self.local().channels.keys().cloned().collect();
+        let devices = self.held_devices(None);
         for node in &nodes {
             if let Err(e) = self.mark_alive(node).await {
                 tracing::warn!(error = %e, node, "presence: liveness key not restored");
@@ -705,29 +721,19 @@ impl Shared {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         let give_up = tokio::time::Instant::now() + REASSERT_FOR;
         loop {
-            let mut failed = Vec::new();
             // Disconnected since: its removal may have reached Redis already.
             left.retain(|(user, at)| self.holds(at, user));
-            for chunk in left.chunks(PIPELINED) {
-                let results =
-                    futures_util::future::join_all(chunk.iter().map(|(u, at)| self.refresh(u, at)))
-                        .await;
-                for ((user, at), result) in chunk.iter().zip(results) {
-                    match result {
-                        Ok(_) => {
-                            restored += 1;
-                            // Disconnected while its refresh was on its way, which may have
-                            // written it back after its removal (as in a heartbeat).
-                            if !self.holds(at, user) {
-                                if let Err(e) = self.unregister(user, at).await {
-                                    tracing::debug!(error = %e, user, "presence: a device gone meanwhile was not removed again");
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            tracing::debug!(error = %e, user, "presence: device not restored yet");
-                            failed.push((user.clone(), at.clone()));
-                        }
+            let (results, removed) = self.refresh_held(&left).await;
+            if let Err(e) = removed {
+                tracing::debug!(error = %e, "presence: a device gone meanwhile was not removed again");
+            }
+            let mut failed = Vec::new();
+            for ((user, at), result) in left.into_iter().zip(results) {
+                match result {
+                    Ok(_) => restored += 1,
+                    Err(e) => {
+                        tracing::debug!(error = %e, user, "presence: device not restored yet");
+                        failed.push((user, at));
                     }
                 }
             }
@@ -988,18 +994,8 @@ impl RedisPresence {
                 .flat_map(|(u, d)| d.iter().map(move |l| (u.clone(), l.clone())))
                 .collect()
         };
-        // Commands issued together are pipelined by the client.
-        let results =
-            futures_util::future::join_all(devices.iter().map(|(user, at)| s.refresh(user, at)))
-                .await;
-        // A device that disconnected meanwhile may have been written again after its
-        // removal (its refresh reached Redis last, or was retried after a reconnect): it
-        // would look online until its TTL, and its user get no push. Removed again.
-        for (user, at) in &devices {
-            if !s.holds(at, user) {
-                s.unregister(user, at).await?;
-            }
-        }
+        let (results, removed) = s.refresh_held(&devices).await;
+        removed?;
         let mut lost: Vec<String> = Vec::new();
         // A user's devices are next to each other.
         for ((user, _), result) in devices.into_iter().zip(results) {
