@@ -76,6 +76,25 @@ fn message(from: &str, conversation: &Conversation, body: &str) -> Message {
     }
 }
 
+/// A message sent `days_ago` days ago (its id says when, as every id does).
+fn message_days_ago(from: &str, conversation: &Conversation, days_ago: u64) -> Message {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let secs = now - days_ago * 24 * 3600;
+    let id = Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, secs, 0));
+    Message {
+        id,
+        conversation: conversation.clone(),
+        from: from.into(),
+        body: format!("{days_ago} days ago"),
+        ts: ts_of(id),
+        e2ee: None,
+        attachments: Vec::new(),
+    }
+}
+
 fn dm(a: &str, b: &str) -> Conversation {
     Conversation::direct(a, b)
 }
@@ -452,6 +471,57 @@ async fn read_markers_cover_earlier_messages<S: MessageStore>(store: S) {
     assert!(matches!(wrong_conversation, Err(Error::NotFound(_))));
 }
 
+/// Messages weeks apart (different buckets in ScyllaDB): a read covers every message
+/// between the reader's marker and what it read, whichever buckets they are in, and a read
+/// within the marker's own bucket covers just what came after the marker.
+async fn read_markers_cover_messages_across_weeks<S: MessageStore>(store: S) {
+    let g = Conversation::Group(Uuid::now_v7());
+    let mut sent = Vec::new();
+    for (from, days_ago) in [
+        ("carol", 45u64),
+        ("dan", 30),
+        ("erin", 16),
+        ("carol", 15),
+        ("frank", 1),
+        ("gina", 0),
+    ] {
+        let m = message_days_ago(from, &g, days_ago);
+        append_one(&store, &m, &[]).await;
+        sent.push(m);
+    }
+    // Sent now, after gina's (which is in the same second): in her bucket.
+    let hana = message("hana", &g, "h");
+    let ivan = message("ivan", &g, "i");
+    for m in [&hana, &ivan] {
+        append_one(&store, m, &[]).await;
+    }
+    let senders = |receipts: Vec<(String, Uuid, Receipt)>| -> Vec<String> {
+        receipts.into_iter().map(|(to, _, _)| to).collect()
+    };
+    let read = |upto: Uuid| {
+        let store = &store;
+        let g = g.clone();
+        async move { senders(store.mark_read("bob", &g, upto).await.expect("read")) }
+    };
+    assert_eq!(read(sent[1].id).await, ["carol", "dan"], "no marker yet");
+    assert_eq!(
+        read(sent[4].id).await,
+        ["carol", "erin", "frank"],
+        "from a marker 30 days back to yesterday"
+    );
+    assert_eq!(read(sent[5].id).await, ["gina"]);
+    assert_eq!(
+        read(ivan.id).await,
+        ["hana", "ivan"],
+        "within the marker's bucket"
+    );
+    assert_eq!(
+        read(sent[0].id).await,
+        Vec::<String>::new(),
+        "behind the marker"
+    );
+}
+
 async fn notices_are_kept_until_dropped<S: MessageStore>(store: S) {
     let c = dm("alice", "bob");
     let receipt = |status| {
@@ -735,23 +805,9 @@ async fn concurrent_writes_all_land<S: MessageStore + Clone>(store: S) {
 /// order, and each is found by id.
 async fn history_pages_across_weeks<S: MessageStore>(store: S) {
     let c = dm("carol", "dan");
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs();
     let mut sent = Vec::new();
     for days_ago in [45u64, 30, 16, 15, 1, 0] {
-        let secs = now - days_ago * 24 * 3600;
-        let id = Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, secs, 0));
-        let m = Message {
-            id,
-            conversation: c.clone(),
-            from: "carol".into(),
-            body: format!("{days_ago} days ago"),
-            ts: ts_of(id),
-            e2ee: None,
-            attachments: Vec::new(),
-        };
+        let m = message_days_ago("carol", &c, days_ago);
         append_one(&store, &m, &["dan"]).await;
         sent.push(m);
     }
@@ -1177,6 +1233,7 @@ conformance!(
     known_pending_entries_are_acked_like_the_others,
     acks_keep_delivered_receipts_for_the_senders,
     read_markers_cover_earlier_messages,
+    read_markers_cover_messages_across_weeks,
     notices_are_kept_until_dropped,
     inboxes_list_conversations_by_latest_activity,
     markers_say_how_far_members_read_and_stored,

@@ -785,12 +785,17 @@ impl MessageStore for ScyllaStore {
         }
         let floor = previous.unwrap_or(Uuid::nil());
         let lowest_bucket = previous.map_or(i32::MIN, bucket_of);
-        let buckets: Vec<(i32,)> = self
-            .rows(
+        // A read within the marker's bucket (most are: buckets span days) scans just that
+        // one, which holds the message read: no need to ask which buckets there are.
+        let buckets: Vec<(i32,)> = if lowest_bucket == bucket_of(upto) {
+            vec![(lowest_bucket,)]
+        } else {
+            self.rows(
                 &s.buckets_upto,
                 (conversation.as_str(), bucket_of(upto), lowest_bucket),
             )
-            .await?;
+            .await?
+        };
         let mut senders = BTreeSet::new();
         let mut scanned = 0;
         for (bucket,) in buckets {
