@@ -3,6 +3,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use futures_util::StreamExt;
 use presence::{ConnRef, Location, NodeDelivery, Payload, Presence, PresenceService};
 use storage::{
     device_address, device_of, user_of, Acked, AckedMessage, Appended, Conversation, Message,
@@ -24,6 +25,9 @@ const MAX_BATCH: usize = 256;
 /// Most records handled together, from all partitions: consecutive messages among them
 /// are persisted in one store call, and everything they cause is routed together.
 const MAX_COMBINED: usize = 1024;
+
+/// Reads handled at once (see [`Dispatcher::read_all`]).
+const READS_AT_ONCE: usize = 32;
 
 /// Pending entries remembered per partition assignment, most.
 const RECENT_PER_ASSIGNMENT: usize = 65_536;
@@ -275,12 +279,10 @@ impl Dispatcher {
                 }
             }
         }
-        for record in reads {
-            if outcome.stopped {
-                outcome.unhandled.push(record);
-            } else {
-                self.read(record, &mut outcome).await;
-            }
+        if outcome.stopped {
+            outcome.unhandled.extend(reads);
+        } else {
+            self.read_all(reads, &mut outcome).await;
         }
         for record in outcome.unhandled.drain(..) {
             // A record failed that the log delivers again: every partition with a record
@@ -597,6 +599,35 @@ impl Dispatcher {
         }
     }
 
+    /// Takes a batch's reads, [`READS_AT_ONCE`] at a time: each is a few store round trips
+    /// (the marker, the messages it covers, the receipts, the marker again), and one after
+    /// the other they held up the whole batch, messages and all. A user's reads of one
+    /// conversation still go one after the other, in log order: each starts from the marker
+    /// the one before it left.
+    async fn read_all(&self, reads: Vec<Record>, outcome: &mut Outcome) {
+        let runs = in_runs(reads, |record| match &record.envelope {
+            Envelope::Read {
+                user, conversation, ..
+            } => Some((user.clone(), conversation.clone())),
+            _ => None,
+        });
+        let done: Vec<Outcome> = futures_util::stream::iter(runs)
+            .map(|run| async move {
+                let mut part = Outcome::default();
+                for record in run {
+                    self.read(record, &mut part).await;
+                }
+                part
+            })
+            .buffered(READS_AT_ONCE)
+            .collect()
+            .await;
+        for part in done {
+            outcome.events.extend(part.events);
+            outcome.commits.extend(part.commits);
+        }
+    }
+
     async fn read(&self, record: Record, outcome: &mut Outcome) {
         let (envelope, commit) = record.into_parts();
         let Envelope::Read {
@@ -893,5 +924,52 @@ impl NodeBatches {
             Some((_, deliveries)) => deliveries.push(delivery),
             None => self.0.push((node.to_owned(), vec![delivery])),
         }
+    }
+}
+
+/// `items` in runs that share a key, in the order each key first came, each run in the
+/// order of `items`; an item without a key is a run of its own.
+fn in_runs<T, K: std::hash::Hash + Eq>(
+    items: Vec<T>,
+    key: impl Fn(&T) -> Option<K>,
+) -> Vec<Vec<T>> {
+    let mut runs: Vec<Vec<T>> = Vec::new();
+    let mut at: HashMap<K, usize> = HashMap::new();
+    for item in items {
+        match key(&item) {
+            Some(k) => match at.get(&k) {
+                Some(&i) => runs[i].push(item),
+                None => {
+                    at.insert(k, runs.len());
+                    runs.push(vec![item]);
+                }
+            },
+            None => runs.push(vec![item]),
+        }
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_runs;
+
+    #[test]
+    fn runs_keep_each_key_in_order_and_keyless_items_apart() {
+        let items = vec![
+            ("bob", 1),
+            ("amy", 2),
+            ("", 3),
+            ("bob", 4),
+            ("", 5),
+            ("amy", 6),
+            ("bob", 7),
+        ];
+        let runs = in_runs(items, |(k, _)| (!k.is_empty()).then_some(*k));
+        let numbers: Vec<Vec<i32>> = runs
+            .into_iter()
+            .map(|run| run.into_iter().map(|(_, n)| n).collect())
+            .collect();
+        assert_eq!(numbers, vec![vec![1, 4, 7], vec![2, 6], vec![3], vec![5]]);
     }
 }

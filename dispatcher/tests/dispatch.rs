@@ -7,7 +7,9 @@ use std::time::Duration;
 use dispatcher::startup::Backends;
 use dispatcher::{Dispatcher, Envelope, InboundLog, Log};
 use presence::{ConnRef, Location, NodeDelivery, Payload, Presence, PresenceService};
-use storage::{ts_of, Conversation, EmbeddedConfig, Message, MessageStore, ReceiptStatus, Store};
+use storage::{
+    ts_of, Conversation, EmbeddedConfig, Message, MessageStore, Notice, ReceiptStatus, Store,
+};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
@@ -327,4 +329,70 @@ async fn receipts_are_kept_until_confirmed_and_pushed_to_online_senders() {
     assert_eq!(ids.len(), 2, "{kept:?}");
     assert_eq!(ids[1], id);
     assert_eq!(kept[1].1, storage::Notice::Receipt(receipt));
+}
+
+/// A batch's reads are taken together, but a reader's reads of one conversation in log
+/// order: each covers what came after the marker the one before it left.
+#[tokio::test]
+async fn reads_become_receipts_in_log_order_per_reader() {
+    let mut h = start().await;
+    let readers = ["bob", "carol", "dan", "erin"];
+    let mut sent = Vec::new();
+    for reader in readers {
+        let messages: Vec<Message> = (0..3)
+            .map(|i| message("alice", reader, &format!("{reader} {i}")))
+            .collect();
+        for (i, m) in messages.iter().enumerate() {
+            publish_message(&mut h, m.clone(), &format!("{reader}-{i}")).await;
+        }
+        sent.push(messages);
+    }
+    // Every reader reads its first message, then its last, all published at once.
+    for (reader, messages) in readers.iter().zip(&sent) {
+        for m in [&messages[0], &messages[2]] {
+            let read = Envelope::Read {
+                user: reader.to_string(),
+                conversation: m.conversation.clone(),
+                message_id: m.id,
+            };
+            h.log.publish(read, None).await.expect("read");
+        }
+    }
+    for reader in readers {
+        barrier(&mut h, reader).await;
+    }
+    let kept = h.store.notices("alice", None, 100).await.expect("notices");
+    let mut receipts: Vec<(String, Uuid)> = kept
+        .iter()
+        .filter_map(|(_, notice)| match notice {
+            Notice::Receipt(r) if r.status == ReceiptStatus::Read => {
+                Some((r.by.clone(), r.message_id))
+            }
+            _ => None,
+        })
+        .collect();
+    receipts.sort();
+    let mut expected: Vec<(String, Uuid)> = readers
+        .iter()
+        .zip(&sent)
+        .flat_map(|(reader, m)| [(reader.to_string(), m[0].id), (reader.to_string(), m[2].id)])
+        .collect();
+    expected.sort();
+    assert_eq!(
+        receipts, expected,
+        "a receipt per read: the second read covered what came after the first"
+    );
+    for (reader, messages) in readers.iter().zip(&sent) {
+        let markers = h
+            .store
+            .markers(&messages[0].conversation)
+            .await
+            .expect("markers");
+        let marker = markers.iter().find(|m| m.user == *reader);
+        assert_eq!(
+            marker.and_then(|m| m.read),
+            Some(messages[2].id),
+            "{reader}"
+        );
+    }
 }
