@@ -284,6 +284,10 @@ struct Traffic {
     /// Bytes of each user's attachment.
     #[arg(long, default_value_t = 32 * 1024)]
     attachment_bytes: usize,
+    /// Recipients mark each message read as it arrives (a `read` frame), as a client with
+    /// the conversation open does; senders get a `read` receipt for each (counted).
+    #[arg(long)]
+    read: bool,
 }
 
 /// What a child process hands back to its parent.
@@ -497,6 +501,7 @@ async fn drive(
         e2ee: false,
         attachments: 0.0,
         attachment_bytes: 0,
+        read: false,
     });
     let is_child = common.child_report.is_some();
     let processes = common
@@ -512,6 +517,7 @@ async fn drive(
         e2ee: traffic.e2ee,
         attachments: traffic.attachments,
         attachment_bytes: traffic.attachment_bytes,
+        read: traffic.read,
     };
     if !(0.0..=1.0).contains(&traffic.attachments) {
         bail!("--attachments is a fraction of the messages, from 0 to 1");
@@ -632,6 +638,7 @@ async fn hostile(
         e2ee: false,
         attachments: 0.0,
         attachment_bytes: 0,
+        read: false,
     };
     let workload = Workload::Direct {
         rates: traffic.rate.clone(),

@@ -77,6 +77,8 @@ pub struct Report {
     pub connect_latency: Percentiles,
     /// Attachments downloaded whose bytes matched their SHA-256 (`--attachments`).
     pub attachments_verified: u64,
+    /// `read` receipts that came to the senders (`--read`).
+    pub read_receipts: u64,
     pub errors: std::collections::BTreeMap<String, u64>,
     pub verdict: Verdict,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -121,6 +123,7 @@ impl Report {
             delivery_latency: Percentiles::of(&stats.delivered),
             connect_latency: Percentiles::of(&stats.connect),
             attachments_verified: stats.attachments_verified,
+            read_receipts: stats.read_receipts,
             errors: stats.errors.clone(),
             verdict,
             server_rss_kib_per_conn: None,
@@ -174,6 +177,13 @@ impl Report {
                         "{} downloaded, each matching its SHA-256",
                         self.attachments_verified
                     ),
+                );
+            }
+            if self.read_receipts > 0 {
+                line(
+                    &mut out,
+                    "read receipts",
+                    format!("{} came to the senders", self.read_receipts),
                 );
             }
         }

@@ -135,6 +135,8 @@ pub struct Options {
     /// every attachment they get and check its bytes.
     pub attachments: f64,
     pub attachment_bytes: usize,
+    /// Mark every message read as it arrives.
+    pub read: bool,
 }
 
 /// A quiet run of plain 100-byte messages: no progress bar, no attachments, one process.
@@ -149,6 +151,7 @@ impl Default for Options {
             e2ee: false,
             attachments: 0.0,
             attachment_bytes: 0,
+            read: false,
         }
     }
 }
@@ -196,6 +199,8 @@ struct Shared {
     /// Attachment downloads under way (awaited before the run reports).
     downloads: tokio_util::task::TaskTracker,
     http: reqwest::Client,
+    /// Mark every message read as it arrives ([`Options::read`]).
+    read: bool,
 }
 
 impl Shared {
@@ -284,6 +289,7 @@ pub async fn run(
         stop: stop.clone(),
         downloads: tokio_util::task::TaskTracker::new(),
         http: reqwest::Client::new(),
+        read: options.read,
     });
 
     // Groups are created before anyone connects, over short setup connections.

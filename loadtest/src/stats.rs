@@ -50,6 +50,9 @@ pub struct Stats {
     /// Attachments downloaded whose bytes hash to what the message said.
     #[serde(default)]
     pub attachments_verified: u64,
+    /// `read` receipts that came (`--read`).
+    #[serde(default)]
+    pub read_receipts: u64,
     pub errors: BTreeMap<String, u64>,
     /// By second since the start of the send phase.
     pub timeline: BTreeMap<u64, Second>,
@@ -68,6 +71,7 @@ impl Default for Stats {
             drain_ms: 0,
             connected: 0,
             attachments_verified: 0,
+            read_receipts: 0,
             errors: BTreeMap::new(),
             timeline: BTreeMap::new(),
         }
@@ -98,6 +102,7 @@ impl Stats {
         self.drain_ms = self.drain_ms.max(other.drain_ms);
         self.connected += other.connected;
         self.attachments_verified += other.attachments_verified;
+        self.read_receipts += other.read_receipts;
         for (code, n) in other.errors {
             *self.errors.entry(code).or_default() += n;
         }

@@ -300,6 +300,36 @@ async fn runs_with_attachments_check_every_downloaded_byte() {
     gw.wait().await;
 }
 
+/// `--read`: recipients mark each message read as it comes, and the senders get the
+/// `read` receipts (counted; the last may still be on their way when the run ends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_that_read_count_the_read_receipts() {
+    let (gw, _dir) = start_gateway().await;
+    let url = format!("ws://{}/ws", gw.client_addr);
+    let options = Options {
+        read: true,
+        ..options()
+    };
+    let outcome = scenario::run(
+        &fleet(&url, Tokens::Secret("lt-secret".into()), 10),
+        &direct(100.0, 1.0),
+        &options,
+        None,
+    )
+    .await
+    .expect("run");
+    let (verdict, stats) = (outcome.ledger.verdict(), outcome.stats);
+    assert!(stats.errors.is_empty(), "{:?}", stats.errors);
+    assert!(verdict.clean() && verdict.delivered == 100, "{verdict:?}");
+    assert!(
+        (1..=100).contains(&stats.read_receipts),
+        "{} read receipts for 100 messages read",
+        stats.read_receipts
+    );
+    gw.shutdown();
+    gw.wait().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_exits_non_zero_when_anything_was_lost() {
     let (bad, stop_bad) = start_relay(Faults {

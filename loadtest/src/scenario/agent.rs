@@ -225,6 +225,13 @@ pub(super) async fn read_loop(
                         shared.collector().stats.error("attachment_not_asked");
                     }
                 }
+                if shared.read {
+                    let read = json!({"type": "read", "conversation": m.conversation,
+                        "message_id": m.message_id});
+                    if agent.outbox.try_send(read.to_string()).is_err() {
+                        shared.collector().stats.error("read_not_sent");
+                    }
+                }
                 let _ = acks.send(Confirm::Message(m.message_id));
             }
             ServerFrame::MediaUrl { reference, url, .. } => {
@@ -243,7 +250,12 @@ pub(super) async fn read_loop(
                     }
                 });
             }
-            ServerFrame::Receipt { receipt_id, .. } => {
+            ServerFrame::Receipt {
+                receipt_id, status, ..
+            } => {
+                if status == "read" {
+                    shared.collector().stats.read_receipts += 1;
+                }
                 // Shown: no longer kept for this user's next connect.
                 let _ = acks.send(Confirm::Receipt(receipt_id));
             }
