@@ -26,6 +26,9 @@ const MAX_BATCH: usize = 256;
 /// are persisted in one store call, and everything they cause is routed together.
 const MAX_COMBINED: usize = 1024;
 
+/// Groups read at once (see [`Dispatcher::groups_of`]).
+const GROUPS_AT_ONCE: usize = 32;
+
 /// Reads handled at once (see [`Dispatcher::read_all`]).
 const READS_AT_ONCE: usize = 32;
 
@@ -315,7 +318,8 @@ impl Dispatcher {
         };
         let mut batch = Vec::with_capacity(records.len());
         let mut pending = Vec::with_capacity(records.len());
-        let mut groups: HashMap<Uuid, Vec<String>> = HashMap::new();
+        let ids = group_ids(&records);
+        let mut groups = self.groups_of(ids).await;
         for (assignment, record) in records {
             let redelivered = record.is_redelivered();
             let (envelope, commit) = record.into_parts();
@@ -457,6 +461,22 @@ impl Dispatcher {
     /// conversation (the sender for a note to self), or every other group member; for an
     /// end-to-end encrypted message, each device it carries a ciphertext for (the gateway
     /// checked them against the device lists).
+    /// The members of the groups the batch's messages go to, [`GROUPS_AT_ONCE`] read at a
+    /// time: one after the other, each a store round trip, they held up the whole batch. A
+    /// group that could not be read, or is not there, is left out ([`Self::recipients`] reads
+    /// it again, and fails or warns for its message).
+    async fn groups_of(&self, ids: HashSet<Uuid>) -> HashMap<Uuid, Vec<String>> {
+        futures_util::stream::iter(ids)
+            .map(|id| async move { (id, self.store.group(id).await) })
+            .buffer_unordered(GROUPS_AT_ONCE)
+            .filter_map(|(id, group)| async move {
+                let members = group.ok()??.members.into_iter().collect();
+                Some((id, members))
+            })
+            .collect()
+            .await
+    }
+
     async fn recipients(
         &self,
         message: &Message,
@@ -925,6 +945,23 @@ impl NodeBatches {
             None => self.0.push((node.to_owned(), vec![delivery])),
         }
     }
+}
+
+/// The groups messages among `records` go to (those end-to-end encrypted name their
+/// devices instead).
+fn group_ids(records: &[(u64, Record)]) -> HashSet<Uuid> {
+    records
+        .iter()
+        .filter_map(|(_, record)| match &record.envelope {
+            Envelope::Message { message, .. } if message.e2ee.is_none() => {
+                match message.conversation {
+                    Conversation::Group(id) => Some(id),
+                    Conversation::Direct(..) => None,
+                }
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// `items` in runs that share a key, in the order each key first came, each run in the

@@ -8,7 +8,7 @@ use dispatcher::startup::Backends;
 use dispatcher::{Dispatcher, Envelope, InboundLog, Log};
 use presence::{ConnRef, Location, NodeDelivery, Payload, Presence, PresenceService};
 use storage::{
-    ts_of, Conversation, EmbeddedConfig, Message, MessageStore, Notice, ReceiptStatus, Store,
+    ts_of, Conversation, EmbeddedConfig, Group, Message, MessageStore, Notice, ReceiptStatus, Store,
 };
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::timeout;
@@ -394,5 +394,70 @@ async fn reads_become_receipts_in_log_order_per_reader() {
             Some(messages[2].id),
             "{reader}"
         );
+    }
+}
+
+/// Messages to several groups handled together (their groups read at once): each reaches
+/// the members of its own group but its sender, and nobody else.
+#[tokio::test]
+async fn messages_to_many_groups_at_once_reach_their_own_members() {
+    let mut h = start().await;
+    let groups: Vec<Group> = (0..6)
+        .map(|g| Group {
+            id: Uuid::now_v7(),
+            name: format!("group {g}"),
+            members: (0..3).map(|m| format!("g{g}m{m}")).collect(),
+        })
+        .collect();
+    for group in &groups {
+        h.store.create_group(group.clone()).await.expect("group");
+    }
+    for (g, group) in groups.iter().enumerate() {
+        let id = Uuid::now_v7();
+        let message = Message {
+            id,
+            conversation: Conversation::Group(group.id),
+            from: format!("g{g}m0"),
+            body: format!("to group {g}"),
+            ts: ts_of(id),
+            e2ee: None,
+            attachments: Vec::new(),
+        };
+        let envelope = Envelope::Message {
+            message: Box::new(message),
+            origin: Some(ConnRef {
+                node: ORIGIN.into(),
+                conn: 1,
+            }),
+            client_msg_id: Some(format!("g{g}")),
+        };
+        h.log.publish(envelope, None).await.expect("publish");
+    }
+    let mut answered = std::collections::BTreeSet::new();
+    while answered.len() < groups.len() {
+        for delivery in next(&mut h.answers).await {
+            if let Payload::Sent { client_msg_id, .. } = delivery.payload {
+                answered.insert(client_msg_id);
+            }
+        }
+    }
+    for g in 0..groups.len() {
+        for m in 0..3 {
+            let user = format!("g{g}m{m}");
+            let bodies: Vec<String> = h
+                .store
+                .pending(&user, None, 10)
+                .await
+                .expect("pending")
+                .into_iter()
+                .map(|message| message.body)
+                .collect();
+            let expected = if m == 0 {
+                vec![]
+            } else {
+                vec![format!("to group {g}")]
+            };
+            assert_eq!(bodies, expected, "{user}");
+        }
     }
 }
