@@ -292,7 +292,7 @@ async fn receipts_are_kept_until_confirmed_and_pushed_to_online_senders() {
     barrier(&mut h, "bob").await;
     let kept = h.store.notices("alice", None, 10).await.expect("notices");
     assert_eq!(kept.len(), 1);
-    let storage::Notice::Receipt(first) = &kept[0].1 else {
+    let Notice::Receipt(first) = &kept[0].1 else {
         panic!("not a receipt: {kept:?}")
     };
     assert_eq!(
@@ -328,7 +328,7 @@ async fn receipts_are_kept_until_confirmed_and_pushed_to_online_senders() {
     let ids: Vec<_> = kept.iter().map(|(id, _)| *id).collect();
     assert_eq!(ids.len(), 2, "{kept:?}");
     assert_eq!(ids[1], id);
-    assert_eq!(kept[1].1, storage::Notice::Receipt(receipt));
+    assert_eq!(kept[1].1, Notice::Receipt(receipt));
 }
 
 /// A batch's reads are taken together, but a reader's reads of one conversation in log
