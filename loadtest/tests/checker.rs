@@ -272,44 +272,25 @@ async fn encrypted_runs_against_the_embedded_gateway_lose_nothing() {
 /// downloads what it gets and checks the bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_with_attachments_check_every_downloaded_byte() {
-    let (gw, _dir) = start_gateway().await;
-    let url = format!("ws://{}/ws", gw.client_addr);
-    let options = Options {
+    let stats = hundred_messages(Options {
         attachments: 0.5,
         attachment_bytes: 20_000,
         ..options()
-    };
-    let outcome = scenario::run(
-        &fleet(&url, Tokens::Secret("lt-secret".into()), 10),
-        &direct(100.0, 1.0),
-        &options,
-        None,
-    )
-    .await
-    .expect("run");
-    let (verdict, stats) = (outcome.ledger.verdict(), outcome.stats);
-    assert!(stats.errors.is_empty(), "{:?}", stats.errors);
-    assert!(verdict.clean() && verdict.delivered == 100, "{verdict:?}");
+    })
+    .await;
     // About half of the 100 messages carry a file; each arrived, was downloaded, matched.
     assert!(
         (20..=80).contains(&stats.attachments_verified),
         "{} attachments verified",
         stats.attachments_verified
     );
-    gw.shutdown();
-    gw.wait().await;
 }
 
-/// `--read`: recipients mark each message read as it comes, and the senders get the
-/// `read` receipts (counted; the last may still be on their way when the run ends).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn runs_that_read_count_the_read_receipts() {
+/// 100 messages among 10 users in a second, on a fresh embedded gateway: every one
+/// delivered, no error.
+async fn hundred_messages(options: Options) -> loadtest::stats::Stats {
     let (gw, _dir) = start_gateway().await;
     let url = format!("ws://{}/ws", gw.client_addr);
-    let options = Options {
-        read: true,
-        ..options()
-    };
     let outcome = scenario::run(
         &fleet(&url, Tokens::Secret("lt-secret".into()), 10),
         &direct(100.0, 1.0),
@@ -321,13 +302,25 @@ async fn runs_that_read_count_the_read_receipts() {
     let (verdict, stats) = (outcome.ledger.verdict(), outcome.stats);
     assert!(stats.errors.is_empty(), "{:?}", stats.errors);
     assert!(verdict.clean() && verdict.delivered == 100, "{verdict:?}");
+    gw.shutdown();
+    gw.wait().await;
+    stats
+}
+
+/// `--read`: recipients mark each message read as it comes, and the senders get the
+/// `read` receipts (counted; the last may still be on their way when the run ends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_that_read_count_the_read_receipts() {
+    let stats = hundred_messages(Options {
+        read: true,
+        ..options()
+    })
+    .await;
     assert!(
         (1..=100).contains(&stats.read_receipts),
         "{} read receipts for 100 messages read",
         stats.read_receipts
     );
-    gw.shutdown();
-    gw.wait().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
