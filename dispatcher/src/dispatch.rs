@@ -457,10 +457,6 @@ impl Dispatcher {
         outcome.commits.push((commit, Err(reason.to_owned())));
     }
 
-    /// Who gets a message in their pending queue: the other party of a direct
-    /// conversation (the sender for a note to self), or every other group member; for an
-    /// end-to-end encrypted message, each device it carries a ciphertext for (the gateway
-    /// checked them against the device lists).
     /// The members of the groups the batch's messages go to, [`GROUPS_AT_ONCE`] read at a
     /// time: one after the other, each a store round trip, they held up the whole batch. A
     /// group that could not be read, or is not there, is left out ([`Self::recipients`] reads
@@ -477,6 +473,10 @@ impl Dispatcher {
             .await
     }
 
+    /// Who gets a message in their pending queue: the other party of a direct
+    /// conversation (the sender for a note to self), or every other group member; for an
+    /// end-to-end encrypted message, each device it carries a ciphertext for (the gateway
+    /// checked them against the device lists).
     async fn recipients(
         &self,
         message: &Message,
