@@ -7,7 +7,7 @@ mod common;
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use common::haproxy::{free_port, Haproxy};
+use common::haproxy::{free_ports, Haproxy};
 use common::process::spawn;
 use common::servers::Server;
 use common::{Client, CLUSTER_KEYS, SECRET, WAIT};
@@ -803,7 +803,8 @@ async fn a_rolling_restart_behind_haproxy_loses_nothing() {
     }
     let tag = tag();
     let env = cluster_env(&cluster_config(&tag, |_| {}));
-    let ports = [(free_port(), free_port()), (free_port(), free_port())];
+    let [a, b, c, d] = free_ports();
+    let ports = [(a, b), (c, d)];
     let gateway = |(client, admin): (u16, u16)| {
         let env = env.clone();
         async move {

@@ -2,12 +2,18 @@
 
 use std::time::{Duration, Instant};
 
-/// A free loopback port.
-pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+/// `N` distinct free loopback ports (all held at once while they are chosen: released one
+/// by one, the kernel may hand the same port out twice).
+pub(crate) fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<std::net::TcpListener> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
+        .collect();
+    std::array::from_fn(|i| {
+        listeners[i]
+            .local_addr()
+            .expect("a bound port's address")
+            .port()
+    })
 }
 
 /// HAProxy as `infra/haproxy.cfg` configures it (least connections, `/readyz` health
@@ -27,11 +33,29 @@ pub(crate) struct Haproxy {
 
 impl Haproxy {
     pub(crate) async fn start(gateways: &[(u16, u16)], pinned: bool) -> Haproxy {
+        // A port chosen here may be taken by another test before HAProxy binds it; HAProxy
+        // then exits (`noreuseport`: it never shares a port) and is started again on others.
+        for _ in 0..5 {
+            if let Some(haproxy) = Haproxy::try_start(gateways, pinned).await {
+                if !pinned {
+                    for i in 1..=gateways.len() {
+                        haproxy.wait_until(&format!("gateway-{i}"), true).await;
+                    }
+                }
+                return haproxy;
+            }
+        }
+        panic!("HAProxy could not bind its ports in five tries");
+    }
+
+    /// Starts HAProxy on fresh ports; `None` if it exited (a port was taken) before its
+    /// runtime API answered, which it does once every listener is bound.
+    async fn try_start(gateways: &[(u16, u16)], pinned: bool) -> Option<Haproxy> {
         let shipped = std::fs::read_to_string(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra/haproxy.cfg"),
         )
         .expect("infra/haproxy.cfg");
-        let (port, stats) = (free_port(), free_port());
+        let [port, stats] = free_ports();
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = String::new();
         for line in shipped.lines() {
@@ -46,9 +70,11 @@ impl Haproxy {
             }
             config.push_str(&match trimmed {
                 // The file descriptors a test process may have, not production's; the
-                // runtime API an operator drains a server with.
+                // runtime API an operator drains a server with; and no port shared with
+                // another test's HAProxy (by default it binds with SO_REUSEPORT, and two
+                // instances on one port would split its connections between them).
                 l if l.starts_with("maxconn") => format!(
-                    "    maxconn 4000\n    stats socket {}/admin.sock level admin",
+                    "    maxconn 4000\n    noreuseport\n    stats socket {}/admin.sock level admin",
                     dir.path().display()
                 ),
                 l if l.starts_with("bind ") => format!("    bind 127.0.0.1:{port}"),
@@ -81,28 +107,37 @@ impl Haproxy {
             .kill_on_drop(true)
             .spawn()
             .expect("haproxy is installed (infra/validate.sh installs it)");
-        let haproxy = Haproxy {
+        let mut haproxy = Haproxy {
             child,
             port,
             stats,
             dir,
         };
-        if pinned {
-            // No health checks: ready once it listens.
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_err()
-            {
-                assert!(Instant::now() < deadline, "HAProxy did not start listening");
-                tokio::time::sleep(Duration::from_millis(20)).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(_)) = haproxy.child.try_wait() {
+                return None;
             }
-        } else {
-            for i in 1..=gateways.len() {
-                haproxy.wait_until(&format!("gateway-{i}"), true).await;
+            if haproxy.answers().await {
+                return Some(haproxy);
             }
+            assert!(Instant::now() < deadline, "HAProxy did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        haproxy
+    }
+
+    /// Whether the runtime API answers (HAProxy has bound every listener).
+    async fn answers(&self) -> bool {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(mut socket) =
+            tokio::net::UnixStream::connect(self.dir.path().join("admin.sock")).await
+        else {
+            return false;
+        };
+        let mut answer = String::new();
+        socket.write_all(b"show info\n").await.is_ok()
+            && socket.read_to_string(&mut answer).await.is_ok()
+            && answer.contains("Pid:")
     }
 
     /// Sends one command to HAProxy's runtime API and returns its answer.
