@@ -89,8 +89,31 @@ fetch() {
     fi
 }
 
+# A free loopback port. The kernel may hand a port out again once it is released, and a
+# server chosen a port for has not always bound it yet, so the ports given out to one set
+# of servers are remembered in the file CHAT_SERVERS_PORTS names (set by `up*` and `run`)
+# and never given out twice.
 free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+    python3 - "${CHAT_SERVERS_PORTS:-}" <<'PY'
+import fcntl, socket, sys
+given, held, memory = set(), [], None
+if sys.argv[1]:
+    memory = open(sys.argv[1], "a+")
+    fcntl.flock(memory, fcntl.LOCK_EX)
+    memory.seek(0)
+    given = {int(port) for port in memory.read().split()}
+while True:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    held.append(listener)  # held until the end, so that the kernel offers another
+    port = listener.getsockname()[1]
+    if port not in given:
+        break
+if memory:
+    memory.write(f"{port}\n")
+    memory.flush()
+print(port)
+PY
 }
 
 run_redis() { # <dir> <port>
@@ -413,6 +436,8 @@ refuse_live() { # <state dir>
 start() { # <up function> <state dir>
     refuse_live "$2"
     STARTING="$2"
+    export CHAT_SERVERS_PORTS="$2/ports"
+    mkdir -p "$2" && : > "$CHAT_SERVERS_PORTS"
     trap '[ $? -eq 0 ] || down "$STARTING"' EXIT
     "$1" "$2"
 }
@@ -682,7 +707,13 @@ cmd="${1:-}"
 shift || true
 case "$cmd" in
 fetch) fetch ;;
-run) "run_${1//-/_}" "$2" "$3" ;;
+run)
+    # On its own (a test's server), the server's own port and those it picks are one set.
+    if [ -z "${CHAT_SERVERS_PORTS:-}" ]; then
+        export CHAT_SERVERS_PORTS="$2.ports"
+        echo "$3" >> "$CHAT_SERVERS_PORTS"
+    fi
+    "run_${1//-/_}" "$2" "$3" ;;
 wait) wait_for "$@" ;;
 up) fetch; start up "$1" ;;
 up-replicated) fetch; start up_replicated "$1" ;;

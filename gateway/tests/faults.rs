@@ -7,7 +7,8 @@ mod common;
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use common::haproxy::{free_ports, Haproxy};
+use common::free_ports;
+use common::haproxy::Haproxy;
 use common::process::spawn;
 use common::servers::Server;
 use common::{Client, CLUSTER_KEYS, SECRET, WAIT};

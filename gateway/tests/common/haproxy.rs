@@ -2,19 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-/// `N` distinct free loopback ports (all held at once while they are chosen: released one
-/// by one, the kernel may hand the same port out twice).
-pub(crate) fn free_ports<const N: usize>() -> [u16; N] {
-    let listeners: Vec<std::net::TcpListener> = (0..N)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
-        .collect();
-    std::array::from_fn(|i| {
-        listeners[i]
-            .local_addr()
-            .expect("a bound port's address")
-            .port()
-    })
-}
+use super::free_ports;
 
 /// HAProxy as `infra/haproxy.cfg` configures it (least connections, `/readyz` health
 /// checks every 2 s), in front of gateways at `(client port, admin port)`, with a stats

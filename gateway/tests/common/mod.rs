@@ -10,6 +10,30 @@ pub(crate) mod servers;
 
 pub(crate) use client::*;
 
+/// `N` distinct free loopback ports, none handed out before in this process: all are held
+/// at once while they are chosen, and the kernel may give a port out again once it is
+/// released (a server not yet started, or stopped to be started again, does not hold its
+/// port), so the ports given out are remembered.
+pub(crate) fn free_ports<const N: usize>() -> [u16; N] {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut held = Vec::new();
+    while held.len() < N {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let port = listener
+            .local_addr()
+            .expect("a bound port's address")
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            held.push((port, listener));
+        }
+    }
+    std::array::from_fn(|i| held[i].0)
+}
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -16,10 +16,7 @@ fn servers_script() -> std::path::PathBuf {
 impl Server {
     /// Starts a server and waits until it answers a real request.
     pub(crate) async fn start(kind: &'static str) -> Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let [port] = super::free_ports();
         let mut server = Server {
             kind,
             dir: tempfile::tempdir().expect("tempdir"),
