@@ -77,7 +77,7 @@ pub struct Report {
     pub connect_latency: Percentiles,
     /// Attachments downloaded whose bytes matched their SHA-256 (`--attachments`).
     pub attachments_verified: u64,
-    /// `read` receipts that came to the senders (`--read`).
+    /// `read` receipts that came to the senders (`--read`), once per message and reader.
     pub read_receipts: u64,
     pub errors: std::collections::BTreeMap<String, u64>,
     pub verdict: Verdict,

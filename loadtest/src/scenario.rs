@@ -5,7 +5,7 @@
 //! whom; it never waits for answers (open loop), so a slow server shows up as latency
 //! measured from the intended time instead of as a lower offered rate.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -224,6 +224,9 @@ struct Agent {
     e2ee: Option<Mutex<Decrypting>>,
     /// With `--attachments`: the media id of this user's uploaded file.
     media: std::sync::OnceLock<String>,
+    /// With `--read`: the read receipts that came, as (message id, reader), so that one
+    /// that comes again (not yet confirmed when the connection dropped) counts once.
+    read_receipts: Mutex<HashSet<(String, String)>>,
 }
 
 /// A device's end-to-end encryption state in a run.
@@ -280,6 +283,7 @@ pub async fn run(
                 })
             }),
             media: std::sync::OnceLock::new(),
+            read_receipts: Mutex::new(HashSet::new()),
         }));
         inboxes.push(inbox);
     }

@@ -50,7 +50,8 @@ pub struct Stats {
     /// Attachments downloaded whose bytes hash to what the message said.
     #[serde(default)]
     pub attachments_verified: u64,
-    /// `read` receipts that came (`--read`).
+    /// `read` receipts that came (`--read`), one per message and reader (one that came
+    /// again after a reconnect counts once).
     #[serde(default)]
     pub read_receipts: u64,
     pub errors: BTreeMap<String, u64>,

@@ -323,6 +323,49 @@ async fn runs_that_read_count_the_read_receipts() {
     );
 }
 
+/// A receipt the sender had not confirmed when its connection dropped comes again after
+/// it reconnects; counted once, a message read makes at most one read receipt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_receipts_that_come_again_after_a_reconnect_count_once() {
+    let (gw, _dir) = start_gateway().await;
+    let url = format!("ws://{}/ws", gw.client_addr);
+    let reading = Options {
+        read: true,
+        ..options()
+    };
+    let outcome = scenario::run(
+        &fleet(&url, Tokens::Secret("lt-secret".into()), 10),
+        &Workload::Reconnect {
+            rates: vec![500.0],
+            step: Duration::from_secs(4),
+            fraction: 0.5,
+            every: Duration::from_millis(150),
+            offline: Duration::from_millis(20),
+        },
+        &reading,
+        None,
+    )
+    .await
+    .expect("run");
+    let (verdict, stats) = (outcome.ledger.verdict(), outcome.stats);
+    assert_eq!(verdict.lost, 0, "{verdict:?}");
+    assert!(
+        stats.errors.get("reconnects_forced").copied().unwrap_or(0) >= 10,
+        "{:?}",
+        stats.errors
+    );
+    // Every message that came was read once: confirmed or not (its sender dropped before
+    // its `sent`), each makes at most one read receipt.
+    let came = verdict.delivered + verdict.unconfirmed;
+    assert!(
+        (1..=came).contains(&stats.read_receipts),
+        "{} read receipts for {came} messages that came",
+        stats.read_receipts,
+    );
+    gw.shutdown();
+    gw.wait().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_exits_non_zero_when_anything_was_lost() {
     let (bad, stop_bad) = start_relay(Faults {

@@ -251,10 +251,21 @@ pub(super) async fn read_loop(
                 });
             }
             ServerFrame::Receipt {
-                receipt_id, status, ..
+                receipt_id,
+                message_id,
+                by,
+                status,
+                ..
             } => {
                 if status == "read" {
-                    shared.collector().stats.read_receipts += 1;
+                    let first = agent
+                        .read_receipts
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert((message_id, by));
+                    if first {
+                        shared.collector().stats.read_receipts += 1;
+                    }
                 }
                 // Shown: no longer kept for this user's next connect.
                 let _ = acks.send(Confirm::Receipt(receipt_id));
