@@ -38,6 +38,8 @@ use super::{Location, NodeDelivery, PresenceService, Quota, Status};
 use keys::{member, parse_member, Keys};
 
 mod keys;
+#[cfg(test)]
+mod tests;
 use crate::error::{Error, Result};
 
 /// How long a reconnect keeps retrying to write this process's devices again.
