@@ -10,6 +10,16 @@ pub(crate) mod servers;
 
 pub(crate) use client::*;
 
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use gateway::auth::Auth;
+use gateway::{Config, Running};
+
+pub(crate) const SECRET: &str = "test-secret";
+/// Upper bound on waiting for any one expected event.
+pub(crate) const WAIT: Duration = Duration::from_secs(15);
+
 /// `N` distinct free loopback ports, none handed out before in this process: all are held
 /// at once while they are chosen, and the kernel may give a port out again once it is
 /// released (a server not yet started, or stopped to be started again, does not hold its
@@ -33,16 +43,6 @@ pub(crate) fn free_ports<const N: usize>() -> [u16; N] {
     }
     std::array::from_fn(|i| held[i].0)
 }
-
-use std::net::SocketAddr;
-use std::time::Duration;
-
-use gateway::auth::Auth;
-use gateway::{Config, Running};
-
-pub(crate) const SECRET: &str = "test-secret";
-/// Upper bound on waiting for any one expected event.
-pub(crate) const WAIT: Duration = Duration::from_secs(15);
 
 /// The system under test: one embedded gateway, or, when `CHAT_TEST_CLUSTER` is set, a
 /// distributed cluster of two gateways and two dispatchers on the real Kafka, CQL and
