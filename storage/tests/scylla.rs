@@ -1,6 +1,7 @@
 //! What only the ScyllaDB backend has to show: a keyspace written by schema version 1 keeps
 //! working after the upgrade to version 2 (its send records still answer retries, its
-//! pending entries still ack and replay), and version 3 fills its inboxes. Runs on the real CQL node (`TEST_SCYLLA_NODES`).
+//! pending entries still ack and replay), and version 3 fills its inboxes; a failed write is
+//! retried whole. Runs on the real CQL node (`TEST_SCYLLA_NODES`).
 
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
@@ -220,6 +221,133 @@ async fn a_version_1_keyspace_keeps_working_after_the_upgrade() {
         .expect("pending")
         .is_empty());
 
+    let _ = session
+        .query_unpaged(format!("DROP KEYSPACE {ks}"), ())
+        .await;
+}
+
+/// A TCP proxy to the CQL node that can swallow write batches (CQL v4 frames whose opcode
+/// is BATCH) while it passes everything else, so that a write fails between reads that
+/// succeed. A swallowed request never reaches the node: the driver times it out.
+struct BatchEater {
+    addr: std::net::SocketAddr,
+    eating: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl BatchEater {
+    async fn start(upstream: String) -> Self {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let eating = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let eat = eating.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let eat = eat.clone();
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
+                });
+                tokio::spawn(async move {
+                    const BATCH: u8 = 0x0D;
+                    let mut header = [0u8; 9];
+                    while from_client.read_exact(&mut header).await.is_ok() {
+                        let len = u32::from_be_bytes([header[5], header[6], header[7], header[8]]);
+                        let mut body = vec![0u8; len as usize];
+                        if from_client.read_exact(&mut body).await.is_err() {
+                            break;
+                        }
+                        if header[4] == BATCH && eat.load(Ordering::SeqCst) {
+                            continue;
+                        }
+                        if to_server.write_all(&header).await.is_err()
+                            || to_server.write_all(&body).await.is_err()
+                        {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        BatchEater { addr, eating }
+    }
+
+    fn eat(&self, on: bool) {
+        self.eating.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A write that fails is retried whole: the row saying which history bucket holds a
+/// conversation's messages is not skipped the second time because the first attempt meant
+/// to write it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_first_write_failed_is_in_history_after_the_retry() {
+    let Some(nodes) = nodes() else { return };
+    let node = nodes.split(',').next().expect("a node").to_owned();
+    let proxy = BatchEater::start(node.clone()).await;
+    let ks = format!("t{}", Uuid::new_v4().simple());
+    let mut config = ScyllaConfig::new(vec![proxy.addr.to_string()], keys());
+    config.keyspace = ks.clone();
+    config.replication = Some(1);
+    config.timeout = std::time::Duration::from_secs(1);
+    let store = ScyllaStore::connect(config).await.expect("connect");
+
+    let conversation = Conversation::direct("dora", "erin");
+    let id = Uuid::now_v7();
+    let new = NewMessage {
+        message: Message {
+            id,
+            conversation: conversation.clone(),
+            from: "dora".into(),
+            body: "the first of its conversation".into(),
+            ts: ts_of(id),
+            e2ee: None,
+            attachments: Vec::new(),
+        },
+        recipients: vec!["erin".into()],
+        client_msg_id: Some("c-1".into()),
+    };
+    proxy.eat(true);
+    let refused = store.append(std::slice::from_ref(&new)).await;
+    assert!(refused.is_err(), "a write that never arrived: {refused:?}");
+    proxy.eat(false);
+
+    // The dispatcher appends the batch again; the store's breaker may still be open for a
+    // moment after the failures, so the retry is repeated until it is let through.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    let appended = loop {
+        match store.append(std::slice::from_ref(&new)).await {
+            Ok(out) => break out,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                eprintln!("retrying the append: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("the append never succeeded again: {e}"),
+        }
+    };
+    assert_eq!((appended[0].id, appended[0].inserted), (id, true));
+    let history = store
+        .history(&conversation, None, 10)
+        .await
+        .expect("history");
+    assert_eq!(
+        history.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![id],
+        "the message is stored but history cannot find its bucket"
+    );
+
+    let session = SessionBuilder::new()
+        .known_node(&node)
+        .build()
+        .await
+        .expect("connect");
     let _ = session
         .query_unpaged(format!("DROP KEYSPACE {ks}"), ())
         .await;

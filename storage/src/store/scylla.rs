@@ -463,9 +463,14 @@ impl ScyllaStore {
         try_join_all(lookups).await
     }
 
-    /// The rows of a new message: the message, the bucket (once per process), a pending
-    /// entry per recipient.
-    fn message_writes(&self, message: &Message, recipients: &[String]) -> Result<Vec<Write>> {
+    /// The rows of a new message: the message, the bucket (unless this process has written
+    /// it; a bucket written here is added to `fresh`), a pending entry per recipient.
+    fn message_writes(
+        &self,
+        message: &Message,
+        recipients: &[String],
+        fresh: &mut HashSet<(String, i32)>,
+    ) -> Result<Vec<Write>> {
         let s = &self.inner.s;
         let conversation = message.conversation.to_string();
         let sealed = self.inner.config.keys.seal(
@@ -476,14 +481,13 @@ impl ScyllaStore {
         )?;
         let bucket = bucket_of(message.id);
         let mut writes = Vec::with_capacity(recipients.len() + 2);
-        let fresh_bucket = {
-            let mut known = self.inner.buckets.lock().unwrap_or_else(|e| e.into_inner());
-            if known.len() >= KNOWN_BUCKETS {
-                known.clear();
-            }
-            known.insert((conversation.clone(), bucket))
-        };
-        if fresh_bucket {
+        let known = self
+            .inner
+            .buckets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&(conversation.clone(), bucket));
+        if !known && fresh.insert((conversation.clone(), bucket)) {
             let bytes = conversation.len();
             writes.push(Write::new(
                 &s.bucket_put,
@@ -575,6 +579,7 @@ impl MessageStore for ScyllaStore {
         let mut rows = Vec::new();
         let mut records = Vec::new();
         let mut this_call = StoredThisCall::default();
+        let mut fresh = HashSet::new();
         for (new, earlier) in batch.iter().zip(earlier) {
             if let Some(outcome) = this_call.earlier(new) {
                 outcomes.push(outcome);
@@ -596,7 +601,7 @@ impl MessageStore for ScyllaStore {
                 });
                 continue;
             }
-            rows.extend(self.message_writes(&new.message, &new.recipients)?);
+            rows.extend(self.message_writes(&new.message, &new.recipients, &mut fresh)?);
             if let Some(cmid) = &new.client_msg_id {
                 let conversation = new.message.conversation.to_string();
                 let key = send_key(&new.message.from, cmid);
@@ -616,6 +621,14 @@ impl MessageStore for ScyllaStore {
             });
         }
         self.inner.writes.write(rows).await?;
+        // Remembered only once written: a failed write is retried with its bucket row.
+        if !fresh.is_empty() {
+            let mut known = self.inner.buckets.lock().unwrap_or_else(|e| e.into_inner());
+            if known.len() + fresh.len() > KNOWN_BUCKETS {
+                known.clear();
+            }
+            known.extend(fresh);
+        }
         self.inner.writes.write(records).await?;
         Ok(outcomes)
     }
