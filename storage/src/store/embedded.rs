@@ -23,10 +23,10 @@ mod reclaim;
 mod rows;
 mod writer;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::ops::Bound;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fjall::compaction::filter::Factory;
@@ -53,6 +53,8 @@ use crate::store::{
 const SCHEMA_VERSION: u64 = 4;
 /// Most messages `mark_read` scans to find the senders a read covers.
 const READ_SCAN_LIMIT: usize = 10_000;
+/// Inbox rows the writer thread remembers as written (about 10 MiB at most).
+const INBOX_ROWS_REMEMBERED: usize = 100_000;
 /// The store's directory inside the data directory.
 const STORE_DIR: &str = "store";
 
@@ -154,6 +156,11 @@ struct Db {
     meta: Keyspace,
     keys: Keyring,
     idempotency_ttl: Duration,
+    /// Inbox rows (`user ␀ conversation`) this process has written, so that each is
+    /// written once rather than with every message: a conversation's latest message is
+    /// read from `messages` when an inbox is listed. Used by the writer thread only;
+    /// cleared when full ([`INBOX_ROWS_REMEMBERED`]).
+    inbox_written: Arc<Mutex<HashSet<Vec<u8>>>>,
 }
 
 impl Db {
@@ -202,6 +209,7 @@ impl Db {
             database,
             keys,
             idempotency_ttl,
+            inbox_written: Arc::default(),
         };
         Ok(db)
     }
@@ -275,7 +283,7 @@ impl Db {
             let at = latest.entry(name.to_owned()).or_default();
             *at = (*at).max(id);
         }
-        let mut groups = std::collections::HashMap::new();
+        let mut groups = HashMap::new();
         for row in self.groups.iter() {
             let group: Group = decode(&row.value()?)?;
             latest
@@ -330,6 +338,20 @@ impl Db {
 
     fn batch(&self) -> OwnedWriteBatch {
         self.database.batch()
+    }
+
+    /// The inbox rows this process has written ([`Db::inbox_written`]).
+    fn inbox_written(&self) -> std::sync::MutexGuard<'_, HashSet<Vec<u8>>> {
+        self.inbox_written.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The id of a conversation's newest message.
+    fn latest_message(&self, conversation: &str) -> Result<Option<u128>> {
+        let newest = self
+            .messages
+            .range(id_key(conversation, 0)..=id_key(conversation, u128::MAX))
+            .next_back();
+        newest.map(|row| id_of(&row.key()?)).transpose()
     }
 
     /// Keeps a receipt for `to` under `id`, in `batch` (with the ack or read marker that
@@ -494,6 +516,8 @@ impl MessageStore for EmbeddedStore {
             let mut batch = db.batch();
             let mut outcomes = Vec::with_capacity(rows.len());
             let mut this_call = StoredThisCall::default();
+            let mut inbox_rows = HashSet::new();
+            let mut inbox_written = db.inbox_written();
             for (row, record) in rows.iter().zip(records) {
                 if let Some(outcome) = this_call.earlier(&row.new) {
                     outcomes.push(outcome);
@@ -531,16 +555,18 @@ impl MessageStore for EmbeddedStore {
                     // weak tombstone then suffices (see `ack`).
                     batch.insert(&db.pending, id_key(user, row.id), row.pending.clone());
                 }
-                // The conversation's latest activity for its sender and recipients: written
-                // without reading what is there. A conversation's messages are appended in
-                // order, so only a group change made while this message was on its way can
-                // be newer, and it is older by milliseconds at most.
+                // The conversation in its sender's and recipients' inboxes, once per
+                // process: its latest activity is read from its messages when an inbox is
+                // listed, and the row's own id (this message's, or a group change's) is a
+                // floor under it. Written without reading what is there: only a group
+                // change made while this message was on its way can be newer, and it is
+                // older by milliseconds at most.
                 for user in inbox_users(&new.message.from, &new.recipients) {
-                    batch.insert(
-                        &db.inbox,
-                        key(user, row.name.as_bytes()),
-                        row.id.to_be_bytes(),
-                    );
+                    let inbox_row = key(user, row.name.as_bytes());
+                    if !inbox_written.contains(&inbox_row) && !inbox_rows.contains(&inbox_row) {
+                        batch.insert(&db.inbox, inbox_row.clone(), row.id.to_be_bytes());
+                        inbox_rows.insert(inbox_row);
+                    }
                 }
                 if let Some(cmid) = &new.client_msg_id {
                     let record = encode(&SendRecord {
@@ -559,6 +585,11 @@ impl MessageStore for EmbeddedStore {
                 });
             }
             batch.commit()?;
+            // Remembered only once committed: a failed write is retried whole.
+            if inbox_written.len() + inbox_rows.len() > INBOX_ROWS_REMEMBERED {
+                inbox_written.clear();
+            }
+            inbox_written.extend(inbox_rows);
             Ok(outcomes)
         })
         .await
@@ -796,7 +827,8 @@ impl MessageStore for EmbeddedStore {
     }
 
     /// The user's whole inbox is read and sorted: one user's conversations are few
-    /// enough (thousands at most) for that.
+    /// enough (thousands at most) for that. Each conversation's activity is the later of
+    /// its row's and its newest message's (one reverse seek each).
     async fn conversations(
         &self,
         user: &str,
@@ -808,14 +840,15 @@ impl MessageStore for EmbeddedStore {
             let mut all = Vec::new();
             for row in db.inbox.prefix(&prefix) {
                 let (key, value) = row.into_inner()?;
-                let activity = Uuid::from_u128(id_value(&value)?);
                 let name = key
                     .get(prefix.len()..)
                     .and_then(|b| std::str::from_utf8(b).ok())
                     .ok_or_else(|| Error::Backend("a stored inbox key is malformed".into()))?;
+                let floor = id_value(&value)?;
+                let latest = db.latest_message(name)?.unwrap_or_default();
                 all.push(InboxEntry {
                     conversation: parse_conversation(name)?,
-                    activity,
+                    activity: Uuid::from_u128(floor.max(latest)),
                 });
             }
             Ok(inbox_page(all, before, limit))
@@ -899,6 +932,9 @@ impl MessageStore for EmbeddedStore {
             let mut batch = db.batch();
             batch.insert(&db.groups, key, encode(&group)?);
             let name = group.conversation().to_string();
+            // A row removed here may still be remembered as written: nothing re-adds it
+            // but a message to its user, and only a member is sent one (re-adding a
+            // member writes the row below).
             for member in remove.iter().filter(|m| !group.members.contains(*m)) {
                 batch.remove(&db.inbox, self::key(member, name.as_bytes()));
             }
