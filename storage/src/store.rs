@@ -1,7 +1,8 @@
 //! The store contract and the enum of backends that is what actually runs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -384,6 +385,20 @@ pub(crate) fn check_supply(devices_after: usize, keys_after: usize) -> Result<()
         )));
     }
     Ok(())
+}
+
+/// Adds rows a write has just stored to those its process remembers having written (so as
+/// not to write them again), forgetting all of them first when they would number more than
+/// `most`: a forgotten row is only written once more.
+pub(crate) fn remember_written<T: Eq + Hash>(
+    known: &mut HashSet<T>,
+    fresh: HashSet<T>,
+    most: usize,
+) {
+    if known.len() + fresh.len() > most {
+        known.clear();
+    }
+    known.extend(fresh);
 }
 
 /// A page of a user's whole inbox, as both backends read it: latest activity first, only

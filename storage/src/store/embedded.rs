@@ -44,7 +44,8 @@ use crate::model::{
     ReceiptStatus,
 };
 use crate::store::{
-    check_supply, inbox_page, inbox_users, MessageStore, Reencryption, StoredThisCall,
+    check_supply, inbox_page, inbox_users, remember_written, MessageStore, Reencryption,
+    StoredThisCall,
 };
 
 /// The on-disk format this build writes. Version 1 was a redb file (`store.redb`), which
@@ -563,9 +564,8 @@ impl MessageStore for EmbeddedStore {
                 // older by milliseconds at most.
                 for user in inbox_users(&new.message.from, &new.recipients) {
                     let inbox_row = key(user, row.name.as_bytes());
-                    if !inbox_written.contains(&inbox_row) && !inbox_rows.contains(&inbox_row) {
-                        batch.insert(&db.inbox, inbox_row.clone(), row.id.to_be_bytes());
-                        inbox_rows.insert(inbox_row);
+                    if !inbox_written.contains(&inbox_row) && inbox_rows.insert(inbox_row.clone()) {
+                        batch.insert(&db.inbox, inbox_row, row.id.to_be_bytes());
                     }
                 }
                 if let Some(cmid) = &new.client_msg_id {
@@ -586,10 +586,7 @@ impl MessageStore for EmbeddedStore {
             }
             batch.commit()?;
             // Remembered only once committed: a failed write is retried whole.
-            if inbox_written.len() + inbox_rows.len() > INBOX_ROWS_REMEMBERED {
-                inbox_written.clear();
-            }
-            inbox_written.extend(inbox_rows);
+            remember_written(&mut inbox_written, inbox_rows, INBOX_ROWS_REMEMBERED);
             Ok(outcomes)
         })
         .await

@@ -47,7 +47,10 @@ use uuid::Uuid;
 
 use self::batcher::{Batcher, Limits, Write};
 use self::statements::Statements;
-use super::{check_supply, inbox_page, inbox_users, MessageStore, Reencryption, StoredThisCall};
+use super::{
+    check_supply, inbox_page, inbox_users, remember_written, MessageStore, Reencryption,
+    StoredThisCall,
+};
 use crate::crypto::Keyring;
 use crate::error::{Error, Result};
 use crate::model::{
@@ -624,10 +627,7 @@ impl MessageStore for ScyllaStore {
         // Remembered only once written: a failed write is retried with its bucket row.
         if !fresh.is_empty() {
             let mut known = self.inner.buckets.lock().unwrap_or_else(|e| e.into_inner());
-            if known.len() + fresh.len() > KNOWN_BUCKETS {
-                known.clear();
-            }
-            known.extend(fresh);
+            remember_written(&mut known, fresh, KNOWN_BUCKETS);
         }
         self.inner.writes.write(records).await?;
         Ok(outcomes)
