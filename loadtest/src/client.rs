@@ -434,12 +434,20 @@ impl Tokens {
                     url: endpoint.clone(),
                     error,
                 };
+                // reqwest's own message ("error sending request") names no cause: the
+                // chain below it says whether the port was closed or the name unknown.
                 let response = reqwest::Client::new()
                     .post(&endpoint)
                     .body(serde_json::json!({ "user": user }).to_string())
                     .send()
                     .await
-                    .map_err(|e| fail(e.to_string()))?;
+                    .map_err(|e| {
+                        fail(format!(
+                            "{:#} (is a gateway in dev mode listening there? Otherwise pass \
+                             --jwt-secret)",
+                            anyhow::Error::new(e)
+                        ))
+                    })?;
                 if !response.status().is_success() {
                     return Err(fail(format!("HTTP {}", response.status())));
                 }
@@ -456,6 +464,23 @@ impl Tokens {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_token_that_cannot_be_fetched_says_why() {
+        // A port that was just free: nothing listens on it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let url = format!("ws://127.0.0.1:{port}/ws");
+        let error = Tokens::Dev
+            .token(&url, "alice")
+            .await
+            .expect_err("nothing listens");
+        let message = error.to_string().to_lowercase();
+        assert!(message.contains("refused"), "{message}");
+        assert!(message.contains("--jwt-secret"), "{message}");
+    }
 
     #[test]
     fn urls_parse() {
