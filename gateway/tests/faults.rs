@@ -914,10 +914,13 @@ async fn a_rolling_restart_behind_haproxy_loses_nothing() {
         "over 1% duplicates: {verdict:?}"
     );
     assert!(p99_ms <= 2000.0, "p99 send→delivered {p99_ms:.0} ms");
-    // Every reconnect landed on a live gateway: none was refused at the handshake.
-    assert_eq!(
-        stats.errors.get("handshake_failed"),
-        None,
+    // Every reconnect landed on a live gateway: none was refused at the handshake (by
+    // HAProxy's 503 or otherwise).
+    assert!(
+        !stats
+            .errors
+            .keys()
+            .any(|kind| kind == "handshake_failed" || kind.starts_with("http_")),
         "{:?}",
         stats.errors
     );

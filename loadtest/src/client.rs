@@ -25,8 +25,13 @@ pub enum Error {
         source_ip: Option<IpAddr>,
         error: std::io::Error,
     },
+    /// `status`: the HTTP status the server answered the upgrade with, if it answered one.
     #[error("WebSocket handshake with {url} failed: {error}")]
-    Handshake { url: String, error: String },
+    Handshake {
+        url: String,
+        error: String,
+        status: Option<u16>,
+    },
     #[error("getting a dev token from {url}: {error}")]
     Token { url: String, error: String },
     #[error("connection closed")]
@@ -330,12 +335,14 @@ pub async fn connect(target: &Target) -> Result<(Writer, Reader, ServerFrame)> {
         .map_err(|e| Error::Handshake {
             url: url.clone(),
             error: e.to_string(),
+            status: None,
         })?;
     let bearer = format!("Bearer {}", target.token)
         .parse()
         .map_err(|_| Error::Handshake {
             url: url.clone(),
             error: "token is not a valid header value".into(),
+            status: None,
         })?;
     request.headers_mut().insert("authorization", bearer);
     let config = WebSocketConfig::default().read_buffer_size(16 * 1024);
@@ -343,6 +350,12 @@ pub async fn connect(target: &Target) -> Result<(Writer, Reader, ServerFrame)> {
         .await
         .map_err(|e| Error::Handshake {
             url,
+            status: match &e {
+                tokio_tungstenite::tungstenite::Error::Http(response) => {
+                    Some(response.status().as_u16())
+                }
+                _ => None,
+            },
             error: e.to_string(),
         })?;
     let (sink, stream) = ws.split();

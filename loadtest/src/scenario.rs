@@ -5,7 +5,7 @@
 //! whom; it never waits for answers (open loop), so a slow server shows up as latency
 //! measured from the intended time instead of as a lower offered rate.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -339,12 +339,27 @@ pub async fn run(
             limit.clone(),
         )));
     }
-    // Bounded: a run whose server is down must end by itself, with the reason.
+    // Bounded: a run whose server is down must end by itself, with the reason; one whose
+    // server refuses every user (a wrong token or path) ends as soon as that is clear.
     let deadline = Instant::now() + options.connect_timeout;
-    for agent in &shared.agents {
-        tokio::select! {
-            _ = agent.ready.notified() => progress.inc(1),
-            _ = tokio::time::sleep_until(deadline) => break,
+    let mut look = tokio::time::interval(Duration::from_millis(100));
+    let mut refused = None;
+    'wait: for agent in &shared.agents {
+        loop {
+            tokio::select! {
+                _ = agent.ready.notified() => {
+                    progress.inc(1);
+                    break;
+                }
+                _ = tokio::time::sleep_until(deadline) => break 'wait,
+                _ = look.tick() => {
+                    let c = shared.collector();
+                    refused = refusal(c.stats.connected, &c.stats.errors, fleet.local_users);
+                    if refused.is_some() {
+                        break 'wait;
+                    }
+                }
+            }
         }
     }
     progress.finish_and_clear();
@@ -356,6 +371,12 @@ pub async fn run(
             let _ = task.await;
         }
         let errors = shared.collector().stats.errors.clone();
+        if let Some(why) = refused {
+            anyhow::bail!(
+                "{} refused every user: {why} (failures: {errors:?})",
+                fleet.urls.join(", ")
+            );
+        }
         anyhow::bail!(
             "no user could connect within {:?} to {:?} (failures: {errors:?})",
             options.connect_timeout,
@@ -446,5 +467,52 @@ impl std::fmt::Debug for StartGate {
 impl StartGate {
     async fn wait(self) {
         (self.0)().await;
+    }
+}
+
+/// Why connecting cannot succeed, once it is clear: no user connected and every attempt so
+/// far (at least one per user) was refused with an HTTP status that retrying does not
+/// change (4xx, but for 408 and 429).
+fn refusal(connected: u64, errors: &BTreeMap<String, u64>, users: u32) -> Option<String> {
+    let status = |kind: &str| kind.strip_prefix("http_")?.parse::<u16>().ok();
+    let lasting =
+        |kind: &str| status(kind).is_some_and(|s| (400..500).contains(&s) && s != 408 && s != 429);
+    let attempts: u64 = errors.values().sum();
+    if connected > 0 || attempts < u64::from(users.max(1)) || !errors.keys().all(|k| lasting(k)) {
+        return None;
+    }
+    let (kind, _) = errors.iter().max_by_key(|(_, n)| **n)?;
+    Some(match status(kind) {
+        Some(401) => "HTTP 401, the token was not accepted: --jwt-secret must be the \
+                     gateway's own (or leave it out for a dev-mode gateway)"
+            .to_string(),
+        Some(404) => "HTTP 404, nothing is served at that path (a gateway serves /ws)".into(),
+        _ => format!("HTTP {}", status(kind).unwrap_or_default()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(kinds: &[(&str, u64)]) -> BTreeMap<String, u64> {
+        kinds.iter().map(|(k, n)| (k.to_string(), *n)).collect()
+    }
+
+    #[test]
+    fn only_lasting_refusals_of_every_user_end_connecting() {
+        let refused = errors(&[("http_401", 5)]);
+        assert!(refusal(0, &refused, 5).is_some_and(|why| why.contains("--jwt-secret")));
+        // Not yet every user, or one of them got in.
+        assert_eq!(refusal(0, &refused, 6), None);
+        assert_eq!(refusal(1, &refused, 5), None);
+        // What may pass: a full accept queue, a connection cap, a server still starting.
+        for kind in ["http_429", "http_408", "http_503", "connect_failed"] {
+            assert_eq!(refusal(0, &errors(&[(kind, 50)]), 5), None, "{kind}");
+        }
+        assert_eq!(
+            refusal(0, &errors(&[("http_401", 5), ("connect_failed", 1)]), 5),
+            None
+        );
     }
 }

@@ -218,6 +218,37 @@ async fn short_runs_against_the_embedded_gateway_lose_nothing() {
     gw.wait().await;
 }
 
+/// A wrong token or path is refused at every attempt, which retrying does not mend: the run
+/// says so as soon as every user was refused, not after the connect timeout (60 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_refuses_every_user_ends_the_run_with_the_reason() {
+    let (gw, _dir) = start_gateway().await;
+    let url = format!("ws://{}/ws", gw.client_addr);
+    let cases = [
+        (url.clone(), Tokens::Secret("not-the-secret".into()), "401"),
+        (
+            format!("ws://{}/nope", gw.client_addr),
+            Tokens::Secret("lt-secret".into()),
+            "404",
+        ),
+    ];
+    for (url, tokens, status) in cases {
+        let (fleet, workload, options) = (fleet(&url, tokens, 5), direct(10.0, 1.0), options());
+        let run = scenario::run(&fleet, &workload, &options, None);
+        let Err(error) = tokio::time::timeout(Duration::from_secs(30), run)
+            .await
+            .expect("ended before the connect timeout")
+        else {
+            panic!("a run in which no user connected passed");
+        };
+        let message = error.to_string();
+        assert!(message.contains(&format!("HTTP {status}")), "{message}");
+        assert!(message.contains("refused every user"), "{message}");
+    }
+    gw.shutdown();
+    gw.wait().await;
+}
+
 /// Encrypted runs go through the same checker, which decrypts what arrives: a message it
 /// cannot decrypt counts as an error and is not delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -135,10 +135,15 @@ pub(super) async fn recv_acks(inbox: &mut mpsc::UnboundedReceiver<Confirm>) -> O
     })
 }
 
+/// How a connect failed, as counted in the report's errors: `http_<status>` when the
+/// server refused the upgrade with an HTTP status.
 pub(super) fn connect_error_kind(e: &client::Error) -> String {
     match e {
         client::Error::Connect { .. } => "connect_failed".into(),
-        client::Error::Handshake { error, .. } if error.contains("401") => "http_401".into(),
+        client::Error::Handshake {
+            status: Some(status),
+            ..
+        } => format!("http_{status}"),
         client::Error::Handshake { .. } => "handshake_failed".into(),
         _ => "connect_other".into(),
     }
