@@ -52,4 +52,10 @@ pub enum Error {
     Dispatcher(#[from] dispatcher::Error),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{}: {source}", path.display())]
+    File {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }

@@ -186,7 +186,10 @@ pub async fn start(config: Config) -> Result<Running, Error> {
 /// only) so tokens survive restarts.
 fn dev_secret(data_dir: &Path) -> Result<Vec<u8>, Error> {
     let path = data_dir.join("dev-jwt-secret");
-    std::fs::create_dir_all(data_dir)?;
+    std::fs::create_dir_all(data_dir).map_err(|source| Error::File {
+        path: data_dir.to_owned(),
+        source,
+    })?;
     match std::fs::read_to_string(&path) {
         Ok(secret) if !secret.trim().is_empty() => Ok(secret.trim().as_bytes().to_vec()),
         _ => {

@@ -232,6 +232,28 @@ async fn outside_dev_mode_a_jwt_secret_is_required() {
     assert!(err.to_string().contains("--jwt-secret"), "{err}");
 }
 
+/// A data dir that cannot be made is named in the error, whichever file start-up was at.
+#[tokio::test]
+async fn a_data_dir_that_cannot_be_made_is_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "not a directory").expect("write");
+    let data_dir = file.join("data");
+    for dev in [true, false] {
+        let mut config = gateway::Config::defaults();
+        config.listen = "127.0.0.1:0".parse().expect("addr");
+        config.admin_listen = "127.0.0.1:0".parse().expect("addr");
+        config.dev = Some(dev);
+        config.jwt_secret = (!dev).then(|| "s".into());
+        config.data_dir = data_dir.clone();
+        let err = gateway::start(config).await.expect_err("must fail");
+        assert!(
+            err.to_string().contains(&data_dir.display().to_string()),
+            "dev {dev}: {err}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn the_origin_allowlist_applies_to_browsers() {
     let gw = start(|c| c.allowed_origins = vec!["https://chat.example".into()]).await;
