@@ -246,6 +246,9 @@ impl Dispatcher {
             for done in done {
                 let _ = done.send(());
             }
+            // The partitions just released hand over their next batches before the next
+            // cycle gathers what waits, instead of missing it.
+            tokio::task::yield_now().await;
         }
     }
 
