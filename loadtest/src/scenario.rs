@@ -482,12 +482,12 @@ fn refusal(connected: u64, errors: &BTreeMap<String, u64>, users: u32) -> Option
         return None;
     }
     let (kind, _) = errors.iter().max_by_key(|(_, n)| **n)?;
-    Some(match status(kind) {
-        Some(401) => "HTTP 401, the token was not accepted: --jwt-secret must be the \
-                     gateway's own (or leave it out for a dev-mode gateway)"
+    Some(match status(kind)? {
+        401 => "HTTP 401, the token was not accepted: --jwt-secret must be the gateway's own \
+                (or leave it out for a dev-mode gateway)"
             .to_string(),
-        Some(404) => "HTTP 404, nothing is served at that path (a gateway serves /ws)".into(),
-        _ => format!("HTTP {}", status(kind).unwrap_or_default()),
+        404 => "HTTP 404, nothing is served at that path (a gateway serves /ws)".into(),
+        code => format!("HTTP {code}"),
     })
 }
 
