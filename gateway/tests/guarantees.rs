@@ -43,6 +43,41 @@ async fn g2_resending_a_client_msg_id_answers_the_same_message_once() {
 }
 
 #[tokio::test]
+async fn g2_a_retry_delivers_the_message_again_only_to_who_has_not_acked_it() {
+    let gw = start(|_| {}).await;
+    let mut alice = gw.connect("alice").await;
+    let mut bob = gw.connect("bob").await;
+    let first = alice.send_message("bob", "again?", "retried").await;
+    let id = first["message_id"].clone();
+    assert_eq!(bob.recv_type("message").await["message_id"], id);
+
+    // Not acked yet: the retry routes the stored message to bob once more (a first
+    // delivery lost with a gateway reaches him now), under the same id.
+    alice.send_message("bob", "again?", "retried").await;
+    let repeat = loop {
+        let frame = bob.recv_raw().await;
+        if frame["type"] == "message" {
+            break frame;
+        }
+    };
+    assert_eq!(repeat["message_id"], id, "{repeat}");
+    assert_eq!(repeat["body"], "again?");
+
+    // Acked (the `delivered` receipt says the ack is stored): a retry reaches nobody.
+    bob.send(json!({"type":"ack","message_ids":[id]})).await;
+    let receipt = alice.recv_type_of(&["receipt"]).await;
+    assert_eq!(receipt["message_id"], id, "{receipt}");
+    let again = alice.send_message("bob", "again?", "retried").await;
+    assert_eq!(again["message_id"], id);
+    let before = bob.duplicates;
+    let rest = bob.barrier().await;
+    assert!(
+        rest.iter().all(|f| f["type"] != "message") && bob.duplicates == before,
+        "an acked message came again: {rest:?}"
+    );
+}
+
+#[tokio::test]
 async fn g3_pending_messages_come_oldest_first_then_live_and_stay_until_acked() {
     let gw = start(|_| {}).await;
     let mut alice = gw.connect("alice").await;
