@@ -56,20 +56,11 @@ fn kafka_config(brokers: &str) -> KafkaConfig {
     config
 }
 
-/// A test server's address from the environment (`infra/test.sh` sets it). Without it the
-/// suite is skipped, except under `CI`, where a missing server is a failure.
-fn server_url(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var_os("CI").is_some() => {
-            panic!("{var} is not set: this suite needs its server (run ./infra/test.sh)")
-        }
-        _ => {
-            eprintln!("skipped: {var} is not set (./infra/test.sh starts the servers)");
-            None
-        }
-    }
-}
+// `server_url`: a test server's address from the environment, written once for every
+// suite that needs real servers.
+#[path = "../../storage/tests/common/mod.rs"]
+mod servers;
+use servers::server_url;
 
 fn ack(user: &str) -> Envelope {
     Envelope::Ack {

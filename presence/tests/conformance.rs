@@ -61,20 +61,11 @@ fn rand_u32() -> u32 {
     uuid::Uuid::new_v4().as_fields().0
 }
 
-/// A test server's address from the environment (`infra/test.sh` sets it). Without it the
-/// suite is skipped, except under `CI`, where a missing server is a failure.
-fn server_url(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var_os("CI").is_some() => {
-            panic!("{var} is not set: this suite needs its server (run ./infra/test.sh)")
-        }
-        _ => {
-            eprintln!("skipped: {var} is not set (./infra/test.sh starts the servers)");
-            None
-        }
-    }
-}
+// `server_url`: a test server's address from the environment, written once for every
+// suite that needs real servers.
+#[path = "../../storage/tests/common/mod.rs"]
+mod servers;
+use servers::server_url;
 
 fn at(node: &str, device: &str, conn: u64) -> Location {
     Location {

@@ -1,4 +1,5 @@
-//! What the storage suites share.
+//! What the storage suites share; the presence and dispatcher suites include this file by
+//! path (`#[path]`), so that a test server is found the same way everywhere.
 
 /// A test server's address from the environment: `None` (the suite is skipped) when it is
 /// not set, except under CI, where a missing server fails the run.
