@@ -320,14 +320,37 @@ impl ConnHandle {
     }
 
     /// Queues a receipt or group notice (kept in the store until a device of the user
-    /// confirms it; see the module doc). `false` when the queue is half full: the frame is
-    /// dropped, and the caller starts a catch-up, which sends it again from the store.
-    pub fn deliver_kept(&self, frame: Utf8Bytes) -> bool {
+    /// confirms it; see the module doc). While a replay runs it is held like a live
+    /// message, and dropped at the replay's end if the replay sent it from the store; a
+    /// copy of one the last replay sent is dropped. `false` when the queue is half full
+    /// (or too much is held): the frame is dropped, and the caller starts a catch-up, which
+    /// sends it again from the store.
+    pub fn deliver_kept(&self, id: Uuid, frame: Utf8Bytes) -> bool {
+        if self.closed.is_cancelled() && self.close_code() != Some(CloseCode::Restart) {
+            return true;
+        }
+        // Pushed under the lock, as a live message is: a replay cannot begin in between.
+        let mut replay = lock(&self.replay);
+        let replay = &mut *replay;
+        if let Some(held) = replay.held.as_mut() {
+            let bytes = replay.held_bytes as usize + frame.len();
+            if held.len() >= MAX_HELD || bytes > MAX_HELD_BYTES {
+                metrics::counter!("gateway_kept_deferred_total").increment(1);
+                return false;
+            }
+            held.push((id, frame));
+            replay.held_bytes = bytes as u32;
+            return true;
+        }
+        if replay.sent_by_replay(id, Instant::now()) {
+            metrics::counter!("gateway_replayed_repeats_dropped_total").increment(1);
+            return true;
+        }
         if self.half_full() {
             metrics::counter!("gateway_kept_deferred_total").increment(1);
             return false;
         }
-        self.deliver(frame, Class::Reliable);
+        self.push(frame);
         true
     }
 
@@ -757,10 +780,10 @@ impl Hub {
             Some(_) => Utf8Bytes::default(),
             None => Utf8Bytes::from(frame.to_json()),
         };
-        let kept = matches!(
-            delivery.payload,
-            Payload::Receipt { .. } | Payload::Group { .. }
-        );
+        let (kept, kept_id) = match &delivery.payload {
+            Payload::Receipt { id, .. } | Payload::Group { id, .. } => (true, *id),
+            _ => (false, Uuid::nil()),
+        };
         let except = delivery
             .except
             .as_ref()
@@ -793,7 +816,7 @@ impl Hub {
                     None => frame.clone(),
                 };
                 let wants_catch_up = match class {
-                    _ if kept => !conn.deliver_kept(frame),
+                    _ if kept => !conn.deliver_kept(kept_id, frame),
                     Class::Message(id) => conn.deliver_message(id, frame) == Delivered::Behind,
                     _ => {
                         conn.deliver(frame, class);

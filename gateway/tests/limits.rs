@@ -633,6 +633,70 @@ async fn a_client_that_talks_during_a_long_replay_is_answered_not_closed() {
     );
 }
 
+/// A group notice made while a replay runs waits for it like a live message: it comes
+/// after every pending message and once, although the replay also finds it kept.
+#[tokio::test]
+async fn a_notice_made_during_a_replay_comes_after_it_and_once() {
+    let gw = start(|c| {
+        c.outbound_queue = 8;
+        unthrottled(c);
+    })
+    .await;
+    let mut alice = gw.connect("alice").await;
+    // Pending for bob: far more than socket buffers hold, so the replay is still running
+    // while bob reads nothing.
+    let body = "z".repeat(60 * 1024);
+    for i in 0..200 {
+        alice.send_message("bob", &body, &format!("c-{i}")).await;
+    }
+    // As above: bob, the third connection, is on the gateway whose metrics the test reads.
+    let _carol = gw.connect("carol").await;
+    let waits = gw.metric("gateway_queue_waits_total").await;
+    let mut bob = gw.connect("bob").await;
+    assert!(
+        gw.metric_reaches("gateway_queue_waits_total", waits + 1.0)
+            .await
+            > waits,
+        "the replay never waited for bob"
+    );
+    alice
+        .send(json!({"type":"create_group","ref":"g","name":"mid-replay","members":["bob"]}))
+        .await;
+    let group = alice.recv_type("group").await;
+
+    let (mut messages, mut notices, mut after_notice) = (0, 0, 0);
+    loop {
+        let frame = match bob.try_recv(common::WAIT).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => panic!("bob: no frame within {:?}", common::WAIT),
+            Err(ended) => panic!("bob: {ended:?} after {messages} messages"),
+        };
+        match frame["type"].as_str() {
+            Some("message") => {
+                messages += 1;
+                if notices > 0 {
+                    after_notice += 1;
+                }
+                bob.send(json!({"type":"ack","message_ids":[frame["message_id"]]}))
+                    .await;
+                if messages == 200 {
+                    break;
+                }
+            }
+            Some("group") if frame["conversation"] == group["conversation"] => notices += 1,
+            _ => assert!(common::is_incidental(&frame), "bob: got {frame}"),
+        }
+    }
+    // Whatever was queued before the barrier's pong has come: the notice, and no copy.
+    for frame in bob.barrier().await {
+        if frame["type"] == "group" && frame["conversation"] == group["conversation"] {
+            notices += 1;
+        }
+    }
+    assert_eq!(after_notice, 0, "the notice came before pending messages");
+    assert_eq!(notices, 1, "the notice came {notices} times");
+}
+
 /// Receipts come in bursts: a recipient catching up on a backlog acks it in a few frames,
 /// and the sender gets a `delivered` receipt per message at once, more than its outbound
 /// queue holds. A sender that reads stays connected and gets every one.
