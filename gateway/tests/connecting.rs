@@ -158,6 +158,37 @@ async fn a_token_in_the_query_or_the_header_connects_and_welcome_comes_first() {
     assert_eq!(client.welcome["device"], "default");
 }
 
+/// A device that connects again before its old connection is gone (a reconnect after a
+/// network change, before the heartbeat timeout) gets a second connection: the first is not
+/// closed, and both get the device's frames until one goes.
+#[tokio::test]
+async fn a_device_connected_twice_gets_its_frames_on_both_until_one_closes() {
+    let gw = start(|_| {}).await;
+    let mut old = gw.connect_device("bob", "phone").await;
+    let mut new = gw.connect_device("bob", "phone").await;
+    let mut alice = gw.connect("alice").await;
+    let first = alice.send_message("bob", "to both", "c1").await;
+    for conn in [&mut old, &mut new] {
+        assert_eq!(
+            conn.recv_type("message").await["message_id"],
+            first["message_id"]
+        );
+    }
+    old.close().await;
+    let second = alice.send_message("bob", "to the one left", "c2").await;
+    assert_eq!(
+        new.recv_type("message").await["message_id"],
+        second["message_id"]
+    );
+    // Online while a connection is left; offline once none is.
+    alice
+        .send(json!({"type":"subscribe_presence","users":["bob"]}))
+        .await;
+    assert_eq!(alice.recv_type("presence").await["status"], "online");
+    new.close().await;
+    assert_eq!(alice.recv_type("presence").await["status"], "offline");
+}
+
 #[tokio::test]
 async fn an_invalid_device_id_is_refused() {
     let gw = start(|_| {}).await;
