@@ -158,6 +158,19 @@ fn newest(ids: HashSet<Uuid>, n: usize) -> HashSet<Uuid> {
 }
 
 impl ReplayState {
+    /// Holds a live frame until the replay ends; `false` (and not held) when as many frames
+    /// or bytes as allowed are held already.
+    fn hold(&mut self, id: Uuid, frame: Utf8Bytes) -> bool {
+        let bytes = self.held_bytes as usize + frame.len();
+        let held = self.held.get_or_insert_with(Vec::new);
+        if held.len() >= MAX_HELD || bytes > MAX_HELD_BYTES {
+            return false;
+        }
+        held.push((id, frame));
+        self.held_bytes = bytes as u32;
+        true
+    }
+
     /// Whether a live message is a copy of one the last replay sent (forgets that replay
     /// once its time is up).
     fn sent_by_replay(&mut self, id: Uuid, now: Instant) -> bool {
@@ -250,16 +263,12 @@ impl ConnHandle {
             replay.held = Some(Vec::new());
             replay.owed = true;
         }
-        let bytes = replay.held_bytes as usize + frame.len();
-        let held = replay.held.get_or_insert_with(Vec::new);
-        if held.len() >= MAX_HELD || bytes > MAX_HELD_BYTES {
+        if !replay.hold(id, frame) {
             metrics::counter!("gateway_slow_consumer_disconnects_total").increment(1);
-            tracing::info!(user = %self.user, conn = self.id, held = held.len(), "too many live messages held, closing with 1008");
+            tracing::info!(user = %self.user, conn = self.id, held = replay.held.as_ref().map_or(0, Vec::len), "too many live messages held, closing with 1008");
             self.close(CloseCode::Policy);
             return Delivered::Closed;
         }
-        held.push((id, frame));
-        replay.held_bytes = bytes as u32;
         match behind {
             true => Delivered::Behind,
             false => Delivered::Queued,
@@ -331,16 +340,12 @@ impl ConnHandle {
         }
         // Pushed under the lock, as a live message is: a replay cannot begin in between.
         let mut replay = lock(&self.replay);
-        let replay = &mut *replay;
-        if let Some(held) = replay.held.as_mut() {
-            let bytes = replay.held_bytes as usize + frame.len();
-            if held.len() >= MAX_HELD || bytes > MAX_HELD_BYTES {
-                metrics::counter!("gateway_kept_deferred_total").increment(1);
-                return false;
+        if replay.held.is_some() {
+            if replay.hold(id, frame) {
+                return true;
             }
-            held.push((id, frame));
-            replay.held_bytes = bytes as u32;
-            return true;
+            metrics::counter!("gateway_kept_deferred_total").increment(1);
+            return false;
         }
         if replay.sent_by_replay(id, Instant::now()) {
             metrics::counter!("gateway_replayed_repeats_dropped_total").increment(1);

@@ -572,6 +572,44 @@ async fn a_draining_node_of_a_cluster_hands_its_clients_to_the_other() {
     }
 }
 
+/// Bob, connected with a replay that is waiting for him to read: 200 pending messages from
+/// alice, far more than socket buffers hold.
+struct LongReplay {
+    alice: common::Client,
+    bob: common::Client,
+    /// Keeps bob on the gateway whose metrics are read (see [`long_replay`]).
+    _carol: common::Client,
+    /// The pending messages' ids.
+    ids: BTreeSet<String>,
+}
+
+async fn long_replay(gw: &common::TestGateway) -> LongReplay {
+    let mut alice = gw.connect("alice").await;
+    let body = "z".repeat(60 * 1024);
+    let mut ids = BTreeSet::new();
+    for i in 0..200 {
+        let sent = alice.send_message("bob", &body, &format!("c-{i}")).await;
+        ids.insert(sent["message_id"].as_str().unwrap_or("").to_owned());
+    }
+    // In a cluster the second connection goes to the second gateway: bob, the third, is on
+    // the first, whose metrics the test reads.
+    let carol = gw.connect("carol").await;
+    let waits = gw.metric("gateway_queue_waits_total").await;
+    let bob = gw.connect("bob").await;
+    assert!(
+        gw.metric_reaches("gateway_queue_waits_total", waits + 1.0)
+            .await
+            > waits,
+        "the replay never waited for bob"
+    );
+    LongReplay {
+        alice,
+        bob,
+        _carol: carol,
+        ids,
+    }
+}
+
 /// A replay fills the outbound queue only halfway: a client that sends requests while a
 /// backlog larger than its socket buffers is being pushed gets its answers, and is not
 /// closed as too slow.
@@ -582,27 +620,9 @@ async fn a_client_that_talks_during_a_long_replay_is_answered_not_closed() {
         unthrottled(c);
     })
     .await;
-    let mut alice = gw.connect("alice").await;
-    // Pending for bob: far more than socket buffers hold.
-    let body = "z".repeat(60 * 1024);
-    let mut ids = BTreeSet::new();
-    for i in 0..200 {
-        let sent = alice.send_message("bob", &body, &format!("c-{i}")).await;
-        ids.insert(sent["message_id"].as_str().unwrap_or("").to_owned());
-    }
-    // In a cluster the second connection goes to the second gateway: bob, the third, is on
-    // the first, whose metrics the test reads.
-    let _carol = gw.connect("carol").await;
-    let waits = gw.metric("gateway_queue_waits_total").await;
-    let mut bob = gw.connect("bob").await;
     // Bob reads nothing until the replay has to wait for room in his queue (his socket
     // buffers are full): then every answer goes into a queue the replay keeps busy.
-    assert!(
-        gw.metric_reaches("gateway_queue_waits_total", waits + 1.0)
-            .await
-            > waits,
-        "the replay never waited for bob"
-    );
+    let LongReplay { mut bob, ids, .. } = long_replay(&gw).await;
     let pings = ["p0", "p1", "p2"];
     for p in pings {
         bob.send(json!({"type":"ping","ref":p})).await;
@@ -642,23 +662,10 @@ async fn a_notice_made_during_a_replay_comes_after_it_and_once() {
         unthrottled(c);
     })
     .await;
-    let mut alice = gw.connect("alice").await;
-    // Pending for bob: far more than socket buffers hold, so the replay is still running
-    // while bob reads nothing.
-    let body = "z".repeat(60 * 1024);
-    for i in 0..200 {
-        alice.send_message("bob", &body, &format!("c-{i}")).await;
-    }
-    // As above: bob, the third connection, is on the gateway whose metrics the test reads.
-    let _carol = gw.connect("carol").await;
-    let waits = gw.metric("gateway_queue_waits_total").await;
-    let mut bob = gw.connect("bob").await;
-    assert!(
-        gw.metric_reaches("gateway_queue_waits_total", waits + 1.0)
-            .await
-            > waits,
-        "the replay never waited for bob"
-    );
+    // The replay is still running while bob reads nothing.
+    let LongReplay {
+        mut alice, mut bob, ..
+    } = long_replay(&gw).await;
     alice
         .send(json!({"type":"create_group","ref":"g","name":"mid-replay","members":["bob"]}))
         .await;
