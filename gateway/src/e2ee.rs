@@ -2,18 +2,18 @@
 //! to-device messages, and the device-list check of an encrypted send. The server relays
 //! and keeps ciphertexts; it checks who they are for, never what they say.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use base64::Engine;
 use presence::Payload;
 use storage::{
-    device_address, Conversation, DeviceKeys, E2ee, ForDevice, Group, GroupCiphertext,
+    device_address, Conversation, Device, DeviceKeys, E2ee, ForDevice, Group, GroupCiphertext,
     MessageStore, Notice, OlmCiphertext, OneTimeKey, ToDevice,
 };
 use uuid::Uuid;
 
 use crate::protocol::{
-    ClaimedView, DeviceRef, E2eeSend, ErrorCode, KeyView, Refusal, ToDeviceSend,
+    ClaimedView, DeviceRef, E2eeSend, ErrorCode, KeyView, Mismatch, Refusal, ToDeviceSend,
 };
 use crate::session::Session;
 
@@ -233,6 +233,9 @@ pub async fn to_devices(session: &Session, messages: Vec<ToDeviceSend>) -> Resul
         check_device(&m.user, &m.device)?;
         check_olm_kind(m.kind)?;
         check_ciphertext(session, &m.ciphertext, "ciphertext")?;
+        if let Some(identity) = &m.identity_key {
+            check_key(identity, "identity_key")?;
+        }
     }
     let named: BTreeSet<(&str, &str)> = messages
         .iter()
@@ -255,6 +258,30 @@ pub async fn to_devices(session: &Session, messages: Vec<ToDeviceSend>) -> Resul
             ErrorCode::NotFound,
             format!("no device with keys: {}", unknown.join(", ")),
         ));
+    }
+    let believed = messages.iter().filter_map(|m| {
+        let identity = m.identity_key.clone()?;
+        let device = DeviceRef {
+            user: m.user.clone(),
+            device: m.device.clone(),
+        };
+        Some((device, identity))
+    });
+    let changed = changed_identities(&known, believed.collect());
+    if !changed.is_empty() {
+        let mut refusal = Refusal::new(
+            ErrorCode::DeviceMismatch,
+            format!(
+                "{} of these devices have a new identity: start a new session with them \
+                 and send again",
+                changed.len()
+            ),
+        );
+        refusal.devices = Some(Box::new(Mismatch {
+            changed,
+            ..Mismatch::default()
+        }));
+        return Err(refusal);
     }
     let conn = &session.conn;
     // An id per message, in the frame's order (ids of one process grow): several for one
@@ -284,6 +311,32 @@ pub async fn to_devices(session: &Session, messages: Vec<ToDeviceSend>) -> Resul
     Ok(())
 }
 
+/// The devices named with an identity key (`identity_key` of a send's device) that is not
+/// the one they have now: set up again under the same id since the sender learnt it. Each
+/// once, in order.
+fn changed_identities(current: &[Device], believed: Vec<(DeviceRef, String)>) -> Vec<DeviceRef> {
+    let identities: HashMap<(&str, &str), &str> = current
+        .iter()
+        .map(|c| {
+            (
+                (c.user.as_str(), c.device.as_str()),
+                c.keys.identity_key.as_str(),
+            )
+        })
+        .collect();
+    let changed: BTreeSet<DeviceRef> = believed
+        .into_iter()
+        .filter(|(d, identity)| {
+            // Compared as bytes: base64 padding is optional.
+            identities
+                .get(&(d.user.as_str(), d.device.as_str()))
+                .is_some_and(|now| decode(now) != decode(identity))
+        })
+        .map(|(d, _)| d)
+        .collect();
+    changed.into_iter().collect()
+}
+
 /// Checks an encrypted send against the conversation's devices now: every device of every
 /// member (the sender's other devices included, the sending one not) must be named, and
 /// nothing else; direct messages carry an Olm ciphertext per device, group messages one
@@ -302,6 +355,7 @@ pub async fn check_send(
     }
     let mut to = Vec::with_capacity(send.to.len());
     let mut named = BTreeSet::new();
+    let mut believed = Vec::new();
     for d in send.to {
         check_device(&d.user, &d.device)?;
         if !named.insert(DeviceRef {
@@ -329,6 +383,16 @@ pub async fn check_send(
                 "a group message has one ciphertext (`e2ee.group`): `e2ee.to` only names devices",
             )),
         };
+        if let Some(identity) = d.identity_key {
+            check_key(&identity, "e2ee.to.identity_key")?;
+            believed.push((
+                DeviceRef {
+                    user: d.user.clone(),
+                    device: d.device.clone(),
+                },
+                identity,
+            ));
+        }
         to.push(ForDevice {
             user: d.user,
             device: d.device,
@@ -382,6 +446,7 @@ pub async fn check_send(
             ));
         }
     }
+    let changed = changed_identities(&current, believed);
     let expected: BTreeSet<DeviceRef> = current
         .into_iter()
         .filter(|d| !(d.user == conn.user && d.device == conn.device))
@@ -390,19 +455,24 @@ pub async fn check_send(
             device: d.device,
         })
         .collect();
-    let missing: Vec<DeviceRef> = expected.difference(&named).cloned().collect();
-    let stale: Vec<DeviceRef> = named.difference(&expected).cloned().collect();
-    if !missing.is_empty() || !stale.is_empty() {
+    let mismatch = Mismatch {
+        missing: expected.difference(&named).cloned().collect(),
+        stale: named.difference(&expected).cloned().collect(),
+        changed,
+    };
+    if !mismatch.is_empty() {
         let mut refusal = Refusal::new(
             ErrorCode::DeviceMismatch,
             format!(
-                "the devices of this conversation changed: {} missing, {} stale; encrypt \
-                 for the current ones and send again with the same client_msg_id",
-                missing.len(),
-                stale.len()
+                "the devices of this conversation changed: {} missing, {} stale, {} with a \
+                 new identity; encrypt for the current ones and send again with the same \
+                 client_msg_id",
+                mismatch.missing.len(),
+                mismatch.stale.len(),
+                mismatch.changed.len()
             ),
         );
-        refusal.devices = Some(Box::new((missing, stale)));
+        refusal.devices = Some(Box::new(mismatch));
         return Err(refusal);
     }
     Ok(E2ee {

@@ -42,9 +42,26 @@ pub struct Refusal {
     pub message: String,
     pub reference: Option<Value>,
     pub client_msg_id: Option<String>,
-    /// For `device_mismatch`: the devices the send lacked, and those it named that are
-    /// gone.
-    pub devices: Option<Box<(Vec<DeviceRef>, Vec<DeviceRef>)>>,
+    /// For `device_mismatch`: which devices to encrypt for.
+    pub devices: Option<Box<Mismatch>>,
+}
+
+/// What a `device_mismatch` says to fix.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Mismatch {
+    /// Devices of the conversation the send did not name.
+    pub missing: Vec<DeviceRef>,
+    /// Devices it named that are not (or no longer) in the conversation.
+    pub stale: Vec<DeviceRef>,
+    /// Devices it named with an `identity_key` that is no longer theirs: the device was
+    /// set up again under the same id.
+    pub changed: Vec<DeviceRef>,
+}
+
+impl Mismatch {
+    pub fn is_empty(&self) -> bool {
+        self.missing.is_empty() && self.stale.is_empty() && self.changed.is_empty()
+    }
 }
 
 impl Refusal {
@@ -63,9 +80,9 @@ impl Refusal {
     }
 
     pub fn into_frame(self) -> ServerFrame {
-        let (missing, stale) = match self.devices.map(|d| *d) {
-            Some((missing, stale)) => (Some(missing), Some(stale)),
-            None => (None, None),
+        let (missing, stale, changed) = match self.devices.map(|d| *d) {
+            Some(m) => (Some(m.missing), Some(m.stale), Some(m.changed)),
+            None => (None, None, None),
         };
         ServerFrame::Error {
             code: self.code,
@@ -74,6 +91,7 @@ impl Refusal {
             client_msg_id: self.client_msg_id,
             missing,
             stale,
+            changed,
         }
     }
 }
@@ -288,6 +306,10 @@ pub struct E2eeFor {
     pub kind: Option<u8>,
     #[serde(default)]
     pub ciphertext: Option<String>,
+    /// The device's identity key as the sender knows it: refused (`changed`) when the
+    /// device has published another one since.
+    #[serde(default)]
+    pub identity_key: Option<String>,
 }
 
 /// The one ciphertext of a group message, and its group session.
@@ -305,6 +327,9 @@ pub struct ToDeviceSend {
     #[serde(rename = "type")]
     pub kind: u8,
     pub ciphertext: String,
+    /// As in [`E2eeFor`].
+    #[serde(default)]
+    pub identity_key: Option<String>,
 }
 
 impl ClientFrame {
@@ -679,6 +704,8 @@ pub enum ServerFrame {
         missing: Option<Vec<DeviceRef>>,
         #[serde(skip_serializing_if = "Option::is_none")]
         stale: Option<Vec<DeviceRef>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        changed: Option<Vec<DeviceRef>>,
     },
 }
 

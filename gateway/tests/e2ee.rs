@@ -345,6 +345,7 @@ fn two_users_with_two_devices_each_talk_end_to_end_and_a_later_device_reads_only
             BTreeSet::from([id("bob", "tablet")])
         );
         assert_eq!(refused["stale"], json!([]));
+        assert_eq!(refused["changed"], json!([]));
         assert_eq!(stored_count(&history(&mut alice, &conversation).await), 2);
         // The corrected resend, under the same client_msg_id, is stored once.
         let sent = alice.send_direct("bob", "for every device", "e2").await;
@@ -393,6 +394,76 @@ fn two_users_with_two_devices_each_talk_end_to_end_and_a_later_device_reads_only
             !view.contains(&marker),
             "the server holds the plaintext of an E2EE message"
         );
+    });
+}
+
+#[test]
+fn a_device_set_up_again_under_its_id_is_refused_as_changed_and_is_sent_nothing_old() {
+    on_big_stack(async {
+        let gw = start(|_| {}).await;
+        let mut alice = Peer::join(&gw, "alice", "laptop").await;
+        let mut bob = Peer::join(&gw, "bob", "phone").await;
+        let sent = alice.send_direct("bob", "before", "d1").await;
+        assert_eq!(sent["type"], "sent", "{sent}");
+        assert_eq!(bob.read().await.1, "before");
+        let old_identity = bob.keys.identity_key();
+        bob.ws.close().await;
+        let sent = alice.send_direct("bob", "to the old phone", "d2").await;
+        assert_eq!(sent["type"], "sent", "{sent}");
+
+        // bob sets his phone up again: a new identity under the same device id. Its first
+        // connect, before its keys, still replays the old one's queue; the new keys drop it.
+        let mut phone = Peer::join(&gw, "bob", "phone").await;
+        assert_ne!(phone.keys.identity_key(), old_identity);
+        phone.drain().await;
+        phone.ws.close().await;
+        phone.ws = gw.connect_device("bob", "phone").await;
+        let mut fence = gw.connect("fence").await;
+        fence
+            .send_message("bob", "after the new keys", "fence")
+            .await;
+        let first = phone.ws.recv_type("message").await;
+        assert_eq!(
+            first["from"], "fence",
+            "the old identity's ciphertext reached the new one: {first}"
+        );
+
+        // alice still has the session with the old identity: refused, the device named
+        // as changed, nothing stored; so is a to-device message for the old identity.
+        let devices = vec![id("bob", "phone")];
+        let refused = alice.send_direct_to("bob", &devices, "stale", "d3").await;
+        assert_eq!(refused["code"], "device_mismatch", "{refused}");
+        assert_eq!(
+            devices_of(&refused["changed"]),
+            BTreeSet::from([id("bob", "phone")])
+        );
+        assert_eq!(refused["missing"], json!([]));
+        assert_eq!(refused["stale"], json!([]));
+        let conversation = sent["conversation"].as_str().unwrap_or_default().to_owned();
+        assert_eq!(stored_count(&history(&mut alice, &conversation).await), 2);
+        alice
+            .ws
+            .send(
+                json!({"type":"to_device","ref":"td","messages":[{"user":"bob",
+                "device":"phone","type":1,"ciphertext":"AAAA","identity_key":old_identity}]}),
+            )
+            .await;
+        let refused = alice.answer("error").await;
+        assert_eq!(refused["code"], "device_mismatch", "{refused}");
+        assert_eq!(refused["ref"], "td", "{refused}");
+        assert_eq!(
+            devices_of(&refused["changed"]),
+            BTreeSet::from([id("bob", "phone")])
+        );
+
+        // A new session with the new identity, the same client_msg_id: stored once, read.
+        alice.keys.identities_changed(&devices);
+        let sent = alice.send_direct_to("bob", &devices, "stale", "d3").await;
+        assert_eq!(sent["type"], "sent", "{sent}");
+        let (frame, text) = phone.read().await;
+        assert_eq!(text, "stale");
+        assert_eq!(frame["message_id"], sent["message_id"]);
+        assert_eq!(stored_count(&history(&mut alice, &conversation).await), 3);
     });
 }
 
@@ -680,6 +751,10 @@ fn bad_keys_and_ciphertexts_get_clear_errors_and_store_nothing() {
             (
                 json!({"to":[{"user":"bob","device":"phone"}],"group":{"session":"s","ciphertext":"AAAA"}}),
                 "`e2ee.group` is for groups",
+            ),
+            (
+                json!({"to":[{"user":"bob","device":"phone","type":1,"ciphertext":"AAAA","identity_key":"AAAA"}]}),
+                "`e2ee.to.identity_key` is 3 bytes",
             ),
         ];
         for (i, (e2ee, expected)) in bad_sends.into_iter().enumerate() {

@@ -34,6 +34,9 @@ pub struct E2eeDevice {
     account: Account,
     /// Olm sessions by peer device, the one to encrypt with first.
     sessions: HashMap<DeviceId, Vec<Session>>,
+    /// The identity key of the peer of the first of each device's sessions: sends name
+    /// it, so that the server refuses them (`changed`) once that device has a new one.
+    session_identities: HashMap<DeviceId, Curve25519PublicKey>,
     /// Identity keys of peer devices, from `devices` and `keys_claimed` answers.
     identities: HashMap<DeviceId, Curve25519PublicKey>,
     /// This device's Megolm session per group, with the devices its key went to.
@@ -65,6 +68,7 @@ impl E2eeDevice {
             device: device.to_owned(),
             account: Account::new(),
             sessions: HashMap::new(),
+            session_identities: HashMap::new(),
             identities: HashMap::new(),
             outbound: HashMap::new(),
             inbound: HashMap::new(),
@@ -152,9 +156,33 @@ impl E2eeDevice {
                 one_time,
             )?;
             self.identities.insert(id.clone(), identity);
+            self.session_identities.insert(id.clone(), identity);
             self.sessions.entry(id).or_default().insert(0, session);
         }
         Ok(())
+    }
+
+    /// Forgets the sessions with devices that were set up again under the same id (the
+    /// `changed` of a `device_mismatch`), and every group session shared with them: the
+    /// next send claims a key and starts anew.
+    pub fn identities_changed(&mut self, devices: &[DeviceId]) {
+        for d in devices {
+            self.sessions.remove(d);
+            self.session_identities.remove(d);
+            self.identities.remove(d);
+        }
+        self.outbound
+            .retain(|_, (_, shared)| devices.iter().all(|d| !shared.contains(d)));
+    }
+
+    /// A device of a frame's `e2ee.to` or `to_device` messages, with the identity key of
+    /// the session this device encrypts for it in.
+    fn addressed(&self, d: &DeviceId) -> Value {
+        let mut to = json!({"user": d.0, "device": d.1});
+        if let Some(identity) = self.session_identities.get(d) {
+            to["identity_key"] = json!(identity.to_base64());
+        }
+        to
     }
 
     /// Encrypts `plaintext` for one device in the Olm session with it.
@@ -175,7 +203,10 @@ impl E2eeDevice {
         let me = self.id();
         for d in devices.iter().filter(|d| **d != me) {
             let (kind, ciphertext) = self.olm_encrypt(d, plaintext)?;
-            to.push(json!({"user": d.0, "device": d.1, "type": kind, "ciphertext": ciphertext}));
+            let mut item = self.addressed(d);
+            item["type"] = json!(kind);
+            item["ciphertext"] = json!(ciphertext);
+            to.push(item);
         }
         Ok(json!({ "to": to }))
     }
@@ -212,6 +243,8 @@ impl E2eeDevice {
             pre_key,
         )?;
         self.identities.insert(from.clone(), pre_key.identity_key());
+        self.session_identities
+            .insert(from.clone(), pre_key.identity_key());
         // The session the other side started is the one both use from now on.
         self.sessions
             .entry(from.clone())
@@ -253,8 +286,10 @@ impl E2eeDevice {
         let mut messages = Vec::with_capacity(wanted.len());
         for d in &wanted {
             let (kind, ciphertext) = self.olm_encrypt(d, &key)?;
-            messages
-                .push(json!({"user": d.0, "device": d.1, "type": kind, "ciphertext": ciphertext}));
+            let mut message = self.addressed(d);
+            message["type"] = json!(kind);
+            message["ciphertext"] = json!(ciphertext);
+            messages.push(message);
         }
         // This device reads its own group messages too.
         let own = InboundGroupSession::new(&session.session_key(), Default::default());
@@ -274,13 +309,12 @@ impl E2eeDevice {
             .get_mut(conversation)
             .ok_or_else(|| anyhow!("no group session for {conversation}: share one first"))?;
         let ciphertext = session.encrypt(plaintext).to_base64();
-        let to: Vec<Value> = shared
-            .iter()
-            .map(|d| json!({"user": d.0, "device": d.1}))
-            .collect();
+        let shared = shared.clone();
+        let session_id = session.session_id();
+        let to: Vec<Value> = shared.iter().map(|d| self.addressed(d)).collect();
         Ok(json!({
             "to": to,
-            "group": {"session": session.session_id(), "ciphertext": ciphertext},
+            "group": {"session": session_id, "ciphertext": ciphertext},
         }))
     }
 

@@ -153,7 +153,9 @@ pub trait MessageStore: Send + Sync + 'static {
     /// Publishes a device's keys for end-to-end encryption: its identity (which enters it
     /// in its user's device list), more one-time keys (ids already there are ignored) and,
     /// when given, a new fallback key. A device that publishes a different identity is a
-    /// new device under the same id: its old one-time keys and fallback key are forgotten.
+    /// new device under the same id: its old one-time keys and fallback key are forgotten,
+    /// and so is its own queue (what was encrypted for the old identity, as
+    /// [`Self::remove_device`] drops it).
     /// `Invalid` past [`crate::MAX_DEVICES_PER_USER`] devices or
     /// [`crate::MAX_ONE_TIME_KEYS`] unclaimed keys (nothing is stored then). Returns how
     /// many one-time keys the device has.

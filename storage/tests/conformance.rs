@@ -949,6 +949,76 @@ async fn device_keys_are_published_listed_and_replaced<S: MessageStore>(store: S
     assert_eq!(store.claim_key("bob", "phone").await.expect("claim"), None);
 }
 
+async fn a_new_identity_forgets_what_was_kept_for_the_old_one<S: MessageStore>(store: S) {
+    store
+        .publish_keys("bob", "phone", keys("a"), one_time(0..3), None)
+        .await
+        .expect("publish");
+    let mut sealed = message("alice", &dm("alice", "bob"), "");
+    sealed.e2ee = Some(storage::E2ee {
+        device: "a".into(),
+        to: vec![storage::ForDevice {
+            user: "bob".into(),
+            device: "phone".into(),
+            olm: Some(storage::OlmCiphertext {
+                kind: 0,
+                ciphertext: "for identity a".into(),
+            }),
+        }],
+        group: None,
+    });
+    append_one(&store, &sealed, &["bob/phone"]).await;
+    let plain = message("alice", &dm("alice", "bob"), "for every device");
+    append_one(&store, &plain, &["bob"]).await;
+    store
+        .push_notices(vec![(
+            "bob/phone".into(),
+            Uuid::now_v7(),
+            Notice::KeysLow { remaining: 1 },
+        )])
+        .await
+        .expect("notice");
+    // The same identity again (more keys, say): everything stays.
+    store
+        .publish_keys("bob", "phone", keys("a"), one_time(3..4), None)
+        .await
+        .expect("renew");
+    assert_eq!(
+        store.pending("bob/phone", None, 10).await.expect("pending"),
+        vec![sealed.clone()]
+    );
+    assert_eq!(
+        store
+            .notices("bob/phone", None, 10)
+            .await
+            .expect("notices")
+            .len(),
+        1
+    );
+    // A different one: what only identity a could read goes; the user's queue stays.
+    store
+        .publish_keys("bob", "phone", keys("b"), Vec::new(), None)
+        .await
+        .expect("new identity");
+    assert!(store
+        .pending("bob/phone", None, 10)
+        .await
+        .expect("pending")
+        .is_empty());
+    assert!(store
+        .notices("bob/phone", None, 10)
+        .await
+        .expect("notices")
+        .is_empty());
+    assert_eq!(
+        store.pending("bob", None, 10).await.expect("pending"),
+        vec![plain]
+    );
+    let listed = store.devices(&["bob".into()]).await.expect("devices");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].keys, keys("b"));
+}
+
 async fn one_time_keys_are_claimed_once_then_the_fallback<S: MessageStore + Clone>(store: S) {
     let fallback = storage::OneTimeKey {
         id: "f".into(),
@@ -1242,6 +1312,7 @@ conformance!(
     concurrent_writes_all_land,
     history_pages_across_weeks,
     device_keys_are_published_listed_and_replaced,
+    a_new_identity_forgets_what_was_kept_for_the_old_one,
     one_time_keys_are_claimed_once_then_the_fallback,
     key_supplies_and_device_lists_are_bounded,
     device_queues_hold_encrypted_messages,

@@ -341,6 +341,18 @@ impl Db {
         self.database.batch()
     }
 
+    /// Removes, in `batch`, what is kept for one device (`user/device`): its one-time
+    /// keys, its pending end-to-end encrypted messages and its kept notices.
+    fn forget_device_queue(&self, batch: &mut OwnedWriteBatch, device: &str) -> Result<()> {
+        let queue = key(device, &[]);
+        for keyspace in [&self.one_time_keys, &self.pending, &self.receipts] {
+            for row in keyspace.prefix(&queue) {
+                batch.remove(keyspace, row.key()?.to_vec());
+            }
+        }
+        Ok(())
+    }
+
     /// The inbox rows this process has written ([`Db::inbox_written`]).
     fn inbox_written(&self) -> std::sync::MutexGuard<'_, HashSet<Vec<u8>>> {
         self.inbox_written.lock().unwrap_or_else(|e| e.into_inner())
@@ -963,14 +975,14 @@ impl MessageStore for EmbeddedStore {
             let mut batch = db.batch();
             let mut held: BTreeSet<Vec<u8>> = BTreeSet::new();
             let renewed = old.as_ref().is_some_and(|o| o.keys == keys);
-            for row in db.one_time_keys.prefix(key(&address, &[])) {
-                let k = row.key()?.to_vec();
-                if renewed {
-                    held.insert(k);
-                } else {
-                    // A new identity: the old one's keys are of no use.
-                    batch.remove(&db.one_time_keys, k);
+            if renewed {
+                for row in db.one_time_keys.prefix(key(&address, &[])) {
+                    held.insert(row.key()?.to_vec());
                 }
+            } else if old.is_some() {
+                // A new identity under an old id: what was kept for the old one (its
+                // keys, and ciphertexts only it could read) is of no use to the new.
+                db.forget_device_queue(&mut batch, &address)?;
             }
             for k in &one_time {
                 if held.insert(key(&address, k.id.as_bytes())) {
@@ -1065,12 +1077,7 @@ impl MessageStore for EmbeddedStore {
         self.write(true, move |db| {
             let mut batch = db.batch();
             batch.remove(&db.devices, key(&user, device.as_bytes()));
-            let queue = key(&device_address(&user, &device), &[]);
-            for keyspace in [&db.one_time_keys, &db.pending, &db.receipts] {
-                for row in keyspace.prefix(&queue) {
-                    batch.remove(keyspace, row.key()?.to_vec());
-                }
-            }
+            db.forget_device_queue(&mut batch, &device_address(&user, &device))?;
             batch.commit()?;
             Ok(())
         })

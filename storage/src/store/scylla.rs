@@ -319,6 +319,17 @@ impl ScyllaStore {
         self.guarded(once).await
     }
 
+    /// Deletes what is kept for one device: its one-time keys, and its queue (pending
+    /// end-to-end encrypted messages and kept notices, partitions of their own).
+    async fn forget_device_queue(&self, user: &str, device: &str) -> Result<()> {
+        let s = &self.inner.s;
+        self.run(&s.keys_clear, (user, device)).await?;
+        let queue = crate::model::device_address(user, device);
+        self.run(&s.queue_clear, (queue.as_str(),)).await?;
+        self.run(&s.notices_clear, (queue.as_str(),)).await?;
+        Ok(())
+    }
+
     /// One page of a paged statement, under the breaker and retried like [`Self::run`].
     async fn page(
         &self,
@@ -1011,8 +1022,9 @@ impl MessageStore for ScyllaStore {
             .collect();
         check_supply(devices.len() + usize::from(current.is_none()), held.len())?;
         if current.is_some() && !renewed {
-            // A new identity under an old device id: the old one's keys are of no use.
-            self.run(&s.keys_clear, (user, device)).await?;
+            // A new identity under an old device id: what was kept for the old one (its
+            // keys, and ciphertexts only it could read) is of no use to the new.
+            self.forget_device_queue(user, device).await?;
             self.run(
                 &s.device_fallback_put,
                 (None::<String>, None::<String>, user, device),
@@ -1142,12 +1154,7 @@ impl MessageStore for ScyllaStore {
     async fn remove_device(&self, user: &str, device: &str) -> Result<()> {
         let s = &self.inner.s;
         self.run(&s.device_delete, (user, device)).await?;
-        self.run(&s.keys_clear, (user, device)).await?;
-        // The device's queue: partitions of their own, deleted whole.
-        let queue = crate::model::device_address(user, device);
-        self.run(&s.queue_clear, (queue.as_str(),)).await?;
-        self.run(&s.notices_clear, (queue.as_str(),)).await?;
-        Ok(())
+        self.forget_device_queue(user, device).await
     }
 
     async fn ping(&self) -> Result<()> {
