@@ -425,7 +425,9 @@ impl Session {
             } => {
                 let name = name.trim().to_owned();
                 if name.is_empty() || name.chars().count() > 100 {
-                    return Err(Refusal::bad_request("`name` must be 1-100 characters"));
+                    return Err(Refusal::bad_request(
+                        "`name` must be 1-100 characters, not counting surrounding whitespace",
+                    ));
                 }
                 if !members.is_empty() {
                     check_users(&members, "members", MAX_GROUP_MEMBERS - 1)?;

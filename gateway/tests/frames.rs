@@ -342,6 +342,41 @@ async fn groups_are_created_changed_and_fan_out() {
         .await;
     assert_eq!(bob.error().await["code"], "forbidden");
 
+    // Any member changes the group, and there are no admins: carol removes its creator,
+    // then leaves it. A change that changes nothing is answered with the group as it is,
+    // and nobody is told.
+    carol.send(json!({"type":"add_members","ref":"same","conversation":conversation,"members":["alice"]})).await;
+    let group = carol.recv_type("group").await;
+    assert_eq!(
+        (group["ref"].as_str(), group["members"].clone()),
+        (Some("same"), json!(["alice", "carol"]))
+    );
+    carol.send(json!({"type":"remove_members","ref":"out","conversation":conversation,"members":["alice"]})).await;
+    let group = carol.recv_type("group").await;
+    assert_eq!(group["members"], json!(["carol"]), "{group}");
+    let mut told = Vec::new();
+    loop {
+        let notice = alice.group_notice().await;
+        let removed = notice["removed"] == json!(["alice"]);
+        told.push(notice);
+        if removed {
+            break;
+        }
+    }
+    told.extend(alice.barrier().await);
+    let by_carol: Vec<&Value> = told.iter().filter(|n| n["by"] == "carol").collect();
+    assert_eq!(by_carol.len(), 1, "{by_carol:?}");
+    carol.send(json!({"type":"remove_members","ref":"leave","conversation":conversation,"members":["carol"]})).await;
+    let group = carol.recv_type("group").await;
+    assert_eq!(
+        (group["ref"].as_str(), group["members"].clone()),
+        (Some("leave"), json!([]))
+    );
+    carol
+        .send(json!({"type":"group_info","ref":"i","conversation":conversation}))
+        .await;
+    assert_eq!(carol.error().await["code"], "forbidden");
+
     let unknown = format!("g:{}", uuid::Uuid::now_v7());
     alice
         .send(json!({"type":"add_members","ref":"u","conversation":unknown,"members":["bob"]}))
@@ -356,6 +391,18 @@ async fn groups_are_created_changed_and_fan_out() {
     assert_eq!(
         (error["code"].as_str(), error["ref"].as_str()),
         (Some("bad_request"), Some("long"))
+    );
+    alice
+        .send(json!({"type":"create_group","ref":"blank","name":"   ","members":[]}))
+        .await;
+    let error = alice.error().await;
+    assert_eq!(error["ref"], "blank", "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("surrounding whitespace"),
+        "{error}"
     );
 }
 
