@@ -154,14 +154,19 @@ pub async fn upload(
         id: k.id,
         key: k.key,
     });
-    session
-        .call(
-            session
-                .app
-                .store
-                .publish_keys(&conn.user, &conn.device, keys, one_time, fallback),
-        )
-        .await
+    let store = &session.app.store;
+    let count = session
+        .call(store.publish_keys(&conn.user, &conn.device, keys, one_time, fallback))
+        .await?;
+    if count >= LOW_KEYS {
+        // A `keys_low` still kept for this device is out of date: withdrawn, so that the
+        // next connect does not ask for keys it has. Best effort, like the notice.
+        let notice = [(device_address(&conn.user, &conn.device), KEYS_LOW_ID)];
+        if let Err(e) = session.call(store.drop_notices(&notice)).await {
+            tracing::warn!(error = %e.message, "withdrawing a keys_low notice failed");
+        }
+    }
+    Ok(count)
 }
 
 /// `keys_claim`: one key per named device (devices without keys are left out); a device

@@ -468,6 +468,40 @@ fn a_device_set_up_again_under_its_id_is_refused_as_changed_and_is_sent_nothing_
 }
 
 #[test]
+fn keys_uploaded_after_a_keys_low_withdraw_it() {
+    on_big_stack(async {
+        let gw = start(|_| {}).await;
+        let mut bob = gw.connect_device("bob", "phone").await;
+        let mut keys = E2eeDevice::new("bob", "phone");
+        bob.send(keys.keys_upload("up", 11)).await;
+        assert_eq!(bob.recv_type("keys").await["one_time_keys"], 11);
+        bob.close().await;
+        let mut carol = gw.connect_device("carol", "x").await;
+        for i in 0..2 {
+            carol
+                .send(json!({"type":"keys_claim","ref":i,"devices":[{"user":"bob","device":"phone"}]}))
+                .await;
+            carol.recv_type("keys_claimed").await;
+        }
+        // Told on connect; it uploads more instead of confirming.
+        let mut bob = gw.connect_device("bob", "phone").await;
+        let low = bob.recv_type_of(&["keys_low"]).await;
+        assert_eq!(low["one_time_keys"], 9, "{low}");
+        bob.send(keys.keys_upload("more", 20)).await;
+        assert_eq!(bob.recv_type("keys").await["one_time_keys"], 29);
+        bob.close().await;
+        // Not told again: nothing but the fence comes.
+        let mut again = gw.connect_device("bob", "phone").await;
+        carol.send_message("bob", "after the replay", "fence").await;
+        let first = again.recv_type_of(&["keys_low", "message"]).await;
+        assert_eq!(
+            first["type"], "message",
+            "an out-of-date keys_low came: {first}"
+        );
+    });
+}
+
+#[test]
 fn concurrent_claims_never_hand_out_a_key_twice_and_an_empty_supply_falls_back() {
     on_big_stack(async {
         let gw = start(|_| {}).await;
