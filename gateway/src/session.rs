@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use dispatcher::{Envelope, Failed, InboundLog};
 use governor::DefaultDirectRateLimiter;
@@ -64,7 +65,16 @@ pub struct Session {
     pub(crate) conn: Arc<ConnHandle>,
     pub(crate) app: Arc<App>,
     frames: DefaultDirectRateLimiter,
+    /// The conversations this connection's `typing` was last relayed to, and when.
+    typed: std::sync::Mutex<Vec<(String, Instant)>>,
 }
+
+/// A connection's `typing` in one conversation is relayed at most once per this interval;
+/// the others are dropped (a `typing` fans out to every member's devices).
+pub const TYPING_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Conversations a connection may be typing in within one [`TYPING_INTERVAL`].
+const TYPING_CONVERSATIONS: usize = 16;
 
 pub(crate) fn forbidden(message: impl Into<String>) -> Refusal {
     Refusal::new(ErrorCode::Forbidden, message)
@@ -120,7 +130,26 @@ fn views(
 impl Session {
     pub fn new(conn: Arc<ConnHandle>, app: Arc<App>) -> Self {
         let frames = frame_limiter(app.config.frame_rate_per_sec);
-        Session { conn, app, frames }
+        Session {
+            conn,
+            app,
+            frames,
+            typed: Default::default(),
+        }
+    }
+
+    /// Whether a `typing` in `conversation` is to be relayed now (and if so, it counts as
+    /// relayed): not within [`TYPING_INTERVAL`] of the last one relayed there, nor past
+    /// [`TYPING_CONVERSATIONS`] conversations in that time.
+    fn typing_due(&self, conversation: &str) -> bool {
+        let now = Instant::now();
+        let mut typed = self.typed.lock().unwrap_or_else(|e| e.into_inner());
+        typed.retain(|(_, at)| now.duration_since(*at) < TYPING_INTERVAL);
+        if typed.len() >= TYPING_CONVERSATIONS || typed.iter().any(|(c, _)| c == conversation) {
+            return false;
+        }
+        typed.push((conversation.to_owned(), now));
+        true
     }
 
     fn user(&self) -> &str {
@@ -710,6 +739,9 @@ impl Session {
 
     async fn typing(&self, name: &str) -> Result<(), Refusal> {
         let (conversation, group) = self.member_of(name).await?;
+        if !self.typing_due(&conversation.to_string()) {
+            return Ok(());
+        }
         let others: Vec<String> = match &group {
             Some(group) => group
                 .members

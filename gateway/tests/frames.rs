@@ -112,6 +112,35 @@ async fn typing_reaches_the_other_members_only() {
         .send(json!({"type":"typing","conversation":"dm:bob:carol"}))
         .await;
     assert_eq!(alice.error().await["code"], "forbidden");
+
+    // At most one a conversation every 2 seconds is relayed; another conversation is
+    // relayed meanwhile.
+    for _ in 0..5 {
+        alice
+            .send(json!({"type":"typing","conversation":"dm:alice:bob"}))
+            .await;
+    }
+    let mut carol = gw.connect("carol").await;
+    alice
+        .send(json!({"type":"typing","conversation":"dm:alice:carol"}))
+        .await;
+    assert_eq!(carol.recv_type("typing").await["user"], "alice");
+    // A message after them is the fence: typing frames are pushed before it is sent.
+    alice.send_message("bob", "fence", "fence").await;
+    let mut relayed = 0;
+    loop {
+        let frame = bob.recv().await;
+        match frame["type"].as_str() {
+            Some("typing") => relayed += 1,
+            Some("message") => break,
+            _ => {}
+        }
+    }
+    // (One may pass if the test ran slower than the interval.)
+    assert!(
+        relayed <= 1,
+        "{relayed} of 5 typing frames within 2 s were relayed"
+    );
 }
 
 #[tokio::test]
