@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Auth;
 use crate::config::Config;
 use crate::hub::{Deadlines, Hub, Unlocated};
-use crate::limits::{ClaimLimiter, SendLimiter};
+use crate::limits::{SendLimiter, UserBudget};
 use crate::receipts::ReceiptDrops;
 
 pub struct App {
@@ -31,7 +31,10 @@ pub struct App {
     /// Sends waiting for the dispatcher's answer, to be refused when it is late.
     pub deadlines: Deadlines,
     pub sends: SendLimiter,
-    pub claims: ClaimLimiter,
+    /// One-time keys claimed, per user.
+    pub claims: UserBudget,
+    /// To-device messages sent, per user.
+    pub to_device: UserBudget,
     /// Connections to catch up once presence knows of them.
     pub unlocated: Unlocated,
     /// Confirmed receipts, forgotten in batches.
@@ -60,7 +63,8 @@ impl App {
             log,
         } = backends;
         let sends = SendLimiter::new(config.rate_per_sec, config.rate_burst);
-        let claims = ClaimLimiter::new(config.key_claims_per_sec, config.key_claim_burst);
+        let claims = UserBudget::new(config.key_claims_per_sec, config.key_claim_burst);
+        let to_device = UserBudget::new(config.to_device_per_sec, config.to_device_burst);
         let receipt_drops = ReceiptDrops::start(store.clone());
         App {
             config,
@@ -74,6 +78,7 @@ impl App {
             deadlines: Deadlines::default(),
             sends,
             claims,
+            to_device,
             unlocated: Unlocated::default(),
             receipt_drops,
             metrics,

@@ -84,6 +84,16 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_KEY_CLAIM_BURST", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub key_claim_burst: u32,
 
+    /// To-device messages a user may send per second on this gateway (each is stored for
+    /// its device until confirmed), averaged; the burst is `--to-device-burst`.
+    #[arg(long, env = "GATEWAY_TO_DEVICE_PER_SEC", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
+    pub to_device_per_sec: u32,
+
+    /// Most to-device messages a user may send at once (group keys shared with every
+    /// member device of a few large groups).
+    #[arg(long, env = "GATEWAY_TO_DEVICE_BURST", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub to_device_burst: u32,
+
     /// Largest WebSocket frame or message accepted; larger closes with 1009.
     #[arg(long, env = "GATEWAY_MAX_FRAME_BYTES", default_value_t = 128 * 1024)]
     pub max_frame_bytes: usize,

@@ -289,6 +289,18 @@ pub async fn to_devices(session: &Session, messages: Vec<ToDeviceSend>) -> Resul
         return Err(refusal);
     }
     let conn = &session.conn;
+    let count = u32::try_from(messages.len()).unwrap_or(u32::MAX);
+    if !session.app.to_device.allow(&conn.user, count) {
+        let config = &session.app.config;
+        return Err(Refusal::new(
+            ErrorCode::RateLimited,
+            format!(
+                "more than {} to-device messages per second (burst {}): nothing was sent; \
+                 send them again later",
+                config.to_device_per_sec, config.to_device_burst
+            ),
+        ));
+    }
     // An id per message, in the frame's order (ids of one process grow): several for one
     // device are kept side by side and arrive in that order.
     let kept: Vec<(String, Uuid, Notice)> = messages

@@ -51,22 +51,23 @@ impl SendLimiter {
     }
 }
 
-/// One-time key claims per user on this node: a claim hands out (and uses up) another
-/// user's key, so a client may not drain others' supplies faster than a real one sets up
-/// sessions. One key per device named.
-pub struct ClaimLimiter(DefaultKeyedRateLimiter<String>);
+/// A budget per user on this node, for what one frame may ask many of: one-time key
+/// claims (a claim hands out, and uses up, another user's key, so a client may not drain
+/// others' supplies faster than a real one sets up sessions) and to-device messages (each
+/// is stored for another device until it confirms it).
+pub struct UserBudget(DefaultKeyedRateLimiter<String>);
 
-impl ClaimLimiter {
+impl UserBudget {
     pub fn new(per_second: u32, burst: u32) -> Self {
-        ClaimLimiter(RateLimiter::keyed(quota(per_second, burst)))
+        UserBudget(RateLimiter::keyed(quota(per_second, burst)))
     }
 
-    /// Takes `claims` from the user's budget; `false` when it does not hold that many.
-    pub fn allow(&self, user: &str, claims: u32) -> bool {
-        let Some(claims) = NonZeroU32::new(claims) else {
+    /// Takes `n` from the user's budget; `false` when it does not hold that many.
+    pub fn allow(&self, user: &str, n: u32) -> bool {
+        let Some(n) = NonZeroU32::new(n) else {
             return true;
         };
-        matches!(self.0.check_key_n(&user.to_owned(), claims), Ok(Ok(())))
+        matches!(self.0.check_key_n(&user.to_owned(), n), Ok(Ok(())))
     }
 
     /// Forgets buckets that are full again.

@@ -355,6 +355,7 @@ async fn run(
                         }
                         app.sends.forget_idle();
                         app.claims.forget_idle();
+                        app.to_device.forget_idle();
                         app.metrics.run_upkeep();
                     }
                 }

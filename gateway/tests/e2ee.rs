@@ -840,6 +840,46 @@ impl Peer {
 }
 
 #[test]
+fn to_device_messages_beyond_the_budget_are_refused_and_none_is_kept() {
+    on_big_stack(async {
+        let gw = start(|config| {
+            config.to_device_burst = 5;
+            config.to_device_per_sec = 1;
+        })
+        .await;
+        let bob = Peer::join(&gw, "bob", "phone").await;
+        bob.ws.close().await;
+        let mut alice = gw.connect_device("alice", "laptop").await;
+        let frame = |reference: &str, n: usize| {
+            let messages: Vec<Value> = (0..n)
+                .map(|i| json!({"user":"bob","device":"phone","type":1,"ciphertext":format!("{reference}{i}A")}))
+                .collect();
+            json!({"type":"to_device","ref":reference,"messages":messages})
+        };
+        alice.send(frame("ok", 3)).await;
+        assert_eq!(alice.recv_type("to_device_sent").await["ref"], "ok");
+        // Two are left of the burst of five (the budget refills one a second): five more
+        // are refused whole.
+        alice.send(frame("over", 5)).await;
+        let refused = alice.error().await;
+        assert_eq!(refused["code"], "rate_limited", "{refused}");
+        assert_eq!(refused["ref"], "over");
+        let mut bob = gw.connect_device("bob", "phone").await;
+        alice.send_message("bob", "after the replay", "fence").await;
+        let mut kept = Vec::new();
+        loop {
+            let frame = bob.recv().await;
+            match frame["type"].as_str() {
+                Some("to_device") => kept.push(frame["e2ee"]["ciphertext"].clone()),
+                Some("message") => break,
+                _ => {}
+            }
+        }
+        assert_eq!(kept, vec![json!("ok0A"), json!("ok1A"), json!("ok2A")]);
+    });
+}
+
+#[test]
 fn claims_beyond_the_budget_are_refused_and_take_no_key() {
     on_big_stack(async {
         let gw = start(|config| {
