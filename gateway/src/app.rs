@@ -35,6 +35,8 @@ pub struct App {
     pub claims: UserBudget,
     /// To-device messages sent, per user.
     pub to_device: UserBudget,
+    /// Group notices caused (members told of a group's creation or change), per user.
+    pub group_notices: UserBudget,
     /// Connections to catch up once presence knows of them.
     pub unlocated: Unlocated,
     /// Confirmed receipts, forgotten in batches.
@@ -65,6 +67,8 @@ impl App {
         let sends = SendLimiter::new(config.rate_per_sec, config.rate_burst);
         let claims = UserBudget::new(config.key_claims_per_sec, config.key_claim_burst);
         let to_device = UserBudget::new(config.to_device_per_sec, config.to_device_burst);
+        let group_notices =
+            UserBudget::new(config.group_notices_per_sec, config.group_notices_burst);
         let receipt_drops = ReceiptDrops::start(store.clone());
         App {
             config,
@@ -79,6 +83,7 @@ impl App {
             sends,
             claims,
             to_device,
+            group_notices,
             unlocated: Unlocated::default(),
             receipt_drops,
             metrics,

@@ -94,6 +94,16 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_TO_DEVICE_BURST", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub to_device_burst: u32,
 
+    /// Group notices a user may cause per second on this gateway (creating a group or
+    /// changing its members tells every member, each kept until confirmed), averaged;
+    /// the burst is `--group-notices-burst`.
+    #[arg(long, env = "GATEWAY_GROUP_NOTICES_PER_SEC", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    pub group_notices_per_sec: u32,
+
+    /// Most group notices a user may cause at once (a few groups of the largest size).
+    #[arg(long, env = "GATEWAY_GROUP_NOTICES_BURST", default_value_t = 5_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub group_notices_burst: u32,
+
     /// Largest WebSocket frame or message accepted; larger closes with 1009.
     #[arg(long, env = "GATEWAY_MAX_FRAME_BYTES", default_value_t = 128 * 1024)]
     pub max_frame_bytes: usize,

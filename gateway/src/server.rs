@@ -356,6 +356,7 @@ async fn run(
                         app.sends.forget_idle();
                         app.claims.forget_idle();
                         app.to_device.forget_idle();
+                        app.group_notices.forget_idle();
                         app.metrics.run_upkeep();
                     }
                 }

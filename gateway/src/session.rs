@@ -463,6 +463,7 @@ impl Session {
                 }
                 let mut members: std::collections::BTreeSet<String> = members.into_iter().collect();
                 members.insert(self.user().to_owned());
+                self.take_group_notices(members.len())?;
                 let group = Group {
                     id: Uuid::now_v7(),
                     name,
@@ -829,6 +830,8 @@ impl Session {
             )));
         };
         check_users(&members, "members", MAX_GROUP_MEMBERS)?;
+        // At most every member before and everyone added is told.
+        self.take_group_notices(before.members.len() + if add { members.len() } else { 0 })?;
         let (adding, removing) = if add {
             (members, Vec::new())
         } else {
@@ -846,6 +849,24 @@ impl Session {
         }
         self.reply(ServerFrame::group(reference, &group));
         Ok(())
+    }
+
+    /// Takes the notices a group change may cause from this user's budget: refused whole
+    /// (`rate_limited`, nothing changed) beyond it.
+    fn take_group_notices(&self, notices: usize) -> Result<(), Refusal> {
+        let notices = u32::try_from(notices).unwrap_or(u32::MAX);
+        if self.app.group_notices.allow(self.user(), notices) {
+            return Ok(());
+        }
+        let config = &self.app.config;
+        Err(Refusal::new(
+            ErrorCode::RateLimited,
+            format!(
+                "group changes telling more than {} members per second (burst {}): nothing \
+                 was changed; try again later",
+                config.group_notices_per_sec, config.group_notices_burst
+            ),
+        ))
     }
 
     /// Tells a group's members (and those it removed) of a change: a notice kept for each

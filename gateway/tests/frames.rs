@@ -436,6 +436,46 @@ async fn groups_are_created_changed_and_fan_out() {
 }
 
 #[tokio::test]
+async fn group_changes_beyond_the_budget_are_refused_and_change_nothing() {
+    let gw = start(|config| {
+        config.group_notices_burst = 10;
+        config.group_notices_per_sec = 1;
+    })
+    .await;
+    let mut alice = gw.connect("alice").await;
+    // Five members told: half the burst.
+    alice
+        .send(json!({"type":"create_group","ref":"g","name":"five","members":["b","c","d","e"]}))
+        .await;
+    let group = alice.recv_type("group").await;
+    let conversation = group["conversation"].clone();
+    // Adding one would tell six: refused whole (the budget refills one a second).
+    alice
+        .send(json!({"type":"add_members","ref":"add","conversation":conversation,"members":["f"]}))
+        .await;
+    let refused = alice.error().await;
+    assert_eq!(refused["code"], "rate_limited", "{refused}");
+    assert_eq!(refused["ref"], "add");
+    alice
+        .send(json!({"type":"group_info","ref":"i","conversation":conversation}))
+        .await;
+    assert_eq!(
+        alice.recv_type("group").await["members"],
+        json!(["alice", "b", "c", "d", "e"])
+    );
+    // A removal tells the five: what is left of the budget.
+    alice
+        .send(
+            json!({"type":"remove_members","ref":"rm","conversation":conversation,"members":["e"]}),
+        )
+        .await;
+    assert_eq!(
+        alice.recv_type("group").await["members"],
+        json!(["alice", "b", "c", "d"])
+    );
+}
+
+#[tokio::test]
 async fn ping_answers_pong_with_its_ref() {
     let gw = start(|_| {}).await;
     let mut alice = gw.connect("alice").await;
