@@ -32,7 +32,7 @@ enum Command {
         #[command(flatten)]
         common: Common,
         /// Seconds to hold the connections.
-        #[arg(long, default_value_t = 5.0)]
+        #[arg(long, default_value_t = 5.0, value_parser = non_negative)]
         hold_secs: f64,
     },
     /// Users send to random other users at an open-loop total rate.
@@ -48,7 +48,7 @@ enum Command {
         common: Common,
         #[command(flatten)]
         traffic: Traffic,
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(2..))]
         group_size: u32,
     },
     /// Direct traffic while a fraction of users drops and reconnects; their pending
@@ -59,10 +59,10 @@ enum Command {
         #[command(flatten)]
         traffic: Traffic,
         /// Fraction of users dropped each time.
-        #[arg(long, default_value_t = 0.1)]
+        #[arg(long, default_value_t = 0.1, value_parser = fraction)]
         fraction: f64,
         /// Seconds between drops.
-        #[arg(long, default_value_t = 3.0)]
+        #[arg(long, default_value_t = 3.0, value_parser = positive)]
         every_secs: f64,
         /// How long a dropped user stays away, ms.
         #[arg(long, default_value_t = 1000)]
@@ -73,10 +73,10 @@ enum Command {
         #[command(flatten)]
         common: Common,
         /// New connections per second.
-        #[arg(long, default_value_t = 500.0)]
+        #[arg(long, default_value_t = 500.0, value_parser = positive)]
         per_second: f64,
         /// Seconds to hold them once all are open.
-        #[arg(long, default_value_t = 2.0)]
+        #[arg(long, default_value_t = 2.0, value_parser = non_negative)]
         hold_secs: f64,
     },
     /// A minimal in-memory WebSocket relay speaking the same frames: the ceiling.
@@ -112,7 +112,7 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         slow_readers: u32,
         /// Messages a second sent to the slow readers, in all.
-        #[arg(long, default_value_t = 100.0)]
+        #[arg(long, default_value_t = 100.0, value_parser = non_negative)]
         slow_rate: f64,
         #[arg(long, default_value_t = 1000)]
         slow_read_every_ms: u64,
@@ -125,21 +125,22 @@ enum Command {
         /// The gateway binary (default: next to this one).
         #[arg(long)]
         gateway_bin: Option<PathBuf>,
-        #[arg(long, default_value_t = 200)]
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(2..))]
         users: u32,
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
         rounds: u32,
         /// Seconds per rate step.
-        #[arg(long, default_value_t = 3.0)]
+        #[arg(long, default_value_t = 3.0, value_parser = positive)]
         step_secs: f64,
         /// The rates tried, in order, until one fails (then bisected).
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "500,1000,2000,4000,8000,16000,32000,64000"
+            default_value = "500,1000,2000,4000,8000,16000,32000,64000",
+            value_parser = positive
         )]
         ladder: Vec<f64>,
-        #[arg(long, default_value_t = 50.0)]
+        #[arg(long, default_value_t = 50.0, value_parser = positive)]
         max_p99_ms: f64,
         /// Idle connections for the memory measurement (per-connection figures include
         /// fixed costs that only amortize over many connections).
@@ -161,18 +162,18 @@ enum Command {
         #[arg(long, default_value = "infra/servers.sh")]
         servers_script: PathBuf,
         /// The cluster's light rate, for plain latency (msgs/s).
-        #[arg(long, default_value_t = 100.0)]
+        #[arg(long, default_value_t = 100.0, value_parser = positive)]
         light_rate: f64,
         /// The rate at which the cluster's CPU per message is reported (msgs/s).
-        #[arg(long, default_value_t = 1000.0)]
+        #[arg(long, default_value_t = 1000.0, value_parser = positive)]
         cpu_rate: f64,
         /// Seconds of the light and CPU runs.
-        #[arg(long, default_value_t = 10.0)]
+        #[arg(long, default_value_t = 10.0, value_parser = positive)]
         measure_secs: f64,
         /// Seconds of traffic the cluster gets at least before anything is measured; it
         /// goes on, 10 s at a time and up to 240 s, until the servers' JIT compilers use
         /// less than 0.15 cores.
-        #[arg(long, default_value_t = 30.0)]
+        #[arg(long, default_value_t = 30.0, value_parser = non_negative)]
         warm_up_secs: f64,
     },
 }
@@ -191,7 +192,7 @@ struct Common {
     #[arg(long, env = "LOADTEST_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
     /// Users (one connection each).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     users: u32,
     /// Connect from 127.0.0.1 … 127.0.0.N (each source has ~28k ports). 0: let the OS pick.
     #[arg(long, default_value_t = 0)]
@@ -220,7 +221,7 @@ struct Common {
     quiet: bool,
     /// Seconds connecting may take; users not connected by then are left out (none
     /// connected: the run fails).
-    #[arg(long, default_value_t = 60.0)]
+    #[arg(long, default_value_t = 60.0, value_parser = positive)]
     connect_timeout_secs: f64,
     #[arg(long, hide = true)]
     first_user: Option<u32>,
@@ -260,16 +261,16 @@ impl Common {
 #[derive(Args, Debug, Clone)]
 struct Traffic {
     /// Total msgs/s; several comma-separated rates run as consecutive steps.
-    #[arg(long, value_delimiter = ',', default_value = "100")]
+    #[arg(long, value_delimiter = ',', default_value = "100", value_parser = positive)]
     rate: Vec<f64>,
     /// Seconds per rate step.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = positive)]
     step_secs: f64,
     /// Bytes per message body.
     #[arg(long, default_value_t = 100)]
     body_bytes: usize,
     /// Seconds to wait for outstanding deliveries after the last send.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = non_negative)]
     drain_secs: f64,
     /// End-to-end encrypted messages (Olm and Megolm, docs/protocol.md): every device
     /// publishes keys and sets up its sessions before the run; direct senders write to 8
@@ -279,7 +280,7 @@ struct Traffic {
     /// Fraction (0-1) of messages that carry an attachment: each user uploads one file
     /// before the run (upload slot, PUT, `media_complete`), and recipients download every
     /// attachment they get and check its SHA-256 (server-encrypted messages only).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = fraction)]
     attachments: f64,
     /// Bytes of each user's attachment.
     #[arg(long, default_value_t = 32 * 1024)]
@@ -288,6 +289,44 @@ struct Traffic {
     /// the conversation open does; senders get a `read` receipt for each (counted).
     #[arg(long)]
     read: bool,
+}
+
+/// Traffic needs someone to send to.
+fn with_others(common: &Common) -> anyhow::Result<()> {
+    if common.users < 2 {
+        bail!(
+            "--users {}: traffic needs at least 2 users (each sends to others)",
+            common.users
+        );
+    }
+    Ok(())
+}
+
+/// A rate, or a number of seconds or milliseconds that must pass: a finite number above 0.
+fn positive(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(value) if value.is_finite() && value > 0.0 => Ok(value),
+        Ok(_) => Err(format!("{text} is not above 0")),
+        Err(_) => Err(format!("{text:?} is not a number")),
+    }
+}
+
+/// Seconds (or a rate) that may be 0.
+fn non_negative(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(value) if value.is_finite() && value >= 0.0 => Ok(value),
+        Ok(_) => Err(format!("{text} is below 0")),
+        Err(_) => Err(format!("{text:?} is not a number")),
+    }
+}
+
+/// A fraction, 0 to 1.
+fn fraction(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(value) if (0.0..=1.0).contains(&value) => Ok(value),
+        Ok(_) => Err(format!("{text} is not between 0 and 1")),
+        Err(_) => Err(format!("{text:?} is not a number")),
+    }
 }
 
 /// What a child process hands back to its parent.
@@ -407,6 +446,7 @@ async fn main() -> anyhow::Result<()> {
                     source_ips,
                 }
             };
+            with_others(&common)?;
             hostile(common, traffic, attack).await?
         }
         Command::Idle { common, hold_secs } => {
@@ -435,6 +475,7 @@ async fn main() -> anyhow::Result<()> {
             .await?
         }
         Command::Direct { common, traffic } => {
+            with_others(&common)?;
             let workload = Workload::Direct {
                 rates: share(&traffic, &common),
                 step: Duration::from_secs_f64(traffic.step_secs),
@@ -446,6 +487,7 @@ async fn main() -> anyhow::Result<()> {
             traffic,
             group_size,
         } => {
+            with_others(&common)?;
             let workload = Workload::Group {
                 size: group_size,
                 rates: share(&traffic, &common),
@@ -460,6 +502,7 @@ async fn main() -> anyhow::Result<()> {
             every_secs,
             offline_ms,
         } => {
+            with_others(&common)?;
             let workload = Workload::Reconnect {
                 rates: share(&traffic, &common),
                 step: Duration::from_secs_f64(traffic.step_secs),

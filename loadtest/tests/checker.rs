@@ -492,3 +492,30 @@ async fn the_cli_exits_non_zero_when_anything_was_lost() {
     stop_bad.cancel();
     stop_good.cancel();
 }
+
+#[test]
+fn the_cli_names_a_bad_argument_instead_of_panicking() {
+    let exe = env!("CARGO_BIN_EXE_loadtest");
+    let cases: [(&[&str], &str); 6] = [
+        (&["direct", "--users", "0"], "--users"),
+        (&["direct", "--users", "1"], "at least 2 users"),
+        (&["direct", "--rate", "100,0"], "0 is not above 0"),
+        (
+            &["direct", "--step-secs", "soon"],
+            "\"soon\" is not a number",
+        ),
+        (&["idle", "--hold-secs=-1"], "-1 is below 0"),
+        (&["reconnect", "--fraction", "2"], "not between 0 and 1"),
+    ];
+    for (args, expected) in cases {
+        let out = std::process::Command::new(exe)
+            .args(args)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
