@@ -899,9 +899,23 @@ async fn device_keys_are_published_listed_and_replaced<S: MessageStore>(store: S
         .expect("a device");
     assert_eq!(claimed.device.keys, keys("c"));
     assert!(claimed.key.is_some_and(|k| k.id.starts_with("k10")));
-    // Something in the device's own queue, and in its user's.
-    let mut m = message("alice", &dm("alice", "bob"), "");
-    m.e2ee = Some(storage::E2ee {
+    let (_, plain) = fill_phone_queues(&store).await;
+    store.remove_device("bob", "phone").await.expect("remove");
+    store
+        .remove_device("bob", "phone")
+        .await
+        .expect("idempotent");
+    assert_phone_queue_gone(&store, plain).await;
+    let listed = store.devices(&["bob".into()]).await.expect("devices");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(store.claim_key("bob", "phone").await.expect("claim"), None);
+}
+
+/// Something in bob/phone's own queue (an end-to-end encrypted message and a notice), and
+/// a message in bob's: (the phone's message, bob's).
+async fn fill_phone_queues<S: MessageStore>(store: &S) -> (Message, Message) {
+    let mut sealed = message("alice", &dm("alice", "bob"), "");
+    sealed.e2ee = Some(storage::E2ee {
         device: "a".into(),
         to: vec![storage::ForDevice {
             user: "bob".into(),
@@ -913,9 +927,9 @@ async fn device_keys_are_published_listed_and_replaced<S: MessageStore>(store: S
         }],
         group: None,
     });
-    append_one(&store, &m, &["bob/phone"]).await;
+    append_one(store, &sealed, &["bob/phone"]).await;
     let plain = message("alice", &dm("alice", "bob"), "for every device");
-    append_one(&store, &plain, &["bob"]).await;
+    append_one(store, &plain, &["bob"]).await;
     store
         .push_notices(vec![(
             "bob/phone".into(),
@@ -924,11 +938,11 @@ async fn device_keys_are_published_listed_and_replaced<S: MessageStore>(store: S
         )])
         .await
         .expect("notice");
-    store.remove_device("bob", "phone").await.expect("remove");
-    store
-        .remove_device("bob", "phone")
-        .await
-        .expect("idempotent");
+    (sealed, plain)
+}
+
+/// bob/phone's own queue is empty; bob's still holds `plain`.
+async fn assert_phone_queue_gone<S: MessageStore>(store: &S, plain: Message) {
     assert!(store
         .pending("bob/phone", None, 10)
         .await
@@ -944,9 +958,6 @@ async fn device_keys_are_published_listed_and_replaced<S: MessageStore>(store: S
         vec![plain],
         "the user's queue stays"
     );
-    let listed = store.devices(&["bob".into()]).await.expect("devices");
-    assert_eq!(listed.len(), 1);
-    assert_eq!(store.claim_key("bob", "phone").await.expect("claim"), None);
 }
 
 async fn a_new_identity_forgets_what_was_kept_for_the_old_one<S: MessageStore>(store: S) {
@@ -954,30 +965,7 @@ async fn a_new_identity_forgets_what_was_kept_for_the_old_one<S: MessageStore>(s
         .publish_keys("bob", "phone", keys("a"), one_time(0..3), None)
         .await
         .expect("publish");
-    let mut sealed = message("alice", &dm("alice", "bob"), "");
-    sealed.e2ee = Some(storage::E2ee {
-        device: "a".into(),
-        to: vec![storage::ForDevice {
-            user: "bob".into(),
-            device: "phone".into(),
-            olm: Some(storage::OlmCiphertext {
-                kind: 0,
-                ciphertext: "for identity a".into(),
-            }),
-        }],
-        group: None,
-    });
-    append_one(&store, &sealed, &["bob/phone"]).await;
-    let plain = message("alice", &dm("alice", "bob"), "for every device");
-    append_one(&store, &plain, &["bob"]).await;
-    store
-        .push_notices(vec![(
-            "bob/phone".into(),
-            Uuid::now_v7(),
-            Notice::KeysLow { remaining: 1 },
-        )])
-        .await
-        .expect("notice");
+    let (sealed, plain) = fill_phone_queues(&store).await;
     // The same identity again (more keys, say): everything stays.
     store
         .publish_keys("bob", "phone", keys("a"), one_time(3..4), None)
@@ -1000,20 +988,7 @@ async fn a_new_identity_forgets_what_was_kept_for_the_old_one<S: MessageStore>(s
         .publish_keys("bob", "phone", keys("b"), Vec::new(), None)
         .await
         .expect("new identity");
-    assert!(store
-        .pending("bob/phone", None, 10)
-        .await
-        .expect("pending")
-        .is_empty());
-    assert!(store
-        .notices("bob/phone", None, 10)
-        .await
-        .expect("notices")
-        .is_empty());
-    assert_eq!(
-        store.pending("bob", None, 10).await.expect("pending"),
-        vec![plain]
-    );
+    assert_phone_queue_gone(&store, plain).await;
     let listed = store.devices(&["bob".into()]).await.expect("devices");
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].keys, keys("b"));
