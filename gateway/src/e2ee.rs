@@ -253,9 +253,10 @@ pub async fn to_devices(session: &Session, messages: Vec<ToDeviceSend>) -> Resul
         .into_iter()
         .collect();
     let known = session.call(session.app.store.devices(&users)).await?;
+    let identities = identities_of(&known);
     let unknown: Vec<String> = named
         .iter()
-        .filter(|(u, d)| !known.iter().any(|k| k.user == *u && k.device == *d))
+        .filter(|device| !identities.contains_key(*device))
         .map(|(u, d)| format!("{u}/{d}"))
         .collect();
     if !unknown.is_empty() {
@@ -272,7 +273,7 @@ pub async fn to_devices(session: &Session, messages: Vec<ToDeviceSend>) -> Resul
         };
         Some((device, identity))
     });
-    let changed = changed_identities(&known, believed.collect());
+    let changed = changed_identities(&identities, believed.collect());
     if !changed.is_empty() {
         let mut refusal = Refusal::new(
             ErrorCode::DeviceMismatch,
@@ -328,19 +329,26 @@ pub async fn to_devices(session: &Session, messages: Vec<ToDeviceSend>) -> Resul
     Ok(())
 }
 
-/// The devices named with an identity key (`identity_key` of a send's device) that is not
-/// the one they have now: set up again under the same id since the sender learnt it. Each
-/// once, in order.
-fn changed_identities(current: &[Device], believed: Vec<(DeviceRef, String)>) -> Vec<DeviceRef> {
-    let identities: HashMap<(&str, &str), &str> = current
+/// Each device's identity key, by `(user, device)`.
+fn identities_of(devices: &[Device]) -> HashMap<(&str, &str), &str> {
+    devices
         .iter()
-        .map(|c| {
+        .map(|d| {
             (
-                (c.user.as_str(), c.device.as_str()),
-                c.keys.identity_key.as_str(),
+                (d.user.as_str(), d.device.as_str()),
+                d.keys.identity_key.as_str(),
             )
         })
-        .collect();
+        .collect()
+}
+
+/// The devices named with an identity key (`identity_key` of a send's device) that is not
+/// the one they have now (`identities`, from [`identities_of`]): set up again under the
+/// same id since the sender learnt it. Each once, in order.
+fn changed_identities(
+    identities: &HashMap<(&str, &str), &str>,
+    believed: Vec<(DeviceRef, String)>,
+) -> Vec<DeviceRef> {
     let changed: BTreeSet<DeviceRef> = believed
         .into_iter()
         .filter(|(d, identity)| {
@@ -463,7 +471,7 @@ pub async fn check_send(
             ));
         }
     }
-    let changed = changed_identities(&current, believed);
+    let changed = changed_identities(&identities_of(&current), believed);
     let expected: BTreeSet<DeviceRef> = current
         .into_iter()
         .filter(|d| !(d.user == conn.user && d.device == conn.device))
