@@ -254,6 +254,14 @@ pub async fn check_attachments(
     let mut attachments = Vec::with_capacity(given.len());
     for a in given {
         let id = parse_media_id(&a.media_id)?;
+        if attachments
+            .iter()
+            .any(|known: &Attachment| known.media_id == id)
+        {
+            return Err(Refusal::bad_request(format!(
+                "attachment {id} is named twice in `attachments`"
+            )));
+        }
         let too_long = |field: &str, value: &Option<String>, max: usize| match value {
             Some(v) if v.chars().count() > max => Err(Refusal::new(
                 ErrorCode::TooLarge,

@@ -268,6 +268,20 @@ async fn bad_uploads_get_clear_errors_and_nothing_is_sent() {
             "attachments":[{"media_id":alices,"size":1}]}))
         .await;
     assert_eq!(alice.error().await["code"], "bad_request");
+    // So is the same upload named twice in one message.
+    alice
+        .send(json!({"type":"send","client_msg_id":"x-4","to":bob_id,
+            "attachments":[{"media_id":alices},{"media_id":alices.to_uppercase()}]}))
+        .await;
+    let twice = alice.error().await;
+    assert_eq!(
+        (twice["code"].as_str(), twice["client_msg_id"].as_str()),
+        (Some("bad_request"), Some("x-4")),
+        "{twice}"
+    );
+    assert!(twice["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("twice")));
 
     // Sent to bob: carol, not in the conversation, is refused even naming the message.
     alice
