@@ -487,15 +487,31 @@ impl ConnHandle {
     }
 
     /// Adds presence subscriptions; returns how many this connection has now.
-    pub fn watch(&self, users: &[String]) -> usize {
+    /// Adds these users to those the connection watches, unless that would make more than
+    /// `max` (users watched already do not count twice): then it changes nothing and says
+    /// `false`.
+    pub fn watch(&self, users: &[String], max: usize) -> bool {
         let mut watching = lock(&self.watching);
         let watching = watching.get_or_insert_default();
+        let new = users.iter().filter(|u| !watching.contains(*u)).count();
+        if watching.len() + new > max {
+            return false;
+        }
         watching.extend(users.iter().cloned());
-        watching.len()
+        true
     }
 
-    pub fn watching_count(&self) -> usize {
-        lock(&self.watching).as_ref().map_or(0, |w| w.len())
+    /// Takes these users out of those the connection watches; answers those it watched.
+    pub fn unwatch(&self, users: &[String]) -> Vec<String> {
+        let mut watching = lock(&self.watching);
+        let Some(set) = watching.as_mut() else {
+            return Vec::new();
+        };
+        let removed: Vec<String> = users.iter().filter(|u| set.remove(*u)).cloned().collect();
+        if set.is_empty() {
+            *watching = None;
+        }
+        removed
     }
 
     /// Notes a send that now waits for the dispatcher's answer.
@@ -654,13 +670,20 @@ impl Hub {
                 }
             }
         }
-        let watched = lock(&conn.watching).take().map(|w| *w).unwrap_or_default();
+        let watched: Vec<String> = lock(&conn.watching)
+            .take()
+            .map(|w| w.into_iter().collect())
+            .unwrap_or_default();
+        self.remove_watches(conn, &watched);
+    }
+
+    pub fn remove_watches(&self, conn: &ConnHandle, users: &[String]) {
         let mut watchers = lock(&self.watchers);
-        for user in watched {
-            if let Some(list) = watchers.get_mut(&user) {
+        for user in users {
+            if let Some(list) = watchers.get_mut(user) {
                 list.retain(|c| c.id != conn.id);
                 if list.is_empty() {
-                    watchers.remove(&user);
+                    watchers.remove(user);
                 }
             }
         }

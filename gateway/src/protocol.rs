@@ -153,6 +153,13 @@ pub enum ClientFrame {
         conversation: String,
     },
     SubscribePresence {
+        #[serde(rename = "ref", default)]
+        reference: Option<Value>,
+        users: Vec<String>,
+    },
+    UnsubscribePresence {
+        #[serde(rename = "ref", default)]
+        reference: Option<Value>,
         users: Vec<String>,
     },
     CreateGroup {
@@ -344,6 +351,7 @@ impl ClientFrame {
             ClientFrame::Conversations { .. } => "conversations",
             ClientFrame::GroupInfo { .. } => "group_info",
             ClientFrame::SubscribePresence { .. } => "subscribe_presence",
+            ClientFrame::UnsubscribePresence { .. } => "unsubscribe_presence",
             ClientFrame::CreateGroup { .. } => "create_group",
             ClientFrame::AddMembers { .. } => "add_members",
             ClientFrame::RemoveMembers { .. } => "remove_members",
@@ -870,6 +878,8 @@ mod tests {
             json!({"type":"typing","conversation":"dm:a:b"}),
             json!({"type":"history","ref":"h1","conversation":"dm:a:b","before":"x","limit":10}),
             json!({"type":"subscribe_presence","users":["a"]}),
+            json!({"type":"subscribe_presence","ref":"s","users":["a"]}),
+            json!({"type":"unsubscribe_presence","users":["a"]}),
             json!({"type":"create_group","ref":1,"name":"n","members":["a"]}),
             json!({"type":"add_members","ref":"r","conversation":"g:x","members":["a"]}),
             json!({"type":"remove_members","ref":"r","conversation":"g:x","members":["a"]}),

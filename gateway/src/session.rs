@@ -1,5 +1,6 @@
 //! One connection's requests: validate, authorize, call the backends, answer.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -202,7 +203,9 @@ impl Session {
             | ClientFrame::MediaUpload { reference, .. }
             | ClientFrame::MediaComplete { reference, .. }
             | ClientFrame::MediaUrl { reference, .. } => (Some(reference.clone()), None),
-            ClientFrame::Ping { reference } => (reference.clone(), None),
+            ClientFrame::Ping { reference }
+            | ClientFrame::SubscribePresence { reference, .. }
+            | ClientFrame::UnsubscribePresence { reference, .. } => (reference.clone(), None),
             _ => (None, None),
         };
         if !matches!(frame, ClientFrame::Send { .. }) && self.frames.check().is_err() {
@@ -427,15 +430,21 @@ impl Session {
                 self.reply(ServerFrame::group(reference, &group));
                 Ok(())
             }
-            ClientFrame::SubscribePresence { users } => {
+            ClientFrame::SubscribePresence { users, .. } => {
                 check_users(&users, "users", 500)?;
-                if self.conn.watching_count() + users.len() > MAX_WATCHED {
+                // A user named twice is watched, and answered, once.
+                let mut seen = HashSet::with_capacity(users.len());
+                let users: Vec<String> = users
+                    .into_iter()
+                    .filter(|u| seen.insert(u.clone()))
+                    .collect();
+                // Watch first, then read: a change in between is sent twice, never missed.
+                if !self.conn.watch(&users, MAX_WATCHED) {
                     return Err(Refusal::bad_request(format!(
-                        "a connection may watch at most {MAX_WATCHED} users"
+                        "a connection may watch at most {MAX_WATCHED} users \
+                         (unsubscribe_presence from some first)"
                     )));
                 }
-                // Watch first, then read: a change in between is sent twice, never missed.
-                self.conn.watch(&users);
                 self.app.hub.add_watches(&self.conn, &users);
                 // Up to 500 frames, more than the queue may hold: sent as the client takes
                 // them (a connection closed meanwhile needs none).
@@ -445,6 +454,12 @@ impl Session {
                         break;
                     }
                 }
+                Ok(())
+            }
+            ClientFrame::UnsubscribePresence { users, .. } => {
+                check_users(&users, "users", 500)?;
+                let watched = self.conn.unwatch(&users);
+                self.app.hub.remove_watches(&self.conn, &watched);
                 Ok(())
             }
             ClientFrame::CreateGroup {

@@ -253,6 +253,85 @@ async fn presence_is_sent_now_and_on_every_change() {
     assert_eq!(alice.error().await["code"], "bad_request");
 }
 
+/// A user named twice is watched and answered once; `unsubscribe_presence` ends a watch;
+/// the limit counts distinct users, so subscribing again to whom one watches is never
+/// refused; and refusals carry the frame's `ref`.
+#[tokio::test]
+async fn presence_subscriptions_count_each_user_once_and_can_be_ended() {
+    let gw = start(|_| {}).await;
+    let mut alice = gw.connect("alice").await;
+    alice
+        .send(json!({"type":"subscribe_presence","ref":"s1","users":["bob","carol","bob"]}))
+        .await;
+    let statuses = alice.barrier().await;
+    let mut users: Vec<&str> = statuses.iter().filter_map(|f| f["user"].as_str()).collect();
+    users.sort_unstable();
+    assert_eq!(users, ["bob", "carol"], "{statuses:?}");
+
+    alice
+        .send(json!({"type":"unsubscribe_presence","ref":"u1","users":["bob","dave"]}))
+        .await;
+    assert!(alice.barrier().await.is_empty());
+    let _bob = gw.connect("bob").await;
+    let _carol = gw.connect("carol").await;
+    let online = alice.recv_type("presence").await;
+    assert_eq!(online["user"], "carol", "{online}");
+    let rest = alice.barrier().await;
+    assert!(
+        rest.iter().all(|f| f["type"] != "presence"),
+        "bob is no longer watched: {rest:?}"
+    );
+
+    // Fill the connection's 5000 watches (carol is one of them).
+    let many: Vec<String> = (0..4999).map(|i| format!("u{i}")).collect();
+    for chunk in many.chunks(500) {
+        alice
+            .send(json!({"type":"subscribe_presence","users":chunk}))
+            .await;
+        let answered = alice.barrier().await;
+        assert_eq!(answered.len(), chunk.len(), "{:?}", answered.first());
+    }
+    // Watched already: accepted, and answered again.
+    alice
+        .send(json!({"type":"subscribe_presence","users":["carol","u0"]}))
+        .await;
+    assert_eq!(alice.barrier().await.len(), 2);
+    // One more is refused, with the frame's `ref`...
+    alice
+        .send(json!({"type":"subscribe_presence","ref":"s2","users":["bob"]}))
+        .await;
+    let refused = alice.error().await;
+    assert_eq!(
+        (refused["code"].as_str(), refused["ref"].as_str()),
+        (Some("bad_request"), Some("s2")),
+        "{refused}"
+    );
+    // ...until one is let go.
+    alice
+        .send(json!({"type":"unsubscribe_presence","users":["u7"]}))
+        .await;
+    alice
+        .send(json!({"type":"subscribe_presence","ref":"s3","users":["bob"]}))
+        .await;
+    let answered = alice.barrier().await;
+    assert_eq!(answered.len(), 1, "{answered:?}");
+    assert_eq!(
+        (answered[0]["user"].as_str(), answered[0]["status"].as_str()),
+        (Some("bob"), Some("online")),
+        "{answered:?}"
+    );
+
+    alice
+        .send(json!({"type":"unsubscribe_presence","ref":"u2","users":[]}))
+        .await;
+    let refused = alice.error().await;
+    assert_eq!(
+        (refused["code"].as_str(), refused["ref"].as_str()),
+        (Some("bad_request"), Some("u2")),
+        "{refused}"
+    );
+}
+
 /// The largest subscription the protocol allows is answered in full: 500 presence frames
 /// at once are more than the outbound queue holds (256), and none may be dropped or close
 /// the connection.
