@@ -407,6 +407,7 @@ async fn messages_to_many_groups_at_once_reach_their_own_members() {
             id: Uuid::now_v7(),
             name: format!("group {g}"),
             members: (0..3).map(|m| format!("g{g}m{m}")).collect(),
+            joined: Default::default(),
         })
         .collect();
     for group in &groups {

@@ -211,12 +211,13 @@ pub async fn url(
             )));
         };
         let message_id = crate::session::parse_id(&message_id, "message_id")?;
-        let (conversation, _) = s.member_of(&conversation).await?;
+        let (conversation, group) = s.member_of(&conversation).await?;
         let message = s
             .call(s.app.store.message(&conversation, message_id))
             .await?
             .ok_or_else(refused)?;
-        if !message.attachments.iter().any(|a| a.media_id == id) {
+        let before_joining = group.is_some_and(|g| !g.shows(&s.conn.user, message.id));
+        if before_joining || !message.attachments.iter().any(|a| a.media_id == id) {
             return Err(refused());
         }
     } else if media.state == MediaState::Pending {

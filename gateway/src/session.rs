@@ -377,6 +377,11 @@ impl Session {
                         )
                     })
                     .await?;
+                // A member added later sees what came after they joined (all older too is
+                // before it, so `more` stays exact).
+                if let Some(group) = &group {
+                    page.retain(|m| group.shows(self.user(), m.id));
+                }
                 let more = page.len() > limit;
                 page.truncate(limit);
                 let members = members_of(&conversation, group.as_ref());
@@ -483,6 +488,7 @@ impl Session {
                     id: Uuid::now_v7(),
                     name,
                     members,
+                    joined: Default::default(),
                 };
                 self.call(self.app.store.create_group(group.clone()))
                     .await?;
@@ -936,7 +942,7 @@ impl Session {
                 None => Ok(None),
             }
         };
-        let (recent, markers, group) = tokio::try_join!(
+        let (mut recent, markers, group) = tokio::try_join!(
             store.history(conversation, None, UNREAD_CAP),
             store.markers(conversation),
             group,
@@ -947,6 +953,9 @@ impl Session {
                 .is_some_and(|g| g.members.contains(self.user()))
         {
             return Ok(None);
+        }
+        if let Some(group) = &group {
+            recent.retain(|m| group.shows(self.user(), m.id));
         }
         let members = members_of(conversation, group.as_ref());
         let read_upto = markers

@@ -356,6 +356,95 @@ async fn a_subscription_to_500_users_is_answered_for_each() {
     assert_eq!(alice.recv_type("pong").await["ref"], "after");
 }
 
+/// A member added to a group sees its messages from then on: not in `history`, not as the
+/// inbox's `last_message` or `unread`. Removed and added again, from the new joining.
+#[tokio::test]
+async fn a_member_added_later_sees_the_group_from_then_on() {
+    let gw = start(|_| {}).await;
+    let mut alice = gw.connect("alice").await;
+    let mut carol = gw.connect("carol").await;
+    alice
+        .send(json!({"type":"create_group","ref":"g","name":"Plans","members":["bob"]}))
+        .await;
+    let group = alice.recv_type_of(&["group"]).await;
+    let conversation = group["conversation"]
+        .as_str()
+        .expect("conversation")
+        .to_owned();
+    let change = |kind: &str, reference: &str| json!({"type":kind,"ref":reference,"conversation":conversation,"members":["carol"]});
+    let before = alice
+        .send_to_group(&conversation, "a surprise for carol", "b-1")
+        .await;
+    alice.send(change("add_members", "add")).await;
+    assert_eq!(alice.recv_type_of(&["group"]).await["ref"], "add");
+    carol.group_notice().await;
+    let after = alice
+        .send_to_group(&conversation, "welcome carol", "a-1")
+        .await;
+    assert_eq!(
+        carol.recv_type("message").await["message_id"],
+        after["message_id"]
+    );
+
+    let history = |reference: &str, limit: u64| json!({"type":"history","ref":reference,"conversation":conversation,"limit":limit});
+    carol.send(history("h1", 50)).await;
+    let page = carol.recv_type("history").await;
+    let ids: Vec<&Value> = page["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| &m["message_id"])
+        .collect();
+    assert_eq!(ids, [&after["message_id"]], "{page}");
+    assert_eq!(page["more"], false, "{page}");
+    // A page that ends at the joining says there is no more.
+    carol.send(history("h2", 1)).await;
+    let page = carol.recv_type("history").await;
+    assert_eq!(page["messages"].as_array().map(Vec::len), Some(1), "{page}");
+    assert_eq!(page["more"], false, "{page}");
+    // Alice, there from the start, sees both.
+    alice.send(history("h3", 50)).await;
+    let page = alice.recv_type("history").await;
+    let ids: Vec<&Value> = page["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| &m["message_id"])
+        .collect();
+    assert_eq!(ids, [&after["message_id"], &before["message_id"]], "{page}");
+
+    carol
+        .send(json!({"type":"conversations","ref":"inbox"}))
+        .await;
+    let inbox = carol.recv_type("conversations").await;
+    let entry = &inbox["conversations"][0];
+    assert_eq!(entry["conversation"], conversation.as_str(), "{inbox}");
+    assert_eq!(
+        entry["last_message"]["message_id"], after["message_id"],
+        "{inbox}"
+    );
+    assert_eq!(entry["unread"], 1, "{inbox}");
+
+    // Removed, then added again: from the new joining only.
+    alice.send(change("remove_members", "out")).await;
+    assert_eq!(alice.recv_type_of(&["group"]).await["ref"], "out");
+    carol.group_notice().await;
+    let meanwhile = alice
+        .send_to_group(&conversation, "carol is out", "m-1")
+        .await;
+    alice.send(change("add_members", "back")).await;
+    assert_eq!(alice.recv_type_of(&["group"]).await["ref"], "back");
+    carol.group_notice().await;
+    carol.send(history("h4", 50)).await;
+    let page = carol.recv_type("history").await;
+    assert_eq!(
+        page["messages"],
+        json!([]),
+        "not {meanwhile} nor older: {page}"
+    );
+    assert_eq!(page["more"], false, "{page}");
+}
+
 #[tokio::test]
 async fn groups_are_created_changed_and_fan_out() {
     let gw = start(|_| {}).await;

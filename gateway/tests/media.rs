@@ -333,6 +333,66 @@ async fn an_expired_upload_url_is_refused() {
     assert_eq!(done["code"], "not_found", "nothing was stored: {done}");
 }
 
+/// A member added to a group later may download what is sent from then on, not what was
+/// sent before they joined (they cannot see that message).
+#[tokio::test]
+async fn a_member_added_later_downloads_only_what_came_after() {
+    let gw = gateway().await;
+    let (alice_id, carol_id) = (fresh("alice"), fresh("carol"));
+    let mut alice = gw.connect(&alice_id).await;
+    let mut carol = gw.connect(&carol_id).await;
+    let group = ask(
+        &mut alice,
+        json!({"type":"create_group","name":"photos","members":[]}),
+        "group",
+    )
+    .await;
+    let conversation = group["conversation"]
+        .as_str()
+        .expect("conversation")
+        .to_owned();
+    async fn send_picture(
+        alice: &mut Client,
+        conversation: &str,
+        client_msg_id: &str,
+    ) -> (String, Value) {
+        let media_id = uploaded(alice, "image/png", &picture(300)).await;
+        alice
+            .send(
+                json!({"type":"send","client_msg_id":client_msg_id,"conversation":conversation,
+                "attachments":[{"media_id":media_id}]}),
+            )
+            .await;
+        let sent = alice.recv_type("sent").await;
+        assert_eq!(sent["client_msg_id"], client_msg_id, "{sent}");
+        (media_id, sent)
+    }
+    let (old_media, old_message) = send_picture(&mut alice, &conversation, "old").await;
+    let added = ask(
+        &mut alice,
+        json!({"type":"add_members","conversation":conversation,"members":[carol_id]}),
+        "group",
+    )
+    .await;
+    assert_eq!(
+        added["members"].as_array().map(Vec::len),
+        Some(2),
+        "{added}"
+    );
+    let (new_media, new_message) = send_picture(&mut alice, &conversation, "new").await;
+
+    assert_eq!(
+        carol.recv_type("message").await["message_id"],
+        new_message["message_id"]
+    );
+    let new_message = json!({"conversation":conversation,"message_id":new_message["message_id"]});
+    let url = media_url(&mut carol, &new_media, Some(&new_message)).await;
+    assert_eq!(url["type"], "media_url", "{url}");
+    let old_message = json!({"conversation":conversation,"message_id":old_message["message_id"]});
+    let url = media_url(&mut carol, &old_media, Some(&old_message)).await;
+    assert_eq!(url["code"], "forbidden", "{url}");
+}
+
 #[tokio::test]
 async fn an_upload_no_message_references_is_collected_and_a_sent_one_stays() {
     let gw = start(|c| c.media.media_expire_secs = 3).await;

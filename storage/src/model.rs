@@ -3,7 +3,7 @@
 //! These types cross process boundaries (the inbound log carries them), so they derive
 //! `Serialize`; changing them is a wire change.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
 
@@ -603,11 +603,42 @@ pub struct Group {
     pub id: Uuid,
     pub name: String,
     pub members: BTreeSet<String>,
+    /// When each member added after the group's creation joined (a UUIDv7 taken as they
+    /// were added): they see the group's messages from then on. The creation's members
+    /// are not here, and see it all. Kept by the stores beside the group's row; records
+    /// that carry a copy of the group (its notices) leave it out.
+    #[serde(skip)]
+    pub joined: BTreeMap<String, Uuid>,
 }
 
 impl Group {
     pub fn conversation(&self) -> Conversation {
         Conversation::Group(self.id)
+    }
+
+    /// Whether `member` sees the group's message `id`: one sent after they joined.
+    pub fn shows(&self, member: &str, id: Uuid) -> bool {
+        self.joined.get(member).is_none_or(|joined| id > *joined)
+    }
+
+    /// Applies a change of members made at `at` (a fresh UUIDv7): who was not a member
+    /// joins then; who is removed is forgotten, and joins anew if added again. Answers
+    /// who joined.
+    pub fn change_members(&mut self, add: &[String], remove: &[String], at: Uuid) -> Vec<String> {
+        let mut joined = Vec::new();
+        for member in add {
+            if self.members.insert(member.clone()) {
+                self.joined.insert(member.clone(), at);
+                joined.push(member.clone());
+            }
+        }
+        for member in remove {
+            if self.members.remove(member) {
+                self.joined.remove(member);
+            }
+        }
+        joined.retain(|m| self.members.contains(m));
+        joined
     }
 
     /// `Invalid` past [`MAX_GROUP_MEMBERS`].

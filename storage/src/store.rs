@@ -141,7 +141,8 @@ pub trait MessageStore: Send + Sync + 'static {
     fn group(&self, id: Uuid) -> impl Future<Output = Result<Option<Group>>> + Send;
 
     /// Adds then removes members; `NotFound` for an unknown group, `Invalid` past
-    /// [`crate::MAX_GROUP_MEMBERS`]. The change is the group's latest activity in its
+    /// [`crate::MAX_GROUP_MEMBERS`]. Who was not a member joins now ([`Group::joined`]);
+    /// who is removed is forgotten. The change is the group's latest activity in its
     /// members' inboxes; the removed lose it from theirs.
     fn update_members(
         &self,

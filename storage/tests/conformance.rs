@@ -546,6 +546,7 @@ async fn notices_are_kept_until_dropped<S: MessageStore>(store: S) {
                 id: Uuid::now_v7(),
                 name: "team".into(),
                 members: ["alice", "bob"].into_iter().map(String::from).collect(),
+                joined: Default::default(),
             },
             change: GroupChangeKind::Created,
             by: "bob".into(),
@@ -627,6 +628,7 @@ async fn inboxes_list_conversations_by_latest_activity<S: MessageStore>(store: S
             .into_iter()
             .map(String::from)
             .collect(),
+        joined: Default::default(),
     };
     let g = group.conversation();
     let m1 = message("alice", &ab, "to bob");
@@ -730,6 +732,7 @@ async fn groups_and_membership<S: MessageStore>(store: S) {
         id,
         name: "friends".into(),
         members,
+        joined: Default::default(),
     };
     store.create_group(group.clone()).await.expect("create");
     assert!(matches!(
@@ -743,7 +746,24 @@ async fn groups_and_membership<S: MessageStore>(store: S) {
         .expect("update");
     let names: Vec<_> = updated.members.iter().map(String::as_str).collect();
     assert_eq!(names, ["alice", "carol", "dave"]);
+    // The newcomers joined then, together; the creation's members are not there.
+    let joined: Vec<_> = updated.joined.keys().map(String::as_str).collect();
+    assert_eq!(joined, ["carol", "dave"]);
+    let at = updated.joined["carol"];
+    assert_eq!(updated.joined["dave"], at);
+    assert!(at > id && at < Uuid::now_v7(), "{at} after {id}");
+    assert!(updated.shows("carol", Uuid::now_v7()) && !updated.shows("carol", id));
+    assert!(updated.shows("alice", id));
     assert_eq!(store.group(id).await.expect("group"), Some(updated));
+    // Adding a member again changes nothing; one removed is forgotten, and joins anew.
+    let again = store
+        .update_members(id, vec!["carol".into(), "bob".into()], vec!["dave".into()])
+        .await
+        .expect("update");
+    assert_eq!(again.joined["carol"], at);
+    assert!(again.joined["bob"] > at, "{:?}", again.joined);
+    assert!(!again.joined.contains_key("dave"));
+    assert_eq!(store.group(id).await.expect("group"), Some(again));
     assert!(matches!(
         store.update_members(Uuid::now_v7(), vec![], vec![]).await,
         Err(Error::NotFound(_))
@@ -761,6 +781,7 @@ async fn groups_are_bounded<S: MessageStore>(store: S) {
             id,
             name: "big".into(),
             members,
+            joined: Default::default(),
         })
         .await
         .expect("create");

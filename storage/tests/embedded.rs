@@ -235,6 +235,7 @@ async fn a_version_1_data_directory_is_migrated() {
         id: Uuid::now_v7(),
         name: "old friends".into(),
         members: ["alice", "bob"].into_iter().map(String::from).collect(),
+        joined: Default::default(),
     };
     let receipt = storage::Receipt {
         message_id: m2.id,

@@ -286,7 +286,7 @@ impl Db {
         }
         let mut groups = HashMap::new();
         for row in self.groups.iter() {
-            let group: Group = decode(&row.value()?)?;
+            let group = decode_group(&row.value()?)?;
             latest
                 .entry(group.conversation().to_string())
                 .or_insert(group.id.as_u128());
@@ -895,7 +895,7 @@ impl MessageStore for EmbeddedStore {
 
     async fn create_group(&self, group: Group) -> Result<()> {
         group.check_size()?;
-        let bytes = encode(&group)?;
+        let bytes = encode_group(&group)?;
         self.write(true, move |db| {
             let key = group.id.as_u128().to_be_bytes();
             if db.groups.contains_key(key)? {
@@ -915,7 +915,7 @@ impl MessageStore for EmbeddedStore {
         self.read(move |db| {
             db.groups
                 .get(id.as_u128().to_be_bytes())?
-                .map(|v| decode(&v))
+                .map(|v| decode_group(&v))
                 .transpose()
         })
         .await
@@ -929,17 +929,14 @@ impl MessageStore for EmbeddedStore {
     ) -> Result<Group> {
         self.write(true, move |db| {
             let key = id.as_u128().to_be_bytes();
-            let mut group: Group = match db.groups.get(key)? {
-                Some(row) => decode(&row)?,
+            let mut group = match db.groups.get(key)? {
+                Some(row) => decode_group(&row)?,
                 None => return Err(Error::NotFound(format!("group g:{id}"))),
             };
-            group.members.extend(add);
-            for member in &remove {
-                group.members.remove(member);
-            }
+            group.change_members(&add, &remove, Uuid::now_v7());
             group.check_size()?;
             let mut batch = db.batch();
-            batch.insert(&db.groups, key, encode(&group)?);
+            batch.insert(&db.groups, key, encode_group(&group)?);
             let name = group.conversation().to_string();
             // A row removed here may still be remembered as written: nothing re-adds it
             // but a message to its user, and only a member is sent one (re-adding a

@@ -11,7 +11,7 @@
 //! | `receipt_outbox` | `user` | `key ASC` | receipts kept for an offline sender, 30-day TTL |
 //! | `read_markers` | `conversation` | `reader` | how far each member has read (`upto`) and has stored (`delivered`) |
 //! | `inbox` | `user` | `conversation` | each user's conversations and their latest activity |
-//! | `groups` | `id` | — | name and members (a set of at most 1024) |
+//! | `groups` | `id` | — | name, members (a set of at most 1024), when later members joined |
 //! | `devices` | `user` | `device` | each device's published identity keys and fallback key |
 //! | `one_time_keys` | `(user, device)` | `key_id` | unclaimed one-time keys; a claim is an LWT delete, so no key is handed out twice |
 //! | `schema_migrations` | `version` | — | which migrations ran |
@@ -29,7 +29,7 @@ mod batcher;
 mod schema;
 mod statements;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -959,13 +959,21 @@ impl MessageStore for ScyllaStore {
     }
 
     async fn group(&self, id: Uuid) -> Result<Option<Group>> {
-        let rows: Vec<(Option<String>, Option<Vec<String>>)> =
-            self.rows(&self.inner.s.group_get, (id,)).await?;
-        Ok(rows.into_iter().next().map(|(name, members)| Group {
-            id,
-            name: name.unwrap_or_default(),
-            members: members.unwrap_or_default().into_iter().collect(),
-        }))
+        type Row = (
+            Option<String>,
+            Option<Vec<String>>,
+            Option<BTreeMap<String, Uuid>>,
+        );
+        let rows: Vec<Row> = self.rows(&self.inner.s.group_get, (id,)).await?;
+        Ok(rows
+            .into_iter()
+            .next()
+            .map(|(name, members, joined)| Group {
+                id,
+                name: name.unwrap_or_default(),
+                members: members.unwrap_or_default().into_iter().collect(),
+                joined: joined.unwrap_or_default(),
+            }))
     }
 
     /// Set additions and removals commute, so concurrent updates lose nothing; the size
@@ -980,18 +988,18 @@ impl MessageStore for ScyllaStore {
         let Some(mut group) = self.group(id).await? else {
             return Err(Error::NotFound(format!("group g:{id}")));
         };
-        group.members.extend(add.iter().cloned());
-        for member in &remove {
-            group.members.remove(member);
-        }
+        let at = Uuid::now_v7();
+        let newcomers = group.change_members(&add, &remove, at);
         group.check_size()?;
         if !add.is_empty() {
-            self.run(&s.group_add, (add, id)).await?;
+            let joined: BTreeMap<&str, Uuid> = newcomers.iter().map(|m| (m.as_str(), at)).collect();
+            self.run(&s.group_add, (add, joined, id)).await?;
         }
         if !remove.is_empty() {
-            self.run(&s.group_remove, (remove.clone(), id)).await?;
+            self.run(&s.group_remove, (remove.clone(), remove.clone(), id))
+                .await?;
         }
-        self.touch_inboxes(&group, &remove, Uuid::now_v7()).await?;
+        self.touch_inboxes(&group, &remove, at).await?;
         Ok(group)
     }
 

@@ -10,7 +10,7 @@ use fjall::compaction::filter::{
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::{Conversation, DeviceKeys, OneTimeKey};
+use crate::model::{Conversation, DeviceKeys, Group, OneTimeKey};
 
 /// A message row: the sender in clear, the body sealed by [`Keyring::seal`].
 #[derive(Serialize, Deserialize)]
@@ -59,6 +59,24 @@ pub(super) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
 
 pub(super) fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T> {
     postcard::from_bytes(bytes).map_err(|e| Error::Backend(format!("decoding a record: {e}")))
+}
+
+/// A group's row: the group, then when its later members joined ([`Group::joined`], which
+/// the group's own encoding leaves out). Rows written before joins were kept end after
+/// the group, and decode with none.
+pub(super) fn encode_group(group: &Group) -> Result<Vec<u8>> {
+    let mut bytes = encode(group)?;
+    bytes.extend(encode(&group.joined)?);
+    Ok(bytes)
+}
+
+pub(super) fn decode_group(bytes: &[u8]) -> Result<Group> {
+    let (mut group, rest): (Group, _) = postcard::take_from_bytes(bytes)
+        .map_err(|e| Error::Backend(format!("decoding a group: {e}")))?;
+    if !rest.is_empty() {
+        group.joined = decode(rest)?;
+    }
+    Ok(group)
 }
 
 pub(super) fn now_ms() -> u64 {

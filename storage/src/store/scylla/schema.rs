@@ -97,6 +97,13 @@ fn migrations(ks: &str) -> Vec<(i32, &'static str, Vec<String>)> {
                 ),
             ],
         ),
+        (
+            5,
+            "when each member added to a group later joined: they see its messages from then",
+            vec![format!(
+                "ALTER TABLE {ks}.groups ADD joined map<text, uuid>"
+            )],
+        ),
     ]
 }
 

@@ -181,15 +181,15 @@ impl Statements {
             ))
             .await?,
             group_get: prepare(format!(
-                "SELECT name, members FROM {ks}.groups WHERE id = ?"
+                "SELECT name, members, joined FROM {ks}.groups WHERE id = ?"
             ))
             .await?,
             group_add: prepare(format!(
-                "UPDATE {ks}.groups SET members = members + ? WHERE id = ?"
+                "UPDATE {ks}.groups SET members = members + ?, joined = joined + ? WHERE id = ?"
             ))
             .await?,
             group_remove: prepare(format!(
-                "UPDATE {ks}.groups SET members = members - ? WHERE id = ?"
+                "UPDATE {ks}.groups SET members = members - ?, joined = joined - ? WHERE id = ?"
             ))
             .await?,
             // Inbox rows and delivered markers carry their activity's time as their write
