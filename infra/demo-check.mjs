@@ -233,6 +233,12 @@ await check("5. group ticks turn blue only when every member has read", async ()
   await carol.page.waitForSelector(".msg:has-text('hello trio')");
   await alice.page.waitForSelector(`${tick}[data-status='read']`);
   await carol.ctx.close();
+  // dave, added later, never sees "hello trio": its ticks stay blue.
+  await alice.page.evaluate((g) => window.chat.S.ws.send(JSON.stringify({ type: "add_members", ref: "add", conversation: g, members: ["dave"] })), trio);
+  await alice.page.waitForFunction((g) => (window.chat.S.convs.get(g).joined || {}).dave, trio);
+  await alice.page.waitForFunction((g) => window.chat.S.convs.get(g).members.includes("dave"), trio);
+  const after = await alice.page.$eval(tick, (t) => t.dataset.status);
+  if (after !== "read") throw new Error(`adding dave turned the ticks of an earlier message to ${after}`);
 });
 
 await check("6. an empty or blank message is not sent", async () => {

@@ -428,9 +428,19 @@ pub enum MessageStatus {
 
 impl MessageStatus {
     /// The status of `m`, sent by `me`, given the conversation's other members and their
-    /// markers; `None` when there is nobody else (a note to self).
-    pub fn of(m: &Message, me: &str, members: &[String], markers: &[Marker]) -> Option<Self> {
-        let others: Vec<&String> = members.iter().filter(|u| *u != me).collect();
+    /// markers; `None` when there is nobody else (a note to self). In a group, members
+    /// added after `m` do not count: they never see it.
+    pub fn of(
+        m: &Message,
+        me: &str,
+        members: &[String],
+        group: Option<&Group>,
+        markers: &[Marker],
+    ) -> Option<Self> {
+        let others: Vec<&String> = members
+            .iter()
+            .filter(|u| *u != me && group.is_none_or(|g| g.shows(u, m.id)))
+            .collect();
         if m.from != me || others.is_empty() {
             return None;
         }
@@ -544,6 +554,9 @@ pub struct InboxView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     pub members: Vec<String>,
+    /// A group's members added after its creation, and since when they see it.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub joined: std::collections::BTreeMap<String, uuid::Uuid>,
     pub last_message: Option<MessageView>,
     pub unread: usize,
     pub markers: Vec<MarkerView>,
@@ -657,6 +670,10 @@ pub enum ServerFrame {
         conversation: String,
         name: String,
         members: Vec<String>,
+        /// Members added after the creation, and since when they see the group (answers
+        /// only; notices leave it out).
+        #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+        joined: std::collections::BTreeMap<String, uuid::Uuid>,
         #[serde(skip_serializing_if = "Option::is_none")]
         change: Option<GroupChangeKind>,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -809,6 +826,7 @@ impl ServerFrame {
             conversation: group.conversation().to_string(),
             name: group.name.clone(),
             members: group.members.iter().cloned().collect(),
+            joined: group.joined.clone(),
             change: None,
             by: None,
             added: None,
@@ -825,6 +843,7 @@ impl ServerFrame {
             conversation: c.group.conversation().to_string(),
             name: c.group.name.clone(),
             members: c.group.members.iter().cloned().collect(),
+            joined: Default::default(),
             change: Some(c.change),
             by: Some(c.by.clone()),
             added: Some(c.added.clone()),

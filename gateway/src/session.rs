@@ -118,11 +118,12 @@ fn views(
     page: &[Message],
     (user, device): (&str, &str),
     members: &[String],
+    group: Option<&Group>,
     markers: &[Marker],
 ) -> Vec<MessageView> {
     page.iter()
         .map(|m| MessageView {
-            status: MessageStatus::of(m, user, members, markers),
+            status: MessageStatus::of(m, user, members, group, markers),
             ..MessageView::of(m, user, device)
         })
         .collect()
@@ -388,7 +389,7 @@ impl Session {
                 self.reply(ServerFrame::History {
                     reference,
                     conversation: conversation.to_string(),
-                    messages: views(&page, self.me(), &members, &markers),
+                    messages: views(&page, self.me(), &members, group.as_ref(), &markers),
                     more,
                     markers: markers.iter().map(MarkerView::from).collect(),
                 });
@@ -971,6 +972,7 @@ impl Session {
             &recent[..recent.len().min(1)],
             self.me(),
             &members,
+            group.as_ref(),
             &markers,
         )
         .pop();
@@ -980,6 +982,7 @@ impl Session {
             ts: ts_of(entry.activity),
             name: group.as_ref().map(|g| g.name.clone()),
             members,
+            joined: group.map(|g| g.joined).unwrap_or_default(),
             last_message,
             unread,
             markers: markers.iter().map(MarkerView::from).collect(),

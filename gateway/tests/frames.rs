@@ -375,8 +375,21 @@ async fn a_member_added_later_sees_the_group_from_then_on() {
     let before = alice
         .send_to_group(&conversation, "a surprise for carol", "b-1")
         .await;
+    // Bob reads it: it is read by everyone who will ever see it.
+    let mut bob = gw.connect("bob").await;
+    let pending = bob.recv_type("message").await;
+    assert_eq!(pending["message_id"], before["message_id"]);
+    bob.send(json!({"type":"read","conversation":conversation,"message_id":before["message_id"]}))
+        .await;
+    bob.barrier().await;
     alice.send(change("add_members", "add")).await;
-    assert_eq!(alice.recv_type_of(&["group"]).await["ref"], "add");
+    let added = alice.recv_type_of(&["group"]).await;
+    assert_eq!(added["ref"], "add");
+    let joined = added["joined"]["carol"].as_str().expect("carol's joining");
+    assert!(
+        joined > before["message_id"].as_str().unwrap_or("~"),
+        "{added}"
+    );
     carol.group_notice().await;
     let after = alice
         .send_to_group(&conversation, "welcome carol", "a-1")
@@ -412,6 +425,8 @@ async fn a_member_added_later_sees_the_group_from_then_on() {
         .map(|m| &m["message_id"])
         .collect();
     assert_eq!(ids, [&after["message_id"], &before["message_id"]], "{page}");
+    // Carol, added after it, does not hold up its status.
+    assert_eq!(page["messages"][1]["status"], "read", "{page}");
 
     carol
         .send(json!({"type":"conversations","ref":"inbox"}))
@@ -419,6 +434,7 @@ async fn a_member_added_later_sees_the_group_from_then_on() {
     let inbox = carol.recv_type("conversations").await;
     let entry = &inbox["conversations"][0];
     assert_eq!(entry["conversation"], conversation.as_str(), "{inbox}");
+    assert_eq!(entry["joined"], json!({"carol": joined}), "{inbox}");
     assert_eq!(
         entry["last_message"]["message_id"], after["message_id"],
         "{inbox}"
