@@ -486,7 +486,6 @@ impl ConnHandle {
         self.last_heard.load(Ordering::Relaxed)
     }
 
-    /// Adds presence subscriptions; returns how many this connection has now.
     /// Adds these users to those the connection watches, unless that would make more than
     /// `max` (users watched already do not count twice): then it changes nothing and says
     /// `false`.

@@ -402,13 +402,15 @@ async fn a_member_added_later_sees_the_group_from_then_on() {
     let history = |reference: &str, limit: u64| json!({"type":"history","ref":reference,"conversation":conversation,"limit":limit});
     carol.send(history("h1", 50)).await;
     let page = carol.recv_type("history").await;
-    let ids: Vec<&Value> = page["messages"]
-        .as_array()
-        .expect("messages")
-        .iter()
-        .map(|m| &m["message_id"])
-        .collect();
-    assert_eq!(ids, [&after["message_id"]], "{page}");
+    let ids_of = |page: &Value| -> Vec<Value> {
+        page["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .map(|m| m["message_id"].clone())
+            .collect()
+    };
+    assert_eq!(ids_of(&page), [after["message_id"].clone()], "{page}");
     assert_eq!(page["more"], false, "{page}");
     // A page that ends at the joining says there is no more.
     carol.send(history("h2", 1)).await;
@@ -418,13 +420,11 @@ async fn a_member_added_later_sees_the_group_from_then_on() {
     // Alice, there from the start, sees both.
     alice.send(history("h3", 50)).await;
     let page = alice.recv_type("history").await;
-    let ids: Vec<&Value> = page["messages"]
-        .as_array()
-        .expect("messages")
-        .iter()
-        .map(|m| &m["message_id"])
-        .collect();
-    assert_eq!(ids, [&after["message_id"], &before["message_id"]], "{page}");
+    assert_eq!(
+        ids_of(&page),
+        [after["message_id"].clone(), before["message_id"].clone()],
+        "{page}"
+    );
     // Carol, added after it, does not hold up its status.
     assert_eq!(page["messages"][1]["status"], "read", "{page}");
 
