@@ -116,6 +116,8 @@ pub enum ClientFrame {
         attachments: Vec<AttachmentSend>,
     },
     Ack {
+        #[serde(rename = "ref", default)]
+        reference: Option<Value>,
         #[serde(default)]
         message_ids: Vec<String>,
         #[serde(default)]
@@ -124,10 +126,14 @@ pub enum ClientFrame {
         notice_ids: Vec<String>,
     },
     Read {
+        #[serde(rename = "ref", default)]
+        reference: Option<Value>,
         conversation: String,
         message_id: String,
     },
     Typing {
+        #[serde(rename = "ref", default)]
+        reference: Option<Value>,
         conversation: String,
     },
     History {
@@ -898,6 +904,9 @@ mod tests {
             json!({"type":"history","ref":"h1","conversation":"dm:a:b","before":"x","limit":10}),
             json!({"type":"subscribe_presence","users":["a"]}),
             json!({"type":"subscribe_presence","ref":"s","users":["a"]}),
+            json!({"type":"ack","ref":"a","message_ids":["x"]}),
+            json!({"type":"read","ref":2,"conversation":"dm:a:b","message_id":"x"}),
+            json!({"type":"typing","ref":"t","conversation":"dm:a:b"}),
             json!({"type":"unsubscribe_presence","users":["a"]}),
             json!({"type":"create_group","ref":1,"name":"n","members":["a"]}),
             json!({"type":"add_members","ref":"r","conversation":"g:x","members":["a"]}),

@@ -205,9 +205,11 @@ impl Session {
             | ClientFrame::MediaComplete { reference, .. }
             | ClientFrame::MediaUrl { reference, .. } => (Some(reference.clone()), None),
             ClientFrame::Ping { reference }
+            | ClientFrame::Ack { reference, .. }
+            | ClientFrame::Read { reference, .. }
+            | ClientFrame::Typing { reference, .. }
             | ClientFrame::SubscribePresence { reference, .. }
             | ClientFrame::UnsubscribePresence { reference, .. } => (reference.clone(), None),
-            _ => (None, None),
         };
         if !matches!(frame, ClientFrame::Send { .. }) && self.frames.check().is_err() {
             let mut refusal = Refusal::new(
@@ -286,6 +288,7 @@ impl Session {
                 message_ids,
                 receipt_ids,
                 notice_ids,
+                ..
             } => {
                 if message_ids.len() > 100 || receipt_ids.len() > 100 || notice_ids.len() > 100 {
                     return Err(Refusal::bad_request(
@@ -336,6 +339,7 @@ impl Session {
             ClientFrame::Read {
                 conversation,
                 message_id,
+                ..
             } => {
                 let (conversation, _) = self.member_of(&conversation).await?;
                 let id = parse_id(&message_id, "message_id")?;
@@ -356,7 +360,7 @@ impl Session {
                 };
                 self.publish(envelope).await
             }
-            ClientFrame::Typing { conversation } => self.typing(&conversation).await,
+            ClientFrame::Typing { conversation, .. } => self.typing(&conversation).await,
             ClientFrame::History {
                 reference,
                 conversation,

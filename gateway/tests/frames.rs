@@ -86,10 +86,24 @@ async fn read_gives_a_read_receipt_naming_the_message_read() {
     );
     assert_eq!(receipt["by"], "bob");
 
-    // Reading a message that is not in the conversation is refused.
-    bob.send(json!({"type":"read","conversation":"dm:alice:bob","message_id":uuid::Uuid::now_v7().to_string()}))
+    // Reading a message that is not in the conversation is refused, with the frame's
+    // `ref` when it has one; so are bad acks.
+    bob.send(json!({"type":"read","ref":"r1","conversation":"dm:alice:bob","message_id":uuid::Uuid::now_v7().to_string()}))
         .await;
-    assert_eq!(bob.error().await["code"], "not_found");
+    let refused = bob.error().await;
+    assert_eq!(
+        (refused["code"].as_str(), refused["ref"].as_str()),
+        (Some("not_found"), Some("r1")),
+        "{refused}"
+    );
+    bob.send(json!({"type":"ack","ref":7,"message_ids":["not an id"]}))
+        .await;
+    let refused = bob.error().await;
+    assert_eq!(
+        (refused["code"].as_str(), refused["ref"].as_i64()),
+        (Some("bad_request"), Some(7)),
+        "{refused}"
+    );
 }
 
 #[tokio::test]
@@ -109,9 +123,14 @@ async fn typing_reaches_the_other_members_only() {
         "the typist does not see their own typing"
     );
     alice
-        .send(json!({"type":"typing","conversation":"dm:bob:carol"}))
+        .send(json!({"type":"typing","ref":"t1","conversation":"dm:bob:carol"}))
         .await;
-    assert_eq!(alice.error().await["code"], "forbidden");
+    let refused = alice.error().await;
+    assert_eq!(
+        (refused["code"].as_str(), refused["ref"].as_str()),
+        (Some("forbidden"), Some("t1")),
+        "{refused}"
+    );
 
     // At most one a conversation every 2 seconds is relayed; another conversation is
     // relayed meanwhile.
