@@ -90,20 +90,10 @@ async fn read_gives_a_read_receipt_naming_the_message_read() {
     // `ref` when it has one; so are bad acks.
     bob.send(json!({"type":"read","ref":"r1","conversation":"dm:alice:bob","message_id":uuid::Uuid::now_v7().to_string()}))
         .await;
-    let refused = bob.error().await;
-    assert_eq!(
-        (refused["code"].as_str(), refused["ref"].as_str()),
-        (Some("not_found"), Some("r1")),
-        "{refused}"
-    );
+    bob.refusal("not_found", json!("r1")).await;
     bob.send(json!({"type":"ack","ref":7,"message_ids":["not an id"]}))
         .await;
-    let refused = bob.error().await;
-    assert_eq!(
-        (refused["code"].as_str(), refused["ref"].as_i64()),
-        (Some("bad_request"), Some(7)),
-        "{refused}"
-    );
+    bob.refusal("bad_request", json!(7)).await;
 }
 
 #[tokio::test]
@@ -125,12 +115,7 @@ async fn typing_reaches_the_other_members_only() {
     alice
         .send(json!({"type":"typing","ref":"t1","conversation":"dm:bob:carol"}))
         .await;
-    let refused = alice.error().await;
-    assert_eq!(
-        (refused["code"].as_str(), refused["ref"].as_str()),
-        (Some("forbidden"), Some("t1")),
-        "{refused}"
-    );
+    alice.refusal("forbidden", json!("t1")).await;
 
     // At most one a conversation every 2 seconds is relayed; another conversation is
     // relayed meanwhile.
@@ -225,12 +210,7 @@ async fn history_pages_newest_first_with_before_and_limit() {
         alice
             .send(json!({"type":"history","ref":"x","conversation":"dm:alice:bob","limit":bad}))
             .await;
-        let error = alice.error().await;
-        assert_eq!(
-            (error["code"].as_str(), error["ref"].as_str()),
-            (Some("bad_request"), Some("x")),
-            "{bad}"
-        );
+        alice.refusal("bad_request", json!("x")).await;
     }
 }
 
@@ -319,12 +299,7 @@ async fn presence_subscriptions_count_each_user_once_and_can_be_ended() {
     alice
         .send(json!({"type":"subscribe_presence","ref":"s2","users":["bob"]}))
         .await;
-    let refused = alice.error().await;
-    assert_eq!(
-        (refused["code"].as_str(), refused["ref"].as_str()),
-        (Some("bad_request"), Some("s2")),
-        "{refused}"
-    );
+    alice.refusal("bad_request", json!("s2")).await;
     // ...until one is let go.
     alice
         .send(json!({"type":"unsubscribe_presence","users":["u7"]}))
@@ -343,12 +318,7 @@ async fn presence_subscriptions_count_each_user_once_and_can_be_ended() {
     alice
         .send(json!({"type":"unsubscribe_presence","ref":"u2","users":[]}))
         .await;
-    let refused = alice.error().await;
-    assert_eq!(
-        (refused["code"].as_str(), refused["ref"].as_str()),
-        (Some("bad_request"), Some("u2")),
-        "{refused}"
-    );
+    alice.refusal("bad_request", json!("u2")).await;
 }
 
 /// The largest subscription the protocol allows is answered in full: 500 presence frames
@@ -619,11 +589,7 @@ async fn groups_are_created_changed_and_fan_out() {
     alice
         .send(json!({"type":"create_group","ref":"long","name":"x".repeat(101),"members":[]}))
         .await;
-    let error = alice.error().await;
-    assert_eq!(
-        (error["code"].as_str(), error["ref"].as_str()),
-        (Some("bad_request"), Some("long"))
-    );
+    alice.refusal("bad_request", json!("long")).await;
     alice
         .send(json!({"type":"create_group","ref":"blank","name":"   ","members":[]}))
         .await;

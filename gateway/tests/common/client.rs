@@ -277,6 +277,18 @@ impl Client {
         self.recv_type("error").await
     }
 
+    /// The next `error`, checked to have `code` and to carry the refused frame's `ref`.
+    pub(crate) async fn refusal(&mut self, code: &str, reference: Value) -> Value {
+        let error = self.error().await;
+        assert_eq!(
+            (error["code"].as_str(), &error["ref"]),
+            (Some(code), &reference),
+            "{}: {error}",
+            self.user
+        );
+        error
+    }
+
     /// Waits for the server to end the connection.
     pub(crate) async fn ended(&mut self) -> Ended {
         loop {

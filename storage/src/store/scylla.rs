@@ -996,8 +996,7 @@ impl MessageStore for ScyllaStore {
             self.run(&s.group_add, (add, joined, id)).await?;
         }
         if !remove.is_empty() {
-            self.run(&s.group_remove, (remove.clone(), remove.clone(), id))
-                .await?;
+            self.run(&s.group_remove, (&remove, &remove, id)).await?;
         }
         self.touch_inboxes(&group, &remove, at).await?;
         Ok(group)
